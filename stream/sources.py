@@ -1,0 +1,306 @@
+"""Frame sources behind one small interface.
+
+A source is an iterable of :class:`stream.frames.Frame` with attributes ``name``, ``fps``
+(frames/s, nominal) and ``shape`` ((h, w) or (h, w, c)), plus ``close()``. Open one with
+:func:`open_source` from a spec string:
+
+- ``camera:N`` or ``camera:URL`` — OpenCV ``VideoCapture``; asks for 1024×768 @ 20 fps and
+  reports (logs, and in ``fps``/``shape``) what the device actually gives.
+- ``file:PATH`` — a video OpenCV/FFmpeg reads (mkv, mp4, avi…) or a folder of images
+  (png/jpg/tif/bmp, natural sort order). ``pace="realtime"`` replays at the file's fps on the
+  wall clock (a recording replayed as a live stream); ``pace="max"`` as fast as possible.
+  ``loop=True`` restarts at the end (sequence numbers keep increasing).
+- ``synthetic`` or ``synthetic:seed=3,loops=8,jitter=2,...`` — the embedded synthetic
+  capillaroscope (:mod:`stream.synthetic`), paced at its fps unless ``pace="max"``.
+
+Every frame is a freshly allocated uint8 array (safe for zero-copy sending). Errors opening a
+source (missing file, not a video, no frames, camera absent) raise
+:class:`nailfold.errors.InputError` with a one-line message.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import re
+import time
+from pathlib import Path
+from typing import Iterator
+
+import cv2
+import numpy as np
+
+from nailfold.errors import InputError
+from stream.frames import DEFAULT_HEIGHT, DEFAULT_WIDTH, Frame, FrameMeta
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"}
+MAX_SIDE = 8192
+
+
+def _natural_key(p: Path) -> list:
+    return [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", p.name)]
+
+
+def _check_image(img: np.ndarray, where: str) -> np.ndarray:
+    if img is None:
+        raise InputError(f"{where}: cannot decode image")
+    if img.dtype != np.uint8:
+        if img.dtype == np.uint16:
+            img = (img >> 8).astype(np.uint8)
+        else:
+            raise InputError(f"{where}: unsupported pixel type {img.dtype}")
+    if img.ndim == 3 and img.shape[2] == 4:
+        img = cv2.cvtColor(img, cv2.COLOR_BGRA2BGR)
+    if img.ndim == 3 and img.shape[2] == 1:
+        img = img[:, :, 0]
+    if img.ndim not in (2, 3) or (img.ndim == 3 and img.shape[2] != 3):
+        raise InputError(f"{where}: unsupported image shape {img.shape}")
+    if not (1 <= img.shape[0] <= MAX_SIDE and 1 <= img.shape[1] <= MAX_SIDE):
+        raise InputError(f"{where}: absurd resolution {img.shape[1]}x{img.shape[0]}")
+    return np.ascontiguousarray(img)
+
+
+class _Pacer:
+    """Sleeps so that frame k is released at ``t0 + k / fps`` (wall clock); no-op for ``max``."""
+
+    def __init__(self, fps: float, pace: str):
+        if pace not in ("realtime", "max"):
+            raise InputError(f"pace must be 'realtime' or 'max', got {pace!r}")
+        self.period = 1.0 / fps if pace == "realtime" else 0.0
+        self.t0: float | None = None
+        self.k = 0
+
+    def wait(self) -> None:
+        if self.period <= 0:
+            return
+        now = time.monotonic()
+        if self.t0 is None:
+            self.t0 = now
+        target = self.t0 + self.k * self.period
+        if target > now:
+            time.sleep(target - now)
+        elif now - target > 1.0:  # fell far behind (suspended?) — re-anchor instead of bursting
+            self.t0, self.k = now, 0
+        self.k += 1
+
+
+class VideoFileSource:
+    """Frames of a video file (any container/codec OpenCV's FFmpeg backend reads)."""
+
+    def __init__(self, path: str | os.PathLike, *, pace: str = "max", loop: bool = False,
+                 stream_id: str = "scope0", fps: float | None = None):
+        self.path = Path(path)
+        if not self.path.exists():
+            raise InputError(f"video file not found: {self.path}")
+        if self.path.is_file() and self.path.stat().st_size == 0:
+            raise InputError(f"video file is empty (0 bytes): {self.path}")
+        self.name = f"file:{self.path}"
+        self.stream_id, self.loop = stream_id, loop
+        self._cap = self._open()
+        ok, first = self._cap.read()
+        if not ok or first is None:
+            self._cap.release()
+            raise InputError(f"not a readable video (no frame decodes): {self.path}")
+        self._first: np.ndarray | None = _check_image(first, str(self.path))
+        file_fps = self._cap.get(cv2.CAP_PROP_FPS)
+        self.fps = float(fps) if fps else (float(file_fps) if file_fps and 0 < file_fps < 1000 else 20.0)
+        self.shape = self._first.shape
+        n = int(self._cap.get(cv2.CAP_PROP_FRAME_COUNT) or 0)
+        self.n_frames = n if n > 0 else None
+        self._pacer = _Pacer(self.fps, pace)
+
+    def _open(self) -> cv2.VideoCapture:
+        cap = cv2.VideoCapture(str(self.path), cv2.CAP_FFMPEG)
+        if not cap.isOpened():
+            cap.release()
+            raise InputError(f"not a video OpenCV/FFmpeg can open: {self.path}")
+        cap.set(cv2.CAP_PROP_CONVERT_RGB, 1)
+        return cap
+
+    def __iter__(self) -> Iterator[Frame]:
+        seq = 0
+        while True:
+            if self._first is not None:
+                img, self._first = self._first, None
+            else:
+                ok, raw = self._cap.read()
+                if not ok:
+                    if self.loop and seq > 0:
+                        self._cap.release()
+                        self._cap = self._open()
+                        continue
+                    return
+                img = _check_image(raw, str(self.path))
+            if img.shape != self.shape:
+                log.warning("%s: frame %d has shape %s != %s; skipped", self.path, seq, img.shape, self.shape)
+                continue
+            self._pacer.wait()
+            yield Frame(FrameMeta(seq, time.time(), self.fps, img.shape, self.stream_id), img)
+            seq += 1
+
+    def close(self) -> None:
+        self._cap.release()
+
+
+class ImageFolderSource:
+    """Frames from a folder of images, in natural sort order (frame_2 before frame_10)."""
+
+    def __init__(self, folder: str | os.PathLike, *, pace: str = "max", loop: bool = False,
+                 stream_id: str = "scope0", fps: float | None = None):
+        self.folder = Path(folder)
+        self.files = sorted((p for p in self.folder.iterdir() if p.suffix.lower() in IMAGE_EXTS), key=_natural_key)
+        if not self.files:
+            raise InputError(f"folder holds no images ({', '.join(sorted(IMAGE_EXTS))}): {self.folder}")
+        self.name = f"file:{self.folder}"
+        self.stream_id, self.loop = stream_id, loop
+        self.fps = float(fps) if fps else 20.0
+        first = self._read(self.files[0])
+        self.shape = first.shape
+        self.n_frames = len(self.files)
+        self._pacer = _Pacer(self.fps, pace)
+
+    @staticmethod
+    def _read(p: Path) -> np.ndarray:
+        return _check_image(cv2.imread(str(p), cv2.IMREAD_UNCHANGED), str(p))
+
+    def __iter__(self) -> Iterator[Frame]:
+        seq = 0
+        while True:
+            for p in self.files:
+                img = self._read(p)
+                if img.shape != self.shape:
+                    raise InputError(f"{p}: size {img.shape} differs from the first image {self.shape}")
+                self._pacer.wait()
+                yield Frame(FrameMeta(seq, time.time(), self.fps, img.shape, self.stream_id), img)
+                seq += 1
+            if not self.loop:
+                return
+
+    def close(self) -> None:
+        pass
+
+
+class CameraSource:
+    """A live camera through OpenCV; requests 1024×768 @ 20 fps and reports what it gets."""
+
+    def __init__(self, device: str, *, stream_id: str = "scope0", width: int = DEFAULT_WIDTH,
+                 height: int = DEFAULT_HEIGHT, fps: float = 20.0):
+        index: int | str = int(device) if device.isdigit() else device
+        self._cap = cv2.VideoCapture(index)
+        if not self._cap.isOpened():
+            self._cap.release()
+            raise InputError(f"camera {device!r} cannot be opened (not connected, or in use?)")
+        self._cap.set(cv2.CAP_PROP_FRAME_WIDTH, width)
+        self._cap.set(cv2.CAP_PROP_FRAME_HEIGHT, height)
+        self._cap.set(cv2.CAP_PROP_FPS, fps)
+        ok, first = self._cap.read()
+        if not ok:
+            self._cap.release()
+            raise InputError(f"camera {device!r} opened but delivers no frames")
+        self._first: np.ndarray | None = _check_image(first, f"camera:{device}")
+        got_fps = self._cap.get(cv2.CAP_PROP_FPS)
+        self.fps = float(got_fps) if got_fps and got_fps > 0 else fps
+        self.shape = self._first.shape
+        self.name = f"camera:{device}"
+        self.stream_id = stream_id
+        self.n_frames = None
+        if (self.shape[1], self.shape[0]) != (width, height) or abs(self.fps - fps) > 0.5:
+            log.warning("camera %s gives %dx%d @ %.1f fps (asked %dx%d @ %.1f)", device, self.shape[1],
+                        self.shape[0], self.fps, width, height, fps)
+
+    def __iter__(self) -> Iterator[Frame]:
+        seq = 0
+        while True:
+            if self._first is not None:
+                img, self._first = self._first, None
+            else:
+                ok, raw = self._cap.read()
+                if not ok:
+                    log.error("%s: read failed; stopping", self.name)
+                    return
+                img = _check_image(raw, self.name)
+            yield Frame(FrameMeta(seq, time.time(), self.fps, img.shape, self.stream_id), img)
+            seq += 1
+
+    def close(self) -> None:
+        self._cap.release()
+
+
+def parse_synthetic_options(opts: str) -> dict:
+    """``"seed=3,loops=8,jitter=2"`` → SimParams keyword arguments (typed, validated)."""
+    from stream.synthetic import SimParams  # lazy: heavy module
+
+    aliases = {"loops": "n_loops", "jitter": "jitter_px", "noise": "noise_sigma", "blur": "blur_sigma",
+               "um": "um_per_px", "seconds": "duration_s", "wbc": "wbc_rate_per_min"}
+    fields = SimParams.__dataclass_fields__
+    out: dict = {}
+    for item in filter(None, (s.strip() for s in opts.split(","))):
+        if "=" not in item:
+            raise InputError(f"synthetic option {item!r} must be key=value")
+        k, v = (s.strip() for s in item.split("=", 1))
+        k = aliases.get(k, k)
+        if k not in fields or k in ("class_mix", "speed_range_um_s"):
+            raise InputError(f"unknown synthetic option {k!r}")
+        default = fields[k].default
+        try:
+            if isinstance(default, bool):
+                out[k] = v.lower() in ("1", "true", "yes", "on")
+            elif isinstance(default, int) or k in ("n_loops", "seed", "width", "height"):
+                out[k] = int(v)
+            elif isinstance(default, float):
+                out[k] = float(v)
+            else:
+                out[k] = v
+        except ValueError:
+            raise InputError(f"synthetic option {k}={v!r} is not a valid number") from None
+    return out
+
+
+class SyntheticSource:
+    """The embedded synthetic capillaroscope as an endless (or ``duration_s``-long) stream."""
+
+    def __init__(self, params=None, *, pace: str = "realtime", stream_id: str = "scope0",
+                 endless: bool = True):
+        from stream.synthetic import SimParams, SyntheticScope
+
+        self.scope = SyntheticScope(params or SimParams())
+        p = self.scope.params
+        self.fps = float(p.fps)
+        self.shape = self.scope.frame(0).shape
+        self.name = f"synthetic:seed={p.seed}"
+        self.stream_id = stream_id
+        self.endless = endless
+        self.n_frames = None if endless else self.scope.n_frames
+        self._pacer = _Pacer(self.fps, pace)
+
+    def __iter__(self) -> Iterator[Frame]:
+        i = 0
+        while self.endless or i < self.scope.n_frames:
+            img = self.scope.frame(i)
+            self._pacer.wait()
+            yield Frame(FrameMeta(i, time.time(), self.fps, img.shape, self.stream_id), img)
+            i += 1
+
+    def close(self) -> None:
+        pass
+
+
+def open_source(spec: str, *, pace: str = "realtime", loop: bool = False, stream_id: str = "scope0",
+                fps: float | None = None):
+    """Open a frame source from a spec string (see module docstring)."""
+    if spec == "synthetic" or spec.startswith("synthetic:"):
+        from stream.synthetic import SimParams
+
+        kw = parse_synthetic_options(spec.partition(":")[2])
+        endless = "duration_s" not in kw
+        return SyntheticSource(SimParams(**kw), pace=pace, stream_id=stream_id, endless=endless)
+    if spec.startswith("camera:"):
+        return CameraSource(spec.partition(":")[2], stream_id=stream_id)
+    path = spec[5:] if spec.startswith("file:") else spec
+    p = Path(path)
+    if not p.exists():
+        raise InputError(f"source not found: {path} (expected camera:N, file:PATH or synthetic)")
+    if p.is_dir():
+        return ImageFolderSource(p, pace=pace, loop=loop, stream_id=stream_id, fps=fps)
+    return VideoFileSource(p, pace=pace, loop=loop, stream_id=stream_id, fps=fps)
