@@ -1,0 +1,198 @@
+"""Kymographs: intensity along a capillary centerline over time.
+
+In:  centerlines ``(N, 2)`` float (x, y) px in reference (first-frame) coordinates with local vessel
+     widths ``(N,)`` px; gray uint8 frames with their stabilization shift ``(dx, dy)`` px
+     (content displacement vs the reference, see :mod:`stream.stabilize`).
+Out: one kymograph row per frame per capillary — ``(N,)`` float32 mean intensity (gray levels)
+     across the vessel at each centerline sample (~1 px apart); rows stack into a
+     ``(time, distance)`` = ``(frames, px)`` image, distance measured from the centerline start.
+
+Sampling uses ``cv2.remap`` on precomputed maps (``n_across`` points on the local normal, spanning
+``across_frac`` × the local width); the stabilization shift is folded into the maps (``map + d``),
+so frames are never warped as a whole. :class:`KymographBank` samples all capillaries with a
+single remap per frame. :func:`destripe` removes static banding (per-position temporal mean) and
+per-row brightness flicker.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+from scipy.ndimage import gaussian_filter1d
+
+log = logging.getLogger(__name__)
+
+
+def resample_polyline(points: np.ndarray, step: float = 1.0) -> np.ndarray:
+    """Resample an ``(N, 2)`` polyline at ``step`` px arc-length spacing (endpoints kept)."""
+    pts = np.asarray(points, np.float64)
+    if len(pts) < 2:
+        return pts.astype(np.float32)
+    seg = np.sqrt((np.diff(pts, axis=0) ** 2).sum(1))
+    s = np.concatenate([[0.0], np.cumsum(seg)])
+    if s[-1] <= 0:
+        return pts[:1].astype(np.float32)
+    n = max(2, int(round(s[-1] / step)) + 1)
+    t = np.linspace(0.0, s[-1], n)
+    return np.stack([np.interp(t, s, pts[:, 0]), np.interp(t, s, pts[:, 1])], 1).astype(np.float32)
+
+
+def sampling_maps(centerline: np.ndarray, width_px: np.ndarray | float, n_across: int = 5,
+                  across_frac: float = 0.6, smooth_px: float = 3.0) -> tuple[np.ndarray, np.ndarray]:
+    """``(map_x, map_y)``, each ``(n_across, N)`` float32: sample points on the local normal of
+    every centerline point, spread over ``across_frac`` × local width (px)."""
+    c = np.asarray(centerline, np.float64)
+    n = len(c)
+    w = np.broadcast_to(np.asarray(width_px, np.float64), (n,)) if np.ndim(width_px) == 0 else \
+        np.asarray(width_px, np.float64)
+    if n >= 3:
+        cs = gaussian_filter1d(c, sigma=max(0.5, smooth_px), axis=0, mode="nearest")
+        tang = np.gradient(cs, axis=0)
+    else:
+        tang = np.tile(c[-1] - c[0] if n == 2 else np.array([1.0, 0.0]), (n, 1))
+    norm = np.sqrt((tang ** 2).sum(1, keepdims=True))
+    tang = tang / np.where(norm > 1e-9, norm, 1.0)
+    normal = np.stack([-tang[:, 1], tang[:, 0]], 1)
+    ws = np.where(np.isfinite(w) & (w > 0), w, 3.0)
+    offs = np.linspace(-0.5, 0.5, n_across)[:, None] * (across_frac * ws)[None, :] if n_across > 1 \
+        else np.zeros((1, n))
+    mx = c[None, :, 0] + offs * normal[None, :, 0]
+    my = c[None, :, 1] + offs * normal[None, :, 1]
+    return mx.astype(np.float32), my.astype(np.float32)
+
+
+def sample_row(gray: np.ndarray, maps: tuple[np.ndarray, np.ndarray], dx: float = 0.0,
+               dy: float = 0.0) -> np.ndarray:
+    """One kymograph row ``(N,)`` float32 from ``gray`` (uint8/float) shifted by ``(dx, dy)``."""
+    mx, my = maps
+    v = cv2.remap(gray, mx + np.float32(dx), my + np.float32(dy), cv2.INTER_LINEAR,
+                  borderMode=cv2.BORDER_REPLICATE)
+    return v.astype(np.float32).mean(axis=0)
+
+
+def destripe(kymo: np.ndarray) -> np.ndarray:
+    """Remove static banding (per-column temporal mean) and per-row mean; float32, zero mean."""
+    k = np.asarray(kymo, np.float32)
+    if k.size == 0:
+        return k.copy()
+    k = k - k.mean(axis=0, keepdims=True)
+    return k - k.mean(axis=1, keepdims=True)
+
+
+def to_uint8(kymo: np.ndarray, clip_sd: float = 3.0) -> np.ndarray:
+    """Contrast-stretch a (destriped) kymograph to uint8 for display (±clip_sd SD)."""
+    k = np.asarray(kymo, np.float32)
+    if k.size == 0:
+        return np.zeros(k.shape, np.uint8)
+    sd = float(k.std()) or 1.0
+    m = float(k.mean())
+    return np.clip((k - m) / (2 * clip_sd * sd) * 255 + 127.5, 0, 255).astype(np.uint8)
+
+
+class KymographBuffer:
+    """Rolling ``(capacity, N)`` float32 ring of kymograph rows with their absolute frame numbers."""
+
+    def __init__(self, length: int, capacity: int):
+        self.length = int(length)
+        self.capacity = max(1, int(capacity))
+        self._rows = np.zeros((self.capacity, self.length), np.float32)
+        self._frame = np.full(self.capacity, -1, np.int64)
+        self.count = 0          # rows appended since creation
+        self.last_frame = -1
+
+    def append(self, row: np.ndarray, frame_no: int) -> None:
+        i = self.count % self.capacity
+        self._rows[i] = row
+        self._frame[i] = frame_no
+        self.count += 1
+        self.last_frame = int(frame_no)
+
+    @property
+    def first_frame(self) -> int:
+        """Oldest frame number still held (−1 if empty)."""
+        if self.count == 0:
+            return -1
+        i = 0 if self.count <= self.capacity else self.count % self.capacity
+        return int(self._frame[i])
+
+    def window(self, start_frame: int, n_frames: int) -> tuple[np.ndarray, np.ndarray]:
+        """Rows for frames ``start_frame .. start_frame+n_frames-1`` → ``(kymo (n, N), valid (n,))``.
+        Frames not held (dropped / before the capillary existed) are rows of the column mean,
+        i.e. zero after :func:`destripe`, with ``valid`` False."""
+        out = np.zeros((n_frames, self.length), np.float32)
+        valid = np.zeros(n_frames, bool)
+        held = min(self.count, self.capacity)
+        if held == 0:
+            return out, valid
+        idx = np.arange(self.count - held, self.count) % self.capacity
+        fr = self._frame[idx]
+        sel = (fr >= start_frame) & (fr < start_frame + n_frames)
+        pos = fr[sel] - start_frame
+        out[pos] = self._rows[idx[sel]]
+        valid[pos] = True
+        if valid.any() and not valid.all():
+            out[~valid] = out[valid].mean(axis=0)
+        return out, valid
+
+    def latest(self, n: int | None = None) -> np.ndarray:
+        """The newest ``n`` rows (all held rows by default) in time order, ``(n, N)`` float32."""
+        held = min(self.count, self.capacity)
+        n = held if n is None else min(n, held)
+        idx = np.arange(self.count - n, self.count) % self.capacity
+        return self._rows[idx].copy()
+
+
+@dataclass
+class _Entry:
+    key: int
+    start: int
+    length: int
+
+
+class KymographBank:
+    """Samples many capillaries with one ``cv2.remap`` per frame.
+
+    ``add(key, centerline, width)`` registers a capillary; ``sample(gray, dx, dy)`` returns
+    ``{key: row}``. Maps are concatenated along the distance axis."""
+
+    def __init__(self, n_across: int = 5, across_frac: float = 0.6):
+        self.n_across = n_across
+        self.across_frac = across_frac
+        self._entries: dict[int, _Entry] = {}
+        self._mx = np.zeros((n_across, 0), np.float32)
+        self._my = np.zeros((n_across, 0), np.float32)
+
+    def __contains__(self, key: int) -> bool:
+        return key in self._entries
+
+    def keys(self) -> list[int]:
+        return list(self._entries)
+
+    def add(self, key: int, centerline: np.ndarray, width_px: np.ndarray | float) -> int:
+        """Register (or replace) ``key``; returns the kymograph length N (px samples)."""
+        if key in self._entries:
+            self.remove(key)
+        mx, my = sampling_maps(centerline, width_px, self.n_across, self.across_frac)
+        start = self._mx.shape[1]
+        self._mx = np.ascontiguousarray(np.concatenate([self._mx, mx], 1))
+        self._my = np.ascontiguousarray(np.concatenate([self._my, my], 1))
+        self._entries[key] = _Entry(key, start, mx.shape[1])
+        return mx.shape[1]
+
+    def remove(self, key: int) -> None:
+        e = self._entries.pop(key)
+        keep = np.ones(self._mx.shape[1], bool)
+        keep[e.start:e.start + e.length] = False
+        self._mx = np.ascontiguousarray(self._mx[:, keep])
+        self._my = np.ascontiguousarray(self._my[:, keep])
+        for o in self._entries.values():
+            if o.start > e.start:
+                o.start -= e.length
+
+    def sample(self, gray: np.ndarray, dx: float = 0.0, dy: float = 0.0) -> dict[int, np.ndarray]:
+        if not self._entries:
+            return {}
+        row = sample_row(gray, (self._mx, self._my), dx, dy)
+        return {k: row[e.start:e.start + e.length] for k, e in self._entries.items()}

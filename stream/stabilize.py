@@ -1,0 +1,223 @@
+"""Incremental frame stabilization (translation only) against a fixed reference frame.
+
+In:  gray uint8 frames ``(H, W)`` one at a time (the first one defines the reference
+     coordinates = "first-frame coordinates").
+Out: per frame a :class:`ShiftEstimate` — ``(dx, dy)`` in px, the displacement of the image
+     *content* relative to the reference: content seen at reference point ``(x, y)`` appears at
+     ``(x + dx, y + dy)`` in the current frame. To sample a frame in reference coordinates, read
+     it at ``(x + dx, y + dy)`` (see :func:`warp_to_reference`, or fold the shift into the
+     ``cv2.remap`` maps as the kymograph sampler does), plus a confidence in [0, 1]
+     (the phase-correlation peak response of the fine match).
+
+Method: coarse phase correlation of the whole frame at ``scale`` (Hanning-windowed; the window is
+applied here, never passed to ``cv2.phaseCorrelate``, which multiplies its inputs by the window in
+place in OpenCV 5.0), then sub-pixel refinement at full resolution on a square ROI rich in
+capillaries (chosen from a segmentation mask when one is given, from gradient energy before that).
+When the match against the reference is weak the shift is chained from the previous frame; after
+``reanchor_after`` weak frames in a row the reference is replaced by the current frame warped back
+into reference coordinates (coordinates are preserved). :meth:`Stabilizer.reanchor` lets the caller
+replace the reference with a cleaner image (e.g. the stabilized mean of recent frames).
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ShiftEstimate:
+    dx: float          # px, content displacement vs reference (x → right)
+    dy: float          # px (y → down)
+    confidence: float  # phase-correlation response of the fine match, 0..1
+    chained: bool = False   # True when estimated via the previous frame (weak reference match)
+
+
+def _hann(shape: tuple[int, int]) -> np.ndarray:
+    h, w = shape
+    if h < 2 or w < 2:
+        return np.ones((h, w), np.float32)
+    return cv2.createHanningWindow((w, h), cv2.CV_32F)
+
+
+def _prep(img: np.ndarray, window: np.ndarray) -> np.ndarray:
+    """float32, mean removed, windowed — a fresh array (safe to hand to phaseCorrelate)."""
+    f = img.astype(np.float32)
+    f -= float(f.mean())
+    return f * window
+
+
+def phase_shift(ref_prepared: np.ndarray, img: np.ndarray, window: np.ndarray) -> tuple[float, float, float]:
+    """Shift (dx, dy, response) of ``img`` content relative to the already windowed reference.
+
+    Both inputs are left untouched (copies are correlated)."""
+    cur = _prep(img, window)
+    if not np.any(cur) or not np.any(ref_prepared):
+        return 0.0, 0.0, 0.0
+    (dx, dy), resp = cv2.phaseCorrelate(ref_prepared.copy(), cur)
+    if not (np.isfinite(dx) and np.isfinite(dy) and np.isfinite(resp)):
+        return 0.0, 0.0, 0.0
+    return float(dx), float(dy), float(resp)
+
+
+def warp_to_reference(image: np.ndarray, dx: float, dy: float) -> np.ndarray:
+    """Resample ``image`` (any dtype/channels) into reference coordinates: out(x, y) = image(x+dx, y+dy)."""
+    h, w = image.shape[:2]
+    m = np.float32([[1, 0, dx], [0, 1, dy]])
+    return cv2.warpAffine(image, m, (w, h), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
+                          borderMode=cv2.BORDER_REPLICATE)
+
+
+def choose_roi(weight: np.ndarray, size: int, margin: int) -> tuple[int, int, int]:
+    """Top-left ``(x0, y0)`` and side of the square ROI maximizing the summed ``weight``,
+    kept ``margin`` px inside the image. The side shrinks (≥ 32) for small images."""
+    h, w = weight.shape
+    size = int(min(size, h - 2 * margin, w - 2 * margin))
+    if size < 32:
+        margin = max(0, min(margin, (min(h, w) - 32) // 2))
+        size = int(max(8, min(h, w) - 2 * margin))
+    size = max(8, min(size, h, w))
+    box = cv2.boxFilter(weight.astype(np.float32), -1, (size, size), normalize=False,
+                        borderType=cv2.BORDER_CONSTANT)
+    # box[cy, cx] = sum over the window centred at (cx, cy); valid centres keep the ROI inside margins
+    half = size // 2
+    lo_y, hi_y = margin + half, h - margin - (size - half)
+    lo_x, hi_x = margin + half, w - margin - (size - half)
+    if hi_y < lo_y or hi_x < lo_x:
+        return max(0, (w - size) // 2), max(0, (h - size) // 2), size
+    sub = box[lo_y:hi_y + 1, lo_x:hi_x + 1]
+    cy, cx = np.unravel_index(int(np.argmax(sub)), sub.shape)
+    return int(lo_x + cx - half), int(lo_y + cy - half), size
+
+
+def gradient_weight(gray: np.ndarray) -> np.ndarray:
+    """Gradient energy (Scharr magnitude, lightly smoothed) — ROI weight before a mask exists."""
+    g = cv2.GaussianBlur(gray, (0, 0), 1.5)
+    gx = cv2.Scharr(g, cv2.CV_32F, 1, 0)
+    gy = cv2.Scharr(g, cv2.CV_32F, 0, 1)
+    return cv2.magnitude(gx, gy)
+
+
+class Stabilizer:
+    """Translation tracker against a fixed reference (see module docstring).
+
+    Parameters: ``scale`` of the coarse stage, ``roi_size`` (px) of the fine stage,
+    ``max_shift_px`` (margin kept around the ROI), ``min_confidence`` below which a
+    reference match is "weak", ``reanchor_after`` weak frames before re-anchoring.
+    """
+
+    def __init__(self, scale: float = 0.25, roi_size: int = 256, max_shift_px: int = 40,
+                 min_confidence: float = 0.04, reanchor_after: int = 10):
+        self.scale = float(scale)
+        self.roi_size = int(roi_size)
+        self.max_shift_px = int(max_shift_px)
+        self.min_confidence = float(min_confidence)
+        self.reanchor_after = int(reanchor_after)
+        self.shape: tuple[int, int] | None = None
+        self.roi: tuple[int, int, int] | None = None
+        self.reanchors = 0
+        self._weak_run = 0
+        self._prev_gray: np.ndarray | None = None
+        self._prev_shift = (0.0, 0.0)
+        self._ref_full: np.ndarray | None = None
+
+    # ----------------------------------------------------------------- reference handling
+    def _small(self, gray: np.ndarray) -> np.ndarray:
+        h, w = gray.shape
+        sw, sh = max(8, int(round(w * self.scale))), max(8, int(round(h * self.scale)))
+        return cv2.resize(gray, (sw, sh), interpolation=cv2.INTER_AREA)
+
+    def _set_reference(self, ref: np.ndarray, weight: np.ndarray | None = None) -> None:
+        self._ref_full = ref
+        small = self._small(ref)
+        self._win_small = _hann(small.shape)
+        self._ref_small = _prep(small, self._win_small)
+        if weight is None:
+            weight = gradient_weight(ref)
+        self.roi = choose_roi(weight, self.roi_size, self.max_shift_px + 2)
+        x0, y0, s = self.roi
+        self._win_roi = _hann((s, s))
+        self._ref_roi = _prep(ref[y0:y0 + s, x0:x0 + s], self._win_roi)
+
+    def reset(self, first: np.ndarray) -> ShiftEstimate:
+        """Start over with ``first`` (gray uint8) as the reference; returns the zero shift."""
+        self.shape = first.shape
+        self._set_reference(first)
+        self._prev_gray, self._prev_shift, self._weak_run = first, (0.0, 0.0), 0
+        return ShiftEstimate(0.0, 0.0, 1.0)
+
+    def reanchor(self, reference: np.ndarray, roi_weight: np.ndarray | None = None) -> None:
+        """Replace the reference by an image already in reference coordinates (e.g. the stabilized
+        mean of recent frames) and optionally re-pick the ROI from ``roi_weight`` (e.g. a vessel
+        mask, same shape)."""
+        if self.shape is None or reference.shape != self.shape:
+            raise ValueError("reanchor: reference must have the stream's shape")
+        if roi_weight is not None and not np.any(roi_weight):
+            roi_weight = None
+        self._set_reference(reference, roi_weight)
+
+    # ----------------------------------------------------------------- per frame
+    def _match(self, ref_small, ref_roi, gray, small) -> tuple[float, float, float]:
+        cx, cy, _ = phase_shift(ref_small, small, self._win_small)
+        cx, cy = cx / self.scale, cy / self.scale
+        x0, y0, s = self.roi
+        h, w = gray.shape
+        ix, iy = int(round(cx)), int(round(cy))
+        ix = int(np.clip(ix, -x0, w - s - x0))
+        iy = int(np.clip(iy, -y0, h - s - y0))
+        crop = gray[y0 + iy:y0 + iy + s, x0 + ix:x0 + ix + s]
+        fx, fy, resp = phase_shift(ref_roi, crop, self._win_roi)
+        if abs(fx) > 3 or abs(fy) > 3:   # fine stage disagrees with the coarse one: trust coarse
+            return cx, cy, resp * 0.5
+        return ix + fx, iy + fy, resp
+
+    def update(self, gray: np.ndarray) -> ShiftEstimate:
+        """Shift of ``gray`` (uint8 (H, W)) relative to the reference; the first call sets it."""
+        if self.shape is None or gray.shape != self.shape:
+            if self.shape is not None:
+                log.warning("frame shape changed %s -> %s: stabilizer reset", self.shape, gray.shape)
+            return self.reset(gray)
+        small = self._small(gray)
+        if float(small.std()) < 1e-3:   # blank frame: nothing to register
+            return ShiftEstimate(self._prev_shift[0], self._prev_shift[1], 0.0, chained=True)
+        dx, dy, conf = self._match(self._ref_small, self._ref_roi, gray, small)
+        chained = False
+        if conf < self.min_confidence and self._prev_gray is not None:
+            # weak reference match: register against the previous frame and chain
+            small_prev = _prep(self._small(self._prev_gray), self._win_small)
+            px0, py0, s = self.roi
+            pdx, pdy = self._prev_shift
+            ix, iy = int(round(pdx)), int(round(pdy))
+            h, w = gray.shape
+            ix = int(np.clip(ix, -px0, w - s - px0))
+            iy = int(np.clip(iy, -py0, h - s - py0))
+            prev_roi = _prep(self._prev_gray[py0 + iy:py0 + iy + s, px0 + ix:px0 + ix + s], self._win_roi)
+            # shift of the current frame relative to the previous one, ROI placed where the
+            # previous frame shows it
+            cx, cy, _ = phase_shift(small_prev, small, self._win_small)
+            cx, cy = cx / self.scale, cy / self.scale
+            jx, jy = int(round(cx)), int(round(cy))
+            jx = int(np.clip(jx, -(px0 + ix), w - s - (px0 + ix)))
+            jy = int(np.clip(jy, -(py0 + iy), h - s - (py0 + iy)))
+            crop = gray[py0 + iy + jy:py0 + iy + jy + s, px0 + ix + jx:px0 + ix + jx + s]
+            fx, fy, resp = phase_shift(prev_roi, crop, self._win_roi)
+            if abs(fx) > 3 or abs(fy) > 3:
+                fx, fy = cx - jx, cy - jy
+            cdx, cdy = ix + jx + fx + (pdx - ix), iy + jy + fy + (pdy - iy)
+            if resp > conf:
+                dx, dy, chained = cdx, cdy, True
+                conf = min(conf, resp)
+            self._weak_run += 1
+            if self._weak_run >= self.reanchor_after:
+                log.info("stabilizer: weak reference match for %d frames, re-anchoring", self._weak_run)
+                self._set_reference(warp_to_reference(gray, dx, dy))
+                self.reanchors += 1
+                self._weak_run = 0
+        else:
+            self._weak_run = 0
+        self._prev_gray, self._prev_shift = gray, (dx, dy)
+        return ShiftEstimate(float(dx), float(dy), float(max(0.0, min(1.0, conf))), chained)
