@@ -160,6 +160,13 @@ class Stabilizer:
             roi_weight = None
         self._set_reference(reference, roi_weight)
 
+    def set_roi_weight(self, weight: np.ndarray) -> None:
+        """Re-pick the fine-stage ROI from ``weight`` (e.g. a vessel mask in reference coordinates),
+        keeping the reference image."""
+        if self._ref_full is None or weight.shape != self._ref_full.shape or not np.any(weight):
+            return
+        self._set_reference(self._ref_full, weight)
+
     # ----------------------------------------------------------------- per frame
     def _match(self, ref_small, ref_roi, gray, small) -> tuple[float, float, float]:
         cx, cy, _ = phase_shift(ref_small, small, self._win_small)

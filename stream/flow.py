@@ -1,0 +1,195 @@
+"""Flow speed from kymograph windows: Radon events + texture speed + cross-correlation, and units.
+
+In:  a kymograph window ``(T, N)`` float32 (rows = consecutive frames, columns = px along the
+     centerline from its start), its static background (per-column mean over a longer span), the
+     apex column, and a speed search range in px/frame.
+Out: :class:`WindowResult` — signed speeds in px/frame (positive = flow from centerline start to
+     end), bright-line events (plasma gaps / white cells) with the frame at which each crosses the
+     apex, a contrast, a cross-correlation speed with its confidence, and a stopped-flow flag.
+
+Units: ``speed_um_s = speed_px_per_frame × um_per_px × fps``; without calibration (``um_per_px``
+is None) µm values are None and only px/frame is reported. Speeds are never clamped to a "normal"
+band: the search range is the physical one from the configuration (default 0–3000 µm/s), capped
+only by what the kymograph can resolve (a line must span ≥ 3 frames: ``|v| ≤ N/3`` px/frame).
+Events are searched in a band (``event_band``×) around the window's texture speed, because white
+cells and plasma gaps move with the red-cell column in single-file capillary flow.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from stream import radon
+
+log = logging.getLogger(__name__)
+
+
+def px_per_frame_to_um_s(v: float | None, um_per_px: float | None, fps: float) -> float | None:
+    """px/frame → µm/s (None when uncalibrated or ``v`` is None/NaN)."""
+    if v is None or um_per_px is None or not math.isfinite(v):
+        return None
+    return float(v) * float(um_per_px) * float(fps)
+
+
+def um_s_to_px_per_frame(v_um_s: float, um_per_px: float, fps: float) -> float:
+    """µm/s → px/frame."""
+    return float(v_um_s) / (float(um_per_px) * float(fps))
+
+
+def speed_range_px_per_frame(speed_min_um_s: float, speed_max_um_s: float, um_per_px: float | None,
+                             fps: float, n_px: int, n_frames: int,
+                             uncalibrated_range: tuple[float, float] = (0.0, 100.0)) -> tuple[float, float]:
+    """Search range (px/frame) from the configured physical range (or a px/frame range when
+    uncalibrated), limited below by what a window can see move (≥ 2 px over the window) and above
+    by what the kymograph can resolve (:func:`stream.radon.max_resolvable_speed`)."""
+    if um_per_px is not None:
+        lo, hi = speed_min_um_s / (um_per_px * fps), speed_max_um_s / (um_per_px * fps)
+    else:
+        lo, hi = uncalibrated_range
+    lo = max(lo, 2.0 / max(n_frames, 1))
+    hi = min(hi, radon.max_resolvable_speed(n_px))
+    return lo, max(hi, lo)
+
+
+@dataclass(frozen=True)
+class XcorrSpeed:
+    speed_px_per_frame: float   # signed; NaN when unknown
+    confidence: float           # peak normalized correlation 0..1
+    lag_frames: int
+
+
+def xcorr_speed(kymo: np.ndarray, max_speed: float, max_lag: int = 16) -> XcorrSpeed:
+    """Speed of the texture moving along a destriped kymograph by correlating rows ``L`` frames
+    apart (FFT along distance): the displacement ``d`` of the correlation peak gives ``v = d / L``.
+
+    Several lags are tried (1, 2, 3, 4, 6, 8, 12, 16 frames, displacements up to N/2); the
+    estimate comes from the longest lag whose peak correlation is ≥ 60 % of the best one
+    (longer lags give finer speed resolution, until the texture decorrelates)."""
+    k = np.asarray(kymo, np.float64)
+    t, n = k.shape
+    if t < 3 or n < 8 or not np.any(k):
+        return XcorrSpeed(float("nan"), 0.0, 0)
+    k = k - k.mean(axis=1, keepdims=True)
+    nfft = 1 << int(math.ceil(math.log2(2 * n)))
+    f = np.fft.rfft(k, nfft, axis=1)
+    power = float((k ** 2).sum(axis=1).mean()) / n
+    if power <= 0:
+        return XcorrSpeed(float("nan"), 0.0, 0)
+    d = np.fft.fftfreq(nfft, 1.0 / nfft).astype(int)       # signed displacement of each bin
+    overlap = np.maximum(n - np.abs(d), 1)
+    results = []
+    for lag in (1, 2, 3, 4, 6, 8, 12, 16):
+        if lag > min(max_lag, t - 2):
+            break
+        lim = min(n // 2, int(math.ceil(max_speed * lag)) + 2)
+        p = (np.conj(f[:-lag]) * f[lag:]).sum(axis=0)
+        c = np.fft.irfft(p, nfft) / (overlap * (t - lag) * power)
+        ok = np.abs(d) <= lim
+        if not ok.any():
+            continue
+        cc = np.where(ok, c, -np.inf)
+        i = int(np.argmax(cc))
+        peak = float(c[i])
+        off = 0.0
+        i0, i2 = (i - 1) % nfft, (i + 1) % nfft
+        if ok[i0] and ok[i2]:
+            den = c[i0] - 2 * c[i] + c[i2]
+            if den < 0:
+                off = float(np.clip(0.5 * (c[i0] - c[i2]) / den, -0.5, 0.5))
+        results.append((lag, (d[i] + off) / lag, peak))
+    if not results:
+        return XcorrSpeed(float("nan"), 0.0, 0)
+    best = max(r[2] for r in results)
+    if best <= 0:
+        return XcorrSpeed(float("nan"), 0.0, 0)
+    good = [r for r in results if r[2] >= 0.6 * best]
+    lag, v, peak = good[-1]
+    return XcorrSpeed(float(v), float(max(0.0, min(1.0, best))), int(lag))
+
+
+@dataclass
+class WindowResult:
+    start_frame: int                 # absolute frame number of the window's first row
+    n_frames: int
+    speed_px_per_frame: float        # signed texture (Radon) speed, NaN if the window failed the gate
+    contrast: float                  # Radon variance peak / median (1 = no preferred direction)
+    xcorr: XcorrSpeed
+    events: list[radon.LineEvent] = field(default_factory=list)   # t_frame absolute (fractional)
+    stopped: bool = False
+    gated: bool = False              # True = passed the contrast gate (flow seen)
+
+
+def stopped_flow(raw: np.ndarray, ratio_max: float = 0.5) -> bool:
+    """True when the vessel shows texture along its length but it does not move: the temporal
+    variance (moving part) is small compared with the spatial detail of the static part."""
+    if raw.shape[0] < 3 or raw.shape[1] < 8:
+        return False
+    moving = raw - raw.mean(axis=0, keepdims=True)
+    moving = moving - moving.mean(axis=1, keepdims=True)
+    static = raw.mean(axis=0)
+    detail = static - np.convolve(static, np.ones(9) / 9, mode="same")
+    sd_static = float(detail[4:-4].std()) if detail.size > 8 else 0.0
+    sd_moving = float(moving.std())
+    return sd_static > 0 and sd_moving < ratio_max * sd_static
+
+
+@dataclass
+class WindowAnalyzer:
+    """Analyzes ``(T, N)`` windows of one capillary's kymograph (caches the coarse Radon)."""
+    n_frames: int
+    n_px: int
+    anchor: float
+    v_lo: float                      # px/frame search range (magnitudes)
+    v_hi: float
+    gate: float = 2.0                # Radon contrast gate
+    event_threshold: float = 5.0
+    event_band: float = 1.5
+    coarse_ratio: float = 1.08
+    fine_ratio: float = 1.025
+
+    def __post_init__(self):
+        self.coarse_speeds = radon.speed_grid(self.v_lo, self.v_hi, self.coarse_ratio)
+        self._coarse = radon.ShearRadon((self.n_frames, self.n_px), self.coarse_speeds, self.anchor)
+
+    def analyze(self, raw: np.ndarray, background: np.ndarray, start_frame: int,
+                own: tuple[float, float] | None = None) -> WindowResult:
+        """``raw`` window rows, ``background`` = static per-column mean; events are kept only when
+        they cross the apex within ``own`` = [lo, hi) (frames relative to the window start)."""
+        k = np.asarray(raw, np.float32) - np.asarray(background, np.float32)[None, :]
+        k = k - k.mean(axis=1, keepdims=True)
+        sd = float(k.std())
+        xc = xcorr_speed(k, self.v_hi)
+        if sd <= 1e-6:
+            return WindowResult(start_frame, self.n_frames, float("nan"), 0.0, xc)
+        k = k / sd
+        sino = self._coarse.sinogram(k)
+        v0, contrast, _ = radon.texture_speed(sino, self._coarse.valid, self.coarse_speeds)
+        res = WindowResult(start_frame, self.n_frames, float("nan"), float(contrast), xc)
+        if not (contrast >= self.gate and math.isfinite(v0)):
+            res.stopped = stopped_flow(np.asarray(raw, np.float32))
+            if res.stopped:
+                res.speed_px_per_frame = 0.0
+            return res
+        res.gated = True
+        lo, hi = abs(v0) / self.event_band, min(abs(v0) * self.event_band, self.v_hi * 1.05)
+        fine = radon.speed_grid(lo, max(hi, lo), self.fine_ratio, signed=False)
+        fine = fine if v0 > 0 else -fine[::-1]
+        t_lo, t_hi = (0.0, float(self.n_frames)) if own is None else own
+        # fine sinogram over the owned span plus a margin (robust statistics need some lines)
+        margin = max(4.0, 0.5 * (t_hi - t_lo))
+        g_lo, g_hi = max(0.0, t_lo - margin), min(float(self.n_frames), t_hi + margin)
+        step = 0.5
+        grid, z, cnt = radon.row_sinogram(k, self.anchor, fine, g_lo, g_hi, step)
+        valid = cnt >= 4
+        vf, _, _ = radon.texture_speed(z, valid, fine)
+        res.speed_px_per_frame = vf if math.isfinite(vf) else v0
+        evs = radon.detect_events(z, valid, fine, threshold=self.event_threshold,
+                                  min_sep_frames=3.0 / step, counts=cnt)
+        for e in evs:
+            tf = grid[0] + e.t_frame * step
+            if t_lo <= tf < t_hi and 0.5 <= tf <= self.n_frames - 1.5:
+                res.events.append(radon.LineEvent(start_frame + tf, e.speed_px_per_frame, e.strength))
+        return res

@@ -1,0 +1,194 @@
+"""Video report: per-capillary flow results of one analyzed recording, as JSON (and CSV).
+
+In:  the results of :class:`stream.stage.AnalysisStage` (built by ``finish()``).
+Out: :class:`VideoReport` → ``to_dict()`` → JSON written atomically (temp file + ``os.replace``)
+     by :func:`write_report`; :func:`write_csv` writes one row per capillary.
+
+Schema ``nailfold.video-report/1`` (all coordinates in px of the *first frame*; times in s from
+the first frame; NaN/unknown values are ``null``)::
+
+    {
+      "schema": "nailfold.video-report/1",
+      "source": "clip.mkv",                # what was analyzed
+      "fps": 20.0,                         # frames/s used for all time and speed conversions
+      "um_per_px": 1.2,                    # null = uncalibrated (then every *_um* field is null)
+      "calibrated": true,
+      "frames": 1200,                      # frames analyzed
+      "duration_s": 60.0,
+      "warnings": ["..."],                 # human-readable problems (no capillaries, black video…)
+      "stabilization": {"residual_px": null | {"median","p95","max"},   # only when truth is known
+                        "confidence": {"median","p05","min"},           # phase-correlation response
+                        "mean_shift_px", "max_shift_px", "reanchors"},
+      "gaps": [{"start_seq","end_seq","frames_missing","t_start","t_end"}],   # stream gaps
+      "capillaries": [{
+          "id": 3,
+          "apex_px": [x, y],
+          "centerline_px": [[x, y], ...],          # ordered arterial foot → apex → venous foot
+          "direction_reversed": false,             # true: the segmenter's order was flipped
+                                                   #       because flow ran end → start
+          "label": "capillary",                    # segmentation class
+          "flow_speed_um_s": 812.0,                # median over events and windows; null if uncalibrated
+          "flow_speed_px_per_frame": 33.8,         #   or unknown; 0 = stopped flow
+          "speed_confidence": 0.8,                 # 0..1 (fraction of windows with visible flow,
+                                                   #  agreement of Radon and cross-correlation)
+          "speed_xcorr_um_s": 790.0,               # independent cross-correlation estimate
+          "speed_xcorr_px_per_frame": 32.9,
+          "windows": 57, "windows_with_flow": 55, "stopped_windows": 0,
+          "observed_s": 58.0,                      # time the capillary was sampled
+          "wbc_count": 12,                         # bright-line events (white cells / plasma gaps)
+          "wbc_per_min": 12.4,
+          "wbc_events": [{"t_s": 3.15,             # time the event passes the apex
+                          "speed_um_s": 805.0, "speed_px_per_frame": 33.5,
+                          "strength": 9.1}]        # robust z-score of its Radon line
+      }]
+    }
+
+Several videos in one run are written as ``{"schema": "nailfold.video-report-set/1",
+"videos": [report, ...]}``.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+SCHEMA = "nailfold.video-report/1"
+SET_SCHEMA = "nailfold.video-report-set/1"
+
+
+def _clean(x: Any) -> Any:
+    """NaN/inf → None, numpy scalars → Python, recursively."""
+    if isinstance(x, dict):
+        return {k: _clean(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_clean(v) for v in x]
+    if hasattr(x, "item") and not isinstance(x, (str, bytes)):
+        try:
+            x = x.item()
+        except (ValueError, AttributeError):
+            x = x.tolist()
+            return _clean(x)
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    return x
+
+
+@dataclass
+class WbcEvent:
+    t_s: float
+    speed_um_s: float | None
+    speed_px_per_frame: float
+    strength: float
+
+
+@dataclass
+class CapillaryFlow:
+    id: int
+    apex_px: list[float]
+    centerline_px: list[list[float]]
+    direction_reversed: bool = False
+    label: str = "capillary"
+    flow_speed_um_s: float | None = None
+    flow_speed_px_per_frame: float | None = None
+    speed_confidence: float = 0.0
+    speed_xcorr_um_s: float | None = None
+    speed_xcorr_px_per_frame: float | None = None
+    windows: int = 0
+    windows_with_flow: int = 0
+    stopped_windows: int = 0
+    observed_s: float = 0.0
+    wbc_count: int = 0
+    wbc_per_min: float | None = None
+    wbc_events: list[WbcEvent] = field(default_factory=list)
+
+
+@dataclass
+class VideoReport:
+    source: str
+    fps: float
+    um_per_px: float | None
+    frames: int
+    duration_s: float
+    warnings: list[str] = field(default_factory=list)
+    stabilization: dict = field(default_factory=dict)
+    gaps: list[dict] = field(default_factory=list)
+    capillaries: list[CapillaryFlow] = field(default_factory=list)
+    schema: str = SCHEMA
+
+    @property
+    def calibrated(self) -> bool:
+        return self.um_per_px is not None
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        out = {"schema": self.schema, "source": self.source, "fps": self.fps,
+               "um_per_px": self.um_per_px, "calibrated": self.calibrated, "frames": self.frames,
+               "duration_s": self.duration_s, "warnings": list(self.warnings),
+               "stabilization": d["stabilization"], "gaps": d["gaps"], "capillaries": d["capillaries"]}
+        return _clean(out)
+
+
+def _atomic_write_text(path: str | Path, text: str) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def report_document(reports: list[VideoReport]) -> dict:
+    """One report → its dict; several → a ``video-report-set`` document."""
+    if len(reports) == 1:
+        return reports[0].to_dict()
+    return {"schema": SET_SCHEMA, "videos": [r.to_dict() for r in reports]}
+
+
+def write_report(report: VideoReport | list[VideoReport], path: str | Path) -> None:
+    """Write the JSON report atomically (readers never see a partial file)."""
+    reports = report if isinstance(report, list) else [report]
+    _atomic_write_text(path, json.dumps(report_document(reports), indent=1, allow_nan=False) + "\n")
+
+
+CSV_COLUMNS = ["source", "id", "apex_x", "apex_y", "length_px", "direction_reversed", "label",
+               "flow_speed_um_s", "flow_speed_px_per_frame", "speed_confidence", "speed_xcorr_um_s",
+               "speed_xcorr_px_per_frame", "windows", "windows_with_flow", "stopped_windows",
+               "observed_s", "wbc_count", "wbc_per_min"]
+
+
+def csv_rows(report: VideoReport) -> list[dict]:
+    rows = []
+    d = report.to_dict()
+    for c in d["capillaries"]:
+        pts = c["centerline_px"]
+        length = sum(math.dist(a, b) for a, b in zip(pts, pts[1:])) if len(pts) > 1 else 0.0
+        row = {k: c.get(k) for k in CSV_COLUMNS}
+        row.update(source=report.source, apex_x=c["apex_px"][0], apex_y=c["apex_px"][1],
+                   length_px=round(length, 1))
+        rows.append({k: ("" if v is None else v) for k, v in row.items()})
+    return rows
+
+
+def write_csv(report: VideoReport, path: str | Path) -> None:
+    """Per-capillary table (one row per capillary), written atomically."""
+    import io
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=CSV_COLUMNS)
+    w.writeheader()
+    for r in csv_rows(report):
+        w.writerow(r)
+    _atomic_write_text(path, buf.getvalue())

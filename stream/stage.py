@@ -1,0 +1,659 @@
+"""The analysis stage: frames in → stabilized per-capillary kymographs → flow speed and WBC events.
+
+In:  :class:`stream.frames.Frame` objects one at a time (uint8 gray or BGR; ``meta.seq`` numbers
+     frames, gaps in it are dropped frames), a :class:`nailfold.config.Config` (``device.fps``,
+     ``device.um_per_px`` — None = uncalibrated —, ``stage.*``) and a segmenter
+     (``segment(image) -> uint8 label mask``).
+Out: :meth:`AnalysisStage.snapshot` — JSON-able live state (per capillary and stage health);
+     :meth:`AnalysisStage.finish` — a :class:`stream.report.VideoReport`.
+
+Work split (for a live process with a second thread):
+
+- :meth:`process` (cheap, per frame, caller's thread): stabilization (:mod:`stream.stabilize`),
+  one ``cv2.remap`` sampling every known capillary's kymograph row with the shift folded into the
+  maps (:mod:`stream.kymograph`), bookkeeping. Frames are never warped here.
+- :meth:`step_background` (expensive, background thread or after each frame offline): keyframe
+  segmentation of the stabilized mean of the last ``stage.keyframe_average`` frames every
+  ``stage.keyframe_every`` frames (capillaries via ``extract_capillaries``, stable ids via
+  ``match_ids``; new capillaries' kymographs are back-filled from the recent frames), and rolling
+  ``stage.window_s`` / ``stage.hop_s`` Radon windows (:mod:`stream.flow`). When it falls behind,
+  stale keyframes and windows are skipped and counted (``skipped_keyframes``/``skipped_windows``);
+  kymograph rows of accepted frames are never skipped.
+
+Times are seconds from the first frame (frame number / fps). Speeds are signed along the
+segmenter's centerline internally; reports give magnitudes, and a capillary whose flow runs from
+the centerline's end to its start gets its centerline reversed (``direction_reversed``), so the
+reported order is arterial → apex → venous.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+import math
+import threading
+import time
+from dataclasses import dataclass, field
+
+import cv2
+import numpy as np
+
+from nailfold.config import Config
+from stream import flow
+from stream.capillary import BLURRED, CLEAR, LABEL_NAMES, Capillary
+from stream.frames import Frame, to_gray
+from stream.kymograph import (KymographBank, KymographBuffer, destripe, resample_polyline, sample_row,
+                              sampling_maps, to_uint8)
+from stream.radon import LineEvent
+from stream.report import CapillaryFlow, VideoReport, WbcEvent
+from stream.stabilize import Stabilizer, warp_to_reference
+
+log = logging.getLogger(__name__)
+
+MAX_BACKLOG_WINDOWS = 3      # per capillary; older pending windows are skipped when behind
+RETIRE_AFTER_KEYFRAMES = 3   # a capillary missing from this many keyframes in a row stops being sampled
+MIN_FINAL_WINDOW = 8         # frames
+
+
+# ----------------------------------------------------------------------------- segmentation glue
+def default_segmenter(name: str = "auto", backend: str = "auto"):
+    """The project's segmenter (``models.segmenter.get_segmenter``), else the classical one, else a
+    minimal built-in dark-vessel thresholder."""
+    try:
+        from models.segmenter import get_segmenter
+        return get_segmenter(name, backend=backend)
+    except ImportError:
+        pass
+    try:
+        from models.classical import ClassicalSegmenter
+        return ClassicalSegmenter()
+    except ImportError:
+        log.warning("no segmenter module available: using the built-in black-hat thresholder")
+        return _BlackHatSegmenter()
+
+
+class _BlackHatSegmenter:
+    """Fallback: capillaries are darker than their surroundings (green channel)."""
+
+    def segment(self, image: np.ndarray) -> np.ndarray:
+        g = to_gray(image)
+        g = cv2.GaussianBlur(g, (0, 0), 1.5)
+        bh = cv2.morphologyEx(g, cv2.MORPH_BLACKHAT, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (21, 21)))
+        if bh.max() == 0:
+            return np.zeros(g.shape, np.uint8)
+        _, m = cv2.threshold(bh, 0, 1, cv2.THRESH_BINARY | cv2.THRESH_OTSU)
+        m = cv2.morphologyEx(m, cv2.MORPH_OPEN, np.ones((3, 3), np.uint8))
+        return (m > 0).astype(np.uint8) * CLEAR
+
+
+def _extract(labels: np.ndarray, image: np.ndarray) -> list[Capillary]:
+    try:
+        from stream.capillaries import extract_capillaries
+    except ImportError:
+        return _fallback_extract(labels)
+    return extract_capillaries(labels, image)
+
+
+def _match(previous: list[Capillary], current: list[Capillary], next_id: int) -> int:
+    try:
+        from stream.capillaries import match_ids
+    except ImportError:
+        return _fallback_match(previous, current, next_id)
+    return match_ids(previous, current, next_id)
+
+
+def _fallback_extract(labels: np.ndarray, min_length_px: int = 40) -> list[Capillary]:
+    """Minimal instance extraction (used only when ``stream.capillaries`` is absent): connected
+    components of CLEAR/BLURRED pixels → longest skeleton path, ordered left foot → right foot."""
+    from skimage.morphology import skeletonize
+    fg = ((labels == CLEAR) | (labels == BLURRED)).astype(np.uint8)
+    n, comp, stats, _ = cv2.connectedComponentsWithStats(fg, connectivity=8)
+    dist = cv2.distanceTransform(fg, cv2.DIST_L2, 3)
+    out: list[Capillary] = []
+    for i in range(1, n):
+        x, y, w, h, area = stats[i]
+        if area < min_length_px * 2:
+            continue
+        m = comp[y:y + h, x:x + w] == i
+        sk = skeletonize(m)
+        pts = np.argwhere(sk)
+        if len(pts) < min_length_px:
+            continue
+        path = _longest_path(pts)
+        if len(path) < min_length_px:
+            continue
+        cl = np.stack([path[:, 1] + x, path[:, 0] + y], 1).astype(np.float32)
+        if cl[0, 0] > cl[-1, 0]:
+            cl = cl[::-1]
+        ai = int(np.argmin(cl[:, 1]))
+        wpx = 2 * dist[cl[:, 1].astype(int), cl[:, 0].astype(int)].astype(np.float32)
+        lab = int(np.bincount(labels[y:y + h, x:x + w][m]).argmax())
+        out.append(Capillary(cl, (float(cl[ai, 0]), float(cl[ai, 1])), ai, wpx, (x, y, x + w, y + h), m, lab))
+    return out
+
+
+def _longest_path(pts: np.ndarray) -> np.ndarray:
+    """Longest shortest path in an 8-connected pixel set (two BFS sweeps)."""
+    index = {tuple(p): k for k, p in enumerate(pts)}
+    nb = [(-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1), (1, 0), (1, 1)]
+
+    def bfs(start: int) -> tuple[int, dict]:
+        prev = {start: -1}
+        q = collections.deque([start])
+        last = start
+        while q:
+            k = q.popleft()
+            last = k
+            r, c = pts[k]
+            for dr, dc in nb:
+                j = index.get((r + dr, c + dc))
+                if j is not None and j not in prev:
+                    prev[j] = k
+                    q.append(j)
+        return last, prev
+
+    a, _ = bfs(0)
+    b, prev = bfs(a)
+    path = []
+    k = b
+    while k != -1:
+        path.append(pts[k])
+        k = prev[k]
+    return np.array(path)
+
+
+def _fallback_match(previous: list[Capillary], current: list[Capillary], next_id: int) -> int:
+    """Ids by bbox-overlap (IoU ≥ 0.3) with the previous keyframe's capillaries."""
+    used = set()
+    for c in current:
+        best, best_iou = None, 0.3
+        for p in previous:
+            if p.id in used:
+                continue
+            ax0, ay0, ax1, ay1 = c.bbox
+            bx0, by0, bx1, by1 = p.bbox
+            iw, ih = min(ax1, bx1) - max(ax0, bx0), min(ay1, by1) - max(ay0, by0)
+            if iw <= 0 or ih <= 0:
+                continue
+            inter = iw * ih
+            iou = inter / ((ax1 - ax0) * (ay1 - ay0) + (bx1 - bx0) * (by1 - by0) - inter)
+            if iou > best_iou:
+                best, best_iou = p, iou
+        if best is not None:
+            c.id = best.id
+            used.add(best.id)
+        else:
+            c.id = next_id
+            next_id += 1
+    return next_id
+
+
+# ----------------------------------------------------------------------------- per capillary state
+@dataclass
+class _Track:
+    cap: Capillary
+    buffer: KymographBuffer
+    first_frame: int
+    next_start: int
+    owned_until: int
+    maps: tuple[np.ndarray, np.ndarray]
+    active: bool = True
+    missing: int = 0
+    analyzers: dict = field(default_factory=dict)
+    windows: list = field(default_factory=list)     # flow.WindowResult
+    events: list = field(default_factory=list)      # LineEvent, absolute frames
+    skipped_windows: int = 0
+
+    @property
+    def anchor(self) -> float:
+        return float(self.cap.apex_index)
+
+
+EVENT_MIN_SEP_FRAMES = 3.0   # events closer than this are one event
+SIDELOBE_FRAMES = 6.0        # a much weaker event this close to a strong one is its side lobe
+SIDELOBE_RATIO = 0.4
+
+
+def _merge_event(events: list, e: LineEvent) -> None:
+    """Add ``e`` to ``events`` unless it duplicates (overlapping windows) or is a side lobe of a
+    stronger event; a stronger newcomer replaces what it duplicates."""
+    for i, o in enumerate(events):
+        dt = abs(o.t_frame - e.t_frame)
+        if dt < EVENT_MIN_SEP_FRAMES or (dt < SIDELOBE_FRAMES and e.strength < SIDELOBE_RATIO * o.strength):
+            if e.strength > o.strength and dt < EVENT_MIN_SEP_FRAMES:
+                events[i] = e
+            return
+    events[:] = [o for o in events if not (abs(o.t_frame - e.t_frame) < SIDELOBE_FRAMES
+                                           and o.strength < SIDELOBE_RATIO * e.strength)]
+    events.append(e)
+    events.sort(key=lambda x: x.t_frame)
+
+
+def _unit_spacing(c: Capillary) -> Capillary:
+    """Copy of ``c`` with its centerline resampled at exactly 1 px arc length (kymograph columns
+    must be 1 px apart for speeds in px/frame); apex index and widths follow."""
+    cl = np.asarray(c.centerline, np.float64)
+    seg = np.sqrt((np.diff(cl, axis=0) ** 2).sum(1))
+    s = np.concatenate([[0.0], np.cumsum(seg)])
+    if len(cl) < 2 or s[-1] <= 0:
+        return c
+    new = resample_polyline(cl, 1.0)
+    t = np.linspace(0.0, s[-1], len(new))
+    w = np.interp(t, s, np.asarray(c.width_px, np.float64)) if np.ndim(c.width_px) else \
+        np.full(len(new), float(c.width_px))
+    ai = int(np.clip(np.argmin(np.abs(t - s[int(np.clip(c.apex_index, 0, len(cl) - 1))])), 0, len(new) - 1))
+    return dataclasses.replace(c, centerline=new.astype(np.float32), width_px=w.astype(np.float32), apex_index=ai,
+                               apex=(float(new[ai, 0]), float(new[ai, 1])))
+
+
+def _median(xs) -> float:
+    xs = [x for x in xs if x is not None and math.isfinite(x)]
+    return float(np.median(xs)) if xs else float("nan")
+
+
+class AnalysisStage:
+    """Streaming flow analysis of one scope (see module docstring).
+
+    ``fps`` overrides ``config.device.fps`` (use the stream's real rate); ``keyframe_every`` /
+    ``keyframe_average`` override the config (frames)."""
+
+    def __init__(self, config: Config, segmenter=None, fps: float | None = None, stream_id: str = "scope0",
+                 *, keyframe_every: int | None = None, keyframe_average: int | None = None):
+        self.config = config
+        st = config.stage
+        self.fps = float(fps or config.device.fps)
+        self.um_per_px = config.device.um_per_px
+        self.stream_id = stream_id
+        self.segmenter = segmenter if segmenter is not None else default_segmenter(config.models.segmenter,
+                                                                                   config.models.backend)
+        self.keyframe_every = int(keyframe_every or st.keyframe_every)
+        self.keyframe_average = max(1, int(keyframe_average or st.keyframe_average))
+        self.window = max(MIN_FINAL_WINDOW, int(round(st.window_s * self.fps)))
+        self.hop = max(1, min(self.window, int(round(st.hop_s * self.fps))))
+        self.stabilizer = Stabilizer(max_shift_px=st.max_shift_px)
+        self.bank = KymographBank()
+        self.tracks: dict[int, _Track] = {}
+        self._lock = threading.RLock()
+        self._history: collections.deque = collections.deque(maxlen=self.keyframe_average)
+        self._pending_keyframe: list | None = None
+        self._last_keyframe_frame: int | None = None
+        self._roi_weight: np.ndarray | None = None
+        self._roi_from_mask = False
+        self._prev_caps: list[Capillary] = []
+        self._next_id = 1
+        self._frame_no = -1
+        self._last_seq: int | None = None
+        self._shape: tuple[int, int] | None = None
+        self._latest: tuple[np.ndarray, float, float] | None = None
+        self.frames_in = 0
+        self.frames_rejected = 0
+        self.gaps: list[dict] = []
+        self.shifts: list[tuple[float, float, float]] = []   # (dx, dy, confidence) per accepted frame
+        self._lat_ms: collections.deque = collections.deque(maxlen=2000)
+        self._t_first: float | None = None
+        self._t_last: float | None = None
+        self.keyframes_done = 0
+        self.skipped_keyframes = 0
+        self.windows_done = 0
+        self.blank_frames = 0
+        self._warnings: list[str] = []
+
+    # ------------------------------------------------------------------ per frame (cheap)
+    def process(self, frame: Frame) -> None:
+        """Stabilize ``frame`` and append one kymograph row per known capillary."""
+        t0 = time.perf_counter()
+        gray = to_gray(frame.image)
+        if gray is frame.image:
+            gray = gray.copy()   # the stage keeps recent frames; never alias the caller's buffer
+        if self._shape is None:
+            self._shape = gray.shape
+        elif gray.shape != self._shape:
+            self.frames_rejected += 1
+            if self.frames_rejected == 1:
+                msg = f"frame size changed from {self._shape} to {gray.shape}: such frames are ignored"
+                log.warning(msg)
+                self._warnings.append(msg)
+            return
+        seq = int(frame.meta.seq)
+        step = 1
+        if self._last_seq is not None and seq > self._last_seq + 1:
+            step = seq - self._last_seq
+            self.gaps.append({"start_seq": self._last_seq + 1, "end_seq": seq - 1, "frames_missing": step - 1,
+                              "t_start": (self._frame_no + 1) / self.fps, "t_end": (self._frame_no + step - 1) / self.fps})
+        self._last_seq = seq
+        if self._roi_weight is not None:        # hand-off from the background thread
+            with self._lock:
+                w, self._roi_weight = self._roi_weight, None
+            if self.stabilizer.shape is not None:
+                self.stabilizer.set_roi_weight(w)
+        est = self.stabilizer.update(gray)
+        if est.confidence == 0.0 and float(gray[::8, ::8].std()) < 1.0:
+            self.blank_frames += 1
+        with self._lock:
+            self._frame_no += step
+            fno = self._frame_no
+            rows = self.bank.sample(gray, est.dx, est.dy)
+            for cid, row in rows.items():
+                self.tracks[cid].buffer.append(row, fno)
+            self._history.append((fno, gray, est.dx, est.dy))
+            self._latest = (gray, est.dx, est.dy)
+            self.shifts.append((est.dx, est.dy, est.confidence))
+            self.frames_in += 1
+            if len(self._history) >= self.keyframe_average and (
+                    self._last_keyframe_frame is None or fno - self._last_keyframe_frame >= self.keyframe_every):
+                if self._pending_keyframe is not None:
+                    self.skipped_keyframes += 1
+                self._pending_keyframe = list(self._history)
+                self._last_keyframe_frame = fno
+        now = time.time()
+        self._t_first = self._t_first or now
+        self._t_last = now
+        self._lat_ms.append((time.perf_counter() - t0) * 1000.0)
+
+    # ------------------------------------------------------------------ background (expensive)
+    def step_background(self, budget_s: float | None = None) -> bool:
+        """Run a pending keyframe and/or ready Radon windows; True if any work was done."""
+        deadline = None if budget_s is None else time.perf_counter() + budget_s
+        did = False
+        with self._lock:
+            kf, self._pending_keyframe = self._pending_keyframe, None
+        if kf is not None:
+            self._run_keyframe(kf)
+            did = True
+        while deadline is None or time.perf_counter() < deadline:
+            job = self._next_window()
+            if job is None:
+                break
+            self._run_window(*job)
+            did = True
+        return did
+
+    def _next_window(self):
+        with self._lock:
+            best = None
+            for tr in self.tracks.values():
+                last = tr.buffer.last_frame
+                ready = (last - (tr.next_start + self.window - 1)) // self.hop + 1 if last >= 0 else 0
+                if ready <= 0:
+                    continue
+                if ready > MAX_BACKLOG_WINDOWS:      # behind: skip the oldest windows
+                    skip = ready - MAX_BACKLOG_WINDOWS
+                    tr.next_start += skip * self.hop
+                    tr.owned_until = max(tr.owned_until, tr.next_start + (self.window - self.hop) // 2)
+                    tr.skipped_windows += skip
+                if best is None or tr.next_start < best[1]:
+                    best = (tr, tr.next_start)
+            if best is None:
+                return None
+            tr, start = best
+            own_hi = start + (self.window + self.hop) // 2
+            tr.next_start += self.hop
+            return tr, start, self.window, own_hi
+
+    def _analyzer(self, tr: _Track, n: int) -> flow.WindowAnalyzer:
+        a = tr.analyzers.get(n)
+        if a is None:
+            npx = tr.buffer.length
+            lo, hi = flow.speed_range_px_per_frame(self.config.stage.speed_min_um_s, self.config.stage.speed_max_um_s,
+                                                   self.um_per_px, self.fps, npx, n)
+            a = flow.WindowAnalyzer(n, npx, tr.anchor, lo, hi)
+            tr.analyzers[n] = a
+        return a
+
+    def _run_window(self, tr: _Track, start: int, n: int, own_hi: int) -> None:
+        with self._lock:
+            raw, valid = tr.buffer.window(start, n)
+            background = tr.buffer.latest().mean(axis=0)
+            own_lo = max(tr.owned_until, start)
+            tr.owned_until = max(tr.owned_until, own_hi)
+        if valid.mean() < 0.5:
+            return
+        m = EVENT_MIN_SEP_FRAMES   # margin: boundary events are caught by both windows, then merged
+        res = self._analyzer(tr, n).analyze(raw, background, start, (own_lo - start - m, own_hi - start + m))
+        with self._lock:
+            tr.windows.append(res)
+            for e in res.events:
+                _merge_event(tr.events, e)
+            self.windows_done += 1
+
+    def _run_keyframe(self, frames: list) -> None:
+        acc = None
+        for _, g, dx, dy in frames:
+            w = warp_to_reference(g, dx, dy).astype(np.float32)
+            acc = w if acc is None else acc + w
+        mean = np.clip(acc / len(frames) + 0.5, 0, 255).astype(np.uint8)
+        try:
+            labels = np.asarray(self.segmenter.segment(mean))
+            caps = _extract(labels, mean)
+        except Exception:   # a failing segmenter must not stop the flow analysis of known loops
+            log.exception("keyframe segmentation failed")
+            return
+        with self._lock:
+            self._next_id = _match(self._prev_caps, caps, self._next_id)
+            self._prev_caps = caps
+            self.keyframes_done += 1
+            seen = set()
+            for c in caps:
+                seen.add(c.id)
+                tr = self.tracks.get(c.id)
+                if tr is not None:
+                    tr.missing = 0
+                    if not tr.active:      # came back: resume sampling with its original geometry
+                        self.bank.add(c.id, tr.cap.centerline, tr.cap.width_px)
+                        tr.active = True
+                    continue
+                if len(c.centerline) < 16:
+                    continue
+                self._new_track(c)
+            for cid, tr in self.tracks.items():
+                if cid not in seen and tr.active:
+                    tr.missing += 1
+                    if tr.missing >= RETIRE_AFTER_KEYFRAMES:
+                        self.bank.remove(cid)
+                        tr.active = False
+            if not self._roi_from_mask and np.any(labels > 0):
+                vessel = ((labels == CLEAR) | (labels == BLURRED)).astype(np.float32)
+                if vessel.shape == mean.shape and vessel.any():
+                    self._roi_weight = vessel
+                    self._roi_from_mask = True
+
+    def _new_track(self, c: Capillary) -> None:
+        """Create a track (lock held) and back-fill its kymograph from the recent frames."""
+        c = _unit_spacing(c)
+        n = self.bank.add(c.id, c.centerline, c.width_px)
+        if n != len(c.centerline):
+            raise AssertionError("kymograph length must equal the centerline length")
+        maps = sampling_maps(c.centerline, c.width_px)
+        cap_rows = max(self.window * 2, int(round(10 * self.fps)))
+        buf = KymographBuffer(n, cap_rows)
+        hist = list(self._history)
+        for fno, g, dx, dy in hist:
+            buf.append(sample_row(g, maps, dx, dy), fno)
+        first = hist[0][0] if hist else self._frame_no + 1
+        self.tracks[c.id] = _Track(c, buf, first, first, first, maps)
+
+    # ------------------------------------------------------------------ outputs
+    def _speeds(self, tr: _Track, last_windows: int | None = None) -> dict:
+        wins = tr.windows[-last_windows:] if last_windows else tr.windows
+        gated = [w for w in wins if w.gated and math.isfinite(w.speed_px_per_frame)]
+        stopped = [w for w in wins if w.stopped]
+        evs = tr.events if last_windows is None else [e for e in tr.events if wins and e.t_frame >= wins[0].start_frame]
+        signed = [w.speed_px_per_frame for w in gated] + [e.speed_px_per_frame for e in evs]
+        direction = 1.0 if not signed or _median(signed) >= 0 else -1.0
+        mags = [abs(w.speed_px_per_frame) for w in gated] + [abs(e.speed_px_per_frame) for e in evs]
+        if mags:
+            v = _median(mags)
+        elif stopped:
+            v = 0.0
+        else:
+            v = float("nan")
+        xs = [abs(w.xcorr.speed_px_per_frame) for w in wins
+              if w.xcorr.confidence >= 0.2 and math.isfinite(w.xcorr.speed_px_per_frame)]
+        vx = _median(xs)
+        frac = (len(gated) + len(stopped)) / len(wins) if wins else 0.0
+        agree = 0.5
+        if math.isfinite(v) and math.isfinite(vx) and v > 0:
+            agree = max(0.0, 1.0 - abs(v - vx) / v)
+        conf = frac * (0.5 + 0.5 * agree) if math.isfinite(v) else 0.0
+        return {"v": v, "vx": vx, "direction": direction, "confidence": conf, "windows": len(wins),
+                "gated": len(gated), "stopped": len(stopped)}
+
+    def _observed_s(self, tr: _Track) -> float:
+        return max(0, tr.buffer.last_frame - tr.first_frame + 1) / self.fps
+
+    def _um(self, v: float | None) -> float | None:
+        return flow.px_per_frame_to_um_s(v, self.um_per_px, self.fps)
+
+    def snapshot(self) -> dict:
+        """JSON-able live state (see module docstring of :mod:`stream.stage`)."""
+        with self._lock:
+            caps = []
+            for cid, tr in self.tracks.items():
+                if not tr.active:
+                    continue
+                sp = self._speeds(tr, last_windows=5)
+                allsp = self._speeds(tr)
+                cl = tr.cap.centerline
+                rev = allsp["direction"] < 0
+                obs = self._observed_s(tr)
+                recent = [e for e in tr.events[-10:]]
+                caps.append({
+                    "id": cid, "label": LABEL_NAMES[tr.cap.label] if 0 <= tr.cap.label < len(LABEL_NAMES) else str(tr.cap.label),
+                    "apex_px": [round(float(tr.cap.apex[0]), 1), round(float(tr.cap.apex[1]), 1)],
+                    "centerline_px": np.round(cl[::-1][::5] if rev else cl[::5], 1).tolist(),
+                    "direction_reversed": bool(rev),
+                    "speed_px_per_frame": _r(sp["v"]), "speed_um_s": _r(self._um(sp["v"])),
+                    "speed_xcorr_um_s": _r(self._um(sp["vx"])), "speed_confidence": _r(sp["confidence"]),
+                    "stopped": bool(sp["stopped"] and not sp["gated"]),
+                    "wbc_count": len(tr.events),
+                    "wbc_per_min": _r(len(tr.events) / obs * 60.0) if obs > 0 else None,
+                    "recent_events": [{"t_s": _r(e.t_frame / self.fps), "speed_um_s": _r(self._um(abs(e.speed_px_per_frame))),
+                                       "speed_px_per_frame": _r(abs(e.speed_px_per_frame)), "strength": _r(e.strength)}
+                                      for e in recent],
+                    # kymograph_image(id) rows end at frame kymo_last_frame (row = frame - first row's frame);
+                    # columns = px along the centerline (start → end as sampled); a WBC line passes
+                    # column kymo_apex_col at row (frame - kymo_first_frame) with slope px/frame
+                    "kymo_first_frame": max(tr.buffer.first_frame, tr.buffer.last_frame - tr.buffer.capacity + 1),
+                    "kymo_last_frame": tr.buffer.last_frame, "kymo_apex_col": int(tr.cap.apex_index),
+                    "kymo_lines": [[round(e.t_frame, 2), int(tr.cap.apex_index), round(e.speed_px_per_frame, 3)]
+                                   for e in recent],
+                })
+            lat = np.array(self._lat_ms) if self._lat_ms else np.array([np.nan])
+            dur = (self._t_last - self._t_first) if self._t_first and self._t_last else 0.0
+            last = self.shifts[-1] if self.shifts else (0.0, 0.0, 0.0)
+            return {
+                "stream": self.stream_id, "t_s": _r(max(self._frame_no, 0) / self.fps),
+                "calibrated": self.um_per_px is not None, "um_per_px": self.um_per_px,
+                "units": "um/s" if self.um_per_px is not None else "px/frame",
+                "capillaries": caps,
+                "health": {
+                    "frames_in": self.frames_in, "frames_rejected": self.frames_rejected,
+                    "fps": _r((self.frames_in - 1) / dur) if dur > 0 else None,
+                    "process_ms_p50": _r(np.nanpercentile(lat, 50)), "process_ms_p99": _r(np.nanpercentile(lat, 99)),
+                    "keyframes": self.keyframes_done, "skipped_keyframes": self.skipped_keyframes,
+                    "windows": self.windows_done,
+                    "skipped_windows": sum(t.skipped_windows for t in self.tracks.values()),
+                    "stab_confidence": _r(last[2]), "shift_px": [_r(last[0]), _r(last[1])],
+                    "reanchors": self.stabilizer.reanchors, "gaps": len(self.gaps),
+                },
+            }
+
+    def kymograph_image(self, cap_id: int) -> np.ndarray | None:
+        """Latest rolling kymograph (rows = frames, oldest first; columns = px along the
+        centerline as sampled) as uint8, static banding removed; None for unknown ids."""
+        with self._lock:
+            tr = self.tracks.get(cap_id)
+            if tr is None or tr.buffer.count == 0:
+                return None
+            k = tr.buffer.latest()
+        return to_uint8(destripe(k))
+
+    def stabilized_frame(self) -> np.ndarray | None:
+        """Latest frame warped into reference (first-frame) coordinates, uint8 gray."""
+        with self._lock:
+            latest = self._latest
+        if latest is None:
+            return None
+        g, dx, dy = latest
+        return warp_to_reference(g, dx, dy)
+
+    def finish(self, source: str | None = None, true_shifts: np.ndarray | None = None) -> VideoReport:
+        """Flush pending work and windows, and build the report. ``true_shifts`` (n, 2) — known
+        (dx, dy) per accepted frame, e.g. from a simulator — adds residual statistics."""
+        while self.step_background():
+            pass
+        with self._lock:
+            tracks = list(self.tracks.values())
+        for tr in tracks:     # the tail not covered by a full window
+            last = tr.buffer.last_frame
+            if last < 0 or tr.owned_until > last:
+                continue
+            start = max(tr.first_frame, tr.buffer.first_frame, last - self.window + 1)
+            n = last - start + 1
+            if n >= MIN_FINAL_WINDOW:
+                self._run_window(tr, start, n, last + 1)
+        return self._build_report(source or self.stream_id, true_shifts)
+
+    def _build_report(self, source: str, true_shifts) -> VideoReport:
+        n = self.frames_in
+        frames_total = self._frame_no + 1 if self._frame_no >= 0 else 0
+        rep = VideoReport(source=source, fps=self.fps, um_per_px=self.um_per_px, frames=n,
+                          duration_s=frames_total / self.fps, gaps=list(self.gaps))
+        rep.warnings.extend(self._warnings)
+        if self.um_per_px is None:
+            rep.warnings.append("uncalibrated: pixel size unknown, speeds in px/frame only (set --um-per-px)")
+        sh = np.array(self.shifts, np.float64).reshape(-1, 3)
+        stab: dict = {"residual_px": None, "confidence": None, "mean_shift_px": None, "max_shift_px": None,
+                      "reanchors": self.stabilizer.reanchors}
+        if len(sh):
+            mag = np.hypot(sh[:, 0], sh[:, 1])
+            stab.update(confidence={"median": float(np.median(sh[:, 2])), "p05": float(np.percentile(sh[:, 2], 5)),
+                                    "min": float(sh[:, 2].min())},
+                        mean_shift_px=float(mag.mean()), max_shift_px=float(mag.max()))
+            if true_shifts is not None:
+                ts = np.asarray(true_shifts, np.float64).reshape(-1, 2)[:len(sh)]
+                err = np.hypot(sh[:len(ts), 0] - ts[:, 0], sh[:len(ts), 1] - ts[:, 1])
+                stab["residual_px"] = {"median": float(np.median(err)), "p95": float(np.percentile(err, 95)),
+                                       "max": float(err.max())}
+            if np.median(sh[:, 2]) < 0.05:
+                rep.warnings.append("stabilization confidence is low (little texture or strong motion)")
+        rep.stabilization = stab
+        if n == 0:
+            rep.warnings.append("no frames")
+        elif n < MIN_FINAL_WINDOW:
+            rep.warnings.append(f"only {n} frames: too short for flow analysis (need ≥ {MIN_FINAL_WINDOW})")
+        if n and self.blank_frames >= 0.9 * n:
+            rep.warnings.append("video is blank (no image content)")
+        if n >= MIN_FINAL_WINDOW and not self.tracks:
+            rep.warnings.append("no capillaries found")
+        for cid in sorted(self.tracks):
+            tr = self.tracks[cid]
+            sp = self._speeds(tr)
+            rev = sp["direction"] < 0
+            cl = tr.cap.centerline[::-1] if rev else tr.cap.centerline
+            obs = self._observed_s(tr)
+            v = sp["v"]
+            evs = sorted(tr.events, key=lambda e: e.t_frame)
+            cf = CapillaryFlow(
+                id=int(cid), apex_px=[float(tr.cap.apex[0]), float(tr.cap.apex[1])],
+                centerline_px=np.round(cl, 2).tolist(), direction_reversed=bool(rev),
+                label=LABEL_NAMES[tr.cap.label] if 0 <= tr.cap.label < len(LABEL_NAMES) else str(tr.cap.label),
+                flow_speed_um_s=self._um(v), flow_speed_px_per_frame=v if math.isfinite(v) else None,
+                speed_confidence=float(sp["confidence"]),
+                speed_xcorr_um_s=self._um(sp["vx"]),
+                speed_xcorr_px_per_frame=sp["vx"] if math.isfinite(sp["vx"]) else None,
+                windows=sp["windows"], windows_with_flow=sp["gated"], stopped_windows=sp["stopped"],
+                observed_s=obs, wbc_count=len(evs),
+                wbc_per_min=(len(evs) / obs * 60.0) if obs > 0 else None,
+                wbc_events=[WbcEvent(t_s=e.t_frame / self.fps, speed_um_s=self._um(abs(e.speed_px_per_frame)),
+                                     speed_px_per_frame=abs(e.speed_px_per_frame), strength=e.strength)
+                            for e in evs])
+            rep.capillaries.append(cf)
+        return rep
+
+
+def _r(x, nd: int = 3):
+    if x is None:
+        return None
+    x = float(x)
+    return round(x, nd) if math.isfinite(x) else None

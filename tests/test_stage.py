@@ -1,0 +1,199 @@
+"""AnalysisStage end to end on a small self-contained toy scope (known shifts, speeds, WBC times),
+plus the real SyntheticScope when it is available (short CI clip; 60 s × seeds under -m slow)."""
+from __future__ import annotations
+
+import json
+import math
+
+import cv2
+import numpy as np
+import pytest
+
+from nailfold.config import load_config
+from stream.capillary import CLEAR
+from stream.frames import Frame, FrameMeta
+from stream.stage import AnalysisStage
+
+
+def hairpin(x0: float, y_top: float, height: float, sep: float, step: float = 1.0) -> np.ndarray:
+    """Centerline of an upright loop: left foot (bottom) → up → apex arc → down → right foot."""
+    r = sep / 2
+    n_l = int(height / step)
+    left = np.stack([np.full(n_l, x0), np.linspace(y_top + r + height, y_top + r, n_l)], 1)
+    n_a = int(math.pi * r / step)
+    a = np.linspace(math.pi, 2 * math.pi, n_a)
+    arc = np.stack([x0 + r + r * np.cos(a), y_top + r + r * np.sin(a)], 1)
+    right = np.stack([np.full(n_l, x0 + sep), np.linspace(y_top + r, y_top + r + height, n_l)], 1)
+    return np.concatenate([left, arc, right]).astype(np.float32)
+
+
+class ToyScope:
+    """Dark hairpin loops on a textured background; red-cell texture and bright white-cell gaps
+    moving along each loop at a known speed (px/frame, + = left foot → right foot); tremor + drift."""
+
+    def __init__(self, speeds=(4.0, 12.0, -25.0), shape=(384, 512), seed=0, jitter=3.0, noise=4.0,
+                 wbc_every=30, fps=20.0):
+        self.rng = np.random.default_rng(seed)
+        self.h, self.w = shape
+        self.fps = fps
+        self.speeds = speeds
+        self.jitter, self.noise = jitter, noise
+        m = 60
+        bg = cv2.GaussianBlur(self.rng.random((self.h + 2 * m, self.w + 2 * m)).astype(np.float32), (0, 0), 6)
+        bg = (bg - bg.min()) / (np.ptp(bg) + 1e-9)
+        self.bg = 150 + 50 * bg
+        self.loops = []
+        for k, v in enumerate(speeds):
+            cl = hairpin(m + 60 + k * 150, m + 60, 200, 50)
+            u = np.concatenate([[0], np.cumsum(np.hypot(*np.diff(cl, axis=0).T))])
+            mask = np.zeros(self.bg.shape, np.uint8)
+            cv2.polylines(mask, [np.round(cl).astype(np.int32)], False, 1, 9)
+            ys, xs = np.nonzero(mask)
+            d = (xs[:, None] - cl[None, :, 0]) ** 2 + (ys[:, None] - cl[None, :, 1]) ** 2
+            ui = u[np.argmin(d, axis=1)]
+            length = u[-1]
+            # WBC gaps: bright segments; entering the loop (u=0) at times t_in (frames)
+            n_w = 100000 // wbc_every
+            t_in = 5 + wbc_every * np.arange(n_w) + self.rng.uniform(0, 10, n_w)
+            apex_u = u[int(np.argmin(cl[:, 1]))] if v > 0 else length - u[int(np.argmin(cl[:, 1]))]
+            self.loops.append(dict(cl=cl - m, ys=ys, xs=xs, u=ui, v=v, len=length, t_in=t_in, apex_u=apex_u,
+                                   tex=np.convolve(self.rng.normal(0, 1, 400000), np.ones(5) / 5, "same")))
+        self.m = m
+
+    def shift(self, i: int) -> tuple[float, float]:
+        t = i / self.fps
+        return (self.jitter * math.sin(2 * math.pi * 3.1 * t) + 0.1 * t,
+                self.jitter * 0.8 * math.sin(2 * math.pi * 4.3 * t + 1.0) - 0.05 * t)
+
+    def wbc_times_s(self, k: int, duration_s: float) -> np.ndarray:
+        lp = self.loops[k]
+        t = (lp["t_in"] + lp["apex_u"] / abs(lp["v"])) / self.fps
+        return t[t < duration_s]
+
+    def frame(self, i: int) -> np.ndarray:
+        img = self.bg.copy()
+        for lp in self.loops:
+            v = lp["v"]
+            s = lp["u"] if v > 0 else lp["len"] - lp["u"]   # distance travelled from the inlet
+            tex = np.interp(s - abs(v) * i + 200000, np.arange(len(lp["tex"])), lp["tex"])
+            val = 70 + 12 * tex
+            for t0 in lp["t_in"][(lp["t_in"] <= i + 1) & (lp["t_in"] > i - (lp["len"] + 30) / abs(v))]:
+                c = abs(v) * (i - t0)
+                val = val + 70 * np.exp(-0.5 * ((s - c) / 5.0) ** 2)
+            img[lp["ys"], lp["xs"]] = val
+        dx, dy = self.shift(i)
+        mat = np.float32([[1, 0, dx - self.m], [0, 1, dy - self.m]])
+        out = cv2.warpAffine(img, mat, (self.w, self.h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT)
+        out += self.rng.normal(0, self.noise, out.shape)
+        return np.clip(out, 0, 255).astype(np.uint8)
+
+    def label_mask(self) -> np.ndarray:
+        mask = np.zeros((self.h, self.w), np.uint8)
+        for lp in self.loops:
+            cv2.polylines(mask, [np.round(lp["cl"]).astype(np.int32)], False, CLEAR, 9)
+        return mask
+
+
+class TruthSegmenter:
+    """Returns the toy scope's own label mask (isolates the flow analysis from segmentation)."""
+
+    def __init__(self, mask):
+        self.mask = mask
+
+    def segment(self, image):
+        return self.mask.copy()
+
+
+def run_stage(scope, n_frames, cfg, segmenter=None):
+    stage = AnalysisStage(cfg, segmenter=segmenter or TruthSegmenter(scope.label_mask()), fps=scope.fps)
+    for i in range(n_frames):
+        img = scope.frame(i)
+        stage.process(Frame(FrameMeta(i, i / scope.fps, scope.fps, img.shape), img))
+        stage.step_background()
+    true = np.array([scope.shift(i) for i in range(n_frames)]) - np.array(scope.shift(0))
+    return stage, stage.finish("toy", true_shifts=true)
+
+
+def _match_caps(rep, scope):
+    out = {}
+    for k, lp in enumerate(scope.loops):
+        apex = lp["cl"][int(np.argmin(lp["cl"][:, 1]))]
+        best = min(rep.capillaries, key=lambda c: math.dist(c.apex_px, apex), default=None)
+        assert best is not None and math.dist(best.apex_px, apex) < 15, f"loop {k} not found"
+        out[k] = best
+    return out
+
+
+@pytest.fixture(scope="module")
+def toy_run():
+    cfg = load_config().with_overrides(um_per_px=1.2, fps=20.0)
+    scope = ToyScope(seed=11)
+    stage, rep = run_stage(scope, 240, cfg)
+    return scope, stage, rep
+
+
+def test_toy_speeds_and_direction(toy_run):
+    scope, _, rep = toy_run
+    caps = _match_caps(rep, scope)
+    for k, lp in enumerate(scope.loops):
+        c = caps[k]
+        v = abs(lp["v"])
+        assert c.flow_speed_px_per_frame == pytest.approx(v, rel=0.05), (k, c.flow_speed_px_per_frame)
+        assert c.flow_speed_um_s == pytest.approx(v * 1.2 * 20, rel=0.05)
+        assert c.direction_reversed == (lp["v"] < 0)
+        # reported centerline runs arterial → venous: for reversed flow it starts at the right foot
+        start = np.array(c.centerline_px[0])
+        inlet = lp["cl"][0] if lp["v"] > 0 else lp["cl"][-1]
+        assert np.hypot(*(start - inlet)) < 15
+
+
+def test_toy_wbc_events(toy_run):
+    scope, _, rep = toy_run
+    caps = _match_caps(rep, scope)
+    dur = rep.duration_s
+    for k in range(len(scope.loops)):
+        truth = scope.wbc_times_s(k, dur - 0.5)
+        truth = truth[truth > 0.5]
+        got = np.array([e.t_s for e in caps[k].wbc_events])
+        hits = sum(np.any(np.abs(got - t) < 0.15) for t in truth)
+        assert hits >= 0.9 * len(truth), (k, truth, got)
+        assert len(got) <= len(truth) + 2, (k, truth, got)
+
+
+def test_toy_stabilization_and_report(toy_run, tmp_path):
+    _, stage, rep = toy_run
+    res = rep.stabilization["residual_px"]
+    assert res["median"] < 0.25 and res["p95"] < 0.5
+    d = rep.to_dict()
+    assert d["schema"] == "nailfold.video-report/1" and d["calibrated"] is True
+    json.dumps(d, allow_nan=False)
+    snap = stage.snapshot()
+    json.dumps(snap, allow_nan=False)
+    assert snap["health"]["frames_in"] == 240 and len(snap["capillaries"]) == 3
+    assert stage.kymograph_image(snap["capillaries"][0]["id"]).dtype == np.uint8
+    assert stage.stabilized_frame().shape == (384, 512)
+
+
+def test_uncalibrated_reports_px_only():
+    cfg = load_config().with_overrides(fps=20.0)
+    scope = ToyScope(speeds=(6.0,), seed=3)
+    _, rep = run_stage(scope, 100, cfg)
+    d = rep.to_dict()
+    assert d["calibrated"] is False and d["um_per_px"] is None
+    (c,) = d["capillaries"]
+    assert c["flow_speed_um_s"] is None and c["flow_speed_px_per_frame"] == pytest.approx(6.0, rel=0.05)
+    assert any("uncalibrated" in w for w in d["warnings"])
+
+
+def test_gap_in_sequence_is_recorded():
+    cfg = load_config().with_overrides(um_per_px=1.2, fps=20.0)
+    scope = ToyScope(speeds=(5.0,), seed=4)
+    stage = AnalysisStage(cfg, segmenter=TruthSegmenter(scope.label_mask()), fps=20.0)
+    for i in list(range(40)) + list(range(45, 90)):
+        img = scope.frame(i)
+        stage.process(Frame(FrameMeta(i, i / 20, 20.0, img.shape), img))
+        stage.step_background()
+    rep = stage.finish()
+    assert rep.gaps and rep.gaps[0]["frames_missing"] == 5
+    assert rep.frames == 85 and rep.duration_s == pytest.approx(90 / 20)
+    assert rep.capillaries[0].flow_speed_px_per_frame == pytest.approx(5.0, rel=0.05)
