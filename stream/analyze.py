@@ -1,0 +1,109 @@
+"""``nailfold analyze``: recorded videos → video report JSON (+ per-capillary CSV).
+
+In:  one or more videos OpenCV/FFmpeg can read, or folders of images (natural sort order), plus
+     the configuration (``--um-per-px`` / ``--fps`` override ``device.um_per_px`` / the file's fps).
+Out: ``--out report.json`` — schema ``nailfold.video-report/1`` (see :mod:`stream.report`) for one
+     video; for several, ``{"schema": "nailfold.video-report-set/1", "videos": [...]}``.
+     ``--csv DIR`` writes ``DIR/<video name>.csv``, one row per capillary.
+
+The same :class:`stream.stage.AnalysisStage` as the live stage runs over every frame as fast as
+possible (``step_background`` after every frame, so no keyframe or window is skipped).
+Unreadable input (missing file, not a video, empty folder) is an :class:`InputError` raised before
+anything is written. Readable but useless input (black, 3 frames, no capillaries, odd size) gives
+a valid report with empty/null fields and a warning.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from pathlib import Path
+
+from nailfold.config import Config, load_config
+from nailfold.errors import InputError
+from stream.report import VideoReport, write_csv, write_report
+
+log = logging.getLogger(__name__)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("videos", nargs="+", metavar="VIDEO", help="video file(s) or folder(s) of images")
+    parser.add_argument("--out", default="report.json", metavar="JSON", help="report path (default: report.json)")
+    parser.add_argument("--um-per-px", type=float, default=None, metavar="X",
+                        help="pixel size in µm (overrides the config; without it results are in px)")
+    parser.add_argument("--fps", type=float, default=None, metavar="F",
+                        help="frame rate (overrides the file's; image folders default to device.fps)")
+    parser.add_argument("--csv", default=None, metavar="DIR", help="also write a per-capillary CSV per video here")
+    parser.add_argument("--segmenter", choices=("auto", "classical", "unet"), default=None,
+                        help="segmenter for keyframes (default: models.segmenter from the config)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _open(path: str | Path, fps: float | None, config: Config):
+    from stream.sources import open_source
+    p = Path(path)
+    if not p.exists():
+        raise InputError(f"input not found: {p}")
+    if p.is_dir() and fps is None:
+        fps = config.device.fps
+    return open_source(f"file:{p}", pace="max", fps=fps)
+
+
+def analyze_video(path: str | Path, config: Config, *, fps: float | None = None, segmenter=None,
+                  progress: bool = True, stream_id: str = "scope0", source=None) -> VideoReport:
+    """Analyze one recording offline. ``fps`` overrides the file's frame rate; ``segmenter``
+    defaults to the configured one. Raises :class:`InputError` if ``path`` cannot be read."""
+    from stream.stage import AnalysisStage, default_segmenter
+    src = source if source is not None else _open(path, fps, config)
+    try:
+        rate = float(fps or src.fps or config.device.fps)
+        if segmenter is None:
+            segmenter = default_segmenter(config.models.segmenter, config.models.backend)
+        stage = AnalysisStage(config, segmenter=segmenter, fps=rate, stream_id=stream_id)
+        bar = None
+        if progress:
+            from tqdm import tqdm
+            bar = tqdm(total=getattr(src, "n_frames", None), unit="fr", desc=Path(str(path)).name, leave=False)
+        t0 = time.perf_counter()
+        extra_warn = []
+        try:
+            for frame in src:
+                stage.process(frame)
+                stage.step_background()
+                if bar is not None:
+                    bar.update(1)
+        except InputError as e:      # e.g. an image of another size in the middle of a folder
+            extra_warn.append(f"input stopped early: {e}")
+            log.warning("%s: %s", path, e)
+        finally:
+            if bar is not None:
+                bar.close()
+        rep = stage.finish(str(path))
+        rep.warnings.extend(extra_warn)
+        dt = time.perf_counter() - t0
+        log.info("%s: %d frames in %.1f s (%.0f fps, %.1f× real time)", path, rep.frames, dt,
+                 rep.frames / dt if dt > 0 else 0, rep.duration_s / dt if dt > 0 else 0)
+        return rep
+    finally:
+        src.close()
+
+
+def run(args: argparse.Namespace) -> int:
+    config = load_config(args.config).with_overrides(um_per_px=args.um_per_px, fps=args.fps)
+    # open everything first: a bad input is reported before any work and no file is written
+    sources = [_open(v, args.fps, config) for v in args.videos]
+    from stream.stage import default_segmenter
+    seg = default_segmenter(args.segmenter or config.models.segmenter, config.models.backend)
+    reports = []
+    for path, src in zip(args.videos, sources):
+        reports.append(analyze_video(path, config, fps=args.fps, segmenter=seg,
+                                     progress=not args.no_progress, source=src))
+    write_report(reports if len(reports) > 1 else reports[0], args.out)
+    if args.csv:
+        out = Path(args.csv)
+        for path, rep in zip(args.videos, reports):
+            write_csv(rep, out / f"{Path(path).name}.csv")
+    for rep in reports:
+        print(f"{rep.source}: {rep.frames} frames, {len(rep.capillaries)} capillaries"
+              + (f" ({'; '.join(rep.warnings)})" if rep.warnings else "") + f" -> {args.out}")
+    return 0

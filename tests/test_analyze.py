@@ -1,0 +1,103 @@
+"""`nailfold analyze` on small videos written here: a toy clip with known flow, and bad inputs."""
+from __future__ import annotations
+
+import csv
+import json
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from nailfold.cli import main
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_stage import ToyScope  # noqa: E402
+
+
+def write_video(path: Path, frames, fps=20.0) -> Path:
+    h, w = frames[0].shape[:2]
+    vw = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), fps, (w, h))
+    assert vw.isOpened()
+    for f in frames:
+        vw.write(cv2.cvtColor(f, cv2.COLOR_GRAY2BGR) if f.ndim == 2 else f)
+    vw.release()
+    return path
+
+
+@pytest.fixture(scope="module")
+def toy_video(tmp_path_factory):
+    d = tmp_path_factory.mktemp("vid")
+    scope = ToyScope(speeds=(5.0, -14.0), seed=21)
+    return scope, write_video(d / "toy.avi", [scope.frame(i) for i in range(160)])
+
+
+def test_analyze_toy_video(toy_video, tmp_path):
+    scope, video = toy_video
+    out, csv_dir = tmp_path / "r.json", tmp_path / "csv"
+    rc = main(["analyze", str(video), "--out", str(out), "--um-per-px", "1.2", "--csv", str(csv_dir),
+               "--segmenter", "classical", "--no-progress"])
+    assert rc == 0
+    d = json.loads(out.read_text())
+    assert d["schema"] == "nailfold.video-report/1" and d["calibrated"] and d["frames"] == 160
+    assert d["duration_s"] == pytest.approx(8.0)
+    speeds = sorted(c["flow_speed_px_per_frame"] for c in d["capillaries"]
+                    if c["flow_speed_px_per_frame"] is not None and c["windows_with_flow"] >= 2)
+    # both loops found with their speeds (segmentation by the real segmenter, JPEG-compressed video)
+    assert any(abs(v - 5.0) / 5.0 < 0.05 for v in speeds), speeds
+    assert any(abs(v - 14.0) / 14.0 < 0.05 for v in speeds), speeds
+    rows = list(csv.DictReader((csv_dir / "toy.avi.csv").open()))
+    assert len(rows) == len(d["capillaries"]) and "flow_speed_um_s" in rows[0]
+
+
+def test_two_videos_make_a_report_set(toy_video, tmp_path):
+    _, video = toy_video
+    short = write_video(tmp_path / "short.avi", [ToyScope(speeds=(3.0,), seed=2).frame(i) for i in range(30)])
+    out = tmp_path / "set.json"
+    assert main(["analyze", str(video), str(short), "--out", str(out), "--segmenter", "classical",
+                 "--no-progress"]) == 0
+    d = json.loads(out.read_text())
+    assert d["schema"] == "nailfold.video-report-set/1" and len(d["videos"]) == 2
+    assert all(v["calibrated"] is False for v in d["videos"])
+
+
+@pytest.mark.parametrize("kind", ["black", "three_frames", "odd_size", "no_capillaries"])
+def test_useless_videos_give_valid_reports(kind, tmp_path):
+    rng = np.random.default_rng(0)
+    if kind == "black":
+        frames = [np.zeros((120, 160), np.uint8)] * 30
+    elif kind == "three_frames":
+        frames = [ToyScope(speeds=(4.0,), seed=1).frame(i) for i in range(3)]
+    elif kind == "odd_size":
+        frames = [(rng.random((61, 97)) * 255).astype(np.uint8) for _ in range(20)]
+    else:
+        base = cv2.GaussianBlur((rng.random((200, 240)) * 255).astype(np.uint8), (0, 0), 8)
+        frames = [np.clip(base + rng.normal(0, 2, base.shape), 0, 255).astype(np.uint8) for _ in range(40)]
+    video = write_video(tmp_path / f"{kind}.avi", frames)
+    out = tmp_path / "r.json"
+    assert main(["analyze", str(video), "--out", str(out), "--segmenter", "classical", "--no-progress"]) == 0
+    d = json.loads(out.read_text())
+    assert d["schema"] == "nailfold.video-report/1" and d["frames"] == len(frames)
+    assert d["warnings"]
+    for c in d["capillaries"]:
+        assert c["wbc_count"] >= 0
+    if kind in ("black", "three_frames"):
+        assert d["capillaries"] == [] or all(c["flow_speed_px_per_frame"] is None for c in d["capillaries"])
+
+
+@pytest.mark.parametrize("kind", ["missing", "text", "empty_dir"])
+def test_bad_input_is_an_error_and_writes_nothing(kind, tmp_path, capsys):
+    if kind == "missing":
+        path = tmp_path / "nope.avi"
+    elif kind == "text":
+        path = tmp_path / "notes.avi"
+        path.write_text("this is not a video\n" * 50)
+    else:
+        path = tmp_path / "empty"
+        path.mkdir()
+    out = tmp_path / "r.json"
+    rc = main(["analyze", str(path), "--out", str(out), "--no-progress"])
+    assert rc == 2 and not out.exists()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "error" in err[0]
