@@ -15,9 +15,16 @@ Frames go through a queue to a writer thread, so a slow disk or encoder never st
 the queue is large (``max_queue`` frames) and the writer never drops a frame: if it fills, ``put``
 blocks, and that is logged. ``close()`` drains the queue, so Ctrl-C/SIGTERM lose nothing.
 
-Crash bound: the Matroska muxer writes clusters as it goes and the OS keeps written bytes after
-SIGKILL; ``nailfold recover exam.mkv`` counts the decodable frames, rebuilds ``exam.mkv.json``
-from the JSONL and reports how many captured frames (the last ≤ ~1 s still in the encoder) were lost.
+- ``exam.mkv.ring``       crash buffer: the raw pixels of the last ``ring_frames`` frames (default
+                           100 = 5 s at 20 fps), written synchronously by the capture thread before the
+                           frame is queued for encoding (a plain file write, ~1 ms; the OS keeps it even
+                           when the process is SIGKILLed). Deleted on a clean close.
+
+Crash bound: after SIGKILL the Matroska file is readable up to its last complete cluster (the
+encoder and muxer hold up to a few seconds of frames). ``nailfold recover exam.mkv`` decodes what the
+file holds, appends the missing tail from the ring buffer, re-encodes a complete file (atomically
+replacing the truncated one) and rebuilds the sidecar. Frames lost = frames captured but not yet in
+the ring = 0 unless the encoder fell more than ``ring_frames`` behind (it is logged when it does).
 """
 from __future__ import annotations
 
@@ -26,6 +33,7 @@ import json
 import logging
 import os
 import queue
+import struct
 import threading
 import time
 from pathlib import Path
@@ -47,10 +55,57 @@ class RecordingError(RuntimeError):
     pass
 
 
+_SLOT_HDR = struct.Struct("<8sqqiii")  # magic, index in file, capture seq, height, width, channels (0 = gray)
+_RING_MAGIC = b"NFRING01"
+
+
+class CrashRing:
+    """Fixed-size file of the last ``n`` raw frames (slot = index mod n), for SIGKILL recovery."""
+
+    def __init__(self, path: Path, n: int, shape: tuple[int, ...]):
+        self.path, self.n = path, n
+        self.nbytes = int(np.prod(shape))
+        self.hwc = (shape[0], shape[1], shape[2] if len(shape) == 3 else 0)
+        self.slot = _SLOT_HDR.size + self.nbytes
+        self._f = open(path, "w+b")
+        self._f.truncate(self.slot * n)
+
+    def put(self, i: int, seq: int, img: np.ndarray) -> None:
+        self._f.seek((i % self.n) * self.slot)
+        self._f.write(_SLOT_HDR.pack(_RING_MAGIC, i, seq, *self.hwc))
+        self._f.write(memoryview(np.ascontiguousarray(img)).cast("B"))
+        self._f.flush()  # to the OS: survives a killed process
+
+    def close(self, delete: bool = True) -> None:
+        self._f.close()
+        if delete:
+            self.path.unlink(missing_ok=True)
+
+    @staticmethod
+    def read(path: Path) -> dict[int, tuple[int, np.ndarray]]:
+        """index → (seq, frame) for every valid slot (shape read from the slot headers)."""
+        out: dict[int, tuple[int, np.ndarray]] = {}
+        with open(path, "rb") as f:
+            while True:
+                hdr = f.read(_SLOT_HDR.size)
+                if len(hdr) < _SLOT_HDR.size:
+                    break
+                magic, i, seq, h, w, c = _SLOT_HDR.unpack(hdr)
+                if magic != _RING_MAGIC or not (0 < h <= 8192 and 0 < w <= 8192 and c in (0, 1, 3, 4)):
+                    break  # never-written slot: the ring is filled in order, nothing follows
+                shape = (h, w, c) if c else (h, w)
+                data = f.read(int(np.prod(shape)))
+                if len(data) < int(np.prod(shape)):
+                    break
+                out[i] = (seq, np.frombuffer(data, np.uint8).reshape(shape).copy())
+        return out
+
+
 class Recorder:
     """Writes frames losslessly in a background thread. ``put(frame)``; ``close()``."""
 
-    def __init__(self, path: str | os.PathLike, fps: float, shape: tuple[int, ...], *, max_queue: int = 400):
+    def __init__(self, path: str | os.PathLike, fps: float, shape: tuple[int, ...], *, max_queue: int = 400,
+                 ring_frames: int = 100):
         self.path = Path(path)
         self.fps, self.shape = float(fps), tuple(shape)
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -68,6 +123,10 @@ class Recorder:
             self.folder.mkdir(parents=True, exist_ok=True)
             log.warning("FFV1 writer unavailable; recording lossless PNGs into %s", self.folder)
         self._index = open(self.index_path, "w", encoding="utf-8")
+        self.ring_path = Path(str(self.path) + ".ring")
+        self._ring = CrashRing(self.ring_path, ring_frames, self.shape) if ring_frames > 0 else None
+        self._ring_frames = ring_frames
+        self._put_count = 0
         self._q: queue.Queue = queue.Queue(maxsize=max_queue)
         self.written = 0
         self.seqs: list[int] = []
@@ -86,6 +145,12 @@ class Recorder:
             raise RecordingError("recorder is closed")
         if frame.image.shape != self.shape:
             raise RecordingError(f"frame shape {frame.image.shape} != recording shape {self.shape}")
+        if self._ring is not None:
+            self._ring.put(self._put_count, frame.meta.seq, frame.image)
+            backlog = self._q.qsize()
+            if backlog >= self._ring_frames:
+                log.warning("encoder is %d frames behind: a crash now could lose frames", backlog)
+        self._put_count += 1
         try:
             self._q.put_nowait(frame)
         except queue.Full:
@@ -122,6 +187,8 @@ class Recorder:
         if self._writer is not None:
             self._writer.release()
         self._index.close()
+        if self._ring is not None:
+            self._ring.close(delete=True)
         meta = self._meta()
         atomic_write_json(self.meta_path, meta)
         self.index_path.unlink(missing_ok=True)
@@ -137,31 +204,7 @@ class Recorder:
                 "complete": True}
 
 
-def count_decodable_frames(path: str | os.PathLike) -> int:
-    cap = cv2.VideoCapture(str(path), cv2.CAP_FFMPEG)
-    n = 0
-    try:
-        while cap.isOpened():
-            ok, _ = cap.read()
-            if not ok:
-                break
-            n += 1
-    finally:
-        cap.release()
-    return n
-
-
-def recover(path: str | os.PathLike) -> dict:
-    """Rebuild the sidecar of a recording whose grabber was killed. Returns the sidecar dict."""
-    path = Path(path)
-    index_path = Path(str(path) + ".frames.jsonl")
-    meta_path = Path(str(path) + ".json")
-    if not path.exists():
-        raise InputError(f"recording not found: {path}")
-    if meta_path.exists() and not index_path.exists():
-        meta = json.loads(meta_path.read_text())
-        log.info("%s was closed cleanly (%d frames); nothing to recover", path, meta.get("frames", 0))
-        return meta
+def _read_index(index_path: Path) -> list[dict]:
     rows = []
     if index_path.exists():
         for line in index_path.read_text(encoding="utf-8", errors="replace").splitlines():
@@ -169,19 +212,69 @@ def recover(path: str | os.PathLike) -> dict:
                 rows.append(json.loads(line))
             except json.JSONDecodeError:
                 break  # torn last line
-    decodable = count_decodable_frames(path) if path.is_file() else 0
-    n = min(decodable, len(rows)) if rows else decodable
+    return rows
+
+
+def recover(path: str | os.PathLike) -> dict:
+    """Repair a recording whose grabber was killed; returns the rebuilt sidecar dict.
+
+    Frames still decodable in the (truncated) Matroska file are kept; the missing tail is taken
+    from the crash ring buffer; a complete FFV1 file replaces the truncated one atomically.
+    """
+    path = Path(path)
+    index_path = Path(str(path) + ".frames.jsonl")
+    ring_path = Path(str(path) + ".ring")
+    meta_path = Path(str(path) + ".json")
+    if not path.exists():
+        raise InputError(f"recording not found: {path}")
+    if meta_path.exists() and not index_path.exists() and not ring_path.exists():
+        meta = json.loads(meta_path.read_text())
+        log.info("%s was closed cleanly (%d frames); nothing to recover", path, meta.get("frames", 0))
+        return meta
+    rows = _read_index(index_path)
     cap = cv2.VideoCapture(str(path), cv2.CAP_FFMPEG)
-    ok, first = cap.read()
+    fps = float(cap.get(cv2.CAP_PROP_FPS) or 0) or 20.0
+    frames: list[np.ndarray] = []
+    while cap.isOpened():
+        ok, f = cap.read()
+        if not ok:
+            break
+        frames.append(f)
     cap.release()
-    fps = float(cv2.VideoCapture(str(path)).get(cv2.CAP_PROP_FPS) or 0) or None
+    decodable = len(frames)
+    seqs = [r["seq"] for r in rows[:decodable]]
+    times = [r["t"] for r in rows[:decodable]]
+    from_ring = 0
+    shape = frames[0].shape if frames else None
+    if ring_path.exists():
+        ring = CrashRing.read(ring_path)
+        i = decodable
+        while i in ring:
+            seq, img = ring[i]
+            if shape is not None and img.ndim == 2 and len(shape) == 3:
+                img = cv2.cvtColor(img, cv2.COLOR_GRAY2BGR)
+            frames.append(img)
+            seqs.append(seq)
+            times.append(rows[i]["t"] if i < len(rows) else None)
+            from_ring += 1
+            i += 1
+    captured = max(len(rows), len(frames))
+    if from_ring:
+        tmp = path.with_name(f".{path.name}.recovering.mkv")
+        h, w = frames[0].shape[:2]
+        wr = cv2.VideoWriter(str(tmp), cv2.CAP_FFMPEG, cv2.VideoWriter_fourcc(*"FFV1"), fps, (w, h),
+                             frames[0].ndim == 3)
+        for f in frames:
+            wr.write(f)
+        wr.release()
+        os.replace(tmp, path)
     meta = {"schema": SCHEMA, "video": path.name, "format": "ffv1-mkv", "fps": fps,
-            "shape": list(first.shape) if ok else None, "frames": n,
-            "seq": [r["seq"] for r in rows[:n]], "t": [r["t"] for r in rows[:n]], "complete": False,
-            "indexed_frames": len(rows), "decodable_frames": decodable,
-            "lost_frames": max(0, len(rows) - decodable)}
+            "shape": list(frames[0].shape) if frames else None, "frames": len(frames), "seq": seqs, "t": times,
+            "complete": False, "recovered": True, "decodable_before_recovery": decodable,
+            "restored_from_ring": from_ring, "lost_frames": max(0, captured - len(frames))}
     atomic_write_json(meta_path, meta)
     index_path.unlink(missing_ok=True)
+    ring_path.unlink(missing_ok=True)
     return meta
 
 
@@ -196,7 +289,8 @@ def run(args: argparse.Namespace) -> int:
         t = time.time()
         meta = recover(r)
         print(f"{r}: {meta['frames']} playable frames"
-              + (f", {meta.get('lost_frames', 0)} captured frames lost" if not meta.get("complete") else ", complete")
+              + (f" ({meta.get('restored_from_ring', 0)} restored from the crash buffer), "
+                 f"{meta.get('lost_frames', 0)} captured frames lost" if not meta.get("complete") else ", complete")
               + f" ({time.time() - t:.1f} s)")
     return 0
 
