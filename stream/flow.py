@@ -144,7 +144,8 @@ class WindowAnalyzer:
     anchor: float
     v_lo: float                      # px/frame search range (magnitudes)
     v_hi: float
-    gate: float = 2.0                # Radon contrast gate
+    gate: float = 2.0                # Radon contrast gate (peak / median of the normalized spectrum)
+    gate_sigma: float = 8.0          # ... and its significance given the speed's independent lines
     event_threshold: float = 5.0
     event_band: float = 1.5
     coarse_ratio: float = 1.08
@@ -153,6 +154,20 @@ class WindowAnalyzer:
     def __post_init__(self):
         self.coarse_speeds = radon.speed_grid(self.v_lo, self.v_hi, self.coarse_ratio)
         self._coarse = radon.ShearRadon((self.n_frames, self.n_px), self.coarse_speeds, self.anchor)
+        # null spectrum: line-sum variance per speed of white noise prepared like a real window
+        # (interpolation and mean removal make it speed dependent); spectra are divided by it so
+        # that "no preferred direction" reads 1 at every speed
+        rng = np.random.default_rng(12345)
+        acc = np.zeros(len(self.coarse_speeds))
+        for _ in range(6):
+            k = rng.standard_normal((self.n_frames, self.n_px)).astype(np.float32)
+            k -= k.mean(axis=0, keepdims=True)
+            k -= k.mean(axis=1, keepdims=True)
+            k /= k.std() or 1.0
+            _, _, var = radon.texture_speed(self._coarse.sinogram(k), self._coarse.valid, self.coarse_speeds)
+            acc += var
+        self._null = np.where(acc > 0, acc / 6, np.inf)
+        self._dof = radon.independent_lines(self.coarse_speeds, self.n_frames)
 
     def analyze(self, raw: np.ndarray, background: np.ndarray, start_frame: int,
                 own: tuple[float, float] | None = None) -> WindowResult:
@@ -166,9 +181,13 @@ class WindowAnalyzer:
             return WindowResult(start_frame, self.n_frames, float("nan"), 0.0, xc)
         k = k / sd
         sino = self._coarse.sinogram(k)
-        v0, contrast, _ = radon.texture_speed(sino, self._coarse.valid, self.coarse_speeds)
+        v0, contrast, var = radon.texture_speed(sino, self._coarse.valid, self.coarse_speeds, null=self._null,
+                                                dof=self._dof)
         res = WindowResult(start_frame, self.n_frames, float("nan"), float(contrast), xc)
-        if not (contrast >= self.gate and math.isfinite(v0)):
+        i0 = int(np.argmin(np.abs(self.coarse_speeds - v0))) if math.isfinite(v0) else 0
+        # significance of the peak given how many independent lines that speed has
+        signif = (contrast - 1.0) / math.sqrt(2.0 / self._dof[i0]) if math.isfinite(v0) else 0.0
+        if not (contrast >= self.gate and signif >= self.gate_sigma and math.isfinite(v0)):
             res.stopped = stopped_flow(np.asarray(raw, np.float32))
             if res.stopped:
                 res.speed_px_per_frame = 0.0

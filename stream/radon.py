@@ -142,16 +142,33 @@ def row_sinogram(kymo: np.ndarray, anchor: float, speeds: np.ndarray, tau_lo: fl
     return grid, out, cnt
 
 
-def texture_speed(sino: np.ndarray, valid: np.ndarray, speeds: np.ndarray) -> tuple[float, float, np.ndarray]:
+def independent_lines(speeds: np.ndarray, n_frames: int) -> np.ndarray:
+    """Approximate number of statistically independent lines per speed in a window of
+    ``n_frames`` crossing frames: lines 1 frame apart are independent for |v| ≥ 1 px/frame,
+    for slower speeds only lines 1/|v| frames apart are."""
+    return np.maximum(1.0, n_frames * np.minimum(1.0, np.abs(np.asarray(speeds, np.float64))))
+
+
+def texture_speed(sino: np.ndarray, valid: np.ndarray, speeds: np.ndarray,
+                  null: np.ndarray | None = None, dof: np.ndarray | None = None) -> tuple[float, float, np.ndarray]:
     """Speed (px/frame, parabolic-refined in log|v| within its sign) maximizing the variance of
-    line sums, its contrast (peak variance / median variance over speeds) and the variance curve."""
+    line sums, its contrast (peak variance / median variance over speeds) and the variance curve.
+    ``null`` (per speed) divides the variances first: the spectrum of structureless noise."""
     var = np.zeros(len(speeds))
     for i in range(len(speeds)):
         z = sino[i][valid[i]]
         var[i] = float(z.var()) if z.size >= 3 else 0.0
+    if null is not None:
+        var = var / null
     if not np.any(var > 0):
         return float("nan"), 0.0, var
-    i = int(np.argmax(var))
+    if dof is not None:
+        # pick the peak by significance: slow speeds have few independent lines per window, so
+        # their variance estimates scatter more (relative SD ≈ sqrt(2 / dof))
+        zsig = (var - np.median(var[var > 0])) / np.sqrt(2.0 / np.maximum(dof, 1.0))
+        i = int(np.argmax(zsig))
+    else:
+        i = int(np.argmax(var))
     med = float(np.median(var[var > 0]))
     contrast = var[i] / med if med > 0 else 0.0
     v = speeds[i]
@@ -175,7 +192,8 @@ def robust_sd(x: np.ndarray) -> float:
 
 def detect_events(sino: np.ndarray, valid: np.ndarray, speeds: np.ndarray, threshold: float = 5.0,
                   min_sep_frames: float = 3.0, max_events: int = 50, counts: np.ndarray | None = None,
-                  min_fill: float = 0.5) -> list[LineEvent]:
+                  min_fill: float = 0.5, sidelobe_frames: float = 6.0, sidelobe_ratio: float = 0.5
+                  ) -> list[LineEvent]:
     """Bright lines in a sinogram.
 
     Every speed row is normalized by its own robust spread (median/MAD over crossing frames, floored
@@ -185,7 +203,8 @@ def detect_events(sino: np.ndarray, valid: np.ndarray, speeds: np.ndarray, thres
     is a local maximum of the normalized sinogram ≥ ``threshold``; its speed is then taken where
     the *raw* line sum peaks among neighbouring speeds at the same crossing time (normalization
     would otherwise favour slightly misaligned speeds). Events closer than ``min_sep_frames`` are
-    merged (strongest kept)."""
+    merged (strongest kept); an event within ``sidelobe_frames`` of one more than 1/``sidelobe_ratio``
+    times stronger is dropped as its side lobe. Frame arguments are in sinogram columns."""
     m, t = sino.shape
     z = np.zeros_like(sino)
     # complete lines only (≥ min_fill of the longest line at that speed): edge lines are noisy
@@ -233,9 +252,11 @@ def detect_events(sino: np.ndarray, valid: np.ndarray, speeds: np.ndarray, thres
             den = y0 - 2 * y1 + y2
             if den < 0:
                 tj += float(np.clip(0.5 * (y0 - y2) / den, -0.5, 0.5))
-        if any(abs(e.t_frame - tj) < min_sep_frames for e in events):
+        zs = float(z[i, j])
+        if any(abs(e.t_frame - tj) < min_sep_frames or
+               (abs(e.t_frame - tj) < sidelobe_frames and zs < sidelobe_ratio * e.strength) for e in events):
             continue
-        events.append(LineEvent(tj, float(v), float(z[i, j])))
+        events.append(LineEvent(tj, float(v), zs))
         if len(events) >= max_events:
             break
     events.sort(key=lambda e: e.t_frame)

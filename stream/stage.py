@@ -211,7 +211,7 @@ class _Track:
 
 EVENT_MIN_SEP_FRAMES = 3.0   # events closer than this are one event
 SIDELOBE_FRAMES = 6.0        # a much weaker event this close to a strong one is its side lobe
-SIDELOBE_RATIO = 0.4
+SIDELOBE_RATIO = 0.5
 
 
 def _merge_event(events: list, e: LineEvent) -> None:
