@@ -146,7 +146,7 @@ class WindowAnalyzer:
     v_hi: float
     gate: float = 2.0                # Radon contrast gate (peak / median of the normalized spectrum)
     gate_sigma: float = 8.0          # ... and its significance given the speed's independent lines
-    event_threshold: float = 5.0
+    event_threshold: float = 6.0
     event_band: float = 1.5
     coarse_ratio: float = 1.08
     fine_ratio: float = 1.025
