@@ -148,12 +148,17 @@ class WindowAnalyzer:
     gate_sigma: float = 8.0          # ... and its significance given the speed's independent lines
     event_threshold: float = 6.0
     event_band: float = 1.5
-    coarse_ratio: float = 1.08
+    coarse_ratio: float = 1.12
+    coarse_decimate: int = 2         # coarse pass on a kymograph binned this much along distance
     fine_ratio: float = 1.025
 
     def __post_init__(self):
         self.coarse_speeds = radon.speed_grid(self.v_lo, self.v_hi, self.coarse_ratio)
-        self._coarse = radon.ShearRadon((self.n_frames, self.n_px), self.coarse_speeds, self.anchor)
+        self._dec = max(1, min(self.coarse_decimate, self.n_px // 32))
+        self._nc = self.n_px // self._dec
+        # in binned columns: speeds / dec, anchor / dec (column centres at (j + 0.5) * dec - 0.5)
+        self._coarse = radon.ShearRadon((self.n_frames, self._nc), self.coarse_speeds / self._dec,
+                                        (self.anchor + 0.5) / self._dec - 0.5)
         # null spectrum: line-sum variance per speed of white noise prepared like a real window
         # (interpolation and mean removal make it speed dependent); spectra are divided by it so
         # that "no preferred direction" reads 1 at every speed
@@ -164,10 +169,16 @@ class WindowAnalyzer:
             k -= k.mean(axis=0, keepdims=True)
             k -= k.mean(axis=1, keepdims=True)
             k /= k.std() or 1.0
-            _, _, var = radon.texture_speed(self._coarse.sinogram(k), self._coarse.valid, self.coarse_speeds)
+            _, _, var = radon.texture_speed(self._coarse.sinogram(self._bin(k)), self._coarse.valid,
+                                            self.coarse_speeds)
             acc += var
         self._null = np.where(acc > 0, acc / 6, np.inf)
         self._dof = radon.independent_lines(self.coarse_speeds, self.n_frames)
+
+    def _bin(self, k: np.ndarray) -> np.ndarray:
+        if self._dec == 1:
+            return k
+        return np.ascontiguousarray(k[:, :self._nc * self._dec].reshape(k.shape[0], self._nc, self._dec).mean(axis=2))
 
     def analyze(self, raw: np.ndarray, background: np.ndarray, start_frame: int,
                 own: tuple[float, float] | None = None) -> WindowResult:
@@ -180,7 +191,7 @@ class WindowAnalyzer:
         if sd <= 1e-6:
             return WindowResult(start_frame, self.n_frames, float("nan"), 0.0, xc)
         k = k / sd
-        sino = self._coarse.sinogram(k)
+        sino = self._coarse.sinogram(self._bin(k))
         v0, contrast, var = radon.texture_speed(sino, self._coarse.valid, self.coarse_speeds, null=self._null,
                                                 dof=self._dof)
         res = WindowResult(start_frame, self.n_frames, float("nan"), float(contrast), xc)

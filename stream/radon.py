@@ -154,10 +154,11 @@ def texture_speed(sino: np.ndarray, valid: np.ndarray, speeds: np.ndarray,
     """Speed (px/frame, parabolic-refined in log|v| within its sign) maximizing the variance of
     line sums, its contrast (peak variance / median variance over speeds) and the variance curve.
     ``null`` (per speed) divides the variances first: the spectrum of structureless noise."""
-    var = np.zeros(len(speeds))
-    for i in range(len(speeds)):
-        z = sino[i][valid[i]]
-        var[i] = float(z.var()) if z.size >= 3 else 0.0
+    cnt = valid.sum(axis=1).astype(np.float64)
+    x = np.where(valid, sino, 0.0).astype(np.float64)
+    mean = x.sum(axis=1) / np.maximum(cnt, 1)
+    var = (x ** 2).sum(axis=1) / np.maximum(cnt, 1) - mean ** 2
+    var = np.where(cnt >= 3, np.maximum(var, 0.0), 0.0)
     if null is not None:
         var = var / null
     if not np.any(var > 0):
@@ -209,19 +210,22 @@ def detect_events(sino: np.ndarray, valid: np.ndarray, speeds: np.ndarray, thres
     z = np.zeros_like(sino)
     # complete lines only (≥ min_fill of the longest line at that speed): edge lines are noisy
     full = valid & (counts >= min_fill * counts.max(axis=1, keepdims=True)) if counts is not None else valid
-    meds = np.zeros(m)
-    sds = np.zeros(m)
-    for i in range(m):
-        row = sino[i][full[i]]
-        if row.size >= 8:
-            meds[i], sds[i] = float(np.median(row)), robust_sd(row)
+    enough = full.sum(axis=1) >= 8
+    xm = np.where(full, sino, np.nan)
+    with np.errstate(all="ignore"):
+        import warnings
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            meds = np.nanmedian(xm, axis=1)
+            sds = 1.4826 * np.nanmedian(np.abs(xm - meds[:, None]), axis=1)
+    sds = np.where(enough & np.isfinite(sds), sds, 0.0)
+    meds = np.where(np.isfinite(meds), meds, 0.0)
     pos = sds[sds > 0]
     if pos.size == 0:
         return []
     floor = float(np.median(pos))   # rows far from any flow speed are smooth: don't let their tiny
-    for i in range(m):              # spread inflate partially aligned lines into "events"
-        if sds[i] > 0:
-            z[i] = np.where(full[i], (sino[i] - meds[i]) / max(sds[i], floor), 0.0)
+    scale = np.maximum(sds, floor)  # spread inflate partially aligned lines into "events"
+    z = np.where(full & (sds[:, None] > 0), (sino - meds[:, None]) / scale[:, None], 0.0).astype(np.float32)
     peaks = (z >= threshold) & (z == maximum_filter(z, size=(3, 3), mode="constant", cval=-np.inf))
     cand = np.argwhere(peaks)
     if cand.size == 0:

@@ -15,7 +15,9 @@ Work split (for a live process with a second thread):
 - :meth:`step_background` (expensive, background thread or after each frame offline): keyframe
   segmentation of the stabilized mean of the last ``stage.keyframe_average`` frames every
   ``stage.keyframe_every`` frames (capillaries via ``extract_capillaries``, stable ids via
-  ``match_ids``; new capillaries' kymographs are back-filled from the recent frames), and rolling
+  ``match_ids``; new capillaries' kymographs are back-filled from the recent frames; while the set
+  of capillaries stays the same the interval doubles, up to 8×, and returns to the base on any
+  change), and rolling
   ``stage.window_s`` / ``stage.hop_s`` Radon windows (:mod:`stream.flow`). When it falls behind,
   stale keyframes and windows are skipped and counted (``skipped_keyframes``/``skipped_windows``);
   kymograph rows of accepted frames are never skipped.
@@ -51,6 +53,7 @@ from stream.stabilize import Stabilizer, warp_to_reference
 log = logging.getLogger(__name__)
 
 MAX_BACKLOG_WINDOWS = 3      # per capillary; older pending windows are skipped when behind
+KEYFRAME_BACKOFF_MAX = 8     # keyframe interval may grow to this × stage.keyframe_every
 RETIRE_AFTER_KEYFRAMES = 3   # a capillary missing from this many keyframes in a row stops being sampled
 MIN_FINAL_WINDOW = 8         # frames
 
@@ -276,6 +279,8 @@ class AnalysisStage:
         self._lock = threading.RLock()
         self._history: collections.deque = collections.deque(maxlen=self.keyframe_average)
         self._pending_keyframe: list | None = None
+        self._kf_interval = self.keyframe_every   # grows (×2, up to ×KEYFRAME_BACKOFF_MAX) while the
+        #                                           capillary set is unchanged; back to the base on change
         self._last_keyframe_frame: int | None = None
         self._roi_weight: np.ndarray | None = None
         self._roi_from_mask = False
@@ -340,7 +345,7 @@ class AnalysisStage:
             self.shifts.append((est.dx, est.dy, est.confidence))
             self.frames_in += 1
             if len(self._history) >= self.keyframe_average and (
-                    self._last_keyframe_frame is None or fno - self._last_keyframe_frame >= self.keyframe_every):
+                    self._last_keyframe_frame is None or fno - self._last_keyframe_frame >= self._kf_interval):
                 if self._pending_keyframe is not None:
                     self.skipped_keyframes += 1
                 self._pending_keyframe = list(self._history)
@@ -433,6 +438,8 @@ class AnalysisStage:
             self._prev_caps = caps
             self.keyframes_done += 1
             seen = set()
+            n_tracks_before = len(self.tracks)
+            active_before = {cid for cid, t in self.tracks.items() if t.active}
             for c in caps:
                 seen.add(c.id)
                 tr = self.tracks.get(c.id)
@@ -451,6 +458,11 @@ class AnalysisStage:
                     if tr.missing >= RETIRE_AFTER_KEYFRAMES:
                         self.bank.remove(cid)
                         tr.active = False
+            active_after = {cid for cid, t in self.tracks.items() if t.active}
+            if len(self.tracks) == n_tracks_before and active_after == active_before and self.tracks:
+                self._kf_interval = min(self._kf_interval * 2, self.keyframe_every * KEYFRAME_BACKOFF_MAX)
+            else:
+                self._kf_interval = self.keyframe_every
             if not self._roi_from_mask and np.any(labels > 0):
                 vessel = ((labels == CLEAR) | (labels == BLURRED)).astype(np.float32)
                 if vessel.shape == mean.shape and vessel.any():
