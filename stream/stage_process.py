@@ -1,0 +1,285 @@
+"""The live stage process: ZeroMQ frames in → :class:`stream.stage.AnalysisStage` → results out.
+
+``nailfold stage --connect tcp://127.0.0.1:5555 [--connect …] --publish tcp://127.0.0.1:5556``
+
+Ports and queue policies
+- in  (PULL, one or more grabbers; stream id from each header): a reader thread drains the
+  sockets into a bounded FIFO (completeness: every accepted frame gets its kymograph row; if
+  the FIFO overflows, the oldest frames are dropped and counted as ``stage_drops``).
+- out (PUB, loopback): at ``stage.publish_hz`` a ``result`` message per stream: JSON body =
+  ``{"stream", "health", "snapshot"}`` + JPEG blobs ``frame`` (stabilized frame) and
+  ``kymo_<id>`` (each capillary's rolling kymograph). Slow subscribers never slow the stage
+  (PUB drops for them).
+
+Per stream the main thread only does the cheap per-frame work (``process``); a background
+thread runs keyframe segmentation and Radon windows (``step_background``), which may skip work
+when behind and reports it. A stream with no message for ``stage.no_signal_s`` is reported
+``"no signal"``; when frames come back (e.g. the grabber restarted, sequence numbers reset) the
+stage keeps its state, and the gap (start/end time, frames missing) goes into ``health.gaps``
+and into the final report (``--report PATH``, written atomically on exit).
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import logging
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+
+import cv2
+import numpy as np
+import zmq
+
+from nailfold.config import Config, load_config
+from nailfold.io import atomic_write_json
+from stream import wire
+from stream.frames import Frame, FrameMeta
+from stream.receiver import Receiver
+from stream.sockets import make_socket
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class StreamSlot:
+    """Per-stream state kept by the process around its AnalysisStage."""
+    stage: object
+    shape: tuple = ()
+    source: str = ""
+    frames: int = 0
+    last_seq: int = -1
+    last_t_capture: float = 0.0
+    last_rx: float = field(default_factory=time.monotonic)
+    latencies_ms: collections.deque = field(default_factory=lambda: collections.deque(maxlen=400))
+    proc_ms: collections.deque = field(default_factory=lambda: collections.deque(maxlen=400))
+    gaps: list = field(default_factory=list)
+    open_gap: dict | None = None
+    fps_in: float = 0.0
+    _n: int = 0
+    _t: float = field(default_factory=time.monotonic)
+    sender: dict = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+def encode_jpeg(img: np.ndarray | None, quality: int = 80, max_width: int | None = None) -> bytes | None:
+    if img is None or img.size == 0:
+        return None
+    if max_width and img.shape[1] > max_width:
+        s = max_width / img.shape[1]
+        img = cv2.resize(img, (max_width, max(1, int(round(img.shape[0] * s)))), interpolation=cv2.INTER_AREA)
+    ok, buf = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, quality])
+    return buf.tobytes() if ok else None
+
+
+class StageProcess:
+    """Owns the sockets and one AnalysisStage per stream."""
+
+    def __init__(self, cfg: Config, connect: list[str], publish: str, *, segmenter: str | None = None,
+                 frame_width: int = 1024, allow_remote: bool = False, curve_client=None, curve_server=None):
+        self.cfg = cfg
+        self.segmenter_name = segmenter or cfg.models.segmenter
+        self.rx = Receiver(connect, kind=zmq.PULL, policy="queue", maxlen=400, hwm=4,
+                           curve_client=curve_client, allow_remote=allow_remote)
+        self.pub = make_socket(zmq.Context.instance(), zmq.PUB, publish, bind=True, hwm=8,
+                               allow_remote=allow_remote, curve_server=curve_server)
+        self.slots: dict[str, StreamSlot] = {}
+        self.finished: list[tuple[str, StreamSlot]] = []   # stages replaced after a frame-size change
+        self.frame_width = frame_width
+        self._stop = threading.Event()
+        self._segmenter = None
+        self._bg = threading.Thread(target=self._background, name="stage-bg", daemon=True)
+        self.published = 0
+
+    # -- construction of per-stream stages -------------------------------------------------
+    def _get_segmenter(self):
+        if self._segmenter is None:
+            from stream.stage import default_segmenter
+            self._segmenter = default_segmenter(self.segmenter_name, self.cfg.models.backend)
+        return self._segmenter
+
+    def _slot(self, stream: str, fps: float, shape: tuple[int, ...]) -> StreamSlot:
+        slot = self.slots.get(stream)
+        if slot is not None and slot.shape != shape[:2]:
+            log.warning("stream %s changed frame size %s → %s: analysis restarts", stream, slot.shape, shape[:2])
+            self.finished.append((stream, slot))
+            slot = None
+        if slot is None:
+            from stream.stage import AnalysisStage
+            slot = StreamSlot(AnalysisStage(self.cfg, segmenter=self._get_segmenter(), fps=fps, stream_id=stream),
+                              shape=tuple(shape[:2]))
+            self.slots[stream] = slot
+            log.warning("new stream %s (%.1f fps)", stream, fps)
+        return slot
+
+    # -- loops -------------------------------------------------------------------------------
+    def _background(self) -> None:
+        while not self._stop.is_set():
+            did = False
+            for slot in list(self.slots.values()):
+                try:
+                    did |= bool(slot.stage.step_background())
+                except Exception:  # a bug in one stream's analysis must not kill the stage
+                    log.exception("background analysis failed")
+            if not did:
+                time.sleep(0.01)
+
+    def _on_frame(self, msg: wire.Message) -> None:
+        slot = self._slot(msg.stream, float(msg.header["fps"]), msg.image.shape)
+        now_wall, now = time.time(), time.monotonic()
+        if slot.open_gap is not None or (slot.last_seq >= 0 and msg.seq != slot.last_seq + 1):
+            gap = slot.open_gap or {"t_start": slot.last_t_capture, "start_seq": slot.last_seq + 1}
+            restarted = msg.seq <= slot.last_seq
+            gap.update({"t_end": msg.t, "end_seq": msg.seq - 1, "restarted": restarted,
+                        "frames_missing": (int(round((msg.t - gap["t_start"]) * float(msg.header["fps"]))) - 1
+                                           if restarted else msg.seq - gap["start_seq"])})
+            gap["frames_missing"] = max(0, gap["frames_missing"])
+            slot.gaps.append(gap)
+            slot.open_gap = None
+            log.warning("stream %s: gap of %d frames (%s)", msg.stream, gap["frames_missing"],
+                        "source restarted" if restarted else "sequence gap")
+        img = msg.image.copy()  # the receive buffer is reused by zmq; the stage keeps frames
+        frame = Frame(FrameMeta(msg.seq, msg.t, float(msg.header["fps"]), img.shape, msg.stream), img)
+        t0 = time.perf_counter()
+        slot.stage.process(frame)
+        slot.proc_ms.append((time.perf_counter() - t0) * 1000)
+        slot.latencies_ms.append((time.time() - msg.t) * 1000)
+        slot.frames += 1
+        slot.last_seq, slot.last_t_capture, slot.last_rx = msg.seq, msg.t, now
+        slot._n += 1
+        if now - slot._t >= 1.0:
+            slot.fps_in, slot._n, slot._t = slot._n / (now - slot._t), 0, now
+        del now_wall
+
+    def _check_signal(self) -> None:
+        for name, slot in self.slots.items():
+            if slot.open_gap is None and time.monotonic() - slot.last_rx > self.cfg.stage.no_signal_s:
+                slot.open_gap = {"t_start": slot.last_t_capture, "start_seq": slot.last_seq + 1,
+                                 "t_detected": time.time()}
+                log.warning("stream %s: no signal", name)
+
+    def health(self, name: str, slot: StreamSlot) -> dict:
+        lat = np.array(slot.latencies_ms) if slot.latencies_ms else np.array([np.nan])
+        proc = np.array(slot.proc_ms) if slot.proc_ms else np.array([np.nan])
+        st = self.rx.stats.streams.get(name)
+        return {
+            "stream": name, "signal": slot.open_gap is None,
+            "status": "no signal" if slot.open_gap is not None else "live",
+            "frames": slot.frames, "fps_in": round(slot.fps_in, 2),
+            "latency_ms_p50": _r(np.nanpercentile(lat, 50)), "latency_ms_p99": _r(np.nanpercentile(lat, 99)),
+            "process_ms_p50": _r(np.nanpercentile(proc, 50)), "process_ms_p99": _r(np.nanpercentile(proc, 99)),
+            "upstream_missing": st.missing if st else 0, "stage_drops": self.rx.stats.local_drops,
+            "sender": (st.last_heartbeat if st else {}), "malformed": self.rx.stats.malformed,
+            "gaps": slot.gaps[-20:], "n_gaps": len(slot.gaps), "queue": self.rx.pending(),
+            "um_per_px": self.cfg.device.um_per_px, "calibrated": self.cfg.device.calibrated,
+        }
+
+    def publish(self) -> None:
+        for name, slot in list(self.slots.items()):
+            stage = slot.stage
+            snap = stage.snapshot()
+            blobs: dict[str, bytes] = {}
+            fr = encode_jpeg(stage.stabilized_frame(), 80, self.frame_width)  # noqa: E501 (thumbnail)
+            if fr:
+                blobs["frame"] = fr
+            for cap in snap.get("capillaries", [])[:12]:
+                k = encode_jpeg(stage.kymograph_image(cap["id"]), 85)
+                if k:
+                    blobs[f"kymo_{cap['id']}"] = k
+            frame = stage.stabilized_frame()
+            if frame is not None:
+                snap["frame_shape"] = list(frame.shape[:2])
+                snap["thumb_width"] = min(frame.shape[1], self.frame_width)
+            health = self.health(name, slot)
+            health["last_capture_t"] = slot.last_t_capture
+            health.update({k: v for k, v in (snap.get("health") or {}).items() if k not in health})
+            body = {"stream": name, "health": health, "snapshot": snap}
+            try:
+                self.pub.send_multipart(wire.encode_result(body, stream=name, seq=self.published, blobs=blobs),
+                                        flags=zmq.NOBLOCK)
+                self.published += 1
+            except zmq.Again:
+                pass
+
+    def run(self, seconds: float | None = None) -> None:
+        self._bg.start()
+        period = 1.0 / self.cfg.stage.publish_hz
+        next_pub = time.monotonic() + period
+        t_end = time.monotonic() + seconds if seconds else float("inf")
+        while not self._stop.is_set() and time.monotonic() < t_end:
+            msg = self.rx.get(timeout=min(0.05, period))
+            if msg is not None:
+                if msg.kind == "frame":
+                    try:
+                        self._on_frame(msg)
+                    except Exception:
+                        log.exception("frame %s/%d could not be processed; skipped", msg.stream, msg.seq)
+                elif msg.kind == "heartbeat" and msg.stream in self.slots:
+                    self.slots[msg.stream].sender = msg.body or {}
+                    self.slots[msg.stream].last_rx = time.monotonic() if self.slots[msg.stream].open_gap is None \
+                        else self.slots[msg.stream].last_rx
+            self._check_signal()
+            if time.monotonic() >= next_pub:
+                self.publish()
+                next_pub = time.monotonic() + period
+
+    def stop(self, *_: object) -> None:
+        self._stop.set()
+
+    def close(self, report: str | None = None) -> None:
+        self._stop.set()
+        if self._bg.is_alive():
+            self._bg.join(timeout=5)
+        self.rx.close()
+        self.pub.close(0)
+        if report:
+            videos = []
+            for name, slot in self.finished + list(self.slots.items()):
+                rep = slot.stage.finish()
+                d = rep.to_dict() if hasattr(rep, "to_dict") else dict(rep)
+                d.setdefault("gaps", [])
+                d["gaps"] = list(d["gaps"]) + slot.gaps + ([slot.open_gap] if slot.open_gap else [])
+                d["stream"] = name
+                videos.append(d)
+            atomic_write_json(report, videos[0] if len(videos) == 1 else
+                              {"schema": "nailfold.video-report/1", "videos": videos})
+
+
+def _r(x: float) -> float | None:
+    return None if not np.isfinite(x) else round(float(x), 2)
+
+
+# ---- `nailfold stage` -----------------------------------------------------------------------
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--connect", action="append", default=None,
+                   help="grabber frame endpoint (repeatable for several scopes; default from config)")
+    p.add_argument("--publish", default=None, help="result endpoint to bind (default from config)")
+    p.add_argument("--um-per-px", type=float, default=None, help="device calibration (µm/px); overrides config")
+    p.add_argument("--segmenter", choices=("auto", "classical", "unet"), default=None)
+    p.add_argument("--report", default=None, help="write a video report of the session here on exit")
+    p.add_argument("--seconds", type=float, default=None, help="stop after this many seconds")
+    p.add_argument("--allow-remote", action="store_true", help="allow non-loopback endpoints (needs --keys)")
+    p.add_argument("--keys", default=None, help="CURVE key folder (from `nailfold keys`)")
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config).with_overrides(um_per_px=args.um_per_px)
+    curve_client = curve_server = None
+    if args.keys:
+        from stream.security import load_client_keys, load_server_keys
+        curve_client, curve_server = load_client_keys(args.keys), load_server_keys(args.keys)
+    sp = StageProcess(cfg, args.connect or [cfg.endpoints.frames], args.publish or cfg.endpoints.results,
+                      segmenter=args.segmenter, allow_remote=args.allow_remote,
+                      curve_client=curve_client, curve_server=curve_server)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, sp.stop)
+        signal.signal(signal.SIGINT, sp.stop)
+    log.warning("stage: %s → %s (%s)", ", ".join(sp.rx.endpoints), args.publish or cfg.endpoints.results,
+                f"{cfg.device.um_per_px} µm/px" if cfg.device.calibrated else "uncalibrated")
+    try:
+        sp.run(args.seconds)
+    finally:
+        sp.close(args.report)
+    return 0

@@ -1,0 +1,208 @@
+"""Pure drawing/formatting for the dashboard: stage results in → images, tables, text out.
+
+All functions take the JSON ``snapshot`` / ``health`` dicts published by the stage (see
+:mod:`stream.stage_process`) and decoded images (BGR uint8); they return RGB uint8 arrays for
+Gradio, Markdown strings or row lists. Missing fields are tolerated (shown as "–").
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import cv2
+import numpy as np
+
+# BGR colours per morphology class (overlay) — normal green, abnormal warm colours.
+CLASS_COLORS = {
+    "normal": (80, 200, 80), "tortuous": (0, 200, 255), "crossing": (255, 160, 0), "enlarged": (0, 140, 255),
+    "giant": (0, 0, 255), "bushy": (255, 0, 255), "blurred": (160, 160, 160), None: (80, 200, 80),
+}
+SELECTED = (255, 255, 0)
+
+
+def decode_jpeg(buf: bytes | None) -> np.ndarray | None:
+    if not buf:
+        return None
+    img = cv2.imdecode(np.frombuffer(buf, np.uint8), cv2.IMREAD_COLOR)
+    return img
+
+
+def fmt(v: Any, unit: str = "", nd: int = 0) -> str:
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return "–"
+    if isinstance(v, (int, float)):
+        return f"{v:.{nd}f}{(' ' + unit) if unit else ''}"
+    return str(v)
+
+
+def cap_class(cap: dict) -> str | None:
+    m = cap.get("morphology") or {}
+    return cap.get("class") or m.get("class") or m.get("shape_class")
+
+
+def speed_text(cap: dict, calibrated: bool) -> str:
+    if calibrated and cap.get("speed_um_s") is not None:
+        return fmt(cap.get("speed_um_s"), "µm/s")
+    return fmt(cap.get("speed_px_per_frame"), "px/frame", 1)
+
+
+def draw_overlay(frame: np.ndarray | None, snapshot: dict, selected: int | None, *, scale: float | None = None,
+                 no_signal: bool = False) -> np.ndarray:
+    """Stabilized frame + capillary centerlines, ids, apex and keypoints; selected one highlighted.
+
+    ``scale`` maps snapshot coordinates (full-resolution px) onto ``frame`` (e.g. a downscaled
+    thumbnail); by default it is derived from ``snapshot["frame_shape"]``.
+    """
+    if frame is None:
+        frame = np.full((384, 512, 3), 40, np.uint8)
+    img = frame.copy() if frame.ndim == 3 else cv2.cvtColor(frame, cv2.COLOR_GRAY2BGR)
+    if scale is None:
+        fs = snapshot.get("frame_shape")
+        scale = img.shape[1] / fs[1] if fs else 1.0
+    for cap in snapshot.get("capillaries", []):
+        cid = cap.get("id")
+        pts = np.asarray(cap.get("centerline_px") or [], np.float32) * scale
+        color = SELECTED if cid == selected else CLASS_COLORS.get(cap_class(cap), (80, 200, 80))
+        thick = 3 if cid == selected else 1
+        if len(pts) >= 2:
+            cv2.polylines(img, [np.round(pts).astype(np.int32)], False, color, thick, cv2.LINE_AA)
+        apex = cap.get("apex_px")
+        if apex:
+            ax, ay = int(round(apex[0] * scale)), int(round(apex[1] * scale))
+            cv2.circle(img, (ax, ay), 3, color, -1, cv2.LINE_AA)
+            cv2.putText(img, str(cid), (ax + 4, max(12, ay - 6)), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (0, 0, 0), 3,
+                        cv2.LINE_AA)
+            cv2.putText(img, str(cid), (ax + 4, max(12, ay - 6)), cv2.FONT_HERSHEY_SIMPLEX, 0.5, color, 1,
+                        cv2.LINE_AA)
+        for name, p in (cap.get("keypoints") or {}).items():
+            if p:
+                cv2.drawMarker(img, (int(round(p[0] * scale)), int(round(p[1] * scale))), (255, 255, 255),
+                               cv2.MARKER_TILTED_CROSS, 6, 1)
+    if no_signal:
+        cv2.rectangle(img, (0, 0), (img.shape[1] - 1, img.shape[0] - 1), (0, 0, 255), 6)
+        cv2.putText(img, "NO SIGNAL", (20, 50), cv2.FONT_HERSHEY_SIMPLEX, 1.4, (0, 0, 255), 3, cv2.LINE_AA)
+    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+
+
+def kymo_event_segments(cap: dict, kymo_shape: tuple[int, int]) -> list[tuple[float, float, float, float]]:
+    """WBC lines of a capillary in kymograph pixels: [(col0, row0, col1, row1)].
+
+    The stage publishes each recent event as ``[t_frame, apex_col, slope_px_per_frame]``: the line
+    passes column ``apex_col`` at row ``t_frame - kymo_first_frame`` and moves ``slope`` columns per
+    row. Segments are clipped to the kymograph.
+    """
+    first = cap.get("kymo_first_frame")
+    if first is None:
+        return []
+    h, w = kymo_shape[:2]
+    out = []
+    for line in cap.get("kymo_lines") or []:
+        try:
+            t_frame, c0, slope = float(line[0]), float(line[1]), float(line[2])
+        except (TypeError, ValueError, IndexError):
+            continue
+        r0 = t_frame - first
+        if abs(slope) < 1e-3:  # stopped cell: a vertical line at the apex column
+            out.append((c0, 0.0, c0, float(h - 1)))
+            continue
+        # row(col) = r0 + (col - c0) / slope
+        rows = (r0 + (0 - c0) / slope, r0 + (w - 1 - c0) / slope)
+        if max(rows) < 0 or min(rows) > h - 1:
+            continue
+        out.append((0.0, rows[0], float(w - 1), rows[1]))
+    return out
+
+
+def draw_kymograph(kymo: np.ndarray | None, cap: dict | None, *, height: int = 240) -> np.ndarray:
+    """Kymograph (rows = time, newest at the bottom; columns = distance along the centerline)
+    scaled for display, with the detected WBC lines drawn in red and the apex column marked."""
+    if kymo is None:
+        k = np.full((height, 320, 3), 30, np.uint8)
+        cv2.putText(k, "waiting for kymograph...", (10, height // 2), cv2.FONT_HERSHEY_SIMPLEX, 0.5,
+                    (200, 200, 200), 1)
+        return k
+    k = kymo if kymo.ndim == 3 else cv2.cvtColor(kymo, cv2.COLOR_GRAY2BGR)
+    sy = height / max(1, k.shape[0])
+    sx = max(1.0, min(3.0, 480 / max(1, k.shape[1])))
+    out = cv2.resize(k, (int(round(k.shape[1] * sx)), height), interpolation=cv2.INTER_NEAREST)
+    cap = cap or {}
+    apex = cap.get("kymo_apex_col")
+    if apex is not None:
+        x = int(round(apex * sx))
+        cv2.line(out, (x, 0), (x, 6), (0, 255, 255), 2)
+    for c0, r0, c1, r1 in kymo_event_segments(cap, k.shape):
+        cv2.line(out, (int(round(c0 * sx)), int(round(r0 * sy))), (int(round(c1 * sx)), int(round(r1 * sy))),
+                 (0, 0, 255), 1, cv2.LINE_AA)
+    return cv2.cvtColor(out, cv2.COLOR_BGR2RGB)
+
+
+def health_markdown(health: dict | None, *, age_s: float, source: str = "") -> str:
+    """One status block: signal, fps in, latency, drops, stabilization, calibration."""
+    if not health:
+        return "### Waiting for the stage…\nNo result received yet."
+    live = health.get("signal", True) and age_s < 3.0
+    green, red = '<span style="color:#1a7f37">●</span>', '<span style="color:#cf222e">●</span>'
+    status = f"{green} **live**" if live else (f"{red} **NO SIGNAL** — grabber stopped or disconnected" if age_s < 3.0
+                                               else f"{red} **NO SIGNAL** — stage not responding")
+    stab = {"confidence": health.get("stab_confidence")}
+    um = health.get("um_per_px")
+    calib = f"{um:g} µm/px" if um else "**uncalibrated** (px, px/frame)"
+    sender = health.get("sender") or {}
+    rec = sender.get("recording")
+    return (f"{status} · stream `{health.get('stream', '?')}` {('· ' + source) if source else ''}\n\n"
+            f"fps in **{fmt(health.get('fps_in'), nd=1)}** · latency p50 {fmt(health.get('latency_ms_p50'), 'ms', 1)}"
+            f" / p99 {fmt(health.get('latency_ms_p99'), 'ms', 1)} · drops: grabber {fmt(sender.get('drops'))},"
+            f" upstream {fmt(health.get('upstream_missing'))}, stage {fmt(health.get('stage_drops'))}"
+            f" · gaps {fmt(health.get('n_gaps'))} · stabilization confidence {fmt(stab.get('confidence'), nd=2)}"
+            f" · calibration: {calib}" + (f" · **recording** `{rec}`" if rec else ""))
+
+
+def capillary_markdown(cap: dict | None, calibrated: bool) -> str:
+    if not cap:
+        return "Select a capillary (dropdown, or click it on the image)."
+    m = cap.get("morphology") or {}
+    return (f"### Capillary {cap.get('id')}\n"
+            f"flow speed **{speed_text(cap, calibrated)}** (confidence {fmt(cap.get('speed_confidence'), nd=2)}) · "
+            f"WBC **{fmt(cap.get('wbc_per_min'), '/min', 1)}** ({fmt(cap.get('wbc_count'))} events) · "
+            f"class {cap_class(cap) or '–'}" + (" · flags: " + ", ".join(m.get("flags", [])) if m.get("flags") else ""))
+
+
+MORPH_COLUMNS = ["id", "class", "apical", "arterial", "venous", "length", "speed", "WBC/min", "flags"]
+
+
+def morphology_rows(snapshot: dict, calibrated: bool) -> list[list]:
+    unit = "um" if calibrated else "px"
+    rows = []
+    for cap in snapshot.get("capillaries", []):
+        m = cap.get("morphology") or {}
+        rows.append([
+            cap.get("id"), cap_class(cap) or "–",
+            fmt(m.get(f"apical_width_{unit}"), nd=1), fmt(m.get(f"arterial_width_{unit}"), nd=1),
+            fmt(m.get(f"venous_width_{unit}"), nd=1), fmt(m.get(f"length_{unit}"), nd=0),
+            speed_text(cap, calibrated), fmt(cap.get("wbc_per_min"), nd=1), ", ".join(m.get("flags", [])),
+        ])
+    return rows
+
+
+def summary_markdown(snapshot: dict, calibrated: bool) -> str:
+    s = snapshot.get("summary") or {}
+    if not s:
+        return "Image-level summary appears after the first keyframe."
+    dens = s.get("density_per_mm")
+    dens_txt = fmt(dens, "loops/mm", 1) if dens is not None else f"– ({s.get('density_reason', 'uncalibrated')})"
+    ft = s.get("fast_track") or "–"
+    return (f"**Density** {dens_txt} · **crossing** {fmt(s.get('crossing_fraction'), nd=2)} · "
+            f"**tortuous** {fmt(s.get('tortuous_fraction'), nd=2)} · loops {fmt(s.get('n_capillaries'))}\n\n"
+            f"**Fast Track (suggestive, not a diagnosis):** {ft}"
+            + ("" if calibrated else "\n\n**uncalibrated:** widths in px, density not computed"))
+
+
+def nearest_capillary(snapshot: dict, x: float, y: float) -> int | None:
+    """Id of the capillary whose centerline passes nearest (x, y) (full-res px)."""
+    best, best_d = None, float("inf")
+    for cap in snapshot.get("capillaries", []):
+        pts = np.asarray(cap.get("centerline_px") or [cap.get("apex_px") or [1e9, 1e9]], np.float32)
+        d = float(np.min(np.hypot(pts[:, 0] - x, pts[:, 1] - y)))
+        if d < best_d:
+            best, best_d = cap.get("id"), d
+    return best if best_d < 60 else None
