@@ -1,0 +1,65 @@
+"""Dashboard rendering (pure functions) and upload checks."""
+import numpy as np
+import pytest
+
+from nailfold.errors import NailfoldError
+from ui import render
+from ui.dashboard import check_upload
+
+SNAP = {"frame_shape": [768, 1024], "capillaries": [
+    {"id": 3, "apex_px": [100, 50], "centerline_px": [[90, 200], [100, 50], [110, 200]], "speed_um_s": 640.0,
+     "speed_px_per_frame": 26.7, "wbc_per_min": 12.0, "wbc_count": 4, "speed_confidence": 0.9,
+     "kymo_first_frame": 100, "kymo_apex_col": 150, "kymo_lines": [[140.0, 150, 5.0], [170.0, 150, 0.0]]},
+    {"id": 7, "apex_px": [500, 60], "centerline_px": [[490, 210], [500, 60], [510, 210]]},
+]}
+
+
+def test_overlay_marks_selected_capillary_and_scales():
+    frame = np.zeros((384, 512, 3), np.uint8)
+    out = render.draw_overlay(frame, SNAP, selected=3)
+    assert out.shape == (384, 512, 3)
+    # the selected loop is drawn in the highlight colour (RGB of BGR (255,255,0) = (0,255,255)) at half scale
+    assert (out[25:100, 40:60] == [0, 255, 255]).all(axis=-1).any()
+    assert not (out[25:100, 240:260] == [0, 255, 255]).all(axis=-1).any()
+
+
+def test_no_signal_banner():
+    out = render.draw_overlay(np.zeros((100, 200, 3), np.uint8), {}, None, no_signal=True)
+    assert (out[:, :, 0] > 200).any()  # red (RGB) frame/text
+
+
+def test_kymo_segments_follow_slope():
+    cap = SNAP["capillaries"][0]
+    segs = render.kymo_event_segments(cap, (64, 300))
+    c0, r0, c1, r1 = segs[0]
+    assert (c1 - c0) / (r1 - r0) == pytest.approx(5.0)
+    # passes the apex column at row t - first = 40
+    assert r0 + (150 - c0) / 5.0 == pytest.approx(40.0)
+    assert segs[1][0] == segs[1][2] == 150  # stopped cell: vertical line
+
+
+def test_nearest_capillary_and_tables():
+    assert render.nearest_capillary(SNAP, 101, 60) == 3
+    assert render.nearest_capillary(SNAP, 900, 700) is None
+    rows = render.morphology_rows(SNAP, calibrated=True)
+    assert rows[0][0] == 3 and "µm/s" in rows[0][6]
+    assert "px/frame" in render.morphology_rows(SNAP, calibrated=False)[0][6]
+    assert "uncalibrated" in render.health_markdown({"um_per_px": None, "signal": True}, age_s=0.1)
+    assert "NO SIGNAL" in render.health_markdown({"signal": False}, age_s=0.1)
+    assert "NO SIGNAL" in render.health_markdown({"signal": True}, age_s=10)
+
+
+def test_upload_checks(tmp_path):
+    ok = tmp_path / "a.mp4"
+    ok.write_bytes(b"x" * 100)
+    assert check_upload(str(ok), (".mp4",), 1) == ok
+    with pytest.raises(NailfoldError, match="type"):
+        check_upload(str(tmp_path / "a.exe"), (".mp4",), 1)
+    big = tmp_path / "b.mp4"
+    big.write_bytes(b"x" * 2_000_000)
+    with pytest.raises(NailfoldError, match="limit"):
+        check_upload(str(big), (".mp4",), 1)
+    empty = tmp_path / "c.mp4"
+    empty.write_bytes(b"")
+    with pytest.raises(NailfoldError, match="empty"):
+        check_upload(str(empty), (".mp4",), 1)
