@@ -1,0 +1,84 @@
+"""The live chain in one test process: grabber thread → StageProcess thread → result subscriber.
+
+Checks results reach a subscriber with per-capillary speeds, that stopping the grabber is reported
+as "no signal" within 2 s, and that a restarted grabber resumes the analysis with the gap recorded.
+"""
+import threading
+import time
+
+import cv2
+import pytest
+
+from nailfold.config import load_config
+from stream.grabber import Grabber
+from stream.sources import open_source
+from stream.stage_process import StageProcess
+from test_stage import ToyScope
+from ui.feed import ResultFeed
+from conftest import free_port
+
+
+@pytest.fixture(scope="module")
+def toy_video(tmp_path_factory):
+    path = tmp_path_factory.mktemp("toy") / "toy.mkv"
+    scope = ToyScope(speeds=(6.0, 14.0), shape=(256, 384))
+    w = cv2.VideoWriter(str(path), cv2.CAP_FFMPEG, cv2.VideoWriter_fourcc(*"FFV1"), 20.0, (384, 256), False)
+    for i in range(120):
+        w.write(scope.frame(i))
+    w.release()
+    return path
+
+
+def _grab(path, ep):
+    g = Grabber(open_source(f"file:{path}", pace="realtime", loop=True, fps=20.0), ep, on_full="drop")
+    t = threading.Thread(target=g.run, daemon=True)
+    t.start()
+    return g, t
+
+
+def _wait(pred, timeout):
+    t_end = time.monotonic() + timeout
+    while time.monotonic() < t_end:
+        v = pred()
+        if v:
+            return v
+        time.sleep(0.05)
+    return None
+
+
+def test_live_chain_no_signal_and_recovery(toy_video):
+    frames_ep, results_ep = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
+    cfg = load_config().with_overrides(um_per_px=1.2)
+    sp = StageProcess(cfg, [frames_ep], results_ep, segmenter="classical")
+    st = threading.Thread(target=sp.run, daemon=True)
+    st.start()
+    feed = ResultFeed(results_ep)
+    g, gt = _grab(toy_video, frames_ep)
+    try:
+        def speeds():
+            body, blobs, age = feed.latest()
+            caps = (body or {}).get("snapshot", {}).get("capillaries", [])
+            return [c for c in caps if c.get("speed_um_s")] and "frame" in blobs and body
+        body = _wait(speeds, 25)
+        assert body, "no capillary speeds published"
+        assert body["health"]["signal"] and body["health"]["calibrated"]
+        # stop the grabber: "no signal" within 2 s
+        g.stop.stop = True
+        gt.join(5)
+        t_stop = time.monotonic()
+        assert _wait(lambda: not (feed.latest()[0] or {}).get("health", {}).get("signal", True), 3.0)
+        assert time.monotonic() - t_stop < 2.5
+        # restart: analysis resumes, the gap is reported
+        g, gt = _grab(toy_video, frames_ep)
+        body = _wait(lambda: (lambda b: b if b and b["health"]["signal"] and b["health"]["n_gaps"] >= 1 else None)(
+            feed.latest()[0]), 10)
+        assert body, "stage did not resume after the grabber restarted"
+        gap = body["health"]["gaps"][-1]
+        assert gap["frames_missing"] > 0 and gap["t_end"] > gap["t_start"]
+    finally:
+        g.stop.stop = True
+        gt.join(5)
+        feed.close()
+        sp.stop()
+        st.join(5)
+        sp.close()
