@@ -147,10 +147,10 @@ class WindowAnalyzer:
     gate: float = 2.0                # Radon contrast gate (peak / median of the normalized spectrum)
     gate_sigma: float = 8.0          # ... and its significance given the speed's independent lines
     event_threshold: float = 6.0
-    event_band: float = 1.5
-    coarse_ratio: float = 1.12
+    event_band: float = 1.4
+    coarse_ratio: float = 1.2
     coarse_decimate: int = 2         # coarse pass on a kymograph binned this much along distance
-    fine_ratio: float = 1.025
+    fine_ratio: float = 1.03
 
     def __post_init__(self):
         self.coarse_speeds = radon.speed_grid(self.v_lo, self.v_hi, self.coarse_ratio)
@@ -209,7 +209,7 @@ class WindowAnalyzer:
         fine = fine if v0 > 0 else -fine[::-1]
         t_lo, t_hi = (0.0, float(self.n_frames)) if own is None else own
         # fine sinogram over the owned span plus a margin (robust statistics need some lines)
-        margin = max(4.0, 0.5 * (t_hi - t_lo))
+        margin = max(4.0, 0.25 * (t_hi - t_lo))
         g_lo, g_hi = max(0.0, t_lo - margin), min(float(self.n_frames), t_hi + margin)
         step = 0.5
         grid, z, cnt = radon.row_sinogram(k, self.anchor, fine, g_lo, g_hi, step)
@@ -218,8 +218,22 @@ class WindowAnalyzer:
         res.speed_px_per_frame = vf if math.isfinite(vf) else v0
         evs = radon.detect_events(z, valid, fine, threshold=self.event_threshold,
                                   min_sep_frames=3.0 / step, counts=cnt)
-        for e in evs:
-            tf = grid[0] + e.t_frame * step
-            if t_lo <= tf < t_hi and 0.5 <= tf <= self.n_frames - 1.5:
-                res.events.append(radon.LineEvent(start_frame + tf, e.speed_px_per_frame, e.strength))
+        kept: list[radon.LineEvent] = []
+        for e in sorted(evs, key=lambda e: -e.strength):
+            e = radon.LineEvent(grid[0] + e.t_frame * step, e.speed_px_per_frame, e.strength)
+            if not any(self._cross(e, o) for o in kept):
+                kept.append(e)
+        for e in sorted(kept, key=lambda e: e.t_frame):
+            if t_lo <= e.t_frame < t_hi and 0.5 <= e.t_frame <= self.n_frames - 1.5:
+                res.events.append(radon.LineEvent(start_frame + e.t_frame, e.speed_px_per_frame, e.strength))
         return res
+
+    def _cross(self, a: radon.LineEvent, b: radon.LineEvent, inset: float = 4.0) -> bool:
+        """Do the two event lines intersect inside the window? Cells in single file cannot overtake
+        each other, so a weaker line crossing a stronger one is cross-talk, not a second cell."""
+        va, vb = a.speed_px_per_frame, b.speed_px_per_frame
+        if abs(va - vb) < 1e-9:
+            return False
+        t = (va * a.t_frame - vb * b.t_frame) / (va - vb)
+        x = self.anchor + va * (t - a.t_frame)
+        return 0.0 <= t <= self.n_frames - 1 and inset <= x <= self.n_px - 1 - inset

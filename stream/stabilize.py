@@ -112,7 +112,7 @@ class Stabilizer:
     reference match is "weak", ``reanchor_after`` weak frames before re-anchoring.
     """
 
-    def __init__(self, scale: float = 0.25, roi_size: int = 192, max_shift_px: int = 40,
+    def __init__(self, scale: float = 0.25, roi_size: int = 128, max_shift_px: int = 40,
                  min_confidence: float = 0.3, reanchor_after: int = 10):
         self.scale = float(scale)
         self.roi_size = int(roi_size)
@@ -126,13 +126,18 @@ class Stabilizer:
         self._prev_gray: np.ndarray | None = None
         self._prev_shift = (0.0, 0.0)
         self._ref_full: np.ndarray | None = None
-        self._ecc_criteria = (cv2.TERM_CRITERIA_EPS | cv2.TERM_CRITERIA_COUNT, 30, 1e-4)
+        self._ecc_criteria = (cv2.TERM_CRITERIA_EPS | cv2.TERM_CRITERIA_COUNT, 20, 1e-4)
 
     # ----------------------------------------------------------------- reference handling
     def _small(self, gray: np.ndarray) -> np.ndarray:
         h, w = gray.shape
-        sw, sh = max(8, int(round(w * self.scale))), max(8, int(round(h * self.scale)))
-        return cv2.resize(gray, (sw, sh), interpolation=cv2.INTER_AREA)
+        out, s = gray, 1.0
+        while s * 0.5 >= self.scale - 1e-9 and min(out.shape) >= 32:   # Gaussian pyramid: fast, anti-aliased
+            out, s = cv2.pyrDown(out), s * 0.5
+        if abs(s - self.scale) > 1e-9:
+            sw, sh = max(8, int(round(w * self.scale))), max(8, int(round(h * self.scale)))
+            out = cv2.resize(out, (sw, sh), interpolation=cv2.INTER_AREA)
+        return out
 
     def _set_reference(self, ref: np.ndarray, weight: np.ndarray | None = None) -> None:
         self._ref_full = ref
@@ -192,8 +197,9 @@ class Stabilizer:
         return tx + rx, ty + ry, float(cc)
 
     def _match(self, ref_small, template, gray, small) -> tuple[float, float, float]:
+        sx, sy = gray.shape[1] / small.shape[1], gray.shape[0] / small.shape[0]
         cx, cy, resp = phase_shift(ref_small, small, self._win_small)
-        dx, dy, cc = self._refine(template, gray, cx / self.scale, cy / self.scale)
+        dx, dy, cc = self._refine(template, gray, cx * sx, cy * sy)
         if cc == 0.0:
             return dx, dy, 0.5 * min(resp, 1.0)
         return dx, dy, cc
@@ -218,7 +224,8 @@ class Stabilizer:
                                        patchType=cv2.CV_32F)
             small_prev = _prep(self._small(self._prev_gray), self._win_small)
             cx, cy, _ = phase_shift(small_prev, small, self._win_small)
-            rx, ry, resp = self._refine(prev_t, gray, pdx + cx / self.scale, pdy + cy / self.scale)
+            sx, sy = gray.shape[1] / small.shape[1], gray.shape[0] / small.shape[0]
+            rx, ry, resp = self._refine(prev_t, gray, pdx + cx * sx, pdy + cy * sy)
             if resp > conf:
                 dx, dy, chained = rx, ry, True
                 conf = min(conf, resp)

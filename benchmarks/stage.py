@@ -1,0 +1,177 @@
+"""Benchmark of the analysis stage: offline throughput and live per-frame latency.
+
+Usage::
+
+    nice python benchmarks/stage.py [--offline-seconds 30] [--live-seconds 120] [--seed 0]
+                                    [--skip-offline] [--skip-live] [--scope synthetic|toy]
+
+1. Offline: renders a clip (1024×768, 20 fps) of the synthetic scope (``stream.synthetic`` if
+   present, else the tests' toy scope) into an MJPG file, then times (a) decoding alone and
+   (b) ``analyze_video`` on it (decode + stage + every keyframe and window) and prints frames/s and
+   the multiple of real time, plus the stage's own process() p50/p99.
+2. Live: replays decoded frames paced at 20 fps from a producer thread into a 2-slot queue (a full
+   queue = dropped frame), ``process()`` in the consumer, ``step_background()`` in a second thread
+   (as ``stream.stage_process`` does), and prints per-frame latency (schedule → processed)
+   p50/p99, drops, skipped keyframes/windows.
+"""
+from __future__ import annotations
+
+import argparse
+import queue
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from nailfold.config import load_config  # noqa: E402
+from stream.frames import Frame, FrameMeta  # noqa: E402
+
+
+def make_scope(kind: str, seed: int, seconds: float):
+    if kind == "synthetic":
+        try:
+            from stream.synthetic import SimParams, SyntheticScope
+            try:
+                return SyntheticScope(SimParams(seed=seed, duration_s=seconds)), "synthetic"
+            except TypeError:
+                return SyntheticScope(SimParams(seed=seed)), "synthetic"
+        except ImportError:
+            print("stream.synthetic not available: using the tests' toy scope")
+    sys.path.insert(0, str(ROOT / "tests"))
+    from test_stage import ToyScope
+    return ToyScope(speeds=(4.0, 9.0, 16.0, -22.0, 35.0, 50.0), shape=(768, 1024), seed=seed), "toy"
+
+
+def render(scope, n: int, path: Path, fps: float = 20.0) -> None:
+    first = scope.frame(0)
+    h, w = first.shape[:2]
+    vw = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), fps, (w, h))
+    for i in range(n):
+        f = first if i == 0 else scope.frame(i)
+        vw.write(f if f.ndim == 3 else cv2.cvtColor(f, cv2.COLOR_GRAY2BGR))
+    vw.release()
+
+
+def pct(a, q):
+    return float(np.percentile(np.asarray(a), q)) if len(a) else float("nan")
+
+
+def offline(path: Path, cfg, n: int, fps: float, segmenter) -> None:
+    from stream.analyze import analyze_video
+    t0 = time.perf_counter()
+    cap = cv2.VideoCapture(str(path))
+    k = 0
+    while cap.read()[0]:
+        k += 1
+    cap.release()
+    t_dec = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    rep = analyze_video(path, cfg, fps=fps, segmenter=segmenter, progress=False)
+    t_all = time.perf_counter() - t0
+    dur = n / fps
+    print(f"offline: {n} frames ({dur:.0f} s of video) 1024x768")
+    print(f"  decode only      : {k / t_dec:7.1f} fps ({dur / t_dec:5.1f}x real time)")
+    print(f"  analyze (full)   : {n / t_all:7.1f} fps ({dur / t_all:5.1f}x real time)")
+    print(f"  stage alone (est): {n / max(t_all - t_dec, 1e-9):7.1f} fps")
+    print(f"  capillaries {len(rep.capillaries)}, warnings {rep.warnings}")
+
+
+def live(frames: list[np.ndarray], cfg, seconds: float, fps: float, segmenter) -> None:
+    from stream.stage import AnalysisStage
+    stage = AnalysisStage(cfg, segmenter=segmenter, fps=fps)
+    q: queue.Queue = queue.Queue(maxsize=2)
+    stop = threading.Event()
+    dropped = [0]
+    n_total = int(seconds * fps)
+
+    def producer():
+        t0 = time.perf_counter()
+        for i in range(n_total):
+            t_sched = t0 + i / fps
+            d = t_sched - time.perf_counter()
+            if d > 0:
+                time.sleep(d)
+            img = frames[i % len(frames)].copy()
+            try:
+                q.put_nowait((i, t_sched, img))
+            except queue.Full:
+                dropped[0] += 1
+        q.put(None)
+
+    def background():
+        while not stop.is_set():
+            if not stage.step_background():
+                time.sleep(0.005)
+
+    bg = threading.Thread(target=background, daemon=True)
+    pr = threading.Thread(target=producer, daemon=True)
+    bg.start()
+    pr.start()
+    lat, proc = [], []
+    while True:
+        item = q.get()
+        if item is None:
+            break
+        i, t_sched, img = item
+        a = time.perf_counter()
+        stage.process(Frame(FrameMeta(i, time.time(), fps, img.shape), img))
+        b = time.perf_counter()
+        proc.append((b - a) * 1000)
+        lat.append((b - t_sched) * 1000)
+    stop.set()
+    bg.join(timeout=5)
+    snap = stage.snapshot()
+    h = snap["health"]
+    print(f"live: {seconds:.0f} s at {fps:.0f} fps paced, {n_total} frames")
+    print(f"  latency schedule→processed ms: p50 {pct(lat, 50):.1f}  p99 {pct(lat, 99):.1f}  max {max(lat):.1f}")
+    print(f"  process() ms: p50 {pct(proc, 50):.1f}  p99 {pct(proc, 99):.1f}")
+    print(f"  dropped frames {dropped[0]}, processed {len(lat)}, keyframes {h['keyframes']} "
+          f"(skipped {h['skipped_keyframes']}), windows {h['windows']} (skipped {h['skipped_windows']}), "
+          f"capillaries {len(snap['capillaries'])}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--offline-seconds", type=float, default=30.0)
+    ap.add_argument("--live-seconds", type=float, default=120.0)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--scope", choices=("synthetic", "toy"), default="synthetic")
+    ap.add_argument("--segmenter", default="classical")
+    ap.add_argument("--skip-offline", action="store_true")
+    ap.add_argument("--skip-live", action="store_true")
+    args = ap.parse_args()
+    fps = 20.0
+    cfg = load_config().with_overrides(um_per_px=1.2, fps=fps)
+    from stream.stage import default_segmenter
+    seg = default_segmenter(args.segmenter)
+    n = int(max(args.offline_seconds, 5.0) * fps)
+    scope, kind = make_scope(args.scope, args.seed, n / fps)
+    print(f"scope: {kind}, segmenter: {type(seg).__name__}, cv2 threads {cv2.getNumThreads()}")
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "clip.avi"
+        t0 = time.perf_counter()
+        render(scope, n, path, fps)
+        print(f"rendered {n} frames in {time.perf_counter() - t0:.1f} s")
+        if not args.skip_offline:
+            offline(path, cfg, n, fps, seg)
+        if not args.skip_live:
+            cap = cv2.VideoCapture(str(path))
+            frames = []
+            while len(frames) < 200:
+                ok, f = cap.read()
+                if not ok:
+                    break
+                frames.append(np.ascontiguousarray(f[:, :, 1]))
+            cap.release()
+            live(frames, cfg, args.live_seconds, fps, seg)
+
+
+if __name__ == "__main__":
+    main()
