@@ -7,8 +7,8 @@ Usage::
 
 1. Offline: renders a clip (1024×768, 20 fps) of the synthetic scope (``stream.synthetic`` if
    present, else the tests' toy scope) into an MJPG file, then times (a) decoding alone and
-   (b) ``analyze_video`` on it (decode + stage + every keyframe and window) and prints frames/s and
-   the multiple of real time, plus the stage's own process() p50/p99.
+   (b) ``analyze_video`` on it (decode in a reader thread + stage + every keyframe and window) and
+   prints frames/s and the multiple of real time.
 2. Live: replays decoded frames paced at 20 fps from a producer thread into a 2-slot queue (a full
    queue = dropped frame), ``process()`` in the consumer, ``step_background()`` in a second thread
    (as ``stream.stage_process`` does), and prints per-frame latency (schedule → processed)
@@ -79,7 +79,6 @@ def offline(path: Path, cfg, n: int, fps: float, segmenter) -> None:
     print(f"offline: {n} frames ({dur:.0f} s of video) 1024x768")
     print(f"  decode only      : {k / t_dec:7.1f} fps ({dur / t_dec:5.1f}x real time)")
     print(f"  analyze (full)   : {n / t_all:7.1f} fps ({dur / t_all:5.1f}x real time)")
-    print(f"  stage alone (est): {n / max(t_all - t_dec, 1e-9):7.1f} fps")
     print(f"  capillaries {len(rep.capillaries)}, warnings {rep.warnings}")
 
 

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import queue
+import threading
 import time
 from pathlib import Path
 
@@ -49,6 +51,46 @@ def _open(path: str | Path, fps: float | None, config: Config):
     return open_source(f"file:{p}", pace="max", fps=fps)
 
 
+def _prefetch(source, depth: int = 8):
+    """Iterate ``source`` in a reader thread (decoding releases the GIL, so it overlaps with the
+    analysis on a second core); exceptions are re-raised in the caller's thread, in order."""
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    end = object()
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def reader():
+        try:
+            for f in source:
+                if not put(f):
+                    return
+            put(end)
+        except BaseException as e:  # handed to the consumer
+            put(e)
+
+    th = threading.Thread(target=reader, name="analyze-reader", daemon=True)
+    th.start()
+    try:
+        while True:
+            item = q.get()
+            if item is end:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        th.join(timeout=5)
+
+
 def analyze_video(path: str | Path, config: Config, *, fps: float | None = None, segmenter=None,
                   progress: bool = True, stream_id: str = "scope0", source=None) -> VideoReport:
     """Analyze one recording offline. ``fps`` overrides the file's frame rate; ``segmenter``
@@ -67,7 +109,7 @@ def analyze_video(path: str | Path, config: Config, *, fps: float | None = None,
         t0 = time.perf_counter()
         extra_warn = []
         try:
-            for frame in src:
+            for frame in _prefetch(src):
                 stage.process(frame)
                 stage.step_background()
                 if bar is not None:
