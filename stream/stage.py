@@ -492,13 +492,10 @@ class AnalysisStage:
         evs = tr.events if last_windows is None else [e for e in tr.events if wins and e.t_frame >= wins[0].start_frame]
         signed = [w.speed_px_per_frame for w in gated] + [e.speed_px_per_frame for e in evs]
         direction = 1.0 if not signed or _median(signed) >= 0 else -1.0
-        mags = [abs(w.speed_px_per_frame) for w in gated] + [abs(e.speed_px_per_frame) for e in evs]
-        if mags:
-            v = _median(mags)
-        elif stopped:
-            v = 0.0
-        else:
-            v = float("nan")
+        # stopped windows count as 0 px/frame (stopped flow is a result, not a gap)
+        mags = [abs(w.speed_px_per_frame) for w in gated] + [abs(e.speed_px_per_frame) for e in evs] \
+            + [0.0] * len(stopped)
+        v = _median(mags) if mags else float("nan")
         xs = [abs(w.xcorr.speed_px_per_frame) for w in wins
               if w.xcorr.confidence >= 0.2 and math.isfinite(w.xcorr.speed_px_per_frame)]
         vx = _median(xs)

@@ -197,3 +197,67 @@ def test_gap_in_sequence_is_recorded():
     assert rep.gaps and rep.gaps[0]["frames_missing"] == 5
     assert rep.frames == 85 and rep.duration_s == pytest.approx(90 / 20)
     assert rep.capillaries[0].flow_speed_px_per_frame == pytest.approx(5.0, rel=0.05)
+
+
+# ----------------------------------------------------------------------------- the project simulator
+def evaluate_synthetic(seed: int, seconds: float, segmenter_name: str = "classical", verbose: bool = False) -> dict:
+    """Run the stage on a SyntheticScope clip and compare with its truth.
+
+    Returns {"residual": {...}, "caps": [(truth_speed_um_s, measured_um_s, truth_wbc, measured_wbc)],
+    "unmatched": n}. Truth capillaries are matched to reported ones by apex distance (< 15 px)."""
+    synth = pytest.importorskip("stream.synthetic")
+    from stream.stage import default_segmenter
+    try:
+        params = synth.SimParams(seed=seed, duration_s=seconds)
+    except TypeError:
+        params = synth.SimParams(seed=seed)
+    scope = synth.SyntheticScope(params)
+    truth = scope.truth()
+    fps = float(truth.get("fps", getattr(params, "fps", 20.0)))
+    um = float(truth.get("um_per_px", getattr(params, "um_per_px", 1.2)))
+    cfg = load_config().with_overrides(um_per_px=um, fps=fps)
+    n = int(round(seconds * fps))
+    stage = AnalysisStage(cfg, segmenter=default_segmenter(segmenter_name), fps=fps)
+    for i in range(n):
+        img = scope.frame(i)
+        stage.process(Frame(FrameMeta(i, i / fps, fps, img.shape), img))
+        stage.step_background()
+    true_shift = np.array([scope.shift(i) for i in range(n)], float)
+    rep = stage.finish(f"synthetic:seed={seed}", true_shifts=true_shift - true_shift[0])
+    caps, unmatched = [], 0
+    for tc in truth["capillaries"]:
+        apex = np.asarray(tc["apex_px"], float)
+        best = min(rep.capillaries, key=lambda c: math.dist(c.apex_px, apex), default=None)
+        if best is None or math.dist(best.apex_px, apex) > 15:
+            unmatched += 1
+            continue
+        t_wbc = [e for e in tc.get("wbc_events", []) if 0 <= e["t_apex_s"] < seconds]
+        caps.append((tc.get("flow_speed_um_s"), best.flow_speed_um_s, len(t_wbc), best.wbc_count))
+        if verbose:
+            print(f"seed {seed} cap@{apex.round(0)}: speed truth {tc.get('flow_speed_um_s')} got "
+                  f"{best.flow_speed_um_s} (xcorr {best.speed_xcorr_um_s}); wbc truth {len(t_wbc)} got {best.wbc_count}")
+    return {"residual": rep.stabilization["residual_px"], "caps": caps, "unmatched": unmatched, "report": rep}
+
+
+def _check_accuracy(res: dict, min_matched: int = 1) -> None:
+    assert res["residual"]["median"] < 0.5 and res["residual"]["p95"] < 0.5 * 2
+    in_range = [(t, m, tw, mw) for t, m, tw, mw in res["caps"] if t is not None and 100 <= t <= 1500]
+    assert len(in_range) >= min_matched
+    for t, m, tw, mw in in_range:
+        assert m is not None and abs(m - t) / t <= 0.10, (t, m)
+    tot_t = sum(tw for *_, tw, _ in in_range)
+    tot_m = sum(mw for *_, mw in in_range)
+    if tot_t >= 10:
+        assert abs(tot_m - tot_t) / tot_t <= 0.10, (tot_t, tot_m)
+
+
+def test_synthetic_scope_short_clip():
+    res = evaluate_synthetic(seed=101, seconds=12.0, verbose=True)
+    _check_accuracy(res)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", [201, 202, 203])
+def test_synthetic_scope_60s(seed):
+    res = evaluate_synthetic(seed=seed, seconds=60.0, verbose=True)
+    _check_accuracy(res, min_matched=2)
