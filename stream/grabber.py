@@ -51,6 +51,7 @@ class GrabStats:
     started: float = field(default_factory=time.time)
     recording: str | None = None
     source: str = ""
+    control_rejected: int = 0
 
 
 class _StopFlag:
@@ -75,13 +76,13 @@ def safe_recording_path(record_dir: Path, name: str) -> Path:
 class Grabber:
     """Runs the capture loop. Use :meth:`run`; stops on SIGTERM/SIGINT or end of source."""
 
-    def __init__(self, source, bind: str, *, record: str | None = None, on_full: str = "drop",
+    def __init__(self, source, bind: str | None, *, record: str | None = None, on_full: str = "drop",
                  control: str | None = None, record_dir: str | None = None, hwm: int = 2,
                  allow_remote: bool = False, curve_server=None):
         self.source = source
         self.ctx = zmq.Context.instance()
         self.sock = make_socket(self.ctx, zmq.PUSH, bind, bind=True, hwm=hwm, allow_remote=allow_remote,
-                                curve_server=curve_server)
+                                curve_server=curve_server) if bind else None
         self.ctrl = make_socket(self.ctx, zmq.REP, control, bind=True) if control else None
         self.block = on_full == "block"
         self.record_dir = Path(record_dir) if record_dir else None
@@ -107,32 +108,40 @@ class Grabber:
         self.stats.recording = None
         return meta
 
+    def handle_control(self, raw: bytes) -> dict:
+        """One control request (JSON bytes) → reply dict. Never raises for any input."""
+        try:
+            if len(raw) > 4096:
+                raise NailfoldError("request larger than 4 kB")
+            req = json.loads(raw.decode("utf-8"))
+            if not isinstance(req, dict):
+                raise NailfoldError("request must be a JSON object")
+            cmd = req.get("cmd")
+            if cmd == "status":
+                return {"ok": True, **self.status()}
+            if cmd == "record_start":
+                if self.record_dir is None:
+                    raise NailfoldError("recording from the dashboard needs --record-dir")
+                name = req.get("name") or time.strftime("exam-%Y%m%d-%H%M%S")
+                if not isinstance(name, str):
+                    raise NailfoldError("name must be a string")
+                self._start_recording(safe_recording_path(self.record_dir, name))
+                return {"ok": True, "recording": self.stats.recording}
+            if cmd == "record_stop":
+                meta = self._stop_recording()
+                return {"ok": True, "frames": meta["frames"] if meta else 0}
+            raise NailfoldError(f"unknown command {str(cmd)[:40]!r}")
+        except (NailfoldError, ValueError, UnicodeDecodeError, RecursionError) as e:
+            self.stats.control_rejected += 1
+            return {"ok": False, "error": str(e)[:200]}
+
     def _handle_control(self) -> None:
         while self.ctrl is not None and self.ctrl.poll(0):
             try:
                 raw = self.ctrl.recv(zmq.NOBLOCK)
-                req = json.loads(raw.decode("utf-8")) if len(raw) < 4096 else None
-                if not isinstance(req, dict):
-                    raise NailfoldError("request must be a JSON object < 4 kB")
-                cmd = req.get("cmd")
-                if cmd == "status":
-                    rep = {"ok": True, **self.status()}
-                elif cmd == "record_start":
-                    if self.record_dir is None:
-                        raise NailfoldError("recording from the dashboard needs --record-dir")
-                    name = req.get("name") or time.strftime("exam-%Y%m%d-%H%M%S")
-                    self._start_recording(safe_recording_path(self.record_dir, str(name)))
-                    rep = {"ok": True, "recording": self.stats.recording}
-                elif cmd == "record_stop":
-                    meta = self._stop_recording()
-                    rep = {"ok": True, "frames": meta["frames"] if meta else 0}
-                else:
-                    raise NailfoldError(f"unknown command {cmd!r}")
-            except (NailfoldError, ValueError, UnicodeDecodeError) as e:
-                rep = {"ok": False, "error": str(e)}
             except zmq.Again:
                 return
-            self.ctrl.send(json.dumps(rep).encode())
+            self.ctrl.send(json.dumps(self.handle_control(raw)).encode())
 
     def status(self) -> dict:
         d = asdict(self.stats)

@@ -53,14 +53,17 @@ class ReceiverStats:
 
 
 class Receiver:
-    """Connects to ``endpoints`` and drains them in a background thread."""
+    """Connects to ``endpoints`` and drains them in a background thread.
 
-    def __init__(self, endpoints: list[str] | str, *, kind: int = zmq.PULL, policy: str = "queue",
+    With ``endpoints=None`` no socket is made: messages are fed through :meth:`handle` directly.
+    """
+
+    def __init__(self, endpoints: list[str] | str | None, *, kind: int = zmq.PULL, policy: str = "queue",
                  maxlen: int = 256, hwm: int = 4, curve_client=None, allow_remote: bool = False,
                  ctx: zmq.Context | None = None):
         if policy not in ("latest", "queue"):
             raise ValueError(f"policy must be 'latest' or 'queue', got {policy!r}")
-        self.endpoints = [endpoints] if isinstance(endpoints, str) else list(endpoints)
+        self.endpoints = [endpoints] if isinstance(endpoints, str) else list(endpoints or [])
         self.ctx = ctx or zmq.Context.instance()
         self.policy = policy
         self._q: collections.deque = collections.deque(maxlen=1 if policy == "latest" else maxlen)
@@ -68,12 +71,15 @@ class Receiver:
         self.stats = ReceiverStats()
         self.gap_log: list[dict] = []  # {stream, start_seq, end_seq, frames_missing, t_start, t_end}
         self._stop = threading.Event()
+        self._last_warn = 0.0
+        self._sock = None
+        if not self.endpoints:  # no socket: feed messages through handle() (tests, fuzzing)
+            return
         self._sock = make_socket(self.ctx, kind, self.endpoints[0], bind=False, hwm=hwm,
                                  curve_client=curve_client, allow_remote=allow_remote)
         for ep in self.endpoints[1:]:
             self._sock.connect(ep)
         self._thread = threading.Thread(target=self._run, name="receiver", daemon=True)
-        self._last_warn = 0.0
         self._thread.start()
 
     def _run(self) -> None:
@@ -150,8 +156,9 @@ class Receiver:
 
     def close(self) -> None:
         self._stop.set()
-        self._thread.join(timeout=2)
-        self._sock.close(0)
+        if self._sock is not None:
+            self._thread.join(timeout=2)
+            self._sock.close(0)
 
     def __enter__(self) -> "Receiver":
         return self
