@@ -139,16 +139,38 @@ class Stabilizer:
             out = cv2.resize(out, (sw, sh), interpolation=cv2.INTER_AREA)
         return out
 
-    def _set_reference(self, ref: np.ndarray, weight: np.ndarray | None = None) -> None:
+    def _set_reference(self, ref: np.ndarray, weight: np.ndarray | None = None,
+                       shift: tuple[float, float] = (0.0, 0.0)) -> None:
         self._ref_full = ref
         small = self._small(ref)
         self._win_small = _hann(small.shape)
         self._ref_small = _prep(small, self._win_small)
         if weight is None:
             weight = gradient_weight(ref)
-        self.roi = choose_roi(weight, self.roi_size, self.max_shift_px + 2)
+        self._weight = weight
+        self._pick_roi(shift)
+
+    def _pick_roi(self, shift: tuple[float, float]) -> None:
+        """ROI (reference coordinates) maximizing the weight among positions that stay inside the
+        frame when displaced by ``shift`` (plus the max_shift margin where possible)."""
+        h, w = self._weight.shape
+        sx, sy = int(round(shift[0])), int(round(shift[1]))
+        wt = self._weight
+        if sx or sy:   # only ROI positions whose displaced copy is inside the frame
+            wt = np.zeros_like(self._weight)
+            ys, ye = max(0, -sy), min(h, h - sy)
+            xs, xe = max(0, -sx), min(w, w - sx)
+            if ye > ys and xe > xs:
+                wt[ys:ye, xs:xe] = self._weight[ys:ye, xs:xe]
+        self.roi = choose_roi(wt, self.roi_size, self.max_shift_px + 2)
+        self._roi_shift = (sx, sy)
         x0, y0, s = self.roi
-        self._template = ref[y0:y0 + s, x0:x0 + s].astype(np.float32)
+        self._template = self._ref_full[y0:y0 + s, x0:x0 + s].astype(np.float32)
+
+    def _roi_near_border(self, dx: float, dy: float, guard: int = 4) -> bool:
+        x0, y0, s = self.roi
+        h, w = self.shape
+        return (x0 + dx < guard or y0 + dy < guard or x0 + s + dx > w - guard or y0 + s + dy > h - guard)
 
     def reset(self, first: np.ndarray) -> ShiftEstimate:
         """Start over with ``first`` (gray uint8) as the reference; returns the zero shift."""
@@ -165,14 +187,14 @@ class Stabilizer:
             raise ValueError("reanchor: reference must have the stream's shape")
         if roi_weight is not None and not np.any(roi_weight):
             roi_weight = None
-        self._set_reference(reference, roi_weight)
+        self._set_reference(reference, roi_weight, self._prev_shift)
 
     def set_roi_weight(self, weight: np.ndarray) -> None:
         """Re-pick the fine-stage ROI from ``weight`` (e.g. a vessel mask in reference coordinates),
         keeping the reference image."""
         if self._ref_full is None or weight.shape != self._ref_full.shape or not np.any(weight):
             return
-        self._set_reference(self._ref_full, weight)
+        self._set_reference(self._ref_full, weight, self._prev_shift)
 
     # ----------------------------------------------------------------- per frame
     def _refine(self, template: np.ndarray, gray: np.ndarray, tx: float, ty: float) -> tuple[float, float, float]:
@@ -232,10 +254,12 @@ class Stabilizer:
             self._weak_run += 1
             if self._weak_run >= self.reanchor_after:
                 log.info("stabilizer: weak reference match for %d frames, re-anchoring", self._weak_run)
-                self._set_reference(warp_to_reference(gray, dx, dy))
+                self._set_reference(warp_to_reference(gray, dx, dy), shift=(dx, dy))
                 self.reanchors += 1
                 self._weak_run = 0
         else:
             self._weak_run = 0
+        if self._roi_near_border(dx, dy):   # drift carried the ROI out of view: pick another
+            self._pick_roi((dx, dy))
         self._prev_gray, self._prev_shift = gray, (dx, dy)
         return ShiftEstimate(float(dx), float(dy), float(max(0.0, min(1.0, conf))), chained)

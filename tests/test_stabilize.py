@@ -85,3 +85,16 @@ def test_roi_follows_weight():
     x0, y0, s = choose_roi(w, 128, 20)
     assert x0 <= 420 and x0 + s >= 500 and y0 <= 250 and y0 + s >= 330
     assert x0 >= 20 and y0 >= 20 and x0 + s <= 580 and y0 + s <= 380
+
+
+def test_large_drift_keeps_tracking():
+    """Slow drift far beyond the ROI margin: the ROI is re-picked where it stays in view."""
+    img, rng = scene(seed=2, margin=140), np.random.default_rng(1)
+    st = Stabilizer(max_shift_px=20)
+    st.update(shifted(img, 0, 0, margin=140, rng=rng))
+    errs = []
+    for i in range(1, 100):
+        dx, dy = 1.2 * i + 2 * np.sin(i), -0.9 * i          # ends ~120 px, -90 px away
+        e = st.update(shifted(img, dx, dy, margin=140, rng=rng))
+        errs.append(np.hypot(e.dx - dx, e.dy - dy))
+    assert max(errs) < 0.5, max(errs)
