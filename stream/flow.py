@@ -217,7 +217,7 @@ class WindowAnalyzer:
         vf, _, _ = radon.texture_speed(z, valid, fine)
         res.speed_px_per_frame = vf if math.isfinite(vf) else v0
         evs = radon.detect_events(z, valid, fine, threshold=self.event_threshold,
-                                  min_sep_frames=3.0 / step, counts=cnt)
+                                  min_sep_frames=3.0 / step, sidelobe_frames=6.0 / step, counts=cnt)
         kept: list[radon.LineEvent] = []
         for e in sorted(evs, key=lambda e: -e.strength):
             e = radon.LineEvent(grid[0] + e.t_frame * step, e.speed_px_per_frame, e.strength)
