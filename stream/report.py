@@ -27,8 +27,11 @@ the first frame; NaN/unknown values are ``null``)::
           "direction_reversed": false,             # true: the segmenter's order was flipped
                                                    #       because flow ran end → start
           "label": "capillary",                    # segmentation class
-          "flow_speed_um_s": 812.0,                # median over events and windows; null if uncalibrated
-          "flow_speed_px_per_frame": 33.8,         #   or unknown; 0 = stopped flow
+          "flow_speed_um_s": 812.0,                # time-averaged speed: 10 %-trimmed mean of the
+                                                   #  windows' time-resolved speeds (stopped windows
+                                                   #  count 0; event speeds only if no window has
+                                                   #  one); null if uncalibrated or unknown
+          "flow_speed_px_per_frame": 33.8,         # same in px/frame; 0 = stopped flow
           "speed_confidence": 0.8,                 # 0..1 (fraction of windows with visible flow,
                                                    #  agreement of Radon and cross-correlation)
           "speed_xcorr_um_s": 790.0,               # independent cross-correlation estimate

@@ -253,6 +253,17 @@ def _unit_spacing(c: Capillary) -> Capillary:
                                apex=(float(new[ai, 0]), float(new[ai, 1])))
 
 
+def _trimmed_mean(xs, cut: float = 0.1) -> float:
+    """Mean of the central 80 %: the time average of a pulsating speed (whose samples cluster at
+    the extremes of the cycle, where a median jumps between the two clusters), robust to a few
+    outliers."""
+    xs = np.sort([x for x in xs if x is not None and math.isfinite(x)])
+    if xs.size == 0:
+        return float("nan")
+    k = int(math.floor(cut * xs.size))
+    return float(xs[k:xs.size - k].mean())
+
+
 def _median(xs) -> float:
     xs = [x for x in xs if x is not None and math.isfinite(x)]
     return float(np.median(xs)) if xs else float("nan")
@@ -496,10 +507,18 @@ class AnalysisStage:
         evs = tr.events if last_windows is None else [e for e in tr.events if wins and e.t_frame >= wins[0].start_frame]
         signed = [w.speed_px_per_frame for w in gated] + [e.speed_px_per_frame for e in evs]
         direction = 1.0 if not signed or _median(signed) >= 0 else -1.0
-        # stopped windows count as 0 px/frame (stopped flow is a result, not a gap)
-        mags = [abs(w.speed_px_per_frame) for w in gated] + [abs(e.speed_px_per_frame) for e in evs] \
-            + [0.0] * len(stopped)
-        v = _median(mags) if mags else float("nan")
+        # trimmed mean of time-resolved window speeds (local sub-window speeds for fast flow, the
+        # window's speed otherwise); stopped windows count as 0 px/frame (stopped flow is a
+        # result, not a gap).
+        # Event speeds are single transits, biased towards the extremes of pulsatile flow: they
+        # enter the median only when no window gives a speed.
+        mags = []
+        for w in gated:
+            mags.extend(abs(x) for x in (w.local_speeds or [w.speed_px_per_frame]))
+        mags += [0.0] * len(stopped)
+        if not mags:
+            mags = [abs(e.speed_px_per_frame) for e in evs]
+        v = _trimmed_mean(mags) if mags else float("nan")
         xs = [abs(w.xcorr.speed_px_per_frame) for w in wins
               if w.xcorr.confidence >= 0.2 and math.isfinite(w.xcorr.speed_px_per_frame)]
         vx = _median(xs)
