@@ -16,8 +16,9 @@ Each shear is one ``cv2.warpAffine``: for |v| ≤ 1 px/frame the line is sampled
 (output ``T × T``); for |v| > 1 once per column (output ``T × N``), so every sample is distinct
 and the work per speed is at most ``T × max(T, N)``. A line must have at least
 ``min_samples`` samples inside the window to score. Recoverable speeds are bounded above by the
-kymograph length: a line must span ≥ ~3 frames, i.e. ``|v| ≤ N / 3`` px/frame
-(:func:`max_resolvable_speed`).
+kymograph length: a line must span ≥ 2 frames, i.e. ``|v| ≤ N / 2`` px/frame
+(:func:`max_resolvable_speed`); near that limit the texture speed (row cross-correlation) is still
+accurate but single-event slopes are not.
 """
 from __future__ import annotations
 
@@ -48,7 +49,7 @@ def speed_grid(v_min: float, v_max: float, ratio: float = 1.04, signed: bool = T
     return np.concatenate([-mags[::-1], mags]).astype(np.float64)
 
 
-def max_resolvable_speed(n_px: int, min_frames: float = 3.0) -> float:
+def max_resolvable_speed(n_px: int, min_frames: float = 2.0) -> float:
     """Fastest speed (px/frame) whose line still spans ``min_frames`` frames of an ``n_px`` kymograph."""
     return max(1.0, n_px / min_frames)
 

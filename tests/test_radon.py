@@ -38,6 +38,16 @@ def test_window_speed_and_events(v):
         assert all(e.speed_px_per_frame == pytest.approx(v, rel=0.05) for e in res.events)
 
 
+def test_fast_flow_on_a_short_kymograph():
+    """1500 µm/s at 1.2 µm/px, 20 fps = 62 px/frame on a 150-px centerline: a cell crosses in
+    2.4 frames. The texture speed is still right; events are found at the right time."""
+    k = draw_kymo(62.0, n=150, anchor=75)
+    wa = flow.WindowAnalyzer(80, 150, 75.0, *flow.speed_range_px_per_frame(0, 3000, 1.2, 20.0, 150, 80))
+    res = wa.analyze(k, k.mean(axis=0), 0)
+    assert res.speed_px_per_frame == pytest.approx(62.0, rel=0.03)
+    assert sorted(e.t_frame for e in res.events) == pytest.approx([20.4, 55.7], abs=0.6)
+
+
 def test_sinogram_peaks_at_true_line():
     k = destripe(draw_kymo(5.0, texture=False, gaps=(40.0,)))
     speeds = radon.speed_grid(0.5, 50, 1.04)
@@ -73,7 +83,9 @@ def test_units_and_search_range():
     assert flow.px_per_frame_to_um_s(10, None, 20) is None
     assert flow.um_s_to_px_per_frame(1500, 1.2, 20) == pytest.approx(62.5)
     lo, hi = flow.speed_range_px_per_frame(0, 3000, 1.2, 20, 300, 80)
-    assert hi == pytest.approx(100.0) and lo == pytest.approx(2 / 80)   # capped at N/3, not 125
+    assert hi == pytest.approx(125.0) and lo == pytest.approx(2 / 80)   # 3000 µm/s
+    lo, hi = flow.speed_range_px_per_frame(0, 3000, 1.2, 20, 150, 80)
+    assert hi == pytest.approx(75.0)                                    # capped at N/2 px/frame
     lo, hi = flow.speed_range_px_per_frame(0, 3000, None, 20, 900, 80)
     assert hi == pytest.approx(100.0)                                   # px/frame range uncalibrated
 
