@@ -443,7 +443,13 @@ class AnalysisStage:
             acc = w if acc is None else acc + w
         mean = np.clip(acc / len(frames) + 0.5, 0, 255).astype(np.uint8)
         try:
-            labels = np.asarray(self.segmenter.segment(mean))
+            try:
+                labels = np.asarray(self.segmenter.segment(mean))
+            except (ValueError, TypeError, cv2.error):   # a segmenter that insists on colour input
+                labels = np.asarray(self.segmenter.segment(cv2.cvtColor(mean, cv2.COLOR_GRAY2BGR)))
+            if labels.shape != mean.shape:
+                labels = cv2.resize(labels.astype(np.uint8), (mean.shape[1], mean.shape[0]),
+                                    interpolation=cv2.INTER_NEAREST)
             caps = _extract(labels, mean)
         except Exception:   # a failing segmenter must not stop the flow analysis of known loops
             log.exception("keyframe segmentation failed")
