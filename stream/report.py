@@ -65,7 +65,7 @@ SET_SCHEMA = "nailfold.video-report-set/1"
 
 
 def _clean(x: Any) -> Any:
-    """NaN/inf → None, numpy scalars → Python, recursively."""
+    """NaN/inf → None, numpy scalars → Python, floats rounded to 5 decimals, recursively."""
     if isinstance(x, dict):
         return {k: _clean(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
@@ -76,8 +76,8 @@ def _clean(x: Any) -> Any:
         except (ValueError, AttributeError):
             x = x.tolist()
             return _clean(x)
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
+    if isinstance(x, float):
+        return round(x, 5) if math.isfinite(x) else None
     return x
 
 

@@ -558,7 +558,7 @@ class AnalysisStage:
                 caps.append({
                     "id": cid, "label": LABEL_NAMES[tr.cap.label] if 0 <= tr.cap.label < len(LABEL_NAMES) else str(tr.cap.label),
                     "apex_px": [round(float(tr.cap.apex[0]), 1), round(float(tr.cap.apex[1]), 1)],
-                    "centerline_px": np.round(cl[::-1][::5] if rev else cl[::5], 1).tolist(),
+                    "centerline_px": np.round((cl[::-1][::5] if rev else cl[::5]).astype(np.float64), 1).tolist(),
                     "direction_reversed": bool(rev),
                     "speed_px_per_frame": _r(sp["v"]), "speed_um_s": _r(self._um(sp["v"])),
                     "speed_xcorr_um_s": _r(self._um(sp["vx"])), "speed_confidence": _r(sp["confidence"]),
@@ -674,7 +674,7 @@ class AnalysisStage:
             evs = sorted(tr.events, key=lambda e: e.t_frame)
             cf = CapillaryFlow(
                 id=int(cid), apex_px=[float(tr.cap.apex[0]), float(tr.cap.apex[1])],
-                centerline_px=np.round(cl, 2).tolist(), direction_reversed=bool(rev),
+                centerline_px=np.round(cl.astype(np.float64), 2).tolist(), direction_reversed=bool(rev),
                 label=LABEL_NAMES[tr.cap.label] if 0 <= tr.cap.label < len(LABEL_NAMES) else str(tr.cap.label),
                 flow_speed_um_s=self._um(v), flow_speed_px_per_frame=v if math.isfinite(v) else None,
                 speed_confidence=float(sp["confidence"]),
