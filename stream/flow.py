@@ -115,12 +115,12 @@ def xcorr_speed(kymo: np.ndarray, max_speed: float, max_lag: int = 16) -> XcorrS
 
 
 def local_xcorr_speeds(k: np.ndarray, starts: list[int], length: int, v_min: float, v_max: float,
-                       sign: float, min_z: float = 4.0) -> list[float]:
+                       sign: float, min_z: float = 4.0, min_rho: float = 0.2) -> list[float]:
     """Speed (px/frame, signed) in each sub-window ``k[s:s+length]`` of a destriped kymograph from
     the cross-correlation of rows ``L`` frames apart (L chosen so the displacement is about a
     third of the kymograph), searched within ``[v_min, v_max]`` in direction ``sign``. A sub-window
-    whose correlation peak is not ≥ ``min_z`` robust SDs above the rest of the search range gives
-    no estimate."""
+    whose correlation peak is not ≥ ``min_z`` robust SDs above the rest of the search range, or
+    whose normalized row correlation is < ``min_rho``, gives no estimate."""
     k = np.asarray(k, np.float64)
     t, n = k.shape
     vmid = math.sqrt(max(v_min, 1e-6) * max(v_max, 1e-6))
@@ -137,6 +137,8 @@ def local_xcorr_speeds(k: np.ndarray, starts: list[int], length: int, v_min: flo
     rng = (sign * d >= dlo) & (sign * d <= dhi)
     if rng.sum() < 3:
         return []
+    energy = (k ** 2).sum(axis=1)
+    pe = np.concatenate([[0.0], np.cumsum(np.sqrt(energy[:-lag] * energy[lag:]))])
     out = []
     for s0 in starts:
         s1 = min(s0 + length - lag, t - lag)
@@ -148,6 +150,9 @@ def local_xcorr_speeds(k: np.ndarray, starts: list[int], length: int, v_min: flo
         med = float(np.median(cr))
         sd = 1.4826 * float(np.median(np.abs(cr - med)))
         if sd <= 0 or (cr[i] - med) / sd < min_z:
+            continue
+        norm = (pe[s1] - pe[s0]) / n
+        if norm <= 0 or cr[i] / norm < min_rho:    # correlation of the rows, 0..1: texture must be seen
             continue
         j = np.flatnonzero(rng)[i]
         off = 0.0

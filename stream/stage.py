@@ -212,6 +212,7 @@ class _Track:
         return float(self.cap.apex_index)
 
 
+TEXTURE_MIN_CORR = 0.25      # whole-window row correlation below which a window has no usable texture
 EVENT_MIN_SEP_FRAMES = 3.0   # events closer than this are one event
 SIDELOBE_FRAMES = 6.0        # a much weaker event this close to a strong one is its side lobe
 SIDELOBE_RATIO = 0.5
@@ -520,7 +521,14 @@ class AnalysisStage:
         # enter the median only when no window gives a speed.
         mags = []
         for w in gated:
-            mags.extend(abs(x) for x in (w.local_speeds or [w.speed_px_per_frame]))
+            if w.local_speeds:
+                mags.extend(abs(x) for x in w.local_speeds)
+            elif w.xcorr.confidence < TEXTURE_MIN_CORR and w.events:
+                # no visible red-cell texture: the window's speed rests on a few bright lines,
+                # whose own slopes are the better measurement
+                mags.extend(abs(e.speed_px_per_frame) for e in w.events)
+            else:
+                mags.append(abs(w.speed_px_per_frame))
         mags += [0.0] * len(stopped)
         if not mags:
             mags = [abs(e.speed_px_per_frame) for e in evs]
