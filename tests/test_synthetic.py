@@ -1,0 +1,125 @@
+"""Synthetic capillaroscope: determinism and truth consistent with the pixels."""
+import math
+
+import cv2
+import numpy as np
+import pytest
+
+from stream.synthetic import SimParams, SyntheticScope, render_still
+
+
+@pytest.fixture(scope="module")
+def scope():
+    return SyntheticScope(SimParams(seed=11, duration_s=3.0, n_loops=6, class_mix={"normal": 1.0},
+                                    wbc_rate_per_min=30, speed_range_um_s=(300, 600), focus_loss=False,
+                                    noise_sigma=2.0, pulsatile=False, stopped_prob=0.0))
+
+
+def test_deterministic_and_random_access(scope):
+    other = SyntheticScope(scope.params)
+    for i in (0, 17, 5):
+        assert np.array_equal(scope.frame(i), other.frame(i))
+    assert not np.array_equal(scope.frame(0), SyntheticScope(SimParams(seed=12, duration_s=1)).frame(0))
+    f = scope.frame(10_000)  # beyond the duration: the simulation continues
+    assert f.shape == (768, 1024, 3) and f.dtype == np.uint8
+
+
+def test_centerline_darker_than_background(scope):
+    g = scope.frame(0)[:, :, 1].astype(float)
+    mask = scope.label_mask()
+    bg = np.median(g[mask == 0])
+    for c in scope.truth(1)["capillaries"]:
+        if c["row"] != "distal" or not c["in_view"]:
+            continue
+        cl = np.round(np.array(c["centerline_px"])).astype(int)
+        cl = cl[(cl[:, 0] >= 0) & (cl[:, 0] < 1024) & (cl[:, 1] >= 0) & (cl[:, 1] < 768)]
+        assert np.median(g[cl[:, 1], cl[:, 0]]) < bg - 5
+
+
+def test_wbc_brightens_the_apex_at_the_truth_time():
+    # slow flow (≤ 6 px/frame) so the gap is at the apex within half a frame of the truth time
+    scope = SyntheticScope(SimParams(seed=21, duration_s=4.0, n_loops=5, class_mix={"normal": 1.0},
+                                     wbc_rate_per_min=30, speed_range_um_s=(100, 140), focus_loss=False,
+                                     noise_sigma=2.0, pulsatile=False, stopped_prob=0.0))
+    tr = scope.truth()
+    checked = 0
+    for c in tr["capillaries"]:
+        ev = [e["t_apex_s"] for e in c["wbc_events"] if 0.3 < e["t_apex_s"] < scope.params.duration_s - 0.3]
+        if c["row"] != "distal" or not ev:
+            continue
+        ax, ay = np.round(c["apex_px"]).astype(int)
+        for t in ev:
+            i = int(round(t * scope.params.fps))
+            # compare the shifted apex pixel at the event frame with frames 0.25 s away (no gap there)
+            def apex_val(k):
+                dx, dy = scope.shift(k)
+                x, y = int(round(ax + dx)), int(round(ay + dy))
+                return float(scope.frame(k)[y - 1:y + 2, x - 1:x + 2, 1].mean())
+            others = [k for k in (i - 5, i + 5) if all(abs(k / scope.params.fps - e) > 0.2 for e in ev)]
+            if not others:
+                continue
+            assert apex_val(i) > max(apex_val(k) for k in others) + 3
+            checked += 1
+    assert checked >= 2
+
+
+def test_shift_matches_phase_correlation(scope):
+    g0 = scope.frame(0)[:, :, 1].astype(np.float32)
+    win = cv2.createHanningWindow(g0.shape[::-1], cv2.CV_32F)
+    for i in (3, 20, 47):
+        gi = scope.frame(i)[:, :, 1].astype(np.float32)
+        (dx, dy), _ = cv2.phaseCorrelate(g0.copy(), gi.copy(), win.copy())
+        tx, ty = scope.shift(i)
+        assert abs(dx - tx) < 0.5 and abs(dy - ty) < 0.5
+
+
+def _mask_width(mask: np.ndarray, cl: np.ndarray, j: int, half: int = 12) -> float:
+    """Width of the mask around centerline index j: area of the mask pixels whose nearest centerline
+    point lies in [j - half, j + half], divided by that segment's length (sub-pixel, unbiased)."""
+    from scipy.spatial import cKDTree
+    x0, y0 = np.floor(cl[j - half:j + half + 1].min(0) - 20).astype(int)
+    x1, y1 = np.ceil(cl[j - half:j + half + 1].max(0) + 20).astype(int)
+    ys, xs = np.nonzero(mask[max(y0, 0):y1, max(x0, 0):x1] > 0)
+    d, idx = cKDTree(cl).query(np.stack([xs + max(x0, 0), ys + max(y0, 0)], 1))
+    sel = (idx > j - half) & (idx < j + half) & (d < 15)   # open interval: end caps excluded
+    seg = np.hypot(*np.diff(cl[j - half:j + half], axis=0).T).sum()
+    return float(sel.sum() / seg)
+
+
+def test_widths_match_the_mask(scope):
+    mask = (scope.label_mask() == 1).astype(np.float32)
+    for c in scope.truth(1)["capillaries"]:
+        if c["row"] != "distal" or not c["in_view"]:
+            continue
+        cl = np.array(c["centerline_px"], np.float32)
+        n = len(cl)
+        # the middle of the first limb (arterial) and of the last limb (venous)
+        for j, key in ((n // 5, "arterial_width_px"), (n - 1 - n // 5, "venous_width_px")):
+            assert abs(_mask_width(mask, cl, j) - c[key]) <= 1.0
+
+
+def test_speed_is_honoured():
+    """A gap advances speed/µm_per_px/fps px per frame along the centerline."""
+    sc = SyntheticScope(SimParams(seed=3, duration_s=2, n_loops=3, pulsatile=False, stopped_prob=0.0,
+                                  class_mix={"normal": 1.0}))
+    for lp in sc.loops:
+        if lp.row != "distal":
+            continue
+        v_px_f = lp.speed_px_f
+        expect = sc.truth(1)["capillaries"][lp.id - 1]["flow_speed_um_s"] / sc.params.um_per_px / sc.params.fps
+        assert v_px_f == pytest.approx(expect, rel=1e-3)
+        d = sc.displacement(lp, 1.0 / sc.params.fps * 10) / 10
+        assert d == pytest.approx(v_px_f, rel=1e-6)
+
+
+def test_still_mode_truth_and_mask():
+    img, truth, mask = render_still(SimParams(seed=5, class_mix={"crossing": 0.5, "tortuous": 0.5}))
+    assert img.shape == (768, 1024, 3) and mask.shape == (768, 1024)
+    assert set(np.unique(mask)) <= {0, 1, 2, 3} and (mask == 1).any()
+    caps = [c for c in truth["capillaries"] if c["row"] == "distal"]
+    assert {c["class"] for c in caps} <= {"crossing", "tortuous"}
+    assert any(c["crossings"] for c in caps if c["class"] == "crossing")
+    for c in caps:
+        assert set(c["keypoints"]) >= {"up", "down", "left-left", "left-right", "right-left", "right-right"}
+        kp = c["keypoints"]
+        assert math.dist(kp["up"], kp["down"]) == pytest.approx(c["apical_width_px"], rel=1e-3)
