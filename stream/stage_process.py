@@ -60,6 +60,7 @@ class StreamSlot:
     _n: int = 0
     _t: float = field(default_factory=time.monotonic)
     sender: dict = field(default_factory=dict)
+    last_image: np.ndarray | None = None      # latest (colour) frame as received, for display
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -143,6 +144,7 @@ class StageProcess:
         frame = Frame(FrameMeta(msg.seq, msg.t, float(msg.header["fps"]), img.shape, msg.stream), img)
         t0 = time.perf_counter()
         slot.stage.process(frame)
+        slot.last_image = img
         slot.proc_ms.append((time.perf_counter() - t0) * 1000)
         slot.latencies_ms.append((time.time() - msg.t) * 1000)
         slot.frames += 1
@@ -175,19 +177,30 @@ class StageProcess:
             "um_per_px": self.cfg.device.um_per_px, "calibrated": self.cfg.device.calibrated,
         }
 
+    @staticmethod
+    def _display_frame(slot: StreamSlot, snap: dict) -> np.ndarray | None:
+        """The latest frame in its original colours, warped into reference coordinates with the
+        stage's current shift (what the clinician sees; the stage itself works on gray)."""
+        img = slot.last_image
+        shift = (snap.get("health") or {}).get("shift_px") or [None, None]
+        if img is None or img.ndim != 3 or None in shift:
+            return slot.stage.stabilized_frame()
+        from stream.stabilize import warp_to_reference
+        return warp_to_reference(img, float(shift[0]), float(shift[1]))
+
     def publish(self) -> None:
         for name, slot in list(self.slots.items()):
             stage = slot.stage
             snap = stage.snapshot()
             blobs: dict[str, bytes] = {}
-            fr = encode_jpeg(stage.stabilized_frame(), 80, self.frame_width)  # noqa: E501 (thumbnail)
+            frame = self._display_frame(slot, snap)
+            fr = encode_jpeg(frame, 80, self.frame_width)
             if fr:
                 blobs["frame"] = fr
-            for cap in snap.get("capillaries", [])[:12]:
+            for cap in snap.get("capillaries", [])[:24]:
                 k = encode_jpeg(stage.kymograph_image(cap["id"]), 85)
                 if k:
                     blobs[f"kymo_{cap['id']}"] = k
-            frame = stage.stabilized_frame()
             if frame is not None:
                 snap["frame_shape"] = list(frame.shape[:2])
                 snap["thumb_width"] = min(frame.shape[1], self.frame_width)
