@@ -22,6 +22,7 @@ import logging
 import os
 import shutil
 import tempfile
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -288,6 +289,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-upload-mb", type=float, default=500.0)
     p.add_argument("--refresh", type=float, default=0.3, help="seconds between screen updates")
     p.add_argument("--source-label", default="", help=argparse.SUPPRESS)
+    p.add_argument("--stats-file", default=None, help="write feed statistics (latency, updates) here every 2 s")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -308,11 +310,22 @@ def run(args: argparse.Namespace) -> int:
                      refresh_s=args.refresh, source_label=args.source_label)
     app = build_app(dash, demo_mode=bool(args.demo_control))
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    if args.stats_file:
+        threading.Thread(target=_write_stats, args=(feed, dash, args.stats_file), daemon=True).start()
     app.queue(default_concurrency_limit=None)
     app.launch(server_name=args.host, server_port=args.port, auth=auth, quiet=True, show_error=True,
                max_file_size=f"{int(args.max_upload_mb)}mb")
     feed.close()
     return 0
+
+
+def _write_stats(feed: ResultFeed, dash: Dashboard, path: str) -> None:
+    """Every 2 s: result updates received, capture → received latency percentiles, screen ticks."""
+    while True:
+        time.sleep(2.0)
+        lat = np.array(feed.capture_latency_ms) if feed.capture_latency_ms else np.array([np.nan])
+        atomic_write_json(path, {"updates": feed.updates, "ticks": dash.ticks, "latency_ms_p50": float(np.nanpercentile(lat, 50)),
+                                 "latency_ms_p99": float(np.nanpercentile(lat, 99)), "n": int(lat.size)})
 
 
 def _is_loopback_ip(host: str, ipaddress) -> bool:
