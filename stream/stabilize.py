@@ -112,7 +112,7 @@ class Stabilizer:
     reference match is "weak", ``reanchor_after`` weak frames before re-anchoring.
     """
 
-    def __init__(self, scale: float = 0.25, roi_size: int = 128, max_shift_px: int = 40,
+    def __init__(self, scale: float = 0.25, roi_size: int = 256, max_shift_px: int = 40,
                  min_confidence: float = 0.3, reanchor_after: int = 10):
         self.scale = float(scale)
         self.roi_size = int(roi_size)
@@ -126,7 +126,10 @@ class Stabilizer:
         self._prev_gray: np.ndarray | None = None
         self._prev_shift = (0.0, 0.0)
         self._ref_full: np.ndarray | None = None
+        self._static: np.ndarray | None = None
+        self._tmask: np.ndarray | None = None
         self._ecc_criteria = (cv2.TERM_CRITERIA_EPS | cv2.TERM_CRITERIA_COUNT, 20, 1e-4)
+        self.ecc_blur = 5   # Gaussian pre-filter of the ECC stage (px, odd): suppresses pixel noise patterns
 
     # ----------------------------------------------------------------- reference handling
     def _small(self, gray: np.ndarray) -> np.ndarray:
@@ -166,6 +169,11 @@ class Stabilizer:
         self._roi_shift = (sx, sy)
         x0, y0, s = self.roi
         self._template = self._ref_full[y0:y0 + s, x0:x0 + s].astype(np.float32)
+        self._tmask = None
+        if self._static is not None:
+            m = self._static[y0:y0 + s, x0:x0 + s]
+            if m.mean() > 0.25:          # enough static pixels to register on
+                self._tmask = np.ascontiguousarray(m)
 
     def _roi_near_border(self, dx: float, dy: float, guard: int = 4) -> bool:
         x0, y0, s = self.roi
@@ -189,11 +197,15 @@ class Stabilizer:
             roi_weight = None
         self._set_reference(reference, roi_weight, self._prev_shift)
 
-    def set_roi_weight(self, weight: np.ndarray) -> None:
-        """Re-pick the fine-stage ROI from ``weight`` (e.g. a vessel mask in reference coordinates),
-        keeping the reference image."""
+    def set_roi_weight(self, weight: np.ndarray, static_mask: np.ndarray | None = None) -> None:
+        """Re-pick the fine-stage ROI from ``weight`` (reference coordinates), keeping the
+        reference image. ``static_mask`` (bool/uint8, same shape) marks pixels whose appearance
+        does not change over time (everything but the inside of flowing vessels): the fine match
+        then uses only those, so moving red-cell texture cannot drag the registration."""
         if self._ref_full is None or weight.shape != self._ref_full.shape or not np.any(weight):
             return
+        if static_mask is not None and static_mask.shape == weight.shape:
+            self._static = (static_mask > 0).astype(np.uint8)
         self._set_reference(self._ref_full, weight, self._prev_shift)
 
     # ----------------------------------------------------------------- per frame
@@ -209,8 +221,9 @@ class Stabilizer:
         crop = cv2.getRectSubPix(gray, (s, s), centre, patchType=cv2.CV_32F)
         warp = np.eye(2, 3, dtype=np.float32)
         try:
+            mask = self._tmask if template is self._template else None
             cc, warp = cv2.findTransformECC(template, crop, warp, cv2.MOTION_TRANSLATION, self._ecc_criteria,
-                                            None, 3)
+                                            mask, self.ecc_blur)
         except cv2.error:
             return tx, ty, 0.0
         rx, ry = float(warp[0, 2]), float(warp[1, 2])
