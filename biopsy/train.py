@@ -165,7 +165,8 @@ def train(what: str, args: argparse.Namespace) -> int:
         opt.zero_grad()
         loss.backward()
         opt.step()
-        run = 0.9 * run + 0.1 * float(loss) if step > 1 else float(loss)
+        lv = loss.item()
+        run = 0.9 * run + 0.1 * lv if step > 1 else lv
         if step % every == 0 or step == steps:
             if what == "hed":
                 vl, th = _val_hed(model, vpool)
