@@ -1,0 +1,277 @@
+"""Capillary instances from a label mask: skeleton → ordered centerline → :class:`Capillary`.
+
+In:  ``labels`` uint8 (H, W) with 0 background / 1 clear / 2 blurred / 3 haemorrhage
+     (:mod:`stream.capillary`); optional image (unused for geometry, kept for callers).
+Out: ``list[Capillary]`` — one per connected component of CLEAR ∪ BLURRED pixels (label = the
+     component's majority label) whose centerline is at least ``min_length_px`` long.
+
+Per instance (all coordinates in px, (x, y), y down):
+
+1. skeletonize (scikit-image) the instance mask; spurs (end branches) shorter than ``prune_px``
+   are removed;
+2. skeleton pixels become a graph (8-adjacency, edge weights 1 / √2, scipy.sparse.csgraph);
+   apex = the skeleton pixel nearest the nail (smallest y); foot A = the end farthest (geodesic)
+   from the apex; foot B = the end farthest from the apex when the edges of the path
+   A → apex are made expensive, so the second limb is found even when the limbs cross
+   (then the skeleton has a cycle and the shortest way back would reuse the first limb);
+3. the path A → apex → B is smoothed (Gaussian, σ = 1.5 px), resampled at 1 px spacing and
+   oriented left foot first (``orient_arterial_first`` flips it when the arterial limb is the
+   right one); apex = smallest-y point of the resampled path;
+4. ``width_px`` = 2 × Euclidean distance transform of the instance mask along the centerline
+   (biased ≈ +1 px on discrete masks; :mod:`stream.morphology` measures sub-pixel widths).
+
+A skeleton with more than two ends after pruning (two loops merged through a bridge, buds of a
+bushy loop) keeps the main path and records ``extra["n_ends"]``; a single-limb instance (only one
+end besides the apex, e.g. limbs fused by blur) records ``extra["single_limb"] = True``.
+
+:func:`match_ids` keeps ids stable between keyframes by one-to-one mask overlap (IoU).
+"""
+from __future__ import annotations
+
+import logging
+
+import cv2
+import numpy as np
+from scipy import sparse
+from scipy.ndimage import gaussian_filter1d, map_coordinates
+from scipy.sparse.csgraph import dijkstra
+from skimage.morphology import skeletonize
+
+from stream.capillary import BLURRED, CLEAR, Capillary
+
+log = logging.getLogger(__name__)
+
+_OFFS = [(-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1), (1, 0), (1, 1)]
+
+
+def skeleton_graph(skel: np.ndarray) -> tuple[np.ndarray, sparse.csr_matrix]:
+    """Skeleton pixels ``(N, 2)`` as (row, col) and their 8-adjacency graph (weights 1 or √2)."""
+    rc = np.argwhere(skel)
+    n = len(rc)
+    index = -np.ones(skel.shape, np.int64)
+    index[rc[:, 0], rc[:, 1]] = np.arange(n)
+    pad = np.pad(index, 1, constant_values=-1)
+    rows, cols, w = [], [], []
+    for dr, dc in _OFFS:
+        nb = pad[rc[:, 0] + 1 + dr, rc[:, 1] + 1 + dc]
+        ok = nb >= 0
+        rows.append(np.nonzero(ok)[0])
+        cols.append(nb[ok])
+        w.append(np.full(int(ok.sum()), np.hypot(dr, dc)))
+    g = sparse.csr_matrix((np.concatenate(w), (np.concatenate(rows), np.concatenate(cols))), shape=(n, n))
+    return rc, g
+
+
+def _degrees(g: sparse.csr_matrix) -> np.ndarray:
+    return np.diff(g.indptr)
+
+
+def prune_spurs(skel: np.ndarray, prune_px: float, max_iter: int = 5) -> np.ndarray:
+    """Remove end branches (end → first junction) shorter than ``prune_px`` (px)."""
+    skel = skel.copy()
+    for _ in range(max_iter):
+        rc, g = skeleton_graph(skel)
+        if len(rc) == 0:
+            return skel
+        deg = _degrees(g)
+        ends = np.nonzero(deg == 1)[0]
+        junc = deg >= 3
+        if len(ends) <= 2 or not junc.any():
+            return skel
+        removed = False
+        dist, pred = dijkstra(g, indices=ends, return_predecessors=True, limit=prune_px)
+        for k, e in enumerate(ends):
+            reach = np.isfinite(dist[k]) & junc
+            if not reach.any():
+                continue
+            j = np.nonzero(reach)[0][np.argmin(dist[k][reach])]
+            # walk back from the junction to the end; remove all but the junction
+            node, path = pred[k, j], []
+            while node >= 0 and node != e:
+                path.append(node)
+                node = pred[k, node]
+            path.append(e)
+            skel[rc[path, 0], rc[path, 1]] = False
+            removed = True
+        if not removed:
+            return skel
+        skel = skeletonize(skel)
+    return skel
+
+
+def _path(pred_row: np.ndarray, src: int, dst: int) -> list[int]:
+    out, node = [], dst
+    while node >= 0 and node != src:
+        out.append(node)
+        node = pred_row[node]
+    out.append(src)
+    return out[::-1]
+
+
+def loop_path(skel: np.ndarray) -> tuple[np.ndarray, dict]:
+    """Ordered skeleton path foot → apex → foot as (N, 2) (x, y) float, plus info dict."""
+    rc, g = skeleton_graph(skel)
+    info: dict = {}
+    if len(rc) < 2:
+        return rc[:, ::-1].astype(np.float32), info
+    deg = _degrees(g)
+    apex = int(np.lexsort((rc[:, 1], rc[:, 0]))[0])          # smallest y (row)
+    ends = np.nonzero(deg == 1)[0]
+    info["n_ends"] = int(len(ends))
+    d0, p0 = dijkstra(g, indices=apex, return_predecessors=True)
+    cand = ends[np.isfinite(d0[ends])] if len(ends) else np.array([], int)
+    cand = cand[cand != apex]
+    if len(cand) == 0:                                       # closed ring: use the lowest point
+        finite = np.nonzero(np.isfinite(d0))[0]
+        cand = finite[[np.argmax(rc[finite, 0])]]
+    a = int(cand[np.argmax(d0[cand])])
+    path_a = _path(p0, apex, a)[::-1]                        # a → apex
+    # second limb: make the first limb expensive, then the farthest end from the apex
+    on_a = np.zeros(len(rc), bool)
+    on_a[path_a[:-1]] = True
+    g2 = g.tocoo()
+    pen = np.where(on_a[g2.row] | on_a[g2.col], 50.0, 1.0)
+    g2 = sparse.csr_matrix((g2.data * pen, (g2.row, g2.col)), shape=g.shape)
+    d1, p1 = dijkstra(g2, indices=apex, return_predecessors=True)
+    cand_b = cand[(cand != a)]
+    path_b: list[int] = []
+    if len(cand_b):
+        b = int(cand_b[np.argmax(d1[cand_b])])
+        path_b = _path(p1, apex, b)
+        if len(path_b) < 2 or on_a[path_b[1:]].mean() > 0.5:
+            path_b = []
+    if not path_b:
+        info["single_limb"] = True
+        order = path_a
+    else:
+        order = path_a + path_b[1:]
+    xy = rc[order][:, ::-1].astype(np.float32)
+    return xy, info
+
+
+def resample_polyline(xy: np.ndarray, step: float = 1.0, smooth: float = 1.5) -> np.ndarray:
+    """Gaussian-smooth (σ = ``smooth`` samples, ends kept) and resample at ``step`` px spacing."""
+    xy = np.asarray(xy, np.float64)
+    if len(xy) < 2:
+        return xy.astype(np.float32)
+    if smooth > 0 and len(xy) > 4:
+        sm = gaussian_filter1d(xy, smooth, axis=0, mode="nearest")
+        sm[0], sm[-1] = xy[0], xy[-1]
+        xy = sm
+    seg = np.sqrt((np.diff(xy, axis=0) ** 2).sum(1))
+    s = np.concatenate([[0.0], np.cumsum(seg)])
+    if s[-1] <= 0:
+        return xy[:1].astype(np.float32)
+    n = max(2, int(round(s[-1] / step)) + 1)
+    t = np.linspace(0, s[-1], n)
+    return np.stack([np.interp(t, s, xy[:, 0]), np.interp(t, s, xy[:, 1])], 1).astype(np.float32)
+
+
+def orient_arterial_first(cap: Capillary, arterial_side: str) -> Capillary:
+    """Reverse ``cap``'s centerline in place if needed so it starts at the arterial foot.
+
+    ``arterial_side`` is "left" or "right" in image terms (the limb whose foot has the smaller x
+    is "left"). Returns ``cap``.
+    """
+    if arterial_side not in ("left", "right"):
+        raise ValueError(f"arterial_side must be 'left' or 'right', got {arterial_side!r}")
+    cl = cap.centerline
+    first_is_left = cl[0, 0] <= cl[-1, 0]
+    if (arterial_side == "left") != first_is_left:
+        cap.centerline = cl[::-1].copy()
+        cap.width_px = cap.width_px[::-1].copy()
+        cap.apex_index = len(cl) - 1 - cap.apex_index
+    cap.extra["arterial_side"] = arterial_side
+    return cap
+
+
+def _instance(mask: np.ndarray, x0: int, y0: int, label: int, min_length_px: float, prune_px: float
+              ) -> Capillary | None:
+    pad = 2
+    m = np.pad(mask, pad)
+    skel = skeletonize(m)
+    skel = prune_spurs(skel, prune_px)
+    xy, info = loop_path(skel)
+    if len(xy) < 3:
+        return None
+    cl = resample_polyline(xy, 1.0, 1.5)
+    if len(cl) < 2:
+        return None
+    length = float(np.sqrt((np.diff(cl, axis=0) ** 2).sum(1)).sum())
+    if length < min_length_px:
+        return None
+    if cl[0, 0] > cl[-1, 0]:
+        cl = cl[::-1].copy()
+    dt = cv2.distanceTransform(m.astype(np.uint8), cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
+    width = 2 * map_coordinates(dt, [cl[:, 1], cl[:, 0]], order=1, mode="nearest").astype(np.float32)
+    apex_index = int(np.argmin(cl[:, 1]))
+    cl_img = cl + np.array([x0 - pad, y0 - pad], np.float32)
+    h, w = mask.shape
+    cap = Capillary(centerline=cl_img, apex=(float(cl_img[apex_index, 0]), float(cl_img[apex_index, 1])),
+                    apex_index=apex_index, width_px=width, bbox=(x0, y0, x0 + w, y0 + h), mask=mask.copy(),
+                    label=label, extra=info)
+    if info.get("n_ends", 2) > 2:
+        log.debug("capillary at (%.0f, %.0f): skeleton has %d ends, kept the main path", *cap.apex, info["n_ends"])
+    return cap
+
+
+def extract_capillaries(labels: np.ndarray, image: np.ndarray | None = None, *, min_length_px: float = 40,
+                        prune_px: float = 10) -> list[Capillary]:
+    """Capillary loops of a label mask (see module docstring), sorted by apex x."""
+    labels = np.asarray(labels)
+    if labels.ndim != 2:
+        raise ValueError(f"labels must be 2-D, got shape {labels.shape}")
+    vessel = ((labels == CLEAR) | (labels == BLURRED)).astype(np.uint8)
+    n, cc, stats, _ = cv2.connectedComponentsWithStats(vessel, connectivity=8)
+    caps: list[Capillary] = []
+    for i in range(1, n):
+        x, y, w, h, area = stats[i]
+        if max(w, h) < min_length_px / 3 or area < 10:
+            continue
+        sub = cc[y:y + h, x:x + w] == i
+        lab_sub = labels[y:y + h, x:x + w][sub]
+        label = CLEAR if (lab_sub == CLEAR).sum() >= (lab_sub == BLURRED).sum() else BLURRED
+        cap = _instance(sub, int(x), int(y), label, min_length_px, prune_px)
+        if cap is not None:
+            caps.append(cap)
+    caps.sort(key=lambda c: c.apex[0])
+    return caps
+
+
+def _iou_matrix(prev: list[Capillary], cur: list[Capillary]) -> np.ndarray:
+    iou = np.zeros((len(prev), len(cur)))
+    for i, p in enumerate(prev):
+        for j, c in enumerate(cur):
+            x0, y0 = max(p.bbox[0], c.bbox[0]), max(p.bbox[1], c.bbox[1])
+            x1, y1 = min(p.bbox[2], c.bbox[2]), min(p.bbox[3], c.bbox[3])
+            if x1 <= x0 or y1 <= y0:
+                continue
+            a = p.mask[y0 - p.bbox[1]:y1 - p.bbox[1], x0 - p.bbox[0]:x1 - p.bbox[0]]
+            b = c.mask[y0 - c.bbox[1]:y1 - c.bbox[1], x0 - c.bbox[0]:x1 - c.bbox[0]]
+            inter = float((a & b).sum())
+            union = float(p.mask.sum() + c.mask.sum() - inter)
+            iou[i, j] = inter / union if union > 0 else 0.0
+    return iou
+
+
+def match_ids(previous: list[Capillary], current: list[Capillary], next_id: int, min_iou: float = 0.2) -> int:
+    """Assign ``cap.id`` on ``current``: the id of the best-overlapping previous instance (greedy
+    one-to-one by decreasing IoU, IoU ≥ ``min_iou``), else a fresh id from ``next_id``.
+    Returns the new ``next_id``."""
+    iou = _iou_matrix(previous, current)
+    taken_p, taken_c = set(), set()
+    if iou.size:
+        for flat in np.argsort(-iou, axis=None):
+            i, j = divmod(int(flat), iou.shape[1])
+            if iou[i, j] < min_iou:
+                break
+            if i in taken_p or j in taken_c or previous[i].id < 0:
+                continue
+            current[j].id = previous[i].id
+            taken_p.add(i)
+            taken_c.add(j)
+    for j, c in enumerate(current):
+        if j not in taken_c:
+            c.id = next_id
+            next_id += 1
+    return next_id
