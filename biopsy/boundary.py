@@ -58,10 +58,11 @@ def edge_band(dermis: np.ndarray, width_px: float = 5.0) -> np.ndarray:
 
 
 def edge_length(dermis: np.ndarray) -> float:
-    """Length (px) of the dermis edge, from sub-pixel iso-contours at 0.5 (open at image borders)."""
+    """Length (px) of the dermis edge: 0.5 iso-contours of the mask blurred by σ = 1.5 px (open at image borders)."""
     d = dermis.astype(np.float32)
     if d.min() == d.max():
         return 0.0
+    d = cv2.GaussianBlur(d, (0, 0), 1.5)  # removes the pixel staircase (it adds ~6 % length)
     total = 0.0
     for c in measure.find_contours(d, 0.5):
         total += float(np.hypot(*np.diff(c, axis=0).T).sum())
