@@ -1,0 +1,107 @@
+"""Shipped weights, analyze_image / render_overlay, CLI report, checkpoint errors, training smoke."""
+import argparse
+import json
+
+import cv2
+import numpy as np
+import pytest
+
+from nailfold.errors import InputError, NailfoldError
+
+from biopsy import cli as bcli
+from biopsy.analyze import BLUE, GREEN, RED, BiopsyResult, analyze_image, load_models, render_overlay
+from biopsy.metrics import tolerant_dice
+from biopsy.nets import load_checkpoint
+from biopsy.synthetic import generate
+from biopsy.train import train
+
+
+@pytest.fixture(scope="module")
+def models():
+    return load_models()
+
+
+@pytest.fixture(scope="module")
+def sample():
+    return generate(1_000_777, (480, 640), n_crossings=6)  # held-out seed range
+
+
+def test_shipped_weights_detect_nerves_and_crossings(models, sample):
+    r = analyze_image(sample.image, weights=models, um_per_px=0.5)
+    assert isinstance(r, BiopsyResult) and r.shape == (480, 640)
+    assert tolerant_dice(r.nerves, sample.nerves, 3) > 0.8
+    assert (r.dermis == sample.dermis).mean() > 0.95
+    assert abs(r.crossing_count - sample.crossing_count) <= 2
+    assert r.boundary_length_px > 500
+    assert r.boundary_length_mm == pytest.approx(r.boundary_length_px * 0.5 / 1000)
+    assert r.crossings_per_mm == pytest.approx(r.crossing_count / r.boundary_length_mm)
+
+
+def test_overlay_colours(models, sample):
+    r = analyze_image(sample.image, weights=models)
+    ov = render_overlay(sample.image, r)
+    assert ov.shape == sample.image.shape and ov.dtype == np.uint8
+    assert (ov[r.boundary] == GREEN).all()
+    assert (ov[r.nerves & ~r.boundary] == BLUE).all()
+    if r.crossing_count:
+        assert (ov == RED).all(axis=2).any()
+
+
+def test_bad_inputs_raise_input_error(models):
+    with pytest.raises(InputError):
+        analyze_image(np.zeros((10, 10, 3), np.uint8), weights=models)
+    with pytest.raises(InputError):
+        analyze_image(np.zeros((64, 64, 3), np.float64), weights=models)
+    with pytest.raises(InputError):
+        analyze_image(np.zeros((64, 64, 3), np.uint8), weights=models, um_per_px=-1)
+
+
+def test_missing_or_corrupt_checkpoint_is_an_error(tmp_path):
+    with pytest.raises(NailfoldError, match="not found"):
+        load_checkpoint(tmp_path / "hed.pt", "hed")
+    (tmp_path / "hed.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(NailfoldError, match="unreadable"):
+        load_checkpoint(tmp_path / "hed.pt", "hed")
+    with pytest.raises(NailfoldError):
+        load_models(tmp_path)
+
+
+def test_cli_report_schema_and_atomicity(tmp_path, sample):
+    img = tmp_path / "a.png"
+    cv2.imwrite(str(img), sample.image)
+    out = tmp_path / "r" / "report.json"
+    ns = argparse.Namespace(images=[str(img)], out=str(out), overlay=str(tmp_path / "ov"), um_per_px=None,
+                            weights=None)
+    assert bcli.run(ns) == 0
+    rep = json.loads(out.read_text())
+    assert rep["schema"] == "nailfold.biopsy-report/1"
+    rec = rep["images"][0]
+    assert rec["shape"] == [480, 640] and rec["crossing_count"] == len(rec["crossings"])
+    assert rec["boundary_length_mm"] is None and rec["crossings_per_mm"] is None and rec["uncalibrated_reason"]
+    assert (tmp_path / "ov" / "a.overlay.png").is_file()
+    # calibrated
+    ns.um_per_px = 0.4
+    bcli.run(ns)
+    rec = json.loads(out.read_text())["images"][0]
+    assert rec["boundary_length_mm"] == pytest.approx(rec["boundary_length_px"] * 0.4 / 1000, rel=1e-3)
+    # a bad image → InputError, nothing written
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"garbage")
+    out2 = tmp_path / "r2.json"
+    ns2 = argparse.Namespace(images=[str(img), str(bad)], out=str(out2), overlay=str(tmp_path / "ov2"),
+                             um_per_px=None, weights=None)
+    with pytest.raises(InputError):
+        bcli.run(ns2)
+    assert not out2.exists() and not (tmp_path / "ov2").exists()
+
+
+@pytest.mark.parametrize("what", ["hed", "dermis"])
+def test_training_smoke(tmp_path, what, monkeypatch):
+    from biopsy import train as T
+    monkeypatch.setitem(T.DEFAULTS, what, {**T.DEFAULTS[what], "pool": 2, "shape": (160, 200), "crop": 96})
+    out = tmp_path / f"{what}.pt"
+    ns = argparse.Namespace(data="synthetic", steps=3, batch_size=2, lr=None, out=str(out), seed=1, epochs=None,
+                            workers=None)
+    assert train(what, ns) == 0
+    model, extra = load_checkpoint(out, what)
+    assert extra["steps"] == 3
