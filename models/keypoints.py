@@ -1,0 +1,298 @@
+"""Per-loop ANFC keypoints: heatmap network + sub-pixel decoding + edge-profile width refinement.
+
+In:  an image (BGR/gray uint8, any size) and loop centres (image px; e.g. the bbox centres of the
+     segmentation's instances). Each loop is seen through a window of ``KP_WINDOW_CANON`` (256)
+     canonical px resampled to 96×96.
+Out: ``KeypointModel.predict(image, centers)`` → one dict per loop::
+
+        {"points": {"up": (x, y), "down": ..., "left-left": ..., "left-right": ..., "right-left": ...,
+                    "right-right": ..., "left-bottom": ..., "right-bottom": ...},   # image px, float
+         "scores": {name: peak heatmap value 0..1},   # points under 0.2 are omitted
+         "crossings": [(x, y), ...],
+         "arterial_side": "left" | "right", "arterial_prob": P(arterial side = left limb),
+         "widths_px": {"apical": d(up, down), "left": d(left-left, left-right), "right": ...}}
+
+``up``/``down`` are the apex's outer/inner edges; ``left-left``/``left-right`` and
+``right-left``/``right-right`` the two edges of each limb (width pairs, image-left limb first);
+``left-bottom``/``right-bottom`` the limbs' feet. Which limb is arterial is predicted by a separate
+head from image appearance (calibre, position), not assumed from "the narrower one".
+
+Sub-pixel: a 5×5 weighted centroid around each heatmap maximum; then each width pair is refined on
+the full-resolution green channel by fitting a blurred cylinder absorbance profile
+(Beer–Lambert chord length) along the pair's line — width = the fitted diameter.
+"""
+from __future__ import annotations
+
+import logging
+import pickle
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+from torch import nn
+import torch.nn.functional as F
+from scipy.ndimage import gaussian_filter1d, map_coordinates
+from scipy.optimize import least_squares
+
+from models import augment as A
+from models.unet import conv_block
+
+log = logging.getLogger(__name__)
+
+POINT_NAMES = ("up", "down", "left-left", "left-right", "right-left", "right-right", "left-bottom",
+               "right-bottom")
+FLIP_PERM = [0, 1, 5, 4, 3, 2, 7, 6]   # names after a horizontal flip
+PAIRS = {"apical": ("up", "down"), "left": ("left-left", "left-right"), "right": ("right-left", "right-right")}
+INPUT = 96
+N_MAPS = len(POINT_NAMES) + 1          # + crossings
+
+
+class KeypointNet(nn.Module):
+    """3-level encoder–decoder → 9 heatmaps (sigmoid, full input resolution) + arterial-side logit."""
+
+    def __init__(self, base: int = 16, n_maps: int = N_MAPS):
+        super().__init__()
+        b = base
+        self.e1, self.e2, self.e3 = conv_block(1, b), conv_block(b, 2 * b), conv_block(2 * b, 4 * b)
+        self.e4 = conv_block(4 * b, 6 * b)
+        self.u3, self.d3 = nn.Conv2d(6 * b, 4 * b, 1), conv_block(8 * b, 4 * b)
+        self.u2, self.d2 = nn.Conv2d(4 * b, 2 * b, 1), conv_block(4 * b, 2 * b)
+        self.u1, self.d1 = nn.Conv2d(2 * b, b, 1), conv_block(2 * b, b)
+        self.head = nn.Conv2d(b, n_maps, 1)
+        self.side = nn.Sequential(nn.Linear(6 * b, 32), nn.ReLU(inplace=True), nn.Linear(32, 1))
+
+    def forward(self, x):
+        x1 = self.e1(x)
+        x2 = self.e2(F.max_pool2d(x1, 2))
+        x3 = self.e3(F.max_pool2d(x2, 2))
+        x4 = self.e4(F.max_pool2d(x3, 2))
+        side = self.side(x4.mean((2, 3)))
+        up = lambda t, s: F.interpolate(t, size=s.shape[-2:], mode="bilinear", align_corners=False)
+        y = self.d3(torch.cat([self.u3(up(x4, x3)), x3], 1))
+        y = self.d2(torch.cat([self.u2(up(y, x2)), x2], 1))
+        y = self.d1(torch.cat([self.u1(up(y, x1)), x1], 1))
+        return torch.sigmoid(self.head(y)), side
+
+
+# ------------------------------------------------------------------------------ decoding
+def decode_heatmap(h: np.ndarray, win: int = 2) -> tuple[float, float, float]:
+    """(x, y, peak) with a weighted centroid in a (2·win+1)² neighbourhood of the maximum."""
+    iy, ix = np.unravel_index(int(np.argmax(h)), h.shape)
+    y0, y1 = max(0, iy - win), min(h.shape[0], iy + win + 1)
+    x0, x1 = max(0, ix - win), min(h.shape[1], ix + win + 1)
+    p = np.clip(h[y0:y1, x0:x1] - 0.5 * h[iy, ix], 0, None)
+    if p.sum() <= 0:
+        return float(ix), float(iy), float(h[iy, ix])
+    yy, xx = np.mgrid[y0:y1, x0:x1]
+    return float((p * xx).sum() / p.sum()), float((p * yy).sum() / p.sum()), float(h[iy, ix])
+
+
+def peaks(h: np.ndarray, thr: float = 0.3, radius: int = 3) -> list[tuple[float, float]]:
+    t = torch.from_numpy(h)[None, None]
+    mx = F.max_pool2d(t, 2 * radius + 1, 1, radius)[0, 0].numpy()
+    ys, xs = np.nonzero((h >= mx) & (h > thr))
+    return [decode_heatmap(np.where(np.abs(np.mgrid[0:h.shape[0], 0:h.shape[1]][0] - y) <= radius, h, 0), 2)[:2]
+            for y, x in zip(ys, xs)]
+
+
+def refine_pair(gray: np.ndarray, p1, p2, max_change: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
+    """Refine a width pair (two edge points of one vessel) on the gray image by fitting
+    ``A·sqrt(1-((t-c)/r)²)`` ⊛ Gaussian(σ) to the absorbance profile along the p1→p2 line.
+    Returns the refined (p1, p2); the inputs if the fit fails or moves the width by > max_change×."""
+    p1, p2 = np.asarray(p1, float), np.asarray(p2, float)
+    d = p2 - p1
+    w0 = float(np.hypot(*d))
+    if w0 < 1.0:
+        return p1, p2
+    u = d / w0
+    m = (p1 + p2) / 2
+    L = max(1.6 * w0, 10.0)
+    step = 0.25
+    t = np.arange(-L, L + step / 2, step)
+    xs, ys = m[0] + t * u[0], m[1] + t * u[1]
+    if xs.min() < 0 or ys.min() < 0 or xs.max() > gray.shape[1] - 1 or ys.max() > gray.shape[0] - 1:
+        return p1, p2
+    prof = map_coordinates(gray.astype(np.float32), [ys, xs], order=1)
+    n = max(4, len(t) // 6)
+    bg = float(np.median(np.r_[prof[:n], prof[-n:]]))
+    a = -np.log(np.clip(prof + 1.0, 1.0, None) / (bg + 1.0))
+
+    def model(q):
+        amp, c, r, s = q
+        z = 1 - ((t - c) / max(r, 0.3)) ** 2
+        y = amp * np.sqrt(np.clip(z, 0, None))
+        return gaussian_filter1d(y, max(s, 0.05) / step, mode="nearest")
+
+    q0 = [max(a.max(), 1e-3), 0.0, w0 / 2, 1.0]
+    try:
+        res = least_squares(lambda q: model(q) - a, q0, bounds=([0, -w0, 0.3, 0.05], [10, w0, 2 * w0, 6]),
+                            max_nfev=200)
+    except (ValueError, np.linalg.LinAlgError):
+        return p1, p2
+    amp, c, r, _ = res.x
+    if not res.success or abs(2 * r - w0) > max_change * w0 or amp <= 0:
+        return p1, p2
+    return m + (c - r) * u, m + (c + r) * u
+
+
+class KeypointModel:
+    def __init__(self, backend: str = "auto", weights: str | Path | None = None, refine: bool = True,
+                 batch: int = 32):
+        from models.backends import load_model
+        self.model = load_model("keypoints", backend, weights)
+        self.refine = refine
+        self.batch = batch
+
+    def crops(self, image: np.ndarray, centers) -> tuple[np.ndarray, list[np.ndarray]]:
+        size = A.KP_WINDOW_CANON / A.canon_factor(image.shape)
+        g = A.green(image)
+        out, mats = [], []
+        for c in centers:
+            crop, M = A.crop_square(g, c, size, INPUT)
+            out.append(A.standardize(crop))
+            mats.append(M)
+        return np.stack(out) if out else np.zeros((0, INPUT, INPUT), np.float32), mats
+
+    def predict(self, image: np.ndarray, centers: list[tuple[float, float]]) -> list[dict]:
+        """Keypoints of the loops centred at ``centers`` (image px); see module doc."""
+        x, mats = self.crops(image, centers)
+        if len(x) == 0:
+            return []
+        hm, side = [], []
+        for i in range(0, len(x), self.batch):
+            h, s = self.model.run(torch.from_numpy(x[i:i + self.batch])[:, None])
+            hm.append(h.numpy())
+            side.append(torch.sigmoid(s[:, 0]).numpy())
+        hm, side = np.concatenate(hm), np.concatenate(side)
+        g = A.green(image).astype(np.float32)
+        gs = cv2.GaussianBlur(g, (0, 0), 0.7)
+        results = []
+        for k in range(len(x)):
+            Minv = cv2.invertAffineTransform(mats[k])
+            back = lambda xy: tuple((Minv @ np.array([xy[0], xy[1], 1.0])).tolist())
+            pts, scores = {}, {}
+            for j, name in enumerate(POINT_NAMES):
+                px, py, pk = decode_heatmap(hm[k, j])
+                if pk >= 0.2:
+                    pts[name] = back((px, py))
+                    scores[name] = round(pk, 3)
+            crossings = [back(p) for p in peaks(hm[k, -1])]
+            if self.refine:
+                for a, b in PAIRS.values():
+                    if a in pts and b in pts:
+                        q1, q2 = refine_pair(gs, pts[a], pts[b])
+                        pts[a], pts[b] = tuple(q1.tolist()), tuple(q2.tolist())
+            widths = {n: float(np.hypot(pts[a][0] - pts[b][0], pts[a][1] - pts[b][1]))
+                      for n, (a, b) in PAIRS.items() if a in pts and b in pts}
+            pl = float(side[k])
+            results.append({"points": pts, "scores": scores, "crossings": crossings,
+                            "arterial_side": "left" if pl >= 0.5 else "right", "arterial_prob": pl,
+                            "widths_px": widths})
+        return results
+
+
+# ------------------------------------------------------------------------------ training data
+def load_or_render_loops(args):
+    """Rendered per-loop windows for training/validation, cached in ``--loop-cache`` if given."""
+    from models import data_synthetic as DS
+    from models.train_cli import _seeds
+    cache = getattr(args, "loop_cache", None)
+    tr, va = _seeds(args)
+    desc = {"source": "synthetic (balanced class mix)", "train_seeds": [tr[0], tr[-1]], "val_seeds": [va[0], va[-1]]}
+    if cache and Path(cache).is_file():
+        with open(cache, "rb") as f:
+            blob = pickle.load(f)
+        if blob.get("seeds") == (tr, va):
+            return blob["train"], blob["val"], desc
+    print(f"rendering loops from {len(tr)} training + {len(va)} validation images ...", flush=True)
+    train_s, val_s = DS.render_many_loops(tr, args.workers), DS.render_many_loops(va, args.workers)
+    if cache:
+        Path(cache).parent.mkdir(parents=True, exist_ok=True)
+        with open(cache, "wb") as f:
+            pickle.dump({"seeds": (tr, va), "train": train_s, "val": val_s}, f)
+    return train_s, val_s, desc
+
+
+def make_target(sample, rng, train: bool, sigma: float = 1.5):
+    """(x (96,96) float32, heatmaps (9,96,96), valid (9,), side (1,)) from a LoopSample."""
+    from models.classifier import augment_crop
+    crop, M = augment_crop(sample.crop, rng, INPUT, 1 / 1.5, train)
+    flipped = M[0, 0] * M[1, 1] < 0
+    yy, xx = np.mgrid[0:INPUT, 0:INPUT].astype(np.float32)
+    hm = np.zeros((N_MAPS, INPUT, INPUT), np.float32)
+    valid = np.zeros(N_MAPS, np.float32)
+    for j, name in enumerate(POINT_NAMES):
+        jj = FLIP_PERM[j] if flipped else j
+        if name not in sample.points:
+            continue
+        px, py = M @ np.array([*sample.points[name], 1.0])
+        valid[jj] = 1.0
+        if -3 <= px < INPUT + 3 and -3 <= py < INPUT + 3:
+            hm[jj] = np.exp(-((xx - px) ** 2 + (yy - py) ** 2) / (2 * sigma ** 2))
+    valid[-1] = 1.0
+    for c in sample.crossings:
+        px, py = M @ np.array([*c, 1.0])
+        hm[-1] = np.maximum(hm[-1], np.exp(-((xx - px) ** 2 + (yy - py) ** 2) / (2 * sigma ** 2)))
+    left = (sample.arterial_side == "left") != flipped
+    return A.standardize(crop), hm, valid, np.float32(left)
+
+
+def train(args) -> int:
+    from models.checkpoint import default_weights
+    from models.losses import heatmap_loss
+    from models.train_cli import _data_source, _loop
+    from models.unet import n_params
+    if _data_source(args.data)[0] != "synthetic":
+        from nailfold.errors import InputError
+        raise InputError("keypoint training supports --data synthetic only for now")
+    train_s, val_s, desc = load_or_render_loops(args)
+    train_s = [s for s in train_s if s.cls != "blurred" and "up" in s.points]
+    val_s = [s for s in val_s if s.cls != "blurred" and "up" in s.points]
+    rng = np.random.default_rng(args.seed)
+
+    def stack(items):
+        x, h, v, s = zip(*items)
+        return (torch.from_numpy(np.stack(x))[:, None], torch.from_numpy(np.stack(h)),
+                torch.from_numpy(np.stack(v)), torch.tensor(s))
+
+    def batches():
+        while True:
+            sel = rng.choice(len(train_s), args.batch_size)
+            yield stack([make_target(train_s[i], rng, True) for i in sel])
+
+    vx, vh, vv, vs = stack([make_target(s, rng, False) for s in val_s])
+    arch = {"base": args.base}
+    model = KeypointNet(**arch)
+
+    def loss_fn(m, b):
+        h, s = m(b[0])
+        return heatmap_loss(h, b[1], valid=b[2]) * 10 + 0.1 * F.binary_cross_entropy_with_logits(s[:, 0], b[3])
+
+    def evaluate(m):
+        h, s = m(vx)
+        h = h.numpy()
+        errs, hits = [], []
+        for k in range(len(h)):
+            for j in range(len(POINT_NAMES)):
+                if vv[k, j] > 0 and vh[k, j].max() > 0.99:
+                    ty, tx = np.unravel_index(int(vh[k, j].argmax()), vh[k, j].shape)
+                    px, py, pk = decode_heatmap(h[k, j])
+                    e = float(np.hypot(px - tx, py - ty))
+                    errs.append(e)
+                    if j == 0:
+                        hits.append(pk >= 0.2 and e <= 3)
+        side_acc = float(((torch.sigmoid(s[:, 0]) > 0.5).float() == vs).float().mean())
+        med = float(np.median(errs)) if errs else 99.0
+        apex = float(np.mean(hits)) if hits else 0.0
+        return {"median_err_crop_px": round(med, 3), "apex_sens": round(apex, 4), "side_acc": round(side_acc, 4),
+                "n_val": len(h), "score": round(apex + side_acc - med / 10, 4)}
+
+    def meta_fn(metrics):
+        return {"kind": "keypoints", "arch": arch, "points": list(POINT_NAMES) + ["crossing"],
+                "input_size": [INPUT, INPUT], "input": f"{A.KP_WINDOW_CANON} canonical px window centred on the loop",
+                "normalization": "standardized green (models.augment.standardize)", "training_data": desc,
+                "seeds": {"torch": args.seed}, "metrics": metrics, "params": n_params(model)}
+
+    _loop(model, loss_fn, batches(), args, evaluate, meta_fn, args.out or default_weights("keypoints"), "keypoints")
+    return 0
