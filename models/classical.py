@@ -48,7 +48,7 @@ class ClassicalParams:
     sigmas: tuple[float, ...] = (1.0, 1.6, 2.5, 4.0)   # at working resolution (for a 1024-px frame)
     k_high: float = 9.0                # hysteresis high threshold: median + k_high × MAD-sigma
     k_low: float = 4.0                 # hysteresis low threshold
-    half_max: float = 0.3              # vessel extent: D > half_max × local peak D
+    half_max: float = 0.25              # vessel extent: D > half_max × local peak D
     min_area_px: float = 150.0         # components smaller than this (at 1024 width) are dropped
     min_length_px: float = 30.0        # … and components whose extent is shorter than this
     hole_area_px: float = 30.0         # holes smaller than this are filled

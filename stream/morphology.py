@@ -1,0 +1,506 @@
+"""Capillary morphology of still images: per loop, per image, per subject. Pure functions.
+
+Per capillary — :func:`measure_capillary` (in: a :class:`~stream.capillary.Capillary`, the image's
+label mask, optional ANFC keypoints, µm/px or None, :class:`~nailfold.config.NormalRanges`;
+out: :class:`CapillaryMorphology`):
+
+- **Widths** (vessel diameters, px; µm when calibrated). From the mask by *sub-pixel profiles*:
+  along the normal of the centerline the instance mask is sampled with bilinear interpolation
+  every 0.1 px and the two 0.5-level crossings nearest the centerline are the walls (unbiased on
+  average for a discrete mask, unlike 2 × distance transform which is ≈ +1 px). Limb width =
+  median over 35–75 % of the limb's length from the apex (away from the apex widening and the
+  feet); apical width = median of the profiles across the apex (±2 px of arc), i.e. outer to
+  inner edge of the apex along the loop axis. In a still image the **arterial limb is the
+  narrower** limb unless ``arterial_side`` is given (keypoints or video flow direction).
+- With **keypoints** (ANFC: ``up``/``down`` apex outer/inner edge, ``left-left``/``left-right``,
+  ``right-left``/``right-right``): widths are the keypoint distances; the mask measurement is kept
+  as a cross-check and ``flags["width_disagreement"]`` is set when they differ by > 10 %.
+- **Lengths**: ``height_px`` (ANFC "length": distance from the apex to the line through the two
+  feet, i.e. the loop's height from apex to base) and ``arc_length_px`` (centerline foot → apex →
+  foot).
+- **Shape flags**: ``tortuous`` — the limbs' lateral offsets from their own smooth (quadratic)
+  courses swing side to side by > max(2 px, 0.3 × width) at least 6 times in total (a single
+  crossing bends each limb into an S: ~2 swings each; normal loops 0–1); ``crossing`` — not
+  tortuous, and the limbs swap sides (left limb right of the right limb by > 1 px somewhere below
+  the apex) or the instance mask encloses a hole (limbs closed on themselves); ``enlarged`` — apical width in
+  [enlarged_apex_um, giant_apex_um); ``giant`` — ≥ giant_apex_um (both None when uncalibrated);
+  ``blurred`` — label BLURRED; ``haemorrhage_near`` — a haemorrhage pixel within 50 µm (40 px when
+  uncalibrated) of the apex.
+
+Per image — :func:`summarize_image`: distal row = loops whose apex lies within a band (0.5 × the
+median loop height) below the upper envelope of apex positions (a line/quadratic fitted to the
+top-most apex in each of 8 vertical strips); density = distal-row loops / row length (the fitted
+row curve across the image width) in mm — null with reason ``"uncalibrated"`` without µm/px;
+crossing and tortuous fractions and mean widths over CLEAR loops — null with reason when fewer
+than ``min_clear_capillaries``.
+
+Per subject — :func:`summarize_subject`: NaN-mean of image values, abnormality flags against the
+normal ranges, and the EULAR **Fast Track** rule (Smith et al. 2019), reported as *suggestive*,
+never as a diagnosis: density ≥ 7/mm and no giant → "not scleroderma pattern (suggestive)";
+giant capillaries, or density ≤ 3/mm with abnormal shapes → "scleroderma pattern
+(suggestive)"; otherwise "indeterminate".
+
+Measurements are never clamped into the normal ranges.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+from scipy.ndimage import map_coordinates
+
+from nailfold.config import NormalRanges
+from stream.capillary import BLURRED, CLEAR, HAEMORRHAGE, Capillary
+
+log = logging.getLogger(__name__)
+
+KEYPOINT_NAMES = ("up", "down", "left-left", "left-right", "right-left", "right-right", "left-bottom", "right-bottom")
+FAST_TRACK_NOT_SSC = "not scleroderma pattern (suggestive)"
+FAST_TRACK_SSC = "scleroderma pattern (suggestive)"
+FAST_TRACK_INDETERMINATE = "indeterminate"
+
+
+@dataclass
+class CapillaryMorphology:
+    id: int
+    label: str                       # "clear" | "blurred"
+    arterial_side: str               # "left" | "right"
+    arterial_side_source: str        # "keypoints" | "given" | "narrower-limb"
+    arterial_width_px: float
+    venous_width_px: float
+    apical_width_px: float
+    height_px: float                 # apex → base line (ANFC "length")
+    arc_length_px: float             # centerline foot → apex → foot
+    apex_px: tuple[float, float]
+    bbox: tuple[int, int, int, int]
+    flags: dict = field(default_factory=dict)
+    mask_widths_px: dict = field(default_factory=dict)      # mask-profile measurement (cross-check)
+    keypoint_widths_px: dict | None = None
+    um_per_px: float | None = None
+    shape_class: str | None = None   # from a classifier, when one is available
+    notes: list = field(default_factory=list)
+
+    def um(self, px: float | None) -> float | None:
+        if self.um_per_px is None or px is None or not np.isfinite(px):
+            return None
+        return float(px) * self.um_per_px
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        for k in ("arterial_width", "venous_width", "apical_width"):
+            d[f"{k}_um"] = self.um(d[f"{k}_px"])
+        d["height_um"] = self.um(self.height_px)
+        d["arc_length_um"] = self.um(self.arc_length_px)
+        return d
+
+
+# ------------------------------------------------------------------------------------ geometry
+def normals(cl: np.ndarray, half: int = 3) -> np.ndarray:
+    """Unit normals (N, 2) of a polyline from central differences over ±``half`` samples."""
+    n = len(cl)
+    i0 = np.clip(np.arange(n) - half, 0, n - 1)
+    i1 = np.clip(np.arange(n) + half, 0, n - 1)
+    t = cl[i1] - cl[i0]
+    t = t / np.maximum(np.linalg.norm(t, axis=1, keepdims=True), 1e-9)
+    return np.stack([-t[:, 1], t[:, 0]], 1)
+
+
+def profile_widths(mask: np.ndarray, points: np.ndarray, dirs: np.ndarray, max_half: float = 60.0,
+                   step: float = 0.1) -> np.ndarray:
+    """Sub-pixel widths of a binary mask across ``points`` (x, y) along unit ``dirs`` (px).
+
+    The mask is sampled bilinearly along each line; the walls are the 0.5-level crossings nearest
+    the point on either side (linear interpolation between samples). NaN when the point is not
+    inside the mask or no wall is found within ``max_half``.
+    """
+    if len(points) == 0:
+        return np.zeros(0)
+    m = mask.astype(np.float32)
+    t = np.arange(0, max_half + step, step)
+    out = np.full(len(points), np.nan)
+    half = []
+    for sign in (1.0, -1.0):
+        xs = points[:, :1] + sign * dirs[:, :1] * t[None, :]
+        ys = points[:, 1:2] + sign * dirs[:, 1:2] * t[None, :]
+        v = map_coordinates(m, [ys.ravel(), xs.ravel()], order=1, mode="constant", cval=0.0).reshape(xs.shape)
+        below = v < 0.5
+        first = np.argmax(below, axis=1)
+        ok = below.any(axis=1) & (first > 0)
+        j = np.maximum(first, 1)
+        v0, v1 = v[np.arange(len(v)), j - 1], v[np.arange(len(v)), j]
+        frac = np.clip((v0 - 0.5) / np.maximum(v0 - v1, 1e-9), 0, 1)
+        half.append(np.where(ok, (j - 1 + frac) * step, np.nan))
+    inside = map_coordinates(m, [points[:, 1], points[:, 0]], order=1) >= 0.5
+    out = np.where(inside, half[0] + half[1], np.nan)
+    return out
+
+
+def _full_mask(cap: Capillary, shape: tuple[int, int] | None, pad: int = 2) -> tuple[np.ndarray, np.ndarray]:
+    """(instance mask padded, offset (x, y) of that array in image px)."""
+    x0, y0, _, _ = cap.bbox
+    return np.pad(cap.mask, pad), np.array([x0 - pad, y0 - pad], np.float32)
+
+
+def _limb_section(n_limb: int, lo: float = 0.35, hi: float = 0.75) -> slice:
+    a, b = int(round(n_limb * lo)), int(round(n_limb * hi))
+    return slice(a, max(b, a + 1))
+
+
+def mask_widths(cap: Capillary) -> dict:
+    """Sub-pixel mask widths: ``{"left": px, "right": px, "apex": px}`` (limbs in image terms)."""
+    m, off = _full_mask(cap, None)
+    cl = cap.centerline - off
+    nv = normals(cl)
+    ai = cap.apex_index
+    w = profile_widths(m, cl, nv)
+    limb1 = w[:ai + 1][::-1]            # apex → first foot
+    limb2 = w[ai:]                      # apex → last foot
+    res = {}
+    first_is_left = cap.centerline[0, 0] <= cap.centerline[-1, 0]
+    for name, limb in (("first", limb1), ("second", limb2)):
+        sec = limb[_limb_section(len(limb))] if len(limb) >= 10 else np.array([np.nan])
+        val = float(np.nanmedian(sec)) if np.isfinite(sec).any() else float("nan")
+        side = ("left" if first_is_left else "right") if name == "first" else ("right" if first_is_left else "left")
+        res[side] = val
+    apex = w[max(0, ai - 2):ai + 3]
+    res["apex"] = float(np.nanmedian(apex)) if np.isfinite(apex).any() else float("nan")
+    return res
+
+
+def keypoint_widths(kp: dict) -> dict:
+    """Widths from ANFC keypoints: ``{"left", "right", "apex"}`` px (NaN for missing pairs)."""
+    def dist(a, b):
+        if a in kp and b in kp and kp[a] is not None and kp[b] is not None:
+            return float(np.hypot(kp[a][0] - kp[b][0], kp[a][1] - kp[b][1]))
+        return float("nan")
+    return {"left": dist("left-left", "left-right"), "right": dist("right-left", "right-right"),
+            "apex": dist("up", "down")}
+
+
+def loop_height(cl: np.ndarray, apex_index: int) -> float:
+    """Distance (px) from the apex to the line through the two feet (the loop's height)."""
+    a, b, p = cl[0].astype(float), cl[-1].astype(float), cl[apex_index].astype(float)
+    ab = b - a
+    nab = np.linalg.norm(ab)
+    if nab < 1e-6 or apex_index in (0, len(cl) - 1):
+        feet = cl[[0, -1]]
+        return float(np.max(np.linalg.norm(feet - p, axis=1)))
+    return float(abs(ab[0] * (p[1] - a[1]) - ab[1] * (p[0] - a[0])) / nab)
+
+
+def limb_waviness(limb: np.ndarray, width: float) -> tuple[int, float]:
+    """(number of significant lateral swings, max |offset| px) of a limb polyline (apex → foot).
+
+    The lateral offset from the chord is detrended by a quadratic in arc length (lean and smooth
+    bend are not tortuosity); a swing is a run beyond ±max(2 px, 0.3 × width) alternating side.
+    """
+    if len(limb) < 12:
+        return 0, 0.0
+    a, b = limb[0], limb[-1]
+    ch = b - a
+    L = np.linalg.norm(ch)
+    if L < 1e-6:
+        return 0, 0.0
+    nrm = np.array([-ch[1], ch[0]]) / L
+    off = (limb - a) @ nrm
+    s = np.concatenate([[0], np.cumsum(np.linalg.norm(np.diff(limb, axis=0), axis=1))])
+    res = off - np.polyval(np.polyfit(s, off, 2), s)
+    thr = max(2.0, 0.3 * (width if np.isfinite(width) else 0.0))
+    state, swings = 0, 0
+    for r in res:
+        if r > thr and state != 1:
+            swings += state != 0
+            state = 1
+        elif r < -thr and state != -1:
+            swings += state != 0
+            state = -1
+    return int(swings), float(np.max(np.abs(res)))
+
+
+def limb_swaps(cap: Capillary, margin_px: float = 1.0, skip_px: float | None = None) -> int:
+    """How many times the two limbs swap sides below the apex region (x of left vs right limb
+    as functions of height; a swap = the signed gap changes from < −margin to > +margin)."""
+    cl, ai = cap.centerline, cap.apex_index
+    if ai < 5 or len(cl) - ai < 5:
+        return 0
+    l1, l2 = cl[:ai + 1], cl[ai:]
+    skip = skip_px if skip_px is not None else 8.0
+    y_lo = cl[ai, 1] + skip
+    y_hi = min(l1[:, 1].max(), l2[:, 1].max())
+    if y_hi <= y_lo + 2:
+        return 0
+    ys = np.arange(y_lo, y_hi, 1.0)
+
+    def x_at(limb):
+        # x of a limb as a function of y: mean over crossings of each height (limbs mostly monotone)
+        o = np.argsort(limb[:, 1], kind="stable")
+        return np.interp(ys, limb[o, 1], limb[o, 0])
+    d = x_at(l2) - x_at(l1)
+    if cl[0, 0] > cl[-1, 0]:
+        d = -d
+    state, swaps = 0, 0
+    for v in d:
+        if v > margin_px and state != 1:
+            swaps += state != 0
+            state = 1
+        elif v < -margin_px and state != -1:
+            swaps += state != 0
+            state = -1
+    return int(swaps)
+
+
+def _has_hole(mask: np.ndarray, min_area: float) -> bool:
+    inv = (~np.pad(mask, 1)).astype(np.uint8)
+    n, lab, stats, _ = cv2.connectedComponentsWithStats(inv, connectivity=4)
+    return bool(n > 2 and (stats[2:, cv2.CC_STAT_AREA] >= min_area).any())
+
+
+# ------------------------------------------------------------------------------------ per capillary
+def measure_capillary(cap: Capillary, labels: np.ndarray | None = None, keypoints: dict | None = None,
+                      um_per_px: float | None = None, ranges: NormalRanges | None = None, *,
+                      arterial_side: str | None = None, shape_class: str | None = None,
+                      haemorrhage_radius_um: float = 50.0) -> CapillaryMorphology:
+    """Measure one capillary (see module docstring). ``keypoints`` maps ANFC names → (x, y) px."""
+    notes: list[str] = []
+    mw = mask_widths(cap)
+    kw = keypoint_widths(keypoints) if keypoints else None
+    flags: dict = {}
+    src = "narrower-limb"
+    widths = dict(mw)
+    if kw is not None:
+        for k in ("left", "right", "apex"):
+            if np.isfinite(kw[k]):
+                widths[k] = kw[k]
+        dis = [abs(kw[k] - mw[k]) / max(kw[k], 1e-6) for k in kw if np.isfinite(kw[k]) and np.isfinite(mw[k])]
+        flags["width_disagreement"] = bool(dis and max(dis) > 0.10)
+    if arterial_side in ("left", "right"):
+        side = arterial_side
+        src = "keypoints" if keypoints else "given"
+    elif np.isfinite(widths["left"]) and np.isfinite(widths["right"]):
+        side = "left" if widths["left"] <= widths["right"] else "right"
+    else:
+        side = "left"
+        notes.append("only one limb measurable: arterial/venous assignment arbitrary")
+    if cap.extra.get("single_limb"):
+        notes.append("single limb found (limbs fused or one limb out of view)")
+    ven = "right" if side == "left" else "left"
+    height = loop_height(cap.centerline, cap.apex_index)
+    arc = cap.length_px
+    # shape
+    ai = cap.apex_index
+    limbs = [cap.centerline[:ai + 1][::-1], cap.centerline[ai:]]
+    lw = [widths["left"], widths["right"]] if cap.centerline[0, 0] <= cap.centerline[-1, 0] else [widths["right"], widths["left"]]
+    swings = [limb_waviness(lb, w) for lb, w in zip(limbs, lw)]
+    flags["tortuous"] = bool(sum(s[0] for s in swings) >= 6)
+    apex_w = widths["apex"]
+    wmax = np.nanmax([v for v in widths.values()] + [1.0])
+    closed = (not cap.extra.get("single_limb")) and _has_hole(cap.mask, max(12.0, 0.5 * float(wmax) ** 2))
+    swaps = limb_swaps(cap, skip_px=max(4.0, float(apex_w) if np.isfinite(apex_w) else 4.0))
+    # as in the ANFC classes, a tortuous loop is reported as tortuous, not also as crossing
+    flags["crossing"] = bool((closed or swaps >= 1) and not flags["tortuous"])
+    if um_per_px and ranges is not None and np.isfinite(apex_w):
+        a_um = apex_w * um_per_px
+        flags["giant"] = bool(a_um >= ranges.giant_apex_um)
+        flags["enlarged"] = bool(ranges.enlarged_apex_um <= a_um < ranges.giant_apex_um)
+    else:
+        flags["giant"] = flags["enlarged"] = None
+        if not um_per_px:
+            notes.append("uncalibrated: enlarged/giant need µm/px")
+    flags["blurred"] = cap.label == BLURRED
+    flags["haemorrhage_near"] = _haemorrhage_near(cap, labels, (haemorrhage_radius_um / um_per_px) if um_per_px else 40.0)
+    return CapillaryMorphology(
+        id=int(cap.id), label="blurred" if cap.label == BLURRED else "clear",
+        arterial_side=side, arterial_side_source=src,
+        arterial_width_px=float(widths[side]), venous_width_px=float(widths[ven]), apical_width_px=float(apex_w),
+        height_px=height, arc_length_px=arc, apex_px=(float(cap.apex[0]), float(cap.apex[1])),
+        bbox=tuple(int(v) for v in cap.bbox), flags=flags, mask_widths_px=mw, keypoint_widths_px=kw,
+        um_per_px=um_per_px, shape_class=shape_class, notes=notes)
+
+
+def _haemorrhage_near(cap: Capillary, labels: np.ndarray | None, radius_px: float) -> bool | None:
+    if labels is None:
+        return None
+    x, y = cap.apex
+    r = int(math.ceil(radius_px))
+    x0, y0 = max(0, int(x) - r), max(0, int(y) - r)
+    win = labels[y0:int(y) + r + 1, x0:int(x) + r + 1] == HAEMORRHAGE
+    if not win.any():
+        return False
+    yy, xx = np.nonzero(win)
+    return bool((np.hypot(xx + x0 - x, yy + y0 - y) <= radius_px).any())
+
+
+# ------------------------------------------------------------------------------------ per image
+@dataclass
+class ImageSummary:
+    n_capillaries: int
+    n_clear: int
+    distal_row_ids: list
+    density_per_mm: float | None
+    density_reason: str | None
+    row_length_px: float | None
+    crossing_fraction: float | None
+    tortuous_fraction: float | None
+    mean_arterial_width_px: float | None
+    mean_venous_width_px: float | None
+    mean_apical_width_px: float | None
+    mean_height_px: float | None
+    reason: str | None                 # why fractions/means are null
+    giant_count: int | None
+    enlarged_count: int | None
+    um_per_px: float | None
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        for k in ("mean_arterial_width", "mean_venous_width", "mean_apical_width", "mean_height"):
+            v = d[f"{k}_px"]
+            d[f"{k}_um"] = None if (v is None or self.um_per_px is None) else v * self.um_per_px
+        return d
+
+
+def distal_row(apexes: np.ndarray, heights: np.ndarray, width: int, strips: int = 8
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """(boolean membership, polynomial coefficients y(x)) of the distal (most nail-ward) row.
+
+    The upper envelope = top-most apex per vertical strip; a line (quadratic with ≥ 5 strips)
+    is fitted to it; members lie within a band of 0.5 × median loop height below the curve (or
+    above it)."""
+    if len(apexes) == 0:
+        return np.zeros(0, bool), np.array([0.0])
+    edges = np.linspace(0, width, strips + 1)
+    sid = np.clip(np.digitize(apexes[:, 0], edges) - 1, 0, strips - 1)
+    env = []
+    for s in np.unique(sid):
+        k = np.nonzero(sid == s)[0]
+        env.append(apexes[k[np.argmin(apexes[k, 1])]])
+    env = np.array(env)
+    deg = 2 if len(env) >= 5 else 1 if len(env) >= 2 else 0
+    coef = np.polyfit(env[:, 0], env[:, 1], deg)
+    band = 0.5 * float(np.median(heights)) if len(heights) else 50.0
+    # robust refit: drop envelope points far below the first fit (strips without a distal loop)
+    resid = env[:, 1] - np.polyval(coef, env[:, 0])
+    keep = resid <= band * 0.5
+    if keep.sum() >= deg + 1 and not keep.all():
+        coef = np.polyfit(env[keep, 0], env[keep, 1], deg)
+    dy = apexes[:, 1] - np.polyval(coef, apexes[:, 0])
+    return (dy <= band) & (dy >= -band), coef
+
+
+def _curve_length(coef: np.ndarray, x0: float, x1: float) -> float:
+    xs = np.linspace(x0, x1, 200)
+    ys = np.polyval(coef, xs)
+    return float(np.sqrt(np.diff(xs) ** 2 + np.diff(ys) ** 2).sum())
+
+
+def _nanmean(vals) -> float | None:
+    a = np.array([v for v in vals if v is not None], float)
+    a = a[np.isfinite(a)]
+    return float(a.mean()) if a.size else None
+
+
+def summarize_image(morphs: list[CapillaryMorphology], image_shape: tuple[int, ...], um_per_px: float | None,
+                    min_clear: int = 3) -> ImageSummary:
+    """Image-level values (see module docstring)."""
+    width = int(image_shape[1])
+    apexes = np.array([m.apex_px for m in morphs], float).reshape(-1, 2)
+    heights = np.array([m.height_px for m in morphs], float)
+    member, coef = distal_row(apexes, heights, width)
+    row_ids = [m.id for m, k in zip(morphs, member) if k]
+    row_len = _curve_length(coef, 0, width) if len(morphs) else float(width)
+    if um_per_px is None:
+        dens, dreason = None, "uncalibrated"
+    elif not len(morphs):
+        dens, dreason = 0.0, None
+    else:
+        dens, dreason = float(member.sum()) / (row_len * um_per_px / 1000.0), None
+    clear = [m for m in morphs if m.label == "clear"]
+    if len(clear) < min_clear:
+        reason = f"fewer than {min_clear} clear capillaries ({len(clear)})"
+        cf = tf = ma = mv = mp = mh = None
+    else:
+        reason = None
+        cf = float(np.mean([bool(m.flags.get("crossing")) for m in clear]))
+        tf = float(np.mean([bool(m.flags.get("tortuous")) for m in clear]))
+        ma = _nanmean(m.arterial_width_px for m in clear)
+        mv = _nanmean(m.venous_width_px for m in clear)
+        mp = _nanmean(m.apical_width_px for m in clear)
+        mh = _nanmean(m.height_px for m in clear)
+    if um_per_px:
+        giants = sum(bool(m.flags.get("giant")) for m in morphs)
+        enl = sum(bool(m.flags.get("enlarged")) for m in morphs)
+    else:
+        giants = enl = None
+    return ImageSummary(len(morphs), len(clear), row_ids, dens, dreason, row_len, cf, tf, ma, mv, mp, mh, reason,
+                        giants, enl, um_per_px)
+
+
+# ------------------------------------------------------------------------------------ per subject
+_SUBJ_RE = re.compile(r"^(?P<subject>.+?)_[^_]+$")
+
+
+def subject_of(path: str | Path, mapping: dict[str, str] | None = None) -> str:
+    """Subject id: from ``mapping`` (by full path, then file name), else ANFC ``Subject_Pic.jpg``
+    → ``Subject``, else the file stem."""
+    p = Path(path)
+    if mapping:
+        for key in (str(path), p.name, p.stem):
+            if key in mapping:
+                return mapping[key]
+    m = _SUBJ_RE.match(p.stem)
+    return m.group("subject") if m else p.stem
+
+
+def fast_track(density_per_mm: float | None, giant_present: bool | None, abnormal_shapes: bool | None) -> str:
+    """EULAR Fast Track algorithm (suggestive only). ``None`` inputs make rules undecidable."""
+    if giant_present:
+        return FAST_TRACK_SSC
+    if density_per_mm is not None and density_per_mm <= 3 and abnormal_shapes:
+        return FAST_TRACK_SSC
+    if density_per_mm is not None and density_per_mm >= 7 and giant_present is False:
+        return FAST_TRACK_NOT_SSC
+    return FAST_TRACK_INDETERMINATE
+
+
+def summarize_subject(images: list[ImageSummary], ranges: NormalRanges, um_per_px: float | None) -> dict:
+    """NaN-mean over a subject's images, abnormality flags and the Fast Track label."""
+    def mean(attr):
+        return _nanmean(getattr(s, attr) for s in images)
+    dens = mean("density_per_mm")
+    out = {
+        "n_images": len(images),
+        "density_per_mm": dens,
+        "density_reason": None if dens is not None else ("uncalibrated" if um_per_px is None else "no density"),
+        "crossing_fraction": mean("crossing_fraction"), "tortuous_fraction": mean("tortuous_fraction"),
+        "mean_arterial_width_px": mean("mean_arterial_width_px"), "mean_venous_width_px": mean("mean_venous_width_px"),
+        "mean_apical_width_px": mean("mean_apical_width_px"), "mean_height_px": mean("mean_height_px"),
+    }
+    for k in ("arterial_width", "venous_width", "apical_width", "height"):
+        v = out[f"mean_{k}_px"]
+        out[f"mean_{k}_um"] = None if v is None or um_per_px is None else v * um_per_px
+    giants = [s.giant_count for s in images if s.giant_count is not None]
+    giant_present = (sum(giants) > 0) if giants else None
+    enl = [s.enlarged_count for s in images if s.enlarged_count is not None]
+
+    def out_of(v, rng):
+        return None if v is None else bool(v < rng[0] or v > rng[1])
+    flags = {
+        "low_density": None if dens is None else bool(dens < ranges.density_per_mm_min),
+        "crossing": None if out["crossing_fraction"] is None else bool(out["crossing_fraction"] > ranges.crossing_fraction_max),
+        "tortuous": None if out["tortuous_fraction"] is None else bool(out["tortuous_fraction"] > ranges.tortuous_fraction_max),
+        "giant": giant_present,
+        "enlarged": (sum(enl) > 0) if enl else None,
+        "arterial_width_abnormal": out_of(out["mean_arterial_width_um"], ranges.arterial_um),
+        "venous_width_abnormal": out_of(out["mean_venous_width_um"], ranges.venous_um),
+        "apical_width_abnormal": out_of(out["mean_apical_width_um"], ranges.apical_um),
+        "length_abnormal": out_of(out["mean_height_um"], ranges.length_um),
+    }
+    abnormal_shapes = None if flags["crossing"] is None and flags["tortuous"] is None else bool(flags["crossing"] or flags["tortuous"])
+    out["flags"] = flags
+    out["fast_track"] = fast_track(dens, giant_present, abnormal_shapes)
+    out["fast_track_note"] = "EULAR Fast Track rule applied to automatic measurements: suggestive, not a diagnosis"
+    return out
