@@ -25,6 +25,7 @@ import math
 from dataclasses import dataclass, field
 
 import numpy as np
+from scipy.ndimage import gaussian_filter1d
 
 from stream import radon
 
@@ -206,6 +207,11 @@ class WindowAnalyzer:
     coarse_ratio: float = 1.2
     coarse_decimate: int = 2         # coarse pass on a kymograph binned this much along distance
     fine_ratio: float = 1.04
+    event_stat: str = "mean"         # "mean": line mean / sample SD; "rows": line sum vs its speed's spread
+    event_mean_threshold: float = 4.2
+    event_row_threshold: float = 0.0
+    event_smooth_px: float = 3.0     # Gaussian σ along the vessel before the event search: keeps
+    #                                  gap-sized (≥ 10 px) bright lines, suppresses fine red-cell texture
     transit_frac: float = 0.5        # time-resolved speeds use sub-windows this × the transit time
 
     def __post_init__(self):
@@ -268,15 +274,38 @@ class WindowAnalyzer:
         margin = max(4.0, 0.25 * (t_hi - t_lo))
         g_lo, g_hi = max(0.0, t_lo - margin), min(float(self.n_frames), t_hi + margin)
         step = 0.5
-        grid, z, cnt = radon.row_sinogram(k, self.anchor, fine, g_lo, g_hi, step)
+        ke = gaussian_filter1d(k, self.event_smooth_px, axis=1, mode="nearest") if self.event_smooth_px > 0 else k
+        grid, z, cnt = radon.row_sinogram(ke, self.anchor, fine, g_lo, g_hi, step)
         valid = cnt >= 4
         vf, _, _ = radon.texture_speed(z, valid, fine)
         res.speed_px_per_frame = vf if math.isfinite(vf) else v0
         res.local_speeds = self._local_speeds(k, fine, v0, t_lo, t_hi)
         if res.local_speeds:
             res.speed_px_per_frame = float(np.median(res.local_speeds))
-        evs = radon.detect_events(z, valid, fine, threshold=self.event_threshold,
-                                  min_sep_frames=3.0 / step, sidelobe_frames=6.0 / step, counts=cnt)
+        if self.event_stat == "mean":
+            # mean brightness along the line in robust SDs of the (smoothed) kymograph: a plasma gap
+            # is bright in every sample of its line, coherent red-cell texture is not
+            sd_e = radon.robust_sd(ke[::2, ::2].ravel()) or 1.0
+            stat = np.where(cnt >= 3, z / np.sqrt(np.maximum(cnt, 1)) / sd_e, 0.0).astype(np.float32)
+            # short lines (fast flow: few frames per transit) need a brighter mean: the summed
+            # evidence must match that of an 8-sample line at the threshold
+            stat = np.where(z / sd_e >= self.event_mean_threshold * math.sqrt(8.0), stat, 0.0).astype(np.float32)
+            evs = radon.detect_events(stat, cnt >= 3, fine, threshold=self.event_mean_threshold,
+                                      min_sep_frames=3.0 / step, sidelobe_frames=6.0 / step, counts=cnt,
+                                      normalize_rows=False, min_fill=0.75)
+            if self.event_row_threshold > 0 and evs:
+                # ... and the line must stand out of the texture moving at its own speed
+                zr = radon.row_normalized(z, valid, cnt)
+                keep = []
+                for e in evs:
+                    i = int(np.argmin(np.abs(fine - e.speed_px_per_frame)))
+                    j = int(np.clip(round(e.t_frame), 0, zr.shape[1] - 1))
+                    if zr[max(0, i - 1):i + 2, max(0, j - 1):j + 2].max() >= self.event_row_threshold:
+                        keep.append(e)
+                evs = keep
+        else:
+            evs = radon.detect_events(z, valid, fine, threshold=self.event_threshold,
+                                      min_sep_frames=3.0 / step, sidelobe_frames=6.0 / step, counts=cnt)
         kept: list[radon.LineEvent] = []
         for e in sorted(evs, key=lambda e: -e.strength):
             e = radon.LineEvent(grid[0] + e.t_frame * step, e.speed_px_per_frame, e.strength)

@@ -192,16 +192,38 @@ def robust_sd(x: np.ndarray) -> float:
     return 1.4826 * float(np.median(np.abs(x - np.median(x))))
 
 
+def row_normalized(sino: np.ndarray, valid: np.ndarray, counts: np.ndarray | None = None,
+                   min_fill: float = 0.5) -> np.ndarray:
+    """Each speed row of a sinogram as robust z-scores against that row's own lines (median /
+    MAD, spread floored at the median spread of all rows); 0 where invalid."""
+    full = valid & (counts >= min_fill * counts.max(axis=1, keepdims=True)) if counts is not None else valid
+    enough = full.sum(axis=1) >= 8
+    xm = np.where(full, sino, np.nan)
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        meds = np.nanmedian(xm, axis=1)
+        sds = 1.4826 * np.nanmedian(np.abs(xm - meds[:, None]), axis=1)
+    sds = np.where(enough & np.isfinite(sds), sds, 0.0)
+    meds = np.where(np.isfinite(meds), meds, 0.0)
+    pos = sds[sds > 0]
+    if pos.size == 0:
+        return np.zeros_like(sino, dtype=np.float32)
+    scale = np.maximum(sds, float(np.median(pos)))
+    return np.where(full & (sds[:, None] > 0), (sino - meds[:, None]) / scale[:, None], 0.0).astype(np.float32)
+
+
 def detect_events(sino: np.ndarray, valid: np.ndarray, speeds: np.ndarray, threshold: float = 5.0,
                   min_sep_frames: float = 3.0, max_events: int = 50, counts: np.ndarray | None = None,
-                  min_fill: float = 0.5, sidelobe_frames: float = 6.0, sidelobe_ratio: float = 0.5
-                  ) -> list[LineEvent]:
+                  min_fill: float = 0.5, sidelobe_frames: float = 6.0, sidelobe_ratio: float = 0.5,
+                  normalize_rows: bool = True) -> list[LineEvent]:
     """Bright lines in a sinogram.
 
     Every speed row is normalized by its own robust spread (median/MAD over crossing frames, floored
     at the median spread of all rows), so a line counts as an event only if it stands out of the
     texture moving at that speed; only lines with ≥ ``min_fill`` of the longest line's samples
-    (``counts`` from :class:`ShearRadon`) are considered; a candidate
+    (``counts`` from :class:`ShearRadon`) are considered (with ``normalize_rows=False`` the
+    sinogram is taken as an already calibrated statistic); a candidate
     is a local maximum of the normalized sinogram ≥ ``threshold``; its speed is then taken where
     the *raw* line sum peaks among neighbouring speeds at the same crossing time (normalization
     would otherwise favour slightly misaligned speeds). Events closer than ``min_sep_frames`` are
@@ -211,6 +233,10 @@ def detect_events(sino: np.ndarray, valid: np.ndarray, speeds: np.ndarray, thres
     z = np.zeros_like(sino)
     # complete lines only (≥ min_fill of the longest line at that speed): edge lines are noisy
     full = valid & (counts >= min_fill * counts.max(axis=1, keepdims=True)) if counts is not None else valid
+    if not normalize_rows:       # ``sino`` is already a calibrated statistic
+        z = np.where(full, sino, 0.0).astype(np.float32)
+        return _peaks(z, sino, full, speeds, threshold, min_sep_frames, max_events, sidelobe_frames,
+                      sidelobe_ratio)
     enough = full.sum(axis=1) >= 8
     xm = np.where(full, sino, np.nan)
     with np.errstate(all="ignore"):
@@ -227,6 +253,12 @@ def detect_events(sino: np.ndarray, valid: np.ndarray, speeds: np.ndarray, thres
     floor = float(np.median(pos))   # rows far from any flow speed are smooth: don't let their tiny
     scale = np.maximum(sds, floor)  # spread inflate partially aligned lines into "events"
     z = np.where(full & (sds[:, None] > 0), (sino - meds[:, None]) / scale[:, None], 0.0).astype(np.float32)
+    return _peaks(z, sino, full, speeds, threshold, min_sep_frames, max_events, sidelobe_frames, sidelobe_ratio)
+
+
+def _peaks(z, sino, valid, speeds, threshold, min_sep_frames, max_events, sidelobe_frames,
+           sidelobe_ratio) -> list[LineEvent]:
+    m, t = z.shape
     peaks = (z >= threshold) & (z == maximum_filter(z, size=(3, 3), mode="constant", cval=-np.inf))
     cand = np.argwhere(peaks)
     if cand.size == 0:

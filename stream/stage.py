@@ -214,6 +214,12 @@ class _Track:
         return float(self.cap.apex_index)
 
 
+EVENT_STAT = "mean"
+EVENT_MEAN_THRESHOLD = 4.2   # mean line brightness in robust SDs of the kymograph
+EVENT_ROW_THRESHOLD = 0.0
+EVENT_THRESHOLD = 6.0        # robust z of a bright line against its speed's background
+EVENT_SIZE_UM = 4.0          # σ of the along-vessel smoothing for the event search (a plasma gap / WBC
+EVENT_SIZE_PX = 3.0          # is ~10 µm); in px when uncalibrated
 TEXTURE_MIN_CORR = 0.25      # whole-window row correlation below which a window has no usable texture
 EVENT_MIN_SEP_FRAMES = 3.0   # events closer than this are one event
 SIDELOBE_FRAMES = 6.0        # a much weaker event this close to a strong one is its side lobe
@@ -419,7 +425,11 @@ class AnalysisStage:
             npx = tr.buffer.length
             lo, hi = flow.speed_range_px_per_frame(self.config.stage.speed_min_um_s, self.config.stage.speed_max_um_s,
                                                    self.um_per_px, self.fps, npx, n)
-            a = flow.WindowAnalyzer(n, npx, tr.anchor, lo, hi)
+            smooth = EVENT_SIZE_UM / self.um_per_px if self.um_per_px else EVENT_SIZE_PX
+            a = flow.WindowAnalyzer(n, npx, tr.anchor, lo, hi, event_threshold=EVENT_THRESHOLD,
+                                    event_smooth_px=smooth, event_stat=EVENT_STAT,
+                                    event_mean_threshold=EVENT_MEAN_THRESHOLD,
+                                    event_row_threshold=EVENT_ROW_THRESHOLD)
             tr.analyzers[n] = a
         return a
 
