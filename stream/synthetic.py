@@ -175,7 +175,7 @@ class SyntheticScope:
         self.loops: list[_Loop] = []
         self._build_loops(rng)
         self._render_static(rng)
-        self._noise_bank = self._make_noise(rng)
+        self._noise_lut = self._make_noise(rng)
         self._focus_bursts = self._make_focus_bursts(rng)
 
     # ---------------------------------------------------------------- appearance and motion
@@ -197,6 +197,7 @@ class SyntheticScope:
             self.bg_bgr = np.array([130, 150, 215], np.float32)
             self.absorb, self.illum_amp, self.vignette, self.texture_amp = 0.7, 0.12, 0.2, 0.03
             self.nail_band, self.speculars, self.optics_sigma, self.hb = True, 4, 0.8, HB_ABSORB.copy()
+
 
     def _motion_setup(self, rng: np.random.Generator) -> None:
         p = self.params
@@ -418,6 +419,7 @@ class SyntheticScope:
         self._spec = cv2.GaussianBlur(spec, (0, 0), 2.0) * 90.0
         # background + static blood; flowing vessel pixels are recomputed every frame
         self._static_canvas = self._compose(self._static_absorb)
+        self._static_u8 = None
         self._dyn_cache = None
         # red-cell texture along loops, and WBC gap shape
         self._tex = [self._texture(rng) for _ in self.loops]
@@ -434,10 +436,11 @@ class SyntheticScope:
         out = self._bg * np.exp(-absorb[:, :, None] * self.hb[None, None, :] * 1.6)
         return out + self._spec[:, :, None]
 
-    def _make_noise(self, rng: np.random.Generator) -> list[np.ndarray]:
-        p = self.params
-        shape = (p.height, p.width, 3) if p.color else (p.height, p.width)
-        return [np.clip(rng.normal(0, p.noise_sigma, shape), -127, 127).astype(np.int16) for _ in range(8)]
+    def _make_noise(self, rng: np.random.Generator) -> np.ndarray:
+        """256-entry table: uniform byte → Gaussian quantile of σ = noise_sigma (grey levels), int16."""
+        from scipy.special import ndtri
+        q = ndtri((np.arange(256) + 0.5) / 256) * self.params.noise_sigma
+        return np.clip(np.round(q), -127, 127).astype(np.int16).reshape(1, 256)
 
     def _make_focus_bursts(self, rng: np.random.Generator) -> list[tuple[float, float, float]]:
         if not self.params.focus_loss:
@@ -517,32 +520,46 @@ class SyntheticScope:
         """Frame i: uint8 (H, W, 3) BGR, or (H, W) gray if ``params.color`` is False."""
         p = self.params
         t = i / p.fps
-        # only the vessel pixels change: update a copy of the static canvas in their bounding region
+        if self._static_u8 is None:
+            self._static_u8 = np.clip(self._static_canvas, 0, 255).astype(np.uint8)
+            self._static_u8_g = np.ascontiguousarray(self._static_u8[:, :, 1])
+        # only the vessel pixels change: recompute them on a uint8 copy of the static canvas
         idx, val = self._dynamic_absorb(t)
-        canvas = self._static_canvas.copy()
-        if len(idx):
-            u, inv = self._dyn_index(idx)
-            a = self._static_absorb.ravel()[u] + np.bincount(inv, weights=val, minlength=len(u)).astype(np.float32)
-            canvas.reshape(-1, 3)[u] = self._bg.reshape(-1, 3)[u] * np.exp(-a[:, None] * self.hb[None, :] * 1.6) \
-                + self._spec.ravel()[u][:, None]
-        img = canvas if p.color else canvas[:, :, 1]
-        dx, dy = self._motion(t)
+        if p.color:
+            canvas = self._static_u8.copy()
+            if len(idx):
+                u, inv = self._dyn_index(idx)
+                a = self._static_absorb.ravel()[u] + np.bincount(inv, weights=val, minlength=len(u)).astype(np.float32)
+                v = self._bg.reshape(-1, 3)[u] * np.exp(-a[:, None] * self.hb[None, :] * 1.6) + self._spec.ravel()[u][:, None]
+                canvas.reshape(-1, 3)[u] = np.clip(v, 0, 255).astype(np.uint8)
+        else:
+            canvas = self._static_u8_g.copy()
+            if len(idx):
+                u, inv = self._dyn_index(idx)
+                a = self._static_absorb.ravel()[u] + np.bincount(inv, weights=val, minlength=len(u)).astype(np.float32)
+                v = self._bg[:, :, 1].ravel()[u] * np.exp(-a * self.hb[1] * 1.6) + self._spec.ravel()[u]
+                canvas.ravel()[u] = np.clip(v, 0, 255).astype(np.uint8)
+        dx, dy = self.shift(i)
         m = self.margin
-        mat = np.float32([[1, 0, m - dx + self._motion(0.0)[0]], [0, 1, m - dy + self._motion(0.0)[1]]])
+        # frame_i(x, y) = canvas(x + m - dx, y + m - dy)  →  frame_i(x + dx, y + dy) = frame_0(x, y)
+        mat = np.float32([[1, 0, m - dx], [0, 1, m - dy]])
         sigma = p.blur_sigma
-        for a, b, s in self._focus_bursts:
-            if a <= t < b:
-                sigma = max(sigma, s * math.sin(np.pi * (t - a) / (b - a)))
-        out = cv2.warpAffine(img, mat, (p.width, p.height), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
+        for a0, b0, s0 in self._focus_bursts:
+            if a0 <= t < b0:
+                sigma = max(sigma, s0 * math.sin(np.pi * (t - a0) / (b0 - a0)))
+        out = cv2.warpAffine(canvas, mat, (p.width, p.height), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
                              borderMode=cv2.BORDER_REFLECT)
         blur = math.hypot(self.optics_sigma, sigma)
         if blur > 0.3:
             out = cv2.GaussianBlur(out, (0, 0), blur)
-        noise = self._noise_bank[(i * 7 + p.seed) % len(self._noise_bank)]
-        roll = (i * 131) % 97
-        out = np.clip(out + np.roll(noise, roll, axis=1), 0, 255).astype(np.uint8)
-        if p.jpeg_quality:
-            ok, buf = cv2.imencode(".jpg", out, [cv2.IMWRITE_JPEG_QUALITY, int(p.jpeg_quality)])
+        if p.noise_sigma > 0:
+            # fresh sensor noise per frame, deterministic in (seed, i): random bytes → Gaussian quantiles (LUT)
+            r = np.random.default_rng([p.seed & 0xFFFFFFFF, i, 99])
+            u8 = np.frombuffer(r.bytes(out.size), np.uint8).reshape(out.shape)
+            out = cv2.add(out, cv2.LUT(u8, self._noise_lut), dtype=cv2.CV_8U)
+        q = p.jpeg_quality   # video: only when asked (its 8×8 block grid biases registration towards 0)
+        if q:
+            ok, buf = cv2.imencode(".jpg", out, [cv2.IMWRITE_JPEG_QUALITY, int(q)])
             out = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)
         return out
 
