@@ -249,7 +249,7 @@ def evaluate_synthetic(seed: int, seconds: float, segmenter_name: str = "classic
     return {"residual": rep.stabilization["residual_px"], "caps": caps, "unmatched": unmatched, "report": rep}
 
 
-def _check_accuracy(res: dict, min_matched: int = 1) -> None:
+def _check_accuracy(res: dict, min_matched: int = 1, check_wbc: bool = True) -> None:
     assert res["residual"]["median"] < 0.5 and res["residual"]["p95"] < 0.5 * 2
     in_range = [(t, m, tw, mw) for t, m, tw, mw in res["caps"] if t is not None and 100 <= t <= 1500]
     assert len(in_range) >= min_matched
@@ -257,13 +257,15 @@ def _check_accuracy(res: dict, min_matched: int = 1) -> None:
         assert m is not None and abs(m - t) / t <= 0.10, (t, m)
     tot_t = sum(tw for *_, tw, _ in in_range)
     tot_m = sum(mw for *_, mw in in_range)
-    if tot_t >= 10:
+    if check_wbc and tot_t >= 10:
         assert abs(tot_m - tot_t) / tot_t <= 0.10, (tot_t, tot_m)
 
 
 def test_synthetic_scope_short_clip():
     res = evaluate_synthetic(seed=101, seconds=12.0, verbose=True)
-    _check_accuracy(res)
+    _check_accuracy(res, min_matched=6, check_wbc=False)   # ~2 WBCs per loop in 12 s: counted in the slow test
+    stopped = [m for t, m, *_ in res["caps"] if t == 0.0 and m is not None]
+    assert all(m < 30 for m in stopped), stopped            # stopped flow reads ~0, not a speed
 
 
 @pytest.mark.slow
