@@ -467,6 +467,20 @@ class SyntheticScope:
         v = lp.speed_px_f * self.params.fps * self.params.um_per_px
         return v * (1 + lp.pulse_amp * math.sin(2 * np.pi * lp.pulse_hz * t + lp.pulse_phase))
 
+    def _time_at_displacement(self, lp: _Loop, target_px: float, t_ref: float, backwards: bool = False) -> float:
+        """Time (s) at which the blood displacement of ``lp`` equals ``target_px`` (bisection; the
+        displacement is non-decreasing since the pulse amplitude is < 1)."""
+        v = lp.speed_px_f * self.params.fps
+        span = 2.0 * abs(target_px - self.displacement(lp, t_ref)) / max(v, 1e-9) + 1.0
+        lo, hi = (t_ref - span, t_ref) if backwards else (t_ref, t_ref + span)
+        for _ in range(50):
+            mid = 0.5 * (lo + hi)
+            if self.displacement(lp, mid) < target_px:
+                lo = mid
+            else:
+                hi = mid
+        return 0.5 * (lo + hi)
+
     def wbc_times(self, lp: _Loop, t0: float, t1: float) -> np.ndarray:
         """Apex-passage times (s) of WBCs in [t0, t1), deterministic per 60 s block."""
         if lp.speed_px_f <= 0 or self.params.wbc_rate_per_min <= 0:
@@ -583,8 +597,13 @@ class SyntheticScope:
             apex = self._to_frame0(lp.centerline[lp.apex_index])
             kp = self._keypoints(lp)
             ev = []
-            for ta in self.wbc_times(lp, 0.0, dur):
-                ev.append({"t_apex_s": round(float(ta), 4)})
+            if lp.pix is not None:
+                for ta in self.wbc_times(lp, 0.0, dur):
+                    X = self.displacement(lp, float(ta))
+                    te = self._time_at_displacement(lp, X - lp.s_apex, float(ta), backwards=True)
+                    tx = self._time_at_displacement(lp, X + lp.s_length - lp.s_apex, float(ta))
+                    ev.append({"t_apex_s": round(float(ta), 4), "t_enter_s": round(te, 4),
+                               "t_exit_s": round(tx, 4)})
             in_view = bool(((cl[:, 0] >= 0) & (cl[:, 0] < p.width) & (cl[:, 1] >= 0) & (cl[:, 1] < p.height)).mean() > 0.9)
             c = {
                 "id": lp.id, "class": lp.cls, "row": lp.row, "in_view": in_view,
@@ -599,8 +618,9 @@ class SyntheticScope:
                 "haemorrhage": bool(lp.haemorrhage),
                 "flow_speed_um_s": round(lp.speed_px_f * p.fps * umpx, 3),
                 "flow_speed_px_per_frame": round(lp.speed_px_f, 4),
-                "speed_profile": {"mean_um_s": round(lp.speed_px_f * p.fps * umpx, 3), "amplitude": round(lp.pulse_amp, 4),
-                                  "heart_rate_hz": round(lp.pulse_hz, 4), "phase_rad": round(lp.pulse_phase, 4),
+                "speed_profile": {"mean_um_s": float(lp.speed_px_f * p.fps * umpx),
+                                  "amplitude": float(lp.pulse_amp) if lp.speed_px_f > 0 else 0.0,
+                                  "heart_rate_hz": float(lp.pulse_hz), "phase_rad": float(lp.pulse_phase),
                                   "formula": "v(t) = mean * (1 + amplitude * sin(2*pi*heart_rate_hz*t + phase_rad))"},
                 "stopped": lp.speed_px_f == 0 and lp.row == "distal",
                 "wbc_events": ev, "keypoints": kp,
@@ -644,6 +664,24 @@ class SyntheticScope:
         foot_first, foot_last = cl[0], cl[-1]
         out["left-bottom"], out["right-bottom"] = (foot_first, foot_last) if first_is_left else (foot_last, foot_first)
         return {k: [round(float(v[0]) - self.margin, 2), round(float(v[1]) - self.margin, 2)] for k, v in out.items()}
+
+
+def speed_at(cap: dict, t: float) -> float:
+    """Instantaneous flow speed (µm/s) at time ``t`` (s) of a truth capillary entry
+    (``truth()["capillaries"][k]``): ``mean · (1 + amplitude · sin(2π·heart_rate_hz·t + phase_rad))``."""
+    sp = cap["speed_profile"]
+    return sp["mean_um_s"] * (1 + sp["amplitude"] * math.sin(2 * math.pi * sp["heart_rate_hz"] * t + sp["phase_rad"]))
+
+
+def displacement_um_at(cap: dict, t: float) -> float:
+    """Distance (µm) the blood of a truth capillary entry has moved along its centerline between
+    time 0 and ``t`` (s): the integral of :func:`speed_at`."""
+    sp = cap["speed_profile"]
+    v, a, f, ph = sp["mean_um_s"], sp["amplitude"], sp["heart_rate_hz"], sp["phase_rad"]
+    if v == 0:
+        return 0.0
+    w = 2 * math.pi * f
+    return v * (t + a / w * (math.cos(ph) - math.cos(w * t + ph)))
 
 
 def _params_dict(p: SimParams) -> dict:

@@ -123,3 +123,79 @@ def test_still_mode_truth_and_mask():
         assert set(c["keypoints"]) >= {"up", "down", "left-left", "left-right", "right-left", "right-right"}
         kp = c["keypoints"]
         assert math.dist(kp["up"], kp["down"]) == pytest.approx(c["apical_width_px"], rel=1e-3)
+
+
+def _profile(img: np.ndarray, cl: np.ndarray) -> np.ndarray:
+    from scipy.ndimage import map_coordinates
+    return map_coordinates(img[:, :, 1].astype(np.float32), [cl[:, 1], cl[:, 0]], order=1)
+
+
+def test_texture_moves_at_the_truth_speed_in_the_pixels():
+    """Red-cell texture sampled along the truth centerline advances speed/µm_per_px/fps px per frame."""
+    sc = SyntheticScope(SimParams(seed=4, duration_s=1, n_loops=4, pulsatile=False, stopped_prob=0.0,
+                                  class_mix={"normal": 1.0}, jitter_px=0.0, drift_px_per_s=0.0, noise_sigma=0.0,
+                                  focus_loss=False, wbc_rate_per_min=0, speed_range_um_s=(60, 200)))
+    f0, f1 = sc.frame(4), sc.frame(5)
+    checked = 0
+    for c in sc.truth(1)["capillaries"]:
+        if c["row"] != "distal" or not c["in_view"]:
+            continue
+        cl = np.array(c["centerline_px"])[10:-10]
+        inside = (cl[:, 0] > 2) & (cl[:, 0] < 1021) & (cl[:, 1] > 2) & (cl[:, 1] < 765)
+        if not inside.all():
+            continue
+        a, b = _profile(f0, cl), _profile(f1, cl)
+        a, b = a - a.mean(), b - b.mean()
+        lags = np.arange(0, 12)
+        cc = [np.dot(a[:len(a) - k], b[k:]) / (len(a) - k) for k in lags]
+        k = int(np.argmax(cc))
+        sub = k + (0.5 * (cc[k - 1] - cc[k + 1]) / (cc[k - 1] - 2 * cc[k] + cc[k + 1]) if 0 < k < len(lags) - 1 else 0)
+        expect = c["flow_speed_um_s"] / sc.params.um_per_px / sc.params.fps
+        assert sub == pytest.approx(expect, abs=0.6), (c["id"], sub, expect)
+        checked += 1
+    assert checked >= 2
+
+
+def test_wbc_event_times_and_speed_profile_are_consistent():
+    from stream.synthetic import displacement_um_at, speed_at
+    sc = SyntheticScope(SimParams(seed=8, duration_s=6, n_loops=4, wbc_rate_per_min=40, stopped_prob=0.0,
+                                  class_mix={"normal": 1.0}))
+    tr = sc.truth()
+    n = 0
+    for c in tr["capillaries"]:
+        for e in c["wbc_events"]:
+            assert e["t_enter_s"] < e["t_apex_s"] < e["t_exit_s"]
+            # distance travelled between entry and apex = arc length from the arterial foot to the apex
+            d = displacement_um_at(c, e["t_apex_s"]) - displacement_um_at(c, e["t_enter_s"])
+            cl = np.array(c["centerline_px"])
+            j = int(np.argmin(np.hypot(*(cl - c["apex_px"]).T)))
+            s_apex_um = np.hypot(*np.diff(cl[:j + 1], axis=0).T).sum() * sc.params.um_per_px
+            assert d == pytest.approx(s_apex_um, abs=2.0)
+            n += 1
+        if c["row"] == "distal" and c["flow_speed_um_s"] > 0:
+            ts = np.linspace(0, 5, 2001)
+            v = np.array([speed_at(c, t) for t in ts])
+            assert v.min() > 0 and np.trapezoid(v, ts) == pytest.approx(displacement_um_at(c, 5.0), rel=1e-3)
+    assert n > 0
+
+
+def test_gray_mode_and_cli(tmp_path):
+    import json
+    from nailfold.cli import main
+    from nailfold.errors import InputError
+    g = SyntheticScope(SimParams(seed=2, duration_s=0.2, color=False, n_loops=3)).frame(1)
+    assert g.shape == (768, 1024) and g.dtype == np.uint8
+    out, tj, md = tmp_path / "v.mkv", tmp_path / "t.json", tmp_path / "m"
+    assert main(["simulate", "--out", str(out), "--truth", str(tj), "--masks", str(md), "--seconds", "0.3",
+                 "--seed", "1", "--loops", "4"]) == 0
+    t = json.loads(tj.read_text())
+    assert t["schema"] == "nailfold.sim-truth/1" and len(t["shifts"]) == 6
+    cap = cv2.VideoCapture(str(out))
+    frames = 0
+    while cap.read()[0]:
+        frames += 1
+    assert frames == 6
+    m = cv2.imread(str(md / "v_labels.png"), cv2.IMREAD_UNCHANGED)
+    assert m.shape == (768, 1024) and (m == 1).any()
+    assert main(["simulate", "--out", str(out), "--truth", str(tj), "--seconds", "-1"]) == 2
+    assert main(["simulate", "--out", str(out), "--truth", str(tj), "--um-per-px", "0"]) == 2
