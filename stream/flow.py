@@ -12,7 +12,9 @@ is None) µm values are None and only px/frame is reported. Speeds are never cla
 band: the search range is the physical one from the configuration (default 0–3000 µm/s), capped
 only by what the kymograph can resolve (a line must span ≥ 3 frames: ``|v| ≤ N/3`` px/frame).
 Events are searched in a band (``event_band``×) around the window's texture speed, because white
-cells and plasma gaps move with the red-cell column in single-file capillary flow; a weaker event
+cells and plasma gaps move with the red-cell column in single-file capillary flow. An event is a
+line whose mean brightness (kymograph smoothed along the vessel to the size of a cell) is ≥
+``event_mean_threshold`` robust SDs, with at least the evidence of an 8-sample line; a weaker event
 line crossing a stronger one inside the window is dropped (cells cannot overtake in single file).
 When the flow crosses the kymograph in less than half a window (fast flow), the window also gives
 time-resolved speeds (row cross-correlation on sub-windows of half a transit time), so that

@@ -42,7 +42,8 @@ the first frame; NaN/unknown values are ``null``)::
           "wbc_per_min": 12.4,
           "wbc_events": [{"t_s": 3.15,             # time the event passes the apex
                           "speed_um_s": 805.0, "speed_px_per_frame": 33.5,
-                          "strength": 9.1}]        # robust z-score of its Radon line
+                          "strength": 5.1}]        # mean brightness along its Radon line, in
+                                                   #  robust SDs of the kymograph (≥ 4.2)
       }]
     }
 
