@@ -183,8 +183,9 @@ class SyntheticScope:
         p = self.params
         if p.appearance == "random":
             lum = rng.uniform(120, 215)
-            self.bg_bgr = np.clip(lum * np.array([rng.uniform(0.68, 1.1), rng.uniform(0.75, 1.05),
-                                                  rng.uniform(0.85, 1.25)]), 40, 250).astype(np.float32)
+            bgr = lum * np.array([rng.uniform(0.68, 1.1), rng.uniform(0.75, 1.05), rng.uniform(0.62, 1.25)])
+            bgr = 0.75 * bgr + 0.25 * bgr.mean()          # real skin is less saturated than independent gains
+            self.bg_bgr = np.clip(bgr, 40, 250).astype(np.float32)
             self.absorb = rng.uniform(0.25, 1.1)          # vessel contrast (absorbance scale)
             self.illum_amp = rng.uniform(0.05, 0.25)
             self.vignette = rng.uniform(0.0, 0.35)
@@ -410,6 +411,7 @@ class SyntheticScope:
                 self.label_canvas[hmask & (self.label_canvas == 0)] = HAEMORRHAGE
                 absorb_img += cv2.GaussianBlur(blob, (0, 0), 1.5) * self.absorb * 1.3
                 lp.haemo_center = (float(c[0]), float(c[1]))
+        bg, absorb_img = self._deep_layers(bg, absorb_img)
         self._static_absorb = absorb_img
         self._bg = bg.astype(np.float32)
         # specular reflections (added after absorption, bright)
@@ -424,6 +426,37 @@ class SyntheticScope:
         # red-cell texture along loops, and WBC gap shape
         self._tex = [self._texture(rng) for _ in self.loops]
         self.wbc_sigma_px = 6.0 / p.um_per_px
+
+    def _deep_layers(self, bg: np.ndarray, absorb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Below the distal row: skin turns redder (denser dermal blood) and a diffuse haze of deep,
+        strongly defocused vessels (subpapillary plexus) appears. Unlabelled (not resolvable vessels).
+        Uses its own random stream so loop geometry and flow of a seed are unaffected."""
+        p = self.params
+        rng = np.random.default_rng([p.seed & 0xFFFFFFFF, 79])
+        H, W = self.H, self.W
+        distal = [lp for lp in self.loops if lp.row == "distal"]
+        row_y = float(np.median([lp.centerline[lp.apex_index, 1] for lp in distal])) if distal else H * 0.25
+        yy = np.arange(H, dtype=np.float32)[:, None]
+        depth = np.clip((yy - row_y) / (0.8 * H), 0, 1) ** rng.uniform(0.7, 1.4)
+        tint = np.array([rng.uniform(0.8, 0.95), rng.uniform(0.72, 0.9), rng.uniform(1.0, 1.12)], np.float32)
+        strength = rng.uniform(0.2, 0.9) if p.appearance == "random" else 0.5
+        bg = bg * (1 + strength * depth[:, :, None] * (tint[None, None, :] - 1))
+        if p.background_rows:
+            haze = np.zeros((H, W), np.float32)
+            n = int(rng.integers(15, 60)) if p.appearance == "random" else 30
+            for _ in range(n):
+                x0, y0 = rng.uniform(0, W), rng.uniform(row_y + 0.15 * H, H + 40)
+                ang = rng.uniform(-np.pi, 0) if rng.random() < 0.6 else rng.uniform(-0.3, 0.3)
+                ln = rng.uniform(40, 220) / p.um_per_px
+                t = np.linspace(0, 1, 24)[:, None]
+                d = np.array([[math.cos(ang), math.sin(ang)]])
+                nrm = np.array([[-d[0, 1], d[0, 0]]])
+                pts = np.array([[x0, y0]]) + t * ln * d + nrm * rng.uniform(-15, 15) * np.sin(np.pi * t * rng.uniform(1, 3))
+                cv2.polylines(haze, [np.round(pts).astype(np.int32)], False, float(rng.uniform(0.4, 1.0)),
+                              max(1, int(rng.uniform(10, 30) / p.um_per_px)))
+            sig = rng.uniform(7, 12)
+            absorb = absorb + cv2.GaussianBlur(haze, (0, 0), sig) * self.absorb * rng.uniform(0.08, 0.22)
+        return bg, absorb
 
     def _texture(self, rng: np.random.Generator) -> np.ndarray:
         n = 8192
