@@ -275,7 +275,7 @@ def train(args) -> int:
         errs, hits = [], []
         for k in range(len(h)):
             for j in range(len(POINT_NAMES)):
-                if vv[k, j] > 0 and vh[k, j].max() > 0.99:
+                if vv[k, j] > 0 and vh[k, j].max() > 0.6:
                     ty, tx = np.unravel_index(int(vh[k, j].argmax()), vh[k, j].shape)
                     px, py, pk = decode_heatmap(h[k, j])
                     e = float(np.hypot(px - tx, py - ty))

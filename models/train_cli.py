@@ -103,7 +103,7 @@ def _loop(model, loss_fn, loader_iter, args, evaluate, meta_fn, out, desc) -> di
         log.info("epoch %d: %s", ep + 1, metrics)
         print(f"{desc} epoch {ep + 1}/{args.epochs}: " + " ".join(f"{k}={v}" for k, v in metrics.items()),
               flush=True)
-        if score >= best:
+        if not best_metrics or score >= best:
             best, best_metrics = score, dict(metrics, epoch=ep + 1)
             save_checkpoint(out, model, meta_fn(best_metrics))
     print(f"{desc}: best {best_metrics} -> {out} ({time.time() - t0:.0f} s)")
