@@ -108,45 +108,78 @@ def _path(pred_row: np.ndarray, src: int, dst: int) -> list[int]:
     return out[::-1]
 
 
-def loop_path(skel: np.ndarray) -> tuple[np.ndarray, dict]:
-    """Ordered skeleton path foot → apex → foot as (N, 2) (x, y) float, plus info dict."""
+def loop_paths(skel: np.ndarray, max_len: float = np.inf, near_px: float = 15.0) -> list[tuple[np.ndarray, dict]]:
+    """Ordered skeleton paths foot → apex → foot, one per loop of a (possibly merged) skeleton.
+
+    Apex candidates are the skeleton's local y-minima, top-most first. From each apex the
+    geodesic search is limited to ``max_len`` px (a loop's limb is never longer), foot A = the
+    farthest reachable end (or the farthest reachable pixel in a network), foot B = the farthest
+    end when the edges of A → apex are made 50× as expensive (finds the second limb even when the
+    limbs cross). Apices within ``near_px`` of an already extracted path are skipped.
+    Returns ``[(xy (N, 2) float32 (x, y), info), …]``.
+    """
     rc, g = skeleton_graph(skel)
-    info: dict = {}
-    if len(rc) < 2:
-        return rc[:, ::-1].astype(np.float32), info
+    n = len(rc)
+    if n < 2:
+        return []
     deg = _degrees(g)
-    apex = int(np.lexsort((rc[:, 1], rc[:, 0]))[0])          # smallest y (row)
-    ends = np.nonzero(deg == 1)[0]
-    info["n_ends"] = int(len(ends))
-    d0, p0 = dijkstra(g, indices=apex, return_predecessors=True)
-    cand = ends[np.isfinite(d0[ends])] if len(ends) else np.array([], int)
-    cand = cand[cand != apex]
-    if len(cand) == 0:                                       # closed ring: use the lowest point
-        finite = np.nonzero(np.isfinite(d0))[0]
-        cand = finite[[np.argmax(rc[finite, 0])]]
-    a = int(cand[np.argmax(d0[cand])])
-    path_a = _path(p0, apex, a)[::-1]                        # a → apex
-    # second limb: make the first limb expensive, then the farthest end from the apex
-    on_a = np.zeros(len(rc), bool)
-    on_a[path_a[:-1]] = True
-    g2 = g.tocoo()
-    pen = np.where(on_a[g2.row] | on_a[g2.col], 50.0, 1.0)
-    g2 = sparse.csr_matrix((g2.data * pen, (g2.row, g2.col)), shape=g.shape)
-    d1, p1 = dijkstra(g2, indices=apex, return_predecessors=True)
-    cand_b = cand[(cand != a)]
-    path_b: list[int] = []
-    if len(cand_b):
-        b = int(cand_b[np.argmax(d1[cand_b])])
-        path_b = _path(p1, apex, b)
-        if len(path_b) < 2 or on_a[path_b[1:]].mean() > 0.5:
-            path_b = []
-    if not path_b:
-        info["single_limb"] = True
-        order = path_a
-    else:
-        order = path_a + path_b[1:]
-    xy = rc[order][:, ::-1].astype(np.float32)
-    return xy, info
+    y = rc[:, 0]
+    nb_min = np.full(n, np.iinfo(np.int64).max)
+    has = deg > 0
+    nb_min[has] = np.minimum.reduceat(y[g.indices], g.indptr[:-1][has])
+    cand = np.nonzero((y <= nb_min))[0]
+    cand = cand[np.lexsort((rc[cand, 1], y[cand]))]
+    claimed = np.zeros(n, bool)
+    gcoo = g.tocoo()
+    out = []
+    for apex in cand:
+        if claimed[apex]:
+            continue
+        d0, p0 = dijkstra(g, indices=int(apex), return_predecessors=True, limit=max_len)
+        reach = np.isfinite(d0)
+        if (claimed & (d0 < near_px)).any():
+            continue
+        ends = np.nonzero(reach & (deg == 1))[0]
+        ends = ends[ends != apex]
+        pool = ends if len(ends) else np.nonzero(reach)[0]
+        a = int(pool[np.argmax(d0[pool])])
+        if a == apex:
+            continue
+        path_a = _path(p0, int(apex), a)[::-1]               # a → apex
+        on_a = np.zeros(n, bool)
+        on_a[path_a[:-1]] = True
+        pen = np.where(on_a[gcoo.row] | on_a[gcoo.col], 5.0, 1.0)
+        g2 = sparse.csr_matrix((gcoo.data * pen, (gcoo.row, gcoo.col)), shape=g.shape)
+        d1, p1 = dijkstra(g2, indices=int(apex), return_predecessors=True, limit=5.0 * max_len)
+        boundary = reach & (d0 > 0.8 * max_len) if np.isfinite(max_len) else np.zeros(n, bool)
+        cb = np.nonzero((reach & ((deg == 1) | boundary)) & ~on_a & np.isfinite(d1))[0]
+        cb = cb[cb != apex]
+        info = {"n_ends": int(len(ends))}
+        path_b: list[int] = []
+        for b in cb[np.argsort(-d1[cb])][:6]:               # farthest end not reached along limb A
+            pb = _path(p1, int(apex), int(b))
+            if len(pb) >= 2 and on_a[pb[1:]].mean() <= 0.5:
+                path_b = pb
+                break
+        if not path_b:
+            info["single_limb"] = True
+            order = path_a
+        else:
+            order = path_a + path_b[1:]
+        # claim the path and every skeleton pixel within near_px of it (parallel branches of
+        # touching limbs, the inner arch of a crossing): they cannot start another loop
+        dn = dijkstra(g, indices=order, min_only=True, limit=near_px)
+        claimed |= np.isfinite(dn)
+        out.append((rc[order][:, ::-1].astype(np.float32), info))
+    return out
+
+
+def loop_path(skel: np.ndarray) -> tuple[np.ndarray, dict]:
+    """The single main loop path of a skeleton (see :func:`loop_paths`), (x, y) float32."""
+    paths = loop_paths(skel)
+    if not paths:
+        return np.zeros((0, 2), np.float32), {}
+    return max(paths, key=lambda p: len(p[0]))
 
 
 def resample_polyline(xy: np.ndarray, step: float = 1.0, smooth: float = 1.5) -> np.ndarray:
@@ -185,39 +218,68 @@ def orient_arterial_first(cap: Capillary, arterial_side: str) -> Capillary:
     return cap
 
 
-def _instance(mask: np.ndarray, x0: int, y0: int, label: int, min_length_px: float, prune_px: float
-              ) -> Capillary | None:
+def _instances(mask: np.ndarray, x0: int, y0: int, labels_sub: np.ndarray, min_length_px: float, prune_px: float,
+               max_len: float) -> list[Capillary]:
     pad = 2
     m = np.pad(mask, pad)
     skel = skeletonize(m)
     skel = prune_spurs(skel, prune_px)
-    xy, info = loop_path(skel)
-    if len(xy) < 3:
-        return None
-    cl = resample_polyline(xy, 1.0, 1.5)
-    if len(cl) < 2:
-        return None
-    length = float(np.sqrt((np.diff(cl, axis=0) ** 2).sum(1)).sum())
-    if length < min_length_px:
-        return None
-    if cl[0, 0] > cl[-1, 0]:
-        cl = cl[::-1].copy()
+    paths = loop_paths(skel, max_len=max_len, near_px=max(15.0, prune_px * 2.5))
     dt = cv2.distanceTransform(m.astype(np.uint8), cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
-    width = 2 * map_coordinates(dt, [cl[:, 1], cl[:, 0]], order=1, mode="nearest").astype(np.float32)
-    apex_index = int(np.argmin(cl[:, 1]))
-    cl_img = cl + np.array([x0 - pad, y0 - pad], np.float32)
-    h, w = mask.shape
-    cap = Capillary(centerline=cl_img, apex=(float(cl_img[apex_index, 0]), float(cl_img[apex_index, 1])),
-                    apex_index=apex_index, width_px=width, bbox=(x0, y0, x0 + w, y0 + h), mask=mask.copy(),
-                    label=label, extra=info)
-    if info.get("n_ends", 2) > 2:
-        log.debug("capillary at (%.0f, %.0f): skeleton has %d ends, kept the main path", *cap.apex, info["n_ends"])
-    return cap
+    lab_p = np.pad(labels_sub, pad)
+    caps = []
+    multi = len(paths) > 1
+    for xy, info in paths:
+        if len(xy) < 3:
+            continue
+        cl = resample_polyline(xy, 1.0, 1.5)
+        if len(cl) < 2:
+            continue
+        length = float(np.sqrt((np.diff(cl, axis=0) ** 2).sum(1)).sum())
+        if length < min_length_px:
+            continue
+        if cl[0, 0] > cl[-1, 0]:
+            cl = cl[::-1].copy()
+        width = 2 * map_coordinates(dt, [cl[:, 1], cl[:, 0]], order=1, mode="nearest").astype(np.float32)
+        if multi:
+            # this loop's own pixels: the component's pixels within ~1.5 local radii of its path
+            line = np.ones(m.shape, np.uint8)
+            pts = np.round(cl).astype(np.int32)
+            cv2.polylines(line, [pts], False, 0, 1)
+            dl = cv2.distanceTransform(line, cv2.DIST_L2, 3)
+            own = m & (dl <= 0.75 * float(np.nanmax(width)) + 1.5)
+        else:
+            own = m
+        ys, xs = np.nonzero(own)
+        if len(ys) == 0:
+            continue
+        by0, by1, bx0, bx1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
+        sub = own[by0:by1, bx0:bx1]
+        lab_own = lab_p[by0:by1, bx0:bx1][sub]
+        label = CLEAR if (lab_own == CLEAR).sum() >= (lab_own == BLURRED).sum() else BLURRED
+        apex_index = int(np.argmin(cl[:, 1]))
+        cl_img = cl + np.array([x0 - pad, y0 - pad], np.float32)
+        bbox = (int(x0 - pad + bx0), int(y0 - pad + by0), int(x0 - pad + bx1), int(y0 - pad + by1))
+        info = dict(info)
+        if multi:
+            info["merged_component"] = True
+        cap = Capillary(centerline=cl_img, apex=(float(cl_img[apex_index, 0]), float(cl_img[apex_index, 1])),
+                        apex_index=apex_index, width_px=width, bbox=bbox, mask=sub.copy(), label=label, extra=info)
+        if info.get("n_ends", 2) > 2 or multi:
+            log.debug("capillary at (%.0f, %.0f): %d skeleton ends, %d loops in its component",
+                      cap.apex[0], cap.apex[1], info.get("n_ends", 0), len(paths))
+        caps.append(cap)
+    return caps
 
 
 def extract_capillaries(labels: np.ndarray, image: np.ndarray | None = None, *, min_length_px: float = 40,
-                        prune_px: float = 10) -> list[Capillary]:
-    """Capillary loops of a label mask (see module docstring), sorted by apex x."""
+                        prune_px: float = 10, max_limb_px: float | None = None) -> list[Capillary]:
+    """Capillary loops of a label mask (see module docstring), sorted by apex x.
+
+    ``max_limb_px`` bounds the geodesic length of a limb (default 0.45 × image height), so a
+    loop merged into a deeper vessel network is cut at a plausible length."""
+    if max_limb_px is None:
+        max_limb_px = 0.45 * labels.shape[0]
     labels = np.asarray(labels)
     if labels.ndim != 2:
         raise ValueError(f"labels must be 2-D, got shape {labels.shape}")
@@ -229,11 +291,7 @@ def extract_capillaries(labels: np.ndarray, image: np.ndarray | None = None, *, 
         if max(w, h) < min_length_px / 3 or area < 10:
             continue
         sub = cc[y:y + h, x:x + w] == i
-        lab_sub = labels[y:y + h, x:x + w][sub]
-        label = CLEAR if (lab_sub == CLEAR).sum() >= (lab_sub == BLURRED).sum() else BLURRED
-        cap = _instance(sub, int(x), int(y), label, min_length_px, prune_px)
-        if cap is not None:
-            caps.append(cap)
+        caps.extend(_instances(sub, int(x), int(y), labels[y:y + h, x:x + w], min_length_px, prune_px, max_limb_px))
     caps.sort(key=lambda c: c.apex[0])
     return caps
 

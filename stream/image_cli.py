@@ -1,0 +1,188 @@
+"""``nailfold image``: morphology of still capillaroscopy images → report JSON (+ CSV, overlays).
+
+In:  image files (any OpenCV-readable format; ANFC names ``Subject_Pic.jpg`` give the subject),
+     optional ``--subject-map CSV`` (columns ``image,subject``), ``--um-per-px`` (else the
+     config's ``device.um_per_px``; none = uncalibrated: px only, density null).
+Out: ``--out report.json`` (schema ``nailfold.image-report/1``, see :mod:`stream.image_report`),
+     ``--csv DIR`` (capillaries.csv, images.csv, subjects.csv), ``--overlay DIR`` (PNGs).
+
+Every input is read and analysed before anything is written: an unreadable or non-image file is
+an :class:`~nailfold.errors.InputError` (exit 2) and no output file is created or replaced.
+
+Segmenter: ``models.segmenter.get_segmenter(name)`` when that module exists (``auto``/``unet``),
+else the classical one (:class:`models.classical.ClassicalSegmenter`). Keypoints: when
+``models.segmenter`` offers ``get_keypoint_model()`` (an object with
+``predict(image, capillaries) -> {cap_id: {name: (x, y)}}``) its keypoints are used for widths.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import logging
+from collections import OrderedDict
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from nailfold import __version__
+from nailfold.config import load_config
+from nailfold.errors import InputError, NailfoldError
+from stream import image_report as rep
+from stream.capillaries import extract_capillaries, orient_arterial_first
+from stream.morphology import measure_capillary, subject_of, summarize_image, summarize_subject
+
+log = logging.getLogger(__name__)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("images", nargs="+", metavar="IMG", help="still images (JPEG/PNG/TIFF/BMP)")
+    parser.add_argument("--out", required=True, metavar="JSON", help="report file (nailfold.image-report/1)")
+    parser.add_argument("--csv", metavar="DIR", help="also write capillaries.csv, images.csv, subjects.csv here")
+    parser.add_argument("--overlay", metavar="DIR", help="write <stem>_overlay.png per image here")
+    parser.add_argument("--subject-map", metavar="CSV", help="CSV with columns image,subject (else from file names)")
+    parser.add_argument("--um-per-px", type=float, default=None, metavar="X",
+                        help="pixel size in µm (overrides the config; none = uncalibrated)")
+    parser.add_argument("--segmenter", choices=("auto", "classical", "unet"), default=None,
+                        help="segmentation model (default: the config's models.segmenter)")
+    parser.add_argument("--min-length-px", type=float, default=40.0,
+                        help="shortest loop centerline kept, px at 1024-px width (default 40)")
+
+
+def read_subject_map(path: str) -> dict[str, str]:
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f))
+    except OSError as e:
+        raise InputError(f"cannot read subject map {path}: {e}") from None
+    if not rows or not {"image", "subject"} <= set(rows[0].keys()):
+        raise InputError(f"subject map {path} must have columns image,subject")
+    return {r["image"].strip(): r["subject"].strip() for r in rows if r.get("image")}
+
+
+def read_image(path: str) -> np.ndarray:
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(f"image not found: {path}")
+    data = np.fromfile(str(p), np.uint8)
+    img = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
+    if img is None or img.ndim < 2 or min(img.shape[:2]) < 32:
+        raise InputError(f"not a readable image: {path}")
+    return img
+
+
+def get_segmenter(name: str, um_per_px: float | None):
+    """The requested segmenter; falls back to the classical one when no learned model exists."""
+    from models.classical import ClassicalSegmenter
+    if name == "classical":
+        return ClassicalSegmenter(um_per_px=um_per_px), "classical"
+    try:
+        from models.segmenter import get_segmenter as _get
+    except ImportError:
+        if name == "unet":
+            raise NailfoldError("--segmenter unet: no learned segmenter in this build (models.segmenter missing)")
+        log.info("models.segmenter not available: using the classical segmenter")
+        return ClassicalSegmenter(um_per_px=um_per_px), "classical"
+    seg = _get(name)
+    return seg, getattr(seg, "name", name)
+
+
+def get_keypoint_model():
+    try:
+        import models.segmenter as ms
+    except ImportError:
+        return None
+    fn = getattr(ms, "get_keypoint_model", None)
+    if fn is None:
+        return None
+    try:
+        return fn()
+    except (NailfoldError, OSError, RuntimeError, ValueError) as e:
+        log.warning("keypoint model unavailable (%s): widths from the mask", e)
+        return None
+
+
+def analyse_image(img: np.ndarray, segmenter, um_per_px: float | None, ranges, min_clear: int,
+                  min_length_px: float = 40.0, kp_model=None) -> tuple[dict, list, list, dict]:
+    """(report entry without path/subject, capillaries, morphologies, keypoints by id)."""
+    labels = segmenter.segment(img)
+    scale = img.shape[1] / 1024.0
+    caps = extract_capillaries(labels, img, min_length_px=min_length_px * scale, prune_px=10 * scale)
+    for i, c in enumerate(caps):
+        c.id = i
+    kps: dict = {}
+    if kp_model is not None and caps:
+        try:
+            kps = kp_model.predict(img, caps) or {}
+        except (RuntimeError, ValueError) as e:
+            log.warning("keypoint model failed (%s): widths from the mask", e)
+            kps = {}
+    morphs = []
+    for c in caps:
+        kp = kps.get(c.id)
+        side = None
+        if kp and "arterial_side" in kp:
+            side = kp.pop("arterial_side")
+        m = measure_capillary(c, labels, kp, um_per_px, ranges, arterial_side=side)
+        orient_arterial_first(c, m.arterial_side)
+        morphs.append(m)
+    summary = summarize_image(morphs, img.shape, um_per_px, min_clear)
+    row = set(summary.distal_row_ids)
+    warnings = []
+    if um_per_px is None:
+        warnings.append("uncalibrated: sizes in px only, density null (give --um-per-px or device.um_per_px)")
+    if summary.reason:
+        warnings.append(summary.reason)
+    if not caps:
+        warnings.append("no capillary found")
+    entry = {
+        "shape": list(img.shape), "um_per_px": um_per_px, "calibrated": um_per_px is not None,
+        "warnings": warnings,
+        "capillaries": [rep.capillary_record(m, c, m.id in row, kps.get(c.id)) for m, c in zip(morphs, caps)],
+        "summary": rep._clean(summary.to_dict()),
+    }
+    return entry, caps, morphs, kps
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config)
+    if args.um_per_px is not None:
+        cfg = cfg.with_overrides(um_per_px=args.um_per_px)
+    um = cfg.device.um_per_px
+    ranges = cfg.morphology.normal_ranges
+    mapping = read_subject_map(args.subject_map) if args.subject_map else None
+    images = OrderedDict()
+    for p in args.images:                              # validate every input before any work/output
+        images[p] = read_image(p)
+    segmenter, seg_name = get_segmenter(args.segmenter or cfg.models.segmenter, um)
+    kp_model = get_keypoint_model()
+    entries, overlays, by_subject = [], {}, OrderedDict()
+    summaries = {}
+    for p, img in images.items():
+        entry, caps, morphs, kps = analyse_image(img, segmenter, um, ranges, cfg.morphology.min_clear_capillaries,
+                                                 args.min_length_px, kp_model)
+        subj = subject_of(p, mapping)
+        entry = {"path": str(p), "subject": subj, **entry}
+        entries.append(entry)
+        by_subject.setdefault(subj, []).append(p)
+        from stream.morphology import ImageSummary
+        summaries[p] = ImageSummary(**{f.name: entry["summary"].get(f.name) for f in dataclasses.fields(ImageSummary)})
+        if args.overlay:
+            overlays[p] = rep.draw_overlay(img, caps, morphs, set(entry["summary"]["distal_row_ids"]), kps)
+        log.info("%s: %d capillaries, %d in the distal row", p, len(caps), len(entry["summary"]["distal_row_ids"]))
+    subjects = []
+    for subj, paths in by_subject.items():
+        s = summarize_subject([summaries[p] for p in paths], ranges, um)
+        subjects.append({"subject": subj, "images": [str(p) for p in paths], **s})
+    report = rep.build_report(entries, subjects, um_per_px=um, segmenter=seg_name,
+                              ranges=dataclasses.asdict(ranges), version=__version__)
+    if args.csv:
+        for name, data in rep.csv_tables(report).items():
+            rep.atomic_write_bytes(Path(args.csv) / name, data)
+    for p, vis in overlays.items():
+        rep.write_png(Path(args.overlay) / f"{Path(p).stem}_overlay.png", vis)
+    rep.write_json(report, args.out)
+    n = sum(len(e["capillaries"]) for e in entries)
+    log.info("wrote %s: %d images, %d capillaries, %d subjects", args.out, len(entries), n, len(subjects))
+    return 0
