@@ -186,7 +186,8 @@ class SyntheticScope:
             bgr = lum * np.array([rng.uniform(0.68, 1.1), rng.uniform(0.75, 1.05), rng.uniform(0.62, 1.25)])
             bgr = 0.75 * bgr + 0.25 * bgr.mean()          # real skin is less saturated than independent gains
             self.bg_bgr = np.clip(bgr, 40, 250).astype(np.float32)
-            self.absorb = rng.uniform(0.25, 1.1)          # vessel contrast (absorbance scale)
+            # vessel contrast (absorbance scale): green-channel contrast ≈ 12–65 grey levels, like real scopes
+            self.absorb = 0.1 + (rng.uniform(0.25, 1.1) - 0.25) * 0.55
             self.illum_amp = rng.uniform(0.05, 0.25)
             self.vignette = rng.uniform(0.0, 0.35)
             self.texture_amp = rng.uniform(0.01, 0.06)
@@ -232,6 +233,11 @@ class SyntheticScope:
         w = np.array([mix[c] for c in names], float)
         w /= w.sum()
         return lambda: str(rng.choice(names, p=w))
+
+    def _heart_hz(self, _unused_draw: float) -> float:
+        """One heart rate per subject (seed), 0.9–1.6 Hz, from its own random stream (the per-loop draw
+        is kept only so that the rest of a seed's scene is unchanged)."""
+        return float(np.random.default_rng([self.params.seed & 0xFFFFFFFF, 80]).uniform(0.9, 1.6))
 
     def _um(self, v: float) -> float:
         return v / self.params.um_per_px
@@ -323,7 +329,8 @@ class SyntheticScope:
         speed = 0.0 if stopped or row == "background" else rng.uniform(lo, hi)
         lp = _Loop(lid, cls, row, pts, wa.astype(np.float32), apex_idx, arterial_side, float(w_art), float(w_ven),
                    float(w_apex), float(height + sep / 2), speed / p.um_per_px / p.fps,
-                   rng.uniform(0.1, 0.3) if p.pulsatile else 0.0, rng.uniform(0.9, 1.6), rng.uniform(0, 2 * np.pi),
+                   rng.uniform(0.1, 0.3) if p.pulsatile else 0.0, self._heart_hz(rng.uniform(0.9, 1.6)),
+                   rng.uniform(0, 2 * np.pi),
                    haemorrhage=(row == "distal" and rng.random() < p.haemorrhage_prob), crossings=crossings)
         if cls == "bushy":
             for _ in range(int(rng.integers(2, 5))):
