@@ -61,6 +61,9 @@ class StreamSlot:
     _t: float = field(default_factory=time.monotonic)
     sender: dict = field(default_factory=dict)
     last_image: np.ndarray | None = None      # latest (colour) frame as received, for display
+    morphology: dict = field(default_factory=dict)   # capillary id → live morphology
+    summary: dict = field(default_factory=dict)      # image-level summary of the tracked loops
+    morph_at: float = 0.0
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -92,6 +95,7 @@ class StageProcess:
         self._segmenter = None
         self._bg = threading.Thread(target=self._background, name="stage-bg", daemon=True)
         self.published = 0
+        self.morph_every_s = 5.0
 
     # -- construction of per-stream stages -------------------------------------------------
     def _get_segmenter(self):
@@ -121,10 +125,25 @@ class StageProcess:
             for slot in list(self.slots.values()):
                 try:
                     did |= bool(slot.stage.step_background())
+                    if time.monotonic() - slot.morph_at > self.morph_every_s:
+                        self._update_morphology(slot)
                 except Exception:  # a bug in one stream's analysis must not kill the stage
                     log.exception("background analysis failed")
             if not did:
                 time.sleep(0.01)
+
+    def _update_morphology(self, slot: StreamSlot) -> None:
+        """Re-measure the tracked capillaries (every ``morph_every_s``; they change only at keyframes)."""
+        from stream.live_morphology import measure_live
+
+        slot.morph_at = time.monotonic()
+        stage = slot.stage
+        snap_caps = {c["id"]: c for c in stage.snapshot().get("capillaries", [])}
+        with stage._lock:
+            caps = [(tr.cap, snap_caps.get(cid, {}).get("direction_reversed") if snap_caps.get(cid, {}).get(
+                "speed_px_per_frame") else None) for cid, tr in stage.tracks.items() if tr.active]
+        if caps and slot.shape:
+            slot.morphology, slot.summary = measure_live(caps, slot.shape, self.cfg)
 
     def _on_frame(self, msg: wire.Message) -> None:
         slot = self._slot(msg.stream, float(msg.header["fps"]), msg.image.shape)
@@ -193,6 +212,13 @@ class StageProcess:
             stage = slot.stage
             snap = stage.snapshot()
             blobs: dict[str, bytes] = {}
+            for cap in snap.get("capillaries", []):
+                m = slot.morphology.get(cap["id"])
+                if m:
+                    cap["morphology"] = m
+                    cap.setdefault("class", m.get("class"))
+            if slot.summary:
+                snap["summary"] = {**slot.summary, "n_capillaries": slot.summary.get("n_capillaries")}
             frame = self._display_frame(slot, snap)
             fr = encode_jpeg(frame, 80, self.frame_width)
             if fr:

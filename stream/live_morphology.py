@@ -1,0 +1,77 @@
+"""Morphology of the live stage's capillaries, for the dashboard.
+
+In:  the capillaries an :class:`stream.stage.AnalysisStage` currently tracks (from its keyframes,
+     in reference = first-frame coordinates), whether each one's flow runs against its centerline
+     (so the arterial limb is known from the flow direction, not guessed from widths), µm/px and
+     the configured normal ranges.
+Out: ``(per_capillary, summary)`` — ``{id: dict}`` with widths (px and µm), height, flags and a
+     ``flags`` list of the abnormal ones, and the image-level summary (density, fractions, Fast
+     Track suggestion) as plain JSON-able dicts — the same :mod:`stream.morphology` code that
+     ``nailfold image`` runs on still images.
+"""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+
+from nailfold.config import Config
+from stream.capillary import Capillary
+from stream.morphology import fast_track, measure_capillary, summarize_image
+
+log = logging.getLogger(__name__)
+
+_SHOWN_FLAGS = ("tortuous", "crossing", "enlarged", "giant", "haemorrhage_near", "width_disagreement")
+
+
+def arterial_side_from_flow(cap: Capillary, reversed_flow: bool | None) -> str | None:
+    """'left'/'right' for the limb blood enters (the arterial foot), from the flow direction.
+    ``reversed_flow`` None (direction unknown, e.g. stopped flow) → None."""
+    if reversed_flow is None or len(cap.centerline) < 2:
+        return None
+    art = cap.centerline[-1] if reversed_flow else cap.centerline[0]
+    ven = cap.centerline[0] if reversed_flow else cap.centerline[-1]
+    return "left" if art[0] <= ven[0] else "right"
+
+
+def measure_live(caps: list[tuple[Capillary, bool | None]], shape: tuple[int, ...], cfg: Config
+                 ) -> tuple[dict[int, dict], dict]:
+    """Measure tracked capillaries (see module docstring)."""
+    um = cfg.device.um_per_px
+    ranges = cfg.morphology.normal_ranges
+    morphs, out = [], {}
+    for cap, rev in caps:
+        try:
+            m = measure_capillary(cap, None, None, um, ranges, arterial_side=arterial_side_from_flow(cap, rev))
+        except Exception:  # a degenerate keyframe instance must not stop the stage
+            log.debug("morphology failed for capillary %s", cap.id, exc_info=True)
+            continue
+        morphs.append(m)
+        d = m.to_dict()
+        d["length_px"], d["length_um"] = d["height_px"], d["height_um"]
+        d["flags"] = [k for k in _SHOWN_FLAGS if m.flags.get(k)]
+        d["class"] = next((k for k in ("giant", "enlarged", "crossing", "tortuous") if m.flags.get(k)),
+                          "blurred" if m.label == "blurred" else "normal")
+        for k in ("mask_widths_px", "keypoint_widths_px", "bbox"):
+            d.pop(k, None)
+        out[int(m.id)] = _finite(d)
+    s = summarize_image(morphs, shape, um, cfg.morphology.min_clear_capillaries)
+    summary = s.to_dict()
+    abnormal = None if s.crossing_fraction is None else bool(
+        s.crossing_fraction > ranges.crossing_fraction_max or s.tortuous_fraction > ranges.tortuous_fraction_max)
+    summary["fast_track"] = fast_track(s.density_per_mm, None if s.giant_count is None else s.giant_count > 0, abnormal)
+    return out, _finite(summary)
+
+
+def _finite(d):
+    if isinstance(d, dict):
+        return {k: _finite(v) for k, v in d.items()}
+    if isinstance(d, (list, tuple)):
+        return [_finite(v) for v in d]
+    if isinstance(d, (float, np.floating)):
+        return float(d) if np.isfinite(d) else None
+    if isinstance(d, np.integer):
+        return int(d)
+    if isinstance(d, np.bool_):
+        return bool(d)
+    return d

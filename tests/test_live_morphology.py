@@ -1,0 +1,51 @@
+"""Live morphology glue: arterial side from the flow direction, units, summary."""
+import numpy as np
+
+from nailfold.config import load_config
+from stream.capillaries import extract_capillaries
+from stream.capillary import CLEAR
+from stream.live_morphology import arterial_side_from_flow, measure_live
+import cv2
+
+
+def _loops():
+    lab = np.zeros((300, 600), np.uint8)
+    for k, x in enumerate((100, 250, 400)):
+        cv2.line(lab, (x, 250), (x, 80), CLEAR, 9)          # left limb 9 px wide
+        cv2.line(lab, (x + 30, 250), (x + 30, 80), CLEAR, 13)  # right limb 13 px wide
+        cv2.ellipse(lab, (x + 15, 80), (15, 15), 0, 180, 360, CLEAR, 11)
+    return lab
+
+
+def _caps():
+    caps = extract_capillaries(_loops())
+    for i, c in enumerate(caps, 1):
+        c.id = i
+    return caps
+
+
+def test_measure_live_units_flow_side_and_summary():
+    caps = _caps()
+    assert len(caps) == 3
+    cfg = load_config("synthetic.yaml")
+    # flow runs against the centerline for the first loop: its arterial foot is the centerline's end
+    rev = [True, False, None]
+    per, summary = measure_live(list(zip(caps, rev)), (300, 600), cfg)
+    assert set(per) == {c.id for c in caps}
+    for c, r in zip(caps, rev):
+        m = per[c.id]
+        side = arterial_side_from_flow(c, r)
+        if side is not None:
+            assert m["arterial_side"] == side and m["arterial_side_source"] == "given"
+        else:
+            assert m["arterial_side"] == "left"  # the narrower limb
+        assert m["arterial_width_um"] == m["arterial_width_px"] * 1.2
+    assert summary["n_capillaries"] == 3 and summary["fast_track"]
+    assert summary["density_per_mm"] is not None
+
+
+def test_uncalibrated_density_is_null_with_reason():
+    caps = _caps()
+    per, summary = measure_live([(c, None) for c in caps], (300, 600), load_config())
+    assert summary["density_per_mm"] is None and summary["density_reason"] == "uncalibrated"
+    assert all(m["arterial_width_um"] is None for m in per.values())
