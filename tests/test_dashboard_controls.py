@@ -73,3 +73,36 @@ def test_dashboard_refuses_network_without_auth():
     r = subprocess.run([sys.executable, "-m", "nailfold.cli", "dashboard", "--host", "0.0.0.0", "--port", "0"],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "--auth" in r.stderr
+
+
+class _TwoStreams:
+    def __init__(self):
+        self.bodies = {s: {"stream": s, "health": {"signal": True, "calibrated": False},
+                           "snapshot": {"capillaries": [{"id": i, "apex_px": [10 * i, 10], "speed_px_per_frame": 2.0}
+                                                        for i in ids]}}
+                       for s, ids in (("scopeA", (1, 2)), ("scopeB", (7,)))}
+
+    def streams(self):
+        return sorted(self.bodies)
+
+    def latest(self, stream=None):
+        return self.bodies.get(stream) or self.bodies["scopeA"], {}, 0.1
+
+    def image(self, blobs, name):
+        return None
+
+    def history(self, stream, cap_id):
+        return [(0.0, 1.0), (0.5, 2.0)]
+
+
+def test_tick_stream_selector_and_dropdown_updates_only_on_change():
+    dash = Dashboard(_TwoStreams())
+    out = dash.tick(None, None, None)
+    stream_upd, cap_upd, known = out[2], out[3], out[-1]
+    assert stream_upd["choices"] == ["scopeA", "scopeB"] and stream_upd["value"] == "scopeA"
+    assert [c[0] for c in cap_upd["choices"]] == ["1", "2"] or cap_upd["choices"] == ["1", "2"]
+    assert "px/frame" in out[4]  # uncalibrated units
+    again = dash.tick("scopeA", "1", known)
+    assert "choices" not in again[2] and "choices" not in again[3]  # nothing re-sent
+    other = dash.tick("scopeB", "1", again[-1])
+    assert other[3]["value"] == "7"  # the selected stream's capillaries

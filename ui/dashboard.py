@@ -81,7 +81,10 @@ class Dashboard:
         self.ticks = 0
 
     # -- one refresh --------------------------------------------------------------------------
-    def tick(self, stream_sel: str | None, cap_sel, known: list):
+    def tick(self, stream_sel: str | None, cap_sel, known: dict | None):
+        """One screen refresh. ``known`` (per-session state) holds the stream and capillary lists
+        last sent to the dropdowns, so their choices are only re-sent when they change."""
+        known = known or {"streams": [], "ids": []}
         self.ticks += 1
         body, blobs, age = self.feed.latest(stream_sel or None)
         streams = self.feed.streams()
@@ -107,14 +110,15 @@ class Dashboard:
         t0 = hist[-1][0] if hist else 0.0
         unit = "µm/s" if calibrated else "px/frame"
         df = pd.DataFrame({"t_s": [t - t0 for t, _ in hist], "speed": [v for _, v in hist]})
-        stream_update = gr.update(choices=streams, value=body.get("stream")) if streams != known[:1] and streams else gr.update()
+        stream_update = gr.update(choices=streams, value=body.get("stream")) \
+            if streams and (streams != known["streams"] or stream_sel != body.get("stream")) else gr.update()
         cap_update = gr.update(choices=[str(i) for i in ids], value=str(sel) if sel is not None else None) \
-            if ids != known[1:] or str(sel) != str(cap_sel) else gr.update()
+            if ids != known["ids"] or str(sel) != str(cap_sel) else gr.update()
         return (overlay, render.health_markdown(health, age_s=age, source=self.source_label), stream_update,
                 cap_update, render.capillary_markdown(cap, calibrated),
                 render.draw_kymograph(kymo, cap), gr.LinePlot(value=df, y_title=f"speed ({unit})"),
                 render.morphology_rows(snap, calibrated), render.summary_markdown(snap, calibrated),
-                streams[:1] + ids)
+                {"streams": streams, "ids": ids})
 
     def select_on_image(self, stream_sel: str | None, evt) -> str | None:
         body, _, _ = self.feed.latest(stream_sel or None)
@@ -258,7 +262,7 @@ def build_app(dash: Dashboard, *, demo_mode: bool = False):
                     b_md = gr.Markdown("", elem_id="biopsy-result")
             b_btn.click(dash.biopsy, [b_in, b_um], [b_out, b_md])
 
-        known = gr.State([])
+        known = gr.State({"streams": [], "ids": []})
         timer = gr.Timer(dash.refresh_s)
         timer.tick(dash.tick, [stream_dd, cap_dd, known],
                    [live, health, stream_dd, cap_dd, cap_md, kymo, plot, table, summary, known],
