@@ -20,8 +20,11 @@ Per instance (all coordinates in px, (x, y), y down):
 4. ``width_px`` = 2 × Euclidean distance transform of the instance mask along the centerline
    (biased ≈ +1 px on discrete masks; :mod:`stream.morphology` measures sub-pixel widths).
 
-A skeleton with more than two ends after pruning (two loops merged through a bridge, buds of a
-bushy loop) keeps the main path and records ``extra["n_ends"]``; a single-limb instance (only one
+Merged components (loops joined through a bridge or a deeper vessel network, common in real
+images) are split: every local y-minimum of the skeleton not already within ~15 px of an extracted
+loop starts a new loop, whose limbs are searched within ``max_limb_px`` of its apex; each loop
+then owns the component pixels within ~1.5 local radii of its path (``extra["merged_component"]``).
+Ends of the skeleton are counted in ``extra["n_ends"]``; a single-limb instance (only one
 end besides the apex, e.g. limbs fused by blur) records ``extra["single_limb"] = True``.
 
 :func:`match_ids` keeps ids stable between keyframes by one-to-one mask overlap (IoU).
@@ -273,13 +276,12 @@ def _instances(mask: np.ndarray, x0: int, y0: int, labels_sub: np.ndarray, min_l
 
 
 def extract_capillaries(labels: np.ndarray, image: np.ndarray | None = None, *, min_length_px: float = 40,
-                        prune_px: float = 10, max_limb_px: float | None = None) -> list[Capillary]:
+                        prune_px: float = 10, max_limb_px: float = 350.0) -> list[Capillary]:
     """Capillary loops of a label mask (see module docstring), sorted by apex x.
 
-    ``max_limb_px`` bounds the geodesic length of a limb (default 0.45 × image height), so a
-    loop merged into a deeper vessel network is cut at a plausible length."""
-    if max_limb_px is None:
-        max_limb_px = 0.45 * labels.shape[0]
+    ``max_limb_px`` bounds the geodesic length of a limb (default 350 px ≈ 420 µm at 1.2 µm/px,
+    longer than any limb), so a loop merged into a deeper vessel network is cut at a plausible
+    length; scale it with the image resolution."""
     labels = np.asarray(labels)
     if labels.ndim != 2:
         raise ValueError(f"labels must be 2-D, got shape {labels.shape}")

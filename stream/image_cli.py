@@ -108,7 +108,8 @@ def analyse_image(img: np.ndarray, segmenter, um_per_px: float | None, ranges, m
     """(report entry without path/subject, capillaries, morphologies, keypoints by id)."""
     labels = segmenter.segment(img)
     scale = img.shape[1] / 1024.0
-    caps = extract_capillaries(labels, img, min_length_px=min_length_px * scale, prune_px=10 * scale)
+    caps = extract_capillaries(labels, img, min_length_px=min_length_px * scale, prune_px=10 * scale,
+                                max_limb_px=350 * scale)
     for i, c in enumerate(caps):
         c.id = i
     kps: dict = {}

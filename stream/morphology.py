@@ -18,7 +18,7 @@ out: :class:`CapillaryMorphology`):
 - **Lengths**: ``height_px`` (ANFC "length": distance from the apex to the line through the two
   feet, i.e. the loop's height from apex to base) and ``arc_length_px`` (centerline foot → apex →
   foot).
-- **Shape flags**: ``tortuous`` — the limbs' lateral offsets from their own smooth (quadratic)
+- **Shape flags**: ``tortuous`` — the limbs' lateral offsets from their own smooth (cubic)
   courses swing side to side by > max(2 px, 0.3 × width) at least 6 times in total (a single
   crossing bends each limb into an S: ~2 swings each; normal loops 0–1); ``crossing`` — not
   tortuous, and the limbs swap sides (left limb right of the right limb by > 1 px somewhere below
@@ -196,8 +196,8 @@ def loop_height(cl: np.ndarray, apex_index: int) -> float:
 def limb_waviness(limb: np.ndarray, width: float) -> tuple[int, float]:
     """(number of significant lateral swings, max |offset| px) of a limb polyline (apex → foot).
 
-    The lateral offset from the chord is detrended by a quadratic in arc length (lean and smooth
-    bend are not tortuosity); a swing is a run beyond ±max(2 px, 0.3 × width) alternating side.
+    The lateral offset from the chord is detrended by a cubic in arc length (lean, smooth bend and
+    the single S of a crossing are not tortuosity); a swing is a run beyond ±max(2 px, 0.3 × width) alternating side.
     """
     if len(limb) < 12:
         return 0, 0.0
@@ -209,7 +209,7 @@ def limb_waviness(limb: np.ndarray, width: float) -> tuple[int, float]:
     nrm = np.array([-ch[1], ch[0]]) / L
     off = (limb - a) @ nrm
     s = np.concatenate([[0], np.cumsum(np.linalg.norm(np.diff(limb, axis=0), axis=1))])
-    res = off - np.polyval(np.polyfit(s, off, 2), s)
+    res = off - np.polyval(np.polyfit(s, off, 3), s)
     thr = max(2.0, 0.3 * (width if np.isfinite(width) else 0.0))
     state, swings = 0, 0
     for r in res:

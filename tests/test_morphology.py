@@ -1,0 +1,248 @@
+"""Morphology measurements on drawn shapes of known size, flags, uncalibrated handling, Fast Track."""
+import math
+
+import cv2
+import numpy as np
+import pytest
+
+from nailfold.config import load_config
+from stream.capillaries import extract_capillaries
+from stream.capillary import BLURRED, CLEAR, HAEMORRHAGE
+from stream.morphology import (FAST_TRACK_INDETERMINATE, FAST_TRACK_NOT_SSC, FAST_TRACK_SSC, ImageSummary,
+                               fast_track, keypoint_widths, measure_capillary, profile_widths, subject_of,
+                               summarize_image, summarize_subject)
+
+RANGES = load_config().morphology.normal_ranges
+
+
+def tube_mask(shape, pts, widths):
+    """Exact tube: pixels whose centre lies within width/2 of the polyline (like the simulator)."""
+    from scipy.spatial import cKDTree
+    h, w = shape
+    yy, xx = np.mgrid[0:h, 0:w]
+    q = np.stack([xx.ravel(), yy.ravel()], 1).astype(float)
+    d, i = cKDTree(pts).query(q)
+    return (d <= np.asarray(widths)[i] / 2).reshape(h, w)
+
+
+def hairpin(x0=100.3, y_apex=40.0, height=160.0, sep=24.0, wave=0.0, cross=False, n=4000, tilt_deg=4.0):
+    """Centerline: left limb up, semicircular apex, right limb down (x, y), 0.1-px-ish spacing,
+    tilted by ``tilt_deg`` about the apex (an axis-aligned tube has integer pixel widths only)."""
+    r = sep / 2
+    t = np.linspace(0, 1, n)
+    ys = y_apex + r + height * (1 - t)
+    xl = x0 - r + wave * np.sin(2 * np.pi * 3 * t)
+    xr = x0 + r - wave * np.sin(2 * np.pi * 3 * t)
+    if cross:
+        xl = x0 - r + sep * t * 0 + np.where(t < 0.5, 2 * r * (0.5 - t) * 2, 0) * 0
+        s = np.clip((t - 0.2) / 0.5, 0, 1)
+        xl = x0 - r + 2 * r * (1 - s) * 0 + (x0 + r - (x0 - r)) * (1 - s) * 0 + (1 - s) * 0 + (x0 - r) * 0
+        xl = np.interp(t, [0, 0.3, 0.6, 1], [x0 + r, x0 + r, x0 - r, x0 - r])
+        xr = np.interp(t, [0, 0.3, 0.6, 1], [x0 - r, x0 - r, x0 + r, x0 + r])
+    left = np.stack([xl, ys], 1)
+    a = np.linspace(np.pi, 0, n // 4)
+    arc = np.stack([x0 + r * np.cos(a), y_apex + r - r * np.sin(a)], 1)
+    right = np.stack([xr[::-1], ys[::-1]], 1)
+    pts = np.concatenate([left, arc, right])
+    th = np.deg2rad(tilt_deg)
+    rot = np.array([[np.cos(th), -np.sin(th)], [np.sin(th), np.cos(th)]])
+    c = np.array([x0, y_apex])
+    return (pts - c) @ rot.T + c
+
+
+def one_cap(mask):
+    labels = mask.astype(np.uint8) * CLEAR
+    caps = extract_capillaries(labels, min_length_px=40)
+    assert len(caps) == 1
+    return caps[0], labels
+
+
+@pytest.mark.parametrize("w_l,w_r,w_apex", [(9.0, 13.0, 12.0), (10.6, 15.2, 17.4), (7.3, 8.8, 11.1)])
+def test_widths_subpixel_on_exact_tube(w_l, w_r, w_apex):
+    pts = hairpin(sep=max(w_l, w_r) + 14)
+    n = len(pts)
+    nl = 4000
+    widths = np.concatenate([np.full(nl, w_l), np.full(n - 2 * nl, w_apex), np.full(nl, w_r)])
+    # smooth the apex transition over the first/last 10 % of the limbs near the apex
+    mask = tube_mask((260, 200), pts, widths)
+    cap, labels = one_cap(mask)
+    m = measure_capillary(cap, labels, um_per_px=None, ranges=RANGES)
+    assert abs(m.arterial_width_px - w_l) <= 0.5       # narrower limb = arterial in stills
+    assert abs(m.venous_width_px - w_r) <= 0.5
+    assert abs(m.apical_width_px - w_apex) <= 1.0
+    assert m.arterial_side == "left"
+
+
+def test_lengths_of_drawn_loop():
+    height, sep = 160.0, 24.0
+    pts = hairpin(height=height, sep=sep)
+    mask = tube_mask((260, 200), pts, np.full(len(pts), 10.0))
+    cap, labels = one_cap(mask)
+    m = measure_capillary(cap, labels)
+    # apex (outer centerline top) to the base line through the feet: height + sep/2
+    assert m.height_px == pytest.approx(height + sep / 2, rel=0.04)
+    true_arc = 2 * height + math.pi * sep / 2
+    assert m.arc_length_px == pytest.approx(true_arc, rel=0.05)
+    assert not m.flags["tortuous"] and not m.flags["crossing"]
+
+
+def test_cv2_drawn_loop_widths():
+    """A loop drawn with cv2 thick polylines → widths = the drawn stroke's width (cv2 draws
+    thickness 11 as 13 px across, measured on a vertical stroke) within 0.5 px."""
+    probe = np.zeros((50, 50), np.uint8)
+    cv2.line(probe, (25, 5), (25, 45), 1, 11)
+    stroke = float(probe[25].sum())
+    img = np.zeros((300, 200), np.uint8)
+    pts = hairpin(x0=100, height=170, sep=34, tilt_deg=0)[::20]
+    cv2.polylines(img, [np.round(pts).astype(np.int32)], False, 1, 11)
+    cap, labels = one_cap(img > 0)
+    m = measure_capillary(cap, labels)
+    assert abs(m.arterial_width_px - stroke) <= 0.5 and abs(m.venous_width_px - stroke) <= 0.5
+
+
+def test_wavy_limbs_are_tortuous():
+    pts = hairpin(wave=7.0, sep=40)
+    mask = tube_mask((260, 220), pts, np.full(len(pts), 9.0))
+    cap, labels = one_cap(mask)
+    m = measure_capillary(cap, labels)
+    assert m.flags["tortuous"] is True
+
+
+def test_crossing_limbs_are_crossing():
+    pts = hairpin(cross=True, sep=30)
+    mask = tube_mask((260, 220), pts, np.full(len(pts), 9.0))
+    cap, labels = one_cap(mask)
+    m = measure_capillary(cap, labels)
+    assert m.flags["crossing"] is True
+    assert m.flags["tortuous"] is False
+
+
+def test_keypoints_override_and_cross_check():
+    pts = hairpin(sep=30)
+    mask = tube_mask((260, 200), pts, np.full(len(pts), 10.0))
+    cap, labels = one_cap(mask)
+    kp = {"up": (100, 40), "down": (100, 50), "left-left": (80, 120), "left-right": (90, 120),
+          "right-left": (110, 120), "right-right": (124, 120)}
+    m = measure_capillary(cap, labels, keypoints=kp, arterial_side="right")
+    assert m.arterial_width_px == pytest.approx(14.0)      # right pair, as told
+    assert m.venous_width_px == pytest.approx(10.0)
+    assert m.apical_width_px == pytest.approx(10.0)
+    assert m.flags["width_disagreement"] is True           # the mask says 10 px on the right
+    assert keypoint_widths({"up": (0, 0)})["apex"] != keypoint_widths({"up": (0, 0)})["apex"]  # NaN
+
+
+def test_enlarged_giant_need_calibration_and_use_ranges():
+    pts = hairpin(sep=60)
+    mask = tube_mask((300, 260), pts, np.full(len(pts), 30.0))
+    cap, labels = one_cap(mask)
+    unc = measure_capillary(cap, labels, um_per_px=None, ranges=RANGES)
+    assert unc.flags["giant"] is None and unc.flags["enlarged"] is None
+    assert unc.to_dict()["apical_width_um"] is None
+    big = measure_capillary(cap, labels, um_per_px=2.0, ranges=RANGES)      # 30 px = 60 µm
+    assert big.flags["giant"] is True and big.flags["enlarged"] is False
+    mid = measure_capillary(cap, labels, um_per_px=1.0, ranges=RANGES)      # 30 µm
+    assert mid.flags["enlarged"] is True and mid.flags["giant"] is False
+    assert mid.to_dict()["apical_width_um"] == pytest.approx(mid.apical_width_px)  # never clamped
+
+
+def test_haemorrhage_near_apex():
+    pts = hairpin(sep=30)
+    mask = tube_mask((260, 200), pts, np.full(len(pts), 10.0))
+    cap, labels = one_cap(mask)
+    labels = labels.copy()
+    assert measure_capillary(cap, labels).flags["haemorrhage_near"] is False
+    cv2.circle(labels, (100, 15), 6, HAEMORRHAGE, -1)
+    assert measure_capillary(cap, labels).flags["haemorrhage_near"] is True
+
+
+def test_profile_widths_of_a_bar():
+    m = np.zeros((40, 40), bool)
+    m[10:30, 15:22] = True                                   # 7 px wide vertical bar
+    w = profile_widths(m, np.array([[18.0, 20.0], [2.0, 2.0]]), np.array([[1.0, 0.0], [1.0, 0.0]]))
+    assert w[0] == pytest.approx(7.0, abs=0.05)
+    assert np.isnan(w[1])                                    # outside the mask
+
+
+def _row_image(n_loops, width=1024, um=1.2, blurred=False):
+    labels = np.zeros((500, width), np.uint8)
+    xs = np.linspace(40, width - 40, n_loops)
+    for x in xs:
+        pts = hairpin(x0=float(x), y_apex=60, height=150, sep=22)
+        cv2.polylines(labels, [np.round(pts[::20]).astype(np.int32)], False, BLURRED if blurred else CLEAR, 9)
+    # a deeper, second-row loop that must not count in the distal row
+    pts = hairpin(x0=300, y_apex=300, height=150, sep=22)
+    cv2.polylines(labels, [np.round(pts[::20]).astype(np.int32)], False, CLEAR, 9)
+    return labels
+
+
+def test_distal_row_density_calibrated_and_uncalibrated():
+    labels = _row_image(10)
+    caps = extract_capillaries(labels)
+    assert len(caps) == 11
+    ms = [measure_capillary(c, labels, um_per_px=1.2, ranges=RANGES) for i, c in enumerate(caps)]
+    for i, m in enumerate(ms):
+        m.id = i
+    s = summarize_image(ms, labels.shape, 1.2, 3)
+    assert len(s.distal_row_ids) == 10
+    assert s.density_per_mm == pytest.approx(10 / (1024 * 1.2 / 1000), rel=0.03)
+    assert s.crossing_fraction == 0.0 and s.tortuous_fraction == 0.0
+    unc = summarize_image(ms, labels.shape, None, 3)
+    assert unc.density_per_mm is None and unc.density_reason == "uncalibrated"
+    assert unc.mean_venous_width_px == pytest.approx(s.mean_venous_width_px)
+
+
+def test_too_few_clear_capillaries_gives_null_with_reason():
+    labels = _row_image(4, blurred=True)
+    caps = extract_capillaries(labels)
+    ms = [measure_capillary(c, labels, um_per_px=1.2, ranges=RANGES) for c in caps]
+    s = summarize_image(ms, labels.shape, 1.2, 3)
+    assert s.n_clear == 1
+    assert s.crossing_fraction is None and s.mean_arterial_width_px is None
+    assert "fewer than 3 clear" in s.reason
+
+
+@pytest.mark.parametrize("dens,giant,abn,expected", [
+    (8.0, False, False, FAST_TRACK_NOT_SSC),
+    (7.0, False, True, FAST_TRACK_NOT_SSC),
+    (8.0, True, False, FAST_TRACK_SSC),
+    (None, True, None, FAST_TRACK_SSC),
+    (3.0, False, True, FAST_TRACK_SSC),
+    (2.0, False, False, FAST_TRACK_INDETERMINATE),
+    (5.0, False, True, FAST_TRACK_INDETERMINATE),
+    (None, False, False, FAST_TRACK_INDETERMINATE),
+    (8.0, None, False, FAST_TRACK_INDETERMINATE),
+])
+def test_fast_track_table(dens, giant, abn, expected):
+    assert fast_track(dens, giant, abn) == expected
+    assert "suggestive" in expected or expected == FAST_TRACK_INDETERMINATE
+
+
+def _summary(**kw):
+    base = dict(n_capillaries=10, n_clear=10, distal_row_ids=[], density_per_mm=None, density_reason=None,
+                row_length_px=1000.0, crossing_fraction=0.0, tortuous_fraction=0.0, mean_arterial_width_px=10.0,
+                mean_venous_width_px=12.0, mean_apical_width_px=13.0, mean_height_px=160.0, reason=None,
+                giant_count=0, enlarged_count=0, um_per_px=1.0)
+    base.update(kw)
+    return ImageSummary(**base)
+
+
+def test_subject_aggregation_nanmean_and_flags():
+    a = _summary(density_per_mm=8.0, crossing_fraction=0.5)
+    b = _summary(density_per_mm=None, crossing_fraction=None, mean_venous_width_px=20.0)
+    s = summarize_subject([a, b], RANGES, 1.0)
+    assert s["density_per_mm"] == 8.0 and s["crossing_fraction"] == 0.5
+    assert s["mean_venous_width_px"] == 16.0
+    assert s["flags"]["crossing"] is True and s["flags"]["low_density"] is False
+    assert s["fast_track"] == FAST_TRACK_NOT_SSC
+    g = summarize_subject([_summary(density_per_mm=9.0, giant_count=1)], RANGES, 1.0)
+    assert g["fast_track"] == FAST_TRACK_SSC
+    u = summarize_subject([_summary(density_per_mm=None, um_per_px=None, giant_count=None)], RANGES, None)
+    assert u["density_per_mm"] is None and u["density_reason"] == "uncalibrated"
+    assert u["fast_track"] == FAST_TRACK_INDETERMINATE
+
+
+def test_subject_ids():
+    assert subject_of("/data/P012_3.jpg") == "P012"
+    assert subject_of("x/Subject_Pic.jpg") == "Subject"
+    assert subject_of("a/b/img.png", {"img.png": "S9"}) == "S9"
+    assert subject_of("single.png") == "single"
