@@ -106,3 +106,18 @@ def test_tick_stream_selector_and_dropdown_updates_only_on_change():
     assert "choices" not in again[2] and "choices" not in again[3]  # nothing re-sent
     other = dash.tick("scopeB", "1", again[-1])
     assert other[3]["value"] == "7"  # the selected stream's capillaries
+
+
+def test_biopsy_tab_analyzes_an_upload(tmp_path):
+    import cv2
+    from biopsy.synthetic import generate
+
+    s = generate(seed=900_001, shape=(600, 800))
+    p = tmp_path / "biopsy.png"
+    cv2.imwrite(str(p), s.image)
+    overlay, text = Dashboard(_FakeFeed()).biopsy(str(p), 0.5)
+    assert overlay.shape == (600, 800, 3) and "crossings" in text and "/mm" in text
+    bad = tmp_path / "b.png"
+    bad.write_bytes(b"\x89PNG garbage")
+    overlay, text = Dashboard(_FakeFeed()).biopsy(str(bad), None)
+    assert overlay is None and "Error" in text
