@@ -282,7 +282,7 @@ class StageProcess:
                 d["stream"] = name
                 videos.append(d)
             atomic_write_json(report, videos[0] if len(videos) == 1 else
-                              {"schema": "nailfold.video-report/1", "videos": videos})
+                              {"schema": "nailfold.video-report-set/1", "videos": videos})
 
 
 def _r(x: float) -> float | None:
