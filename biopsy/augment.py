@@ -2,7 +2,7 @@
 shear ±5°, 90° orientations, flips, 800×800 crops).
 
 In:  image H×W×3 uint8, a list of H×W masks (uint8/bool), a numpy Generator, crop size (px).
-Out: (image crop, mask crops) of ``crop×crop`` px. Images are warped bilinearly, masks by
+Out: (image crop, mask crops) of ``c×c`` px, c = min(crop, H, W). Images are warped bilinearly, masks by
 nearest neighbour; pixels warped in from outside are reflected (so crops never show black).
 For CPU training the crop is smaller than the paper's 800 px (e.g. 192–256 px): stated in
 docs/biopsy.md.
@@ -44,7 +44,7 @@ def augment(image: np.ndarray, masks: list[np.ndarray], rng: np.random.Generator
         img = img[:, ::-1]
         ms = [m[:, ::-1] for m in ms]
     H, W = img.shape[:2]
-    ch, cw = min(crop, H), min(crop, W)
+    ch = cw = min(crop, H, W)  # square, so batches stack whatever the orientation
     y0 = int(rng.integers(0, H - ch + 1))
     x0 = int(rng.integers(0, W - cw + 1))
     img = np.ascontiguousarray(img[y0:y0 + ch, x0:x0 + cw])

@@ -59,6 +59,36 @@ def evaluate_samples(samples, models) -> dict:
     return summarize(rows)
 
 
+def tune_nerve_threshold(samples, models, grid=(0.3, 0.4, 0.5, 0.6, 0.7, 0.8)) -> tuple[float, dict]:
+    """Pick the nerve binarization threshold with the lowest crossing-count MAE on ``samples``
+    (use validation seeds, never the evaluation seeds). → (threshold, {threshold: MAE})."""
+    import dataclasses
+
+    from biopsy.analyze import BiopsyParams
+    maps = [(s, *_maps(s, models)) for s in samples]
+    scores = {}
+    for th in grid:
+        err = []
+        for s, nerve_prob, dermis_prob in maps:
+            r = _post(nerve_prob, dermis_prob, BiopsyParams(nerve_threshold=th))
+            err.append(abs(len(r) - len(s.crossings)))
+        scores[float(th)] = float(np.mean(err))
+    best = min(scores, key=lambda t: (scores[t], abs(t - 0.5)))
+    return best, scores
+
+
+def _maps(s, models):
+    from biopsy.analyze import predict_maps
+    return predict_maps(s.image, models)
+
+
+def _post(nerve_prob, dermis_prob, p):
+    from biopsy.boundary import extract_boundary
+    b = extract_boundary(dermis_prob, p.sigma_px, p.dermis_threshold, p.min_region_fraction, p.band_width_px)
+    return find_crossings(nerve_prob > p.nerve_threshold, b.band, b.dermis, p.dbscan_eps, p.dbscan_min_samples,
+                          p.window_px, p.min_side_pixels).points
+
+
 def summarize(rows: list[dict], folds: int = 5, seed: int = 0) -> dict:
     t = np.array([r["true_count"] for r in rows], float)
     p = np.array([r["pred_count"] for r in rows], float)

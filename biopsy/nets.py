@@ -111,6 +111,7 @@ def save_checkpoint(model: nn.Module, kind: str, path: str | os.PathLike, extra:
     os.close(fd)
     try:
         torch.save(blob, tmp)
+        os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
