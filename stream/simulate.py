@@ -6,11 +6,13 @@
 Out: a lossless FFV1/MKV video (or, with ``--still``, a PNG/JPEG image named by ``--out``), the truth
 JSON (schema ``nailfold.sim-truth/1``, docs/simulator.md) and, with ``--masks``, the frame-0 label
 mask PNG (0 background, 1 capillary, 2 blurred capillary, 3 haemorrhage). Files are written to a
-temporary name and renamed when complete.
+temporary name and renamed when complete. If this OpenCV build has no FFV1 encoder, the video is
+written as a folder of PNG frames ``<stem>_frames/000000.png …`` instead (a warning says so).
 """
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import time
 from pathlib import Path
@@ -21,6 +23,8 @@ from tqdm import tqdm
 from nailfold.errors import InputError
 from nailfold.io import atomic_write_json
 from stream.synthetic import SimParams, SyntheticScope, render_still
+
+log = logging.getLogger(__name__)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -63,11 +67,22 @@ def run(args: argparse.Namespace) -> int:
         h, w = params.height, params.width
         wr = cv2.VideoWriter(str(tmp), cv2.CAP_FFMPEG, cv2.VideoWriter_fourcc(*"FFV1"), params.fps, (w, h),
                              params.color)
-        if not wr.isOpened():
-            raise InputError(f"cannot open an FFV1 writer for {out} (use a .mkv or .avi name)")
-        for i in tqdm(range(scope.n_frames), unit="fr", desc="simulate"):
-            wr.write(scope.frame(i))
-        wr.release()
+        if wr.isOpened():
+            for i in tqdm(range(scope.n_frames), unit="fr", desc="simulate"):
+                wr.write(scope.frame(i))
+            wr.release()
+        else:
+            # no FFV1 encoder in this OpenCV build: a folder of lossless PNGs named <stem>_frames/000000.png
+            log.warning("no FFV1 writer for %s; writing PNG frames to %s instead", out, out.with_suffix(""))
+            wr.release()
+            tmp = out.with_name(f".{out.stem}.part_frames")
+            tmp.mkdir(exist_ok=True)
+            for i in tqdm(range(scope.n_frames), unit="fr", desc="simulate"):
+                cv2.imwrite(str(tmp / f"{i:06d}.png"), scope.frame(i))
+            out = out.with_name(f"{out.stem}_frames")
+            if out.exists():
+                import shutil
+                shutil.rmtree(out)
         truth, mask = scope.truth(), scope.label_mask()
     os.replace(tmp, out)
     atomic_write_json(args.truth, truth)

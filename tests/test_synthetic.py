@@ -222,3 +222,24 @@ def test_gray_mode_and_cli(tmp_path):
     assert m.shape == (768, 1024) and (m == 1).any()
     assert main(["simulate", "--out", str(out), "--truth", str(tj), "--seconds", "-1"]) == 2
     assert main(["simulate", "--out", str(out), "--truth", str(tj), "--um-per-px", "0"]) == 2
+
+
+def test_cli_png_fallback_without_ffv1(tmp_path, monkeypatch):
+    from nailfold.cli import main
+
+    class NoWriter:
+        def __init__(self, *a, **k):
+            pass
+
+        def isOpened(self):
+            return False
+
+        def release(self):
+            pass
+
+    monkeypatch.setattr(cv2, "VideoWriter", NoWriter)
+    out, tj = tmp_path / "v.mkv", tmp_path / "t.json"
+    assert main(["simulate", "--out", str(out), "--truth", str(tj), "--seconds", "0.15", "--loops", "3"]) == 0
+    pngs = sorted((tmp_path / "v_frames").glob("*.png"))
+    assert len(pngs) == 3 and cv2.imread(str(pngs[0])).shape == (768, 1024, 3)
+    assert not list(tmp_path.glob(".*part*"))
