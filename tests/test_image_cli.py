@@ -1,0 +1,88 @@
+"""`nailfold image` end to end: report schema, CSV, overlays, calibration, atomic failure."""
+import csv
+import json
+
+import cv2
+import numpy as np
+import pytest
+
+from nailfold.cli import main
+
+from test_classical import drawn_scene
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    d = tmp_path_factory.mktemp("imgs")
+    paths = []
+    for i, (subj, seed) in enumerate([("P01", 0), ("P01", 1), ("P02", 2)]):
+        img, _ = drawn_scene(seed=seed)
+        img = cv2.resize(img, (1024, 768), interpolation=cv2.INTER_LINEAR)
+        p = d / f"{subj}_{i}.jpg"
+        cv2.imwrite(str(p), img)
+        paths.append(str(p))
+    return paths
+
+
+def test_report_csv_overlay_uncalibrated(images, tmp_path):
+    out = tmp_path / "r.json"
+    rc = main(["image", *images, "--out", str(out), "--csv", str(tmp_path / "csv"), "--overlay",
+               str(tmp_path / "ov"), "--segmenter", "classical"])
+    assert rc == 0
+    r = json.loads(out.read_text())
+    assert r["schema"] == "nailfold.image-report/1" and r["calibrated"] is False
+    assert [s["subject"] for s in r["subjects"]] == ["P01", "P02"]
+    assert r["subjects"][0]["n_images"] == 2
+    im = r["images"][0]
+    assert im["shape"] == [768, 1024, 3]
+    assert len(im["capillaries"]) >= 6                 # 8 drawn loops
+    c = im["capillaries"][0]
+    for k in ("id", "class", "flags", "arterial_width_px", "venous_width_px", "apical_width_px", "height_px",
+              "arc_length_px", "apex_px", "bbox_px", "centerline_px"):
+        assert k in c
+    assert c["arterial_width_um"] is None and c["flags"]["giant"] is None
+    s = im["summary"]
+    assert s["density_per_mm"] is None and s["density_reason"] == "uncalibrated"
+    assert len(s["distal_row_ids"]) >= 6
+    assert any("uncalibrated" in w for w in im["warnings"])
+    with open(tmp_path / "csv" / "capillaries.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == sum(len(i["capillaries"]) for i in r["images"])
+    assert (tmp_path / "csv" / "subjects.csv").exists() and (tmp_path / "csv" / "images.csv").exists()
+    ov = cv2.imread(str(tmp_path / "ov" / "P01_0_overlay.png"))
+    assert ov is not None and ov.shape == (768, 1024, 3)
+
+
+def test_calibrated_density(images, tmp_path):
+    out = tmp_path / "r.json"
+    assert main(["image", images[0], "--out", str(out), "--um-per-px", "1.2", "--segmenter", "classical"]) == 0
+    r = json.loads(out.read_text())
+    s = r["images"][0]["summary"]
+    # 8 loops across a 1024-px row at 1.2 µm/px
+    assert s["density_per_mm"] == pytest.approx(8 / 1.2288, abs=1.0)
+    c = r["images"][0]["capillaries"][0]
+    assert c["venous_width_um"] == pytest.approx(c["venous_width_px"] * 1.2, rel=1e-3)
+    assert r["subjects"][0]["fast_track"] in ("indeterminate", "not scleroderma pattern (suggestive)",
+                                              "scleroderma pattern (suggestive)")
+
+
+def test_bad_input_fails_without_output(images, tmp_path, capsys):
+    bad = tmp_path / "notes.jpg"
+    bad.write_text("not an image")
+    out = tmp_path / "r.json"
+    rc = main(["image", images[0], str(bad), "--out", str(out), "--csv", str(tmp_path / "csv"),
+               "--segmenter", "classical"])
+    assert rc == 2
+    assert "not a readable image" in capsys.readouterr().err
+    assert not out.exists() and not (tmp_path / "csv").exists()
+    assert main(["image", str(tmp_path / "missing.png"), "--out", str(out)]) == 2
+    assert not out.exists()
+
+
+def test_subject_map(images, tmp_path):
+    m = tmp_path / "map.csv"
+    m.write_text("image,subject\n" + "\n".join(f"{p.split('/')[-1]},X" for p in images) + "\n")
+    out = tmp_path / "r.json"
+    assert main(["image", *images[:2], "--out", str(out), "--subject-map", str(m), "--segmenter", "classical"]) == 0
+    r = json.loads(out.read_text())
+    assert [s["subject"] for s in r["subjects"]] == ["X"]
