@@ -109,10 +109,10 @@ def run_job(job: Job, config_path: str | None, um_per_px: float | None, fps: flo
                    "wbc_per_min_total": sum((c.get("wbc_per_min") or 0) for c in d["capillaries"]),
                    "warnings": "; ".join(d["warnings"])}
         else:
-            from stream.image_cli import analyze_image_file
-            doc = analyze_image_file(job.path, cfg, segmenter=segmenter)
-            atomic_write_json(job.out, doc)
-            summ = (doc.get("images") or [doc])[0].get("summary", {}) if isinstance(doc, dict) else {}
+            doc = image_report_for(job.path, cfg, segmenter)
+            from stream.image_report import write_json
+            write_json(doc, job.out)
+            summ = doc["images"][0].get("summary", {})
             row = {k: summ.get(k) for k in ("n_capillaries", "density_per_mm", "crossing_fraction",
                                             "tortuous_fraction")}
         return Outcome(job.path, job.kind, "done", job.out, time.perf_counter() - t0, row=row)
@@ -120,6 +120,28 @@ def run_job(job: Job, config_path: str | None, um_per_px: float | None, fps: flo
         msg = str(e) if isinstance(e, NailfoldError) else f"{type(e).__name__}: {e}"
         log.debug("failed %s\n%s", job.path, traceback.format_exc())
         return Outcome(job.path, job.kind, "failed", job.out, time.perf_counter() - t0, error=msg)
+
+
+def image_report_for(path: str, cfg, segmenter: str | None) -> dict:
+    """The ``nailfold image PATH`` report of one image (same code path, same schema)."""
+    import dataclasses
+
+    from nailfold import __version__
+    from stream import image_cli
+    from stream import image_report as rep
+    from stream.morphology import ImageSummary, subject_of, summarize_subject
+
+    um, ranges = cfg.device.um_per_px, cfg.morphology.normal_ranges
+    img = image_cli.read_image(path)
+    seg, seg_name = image_cli.get_segmenter(segmenter or cfg.models.segmenter, um)
+    entry, _, _, _ = image_cli.analyse_image(img, seg, um, ranges, cfg.morphology.min_clear_capillaries,
+                                             kp_model=image_cli.get_keypoint_model())
+    subj = subject_of(path)
+    entry = {"path": str(path), "subject": subj, **entry}
+    summary = ImageSummary(**{f.name: entry["summary"].get(f.name) for f in dataclasses.fields(ImageSummary)})
+    subjects = [{"subject": subj, "images": [str(path)], **summarize_subject([summary], ranges, um)}]
+    return rep.build_report([entry], subjects, um_per_px=um, segmenter=seg_name,
+                            ranges=dataclasses.asdict(ranges), version=__version__)
 
 
 def _median(xs: list[float]) -> float | None:
