@@ -14,23 +14,14 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from common import cpu_seconds, free_port, stop_all  # benchmarks/common.py (script dir)
 
 
-def cpu_seconds(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        parts = f.read().rsplit(")", 1)[1].split()
-    return (int(parts[11]) + int(parts[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def main() -> None:
@@ -74,13 +65,7 @@ def main() -> None:
               f"result updates {(s1['updates'] - s0['updates']) / wall:.1f}/s; screen ticks "
               f"{(s1['ticks'] - s0['ticks']) / wall:.1f}/s (target ≥ 2/s)")
     finally:
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            try:
-                p.wait(10)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        stop_all(list(procs))
 
 
 if __name__ == "__main__":

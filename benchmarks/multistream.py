@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -22,17 +21,9 @@ import zmq
 
 from stream import wire
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from common import cpu_seconds, free_port, stop_all  # benchmarks/common.py (script dir)
 
 
-def cpu_seconds(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        parts = f.read().rsplit(")", 1)[1].split()
-    return (int(parts[11]) + int(parts[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def trial(n: int, seconds: float, warmup: float, source: str, cfg: list[str]) -> dict:
@@ -62,13 +53,7 @@ def trial(n: int, seconds: float, warmup: float, source: str, cfg: list[str]) ->
                 latest[m.stream] = m.body["health"]
         cpu = cpu_seconds(stage.pid) - cpu0
     finally:
-        for p in grabbers + [stage]:
-            p.terminate()
-        for p in grabbers + [stage]:
-            try:
-                p.wait(10)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        stop_all(list(grabbers + [stage]))
         sub.close(0)
     per = {}
     for k, h in latest.items():

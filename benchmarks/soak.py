@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -25,11 +24,8 @@ import zmq
 
 from stream import wire
 
+from common import free_port, stop_all  # benchmarks/common.py (script dir)
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def proc_stats(pid: int) -> dict:
@@ -127,13 +123,7 @@ def main() -> None:
     finally:
         slow.stop.set()
         fast.stop.set()
-        for p in procs.values():
-            p.terminate()
-        for p in procs.values():
-            try:
-                p.wait(10)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        stop_all(list(procs.values()))
 
 
 if __name__ == "__main__":
