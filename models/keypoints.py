@@ -19,7 +19,7 @@ head from image appearance (calibre, position), not assumed from "the narrower o
 
 Sub-pixel: a 5×5 weighted centroid around each heatmap maximum; then each width pair is refined on
 the full-resolution green channel by fitting a blurred cylinder absorbance profile
-(Beer–Lambert chord length) along the pair's line — width = the fitted diameter.
+(Beer–Lambert chord length) to the median profile of a 7-px strip along the pair's line — width = the fitted diameter.
 """
 from __future__ import annotations
 
@@ -96,9 +96,10 @@ def peaks(h: np.ndarray, thr: float = 0.3, radius: int = 3) -> list[tuple[float,
             for y, x in zip(ys, xs)]
 
 
-def refine_pair(gray: np.ndarray, p1, p2, max_change: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
+def refine_pair(gray: np.ndarray, p1, p2, max_change: float = 0.5, wall: float = 0.35) -> tuple[np.ndarray, np.ndarray]:
     """Refine a width pair (two edge points of one vessel) on the gray image by fitting
-    ``A·sqrt(1-((t-c)/r)²)`` ⊛ Gaussian(σ) to the absorbance profile along the p1→p2 line.
+    ``A·max(sqrt(1-((t-c)/r)²), wall)`` (a cylinder whose wall keeps a minimum absorbance ``wall``,
+    anti-aliased over 1 px) ⊛ Gaussian(σ) to the absorbance profile along the p1→p2 line.
     Returns the refined (p1, p2); the inputs if the fit fails or moves the width by > max_change×."""
     p1, p2 = np.asarray(p1, float), np.asarray(p2, float)
     d = p2 - p1
@@ -110,18 +111,24 @@ def refine_pair(gray: np.ndarray, p1, p2, max_change: float = 0.5) -> tuple[np.n
     L = max(1.6 * w0, 10.0)
     step = 0.25
     t = np.arange(-L, L + step / 2, step)
-    xs, ys = m[0] + t * u[0], m[1] + t * u[1]
+    v = np.array([-u[1], u[0]])                     # along the vessel: average a 7-px strip
+    off = np.arange(-3, 4, 1.0)
+    xs = m[0] + t[None, :] * u[0] + off[:, None] * v[0]
+    ys = m[1] + t[None, :] * u[1] + off[:, None] * v[1]
     if xs.min() < 0 or ys.min() < 0 or xs.max() > gray.shape[1] - 1 or ys.max() > gray.shape[0] - 1:
         return p1, p2
-    prof = map_coordinates(gray.astype(np.float32), [ys, xs], order=1)
+    prof = map_coordinates(gray.astype(np.float32), [ys.ravel(), xs.ravel()], order=1).reshape(xs.shape)
+    prof = np.median(prof, axis=0)
     n = max(4, len(t) // 6)
     bg = float(np.median(np.r_[prof[:n], prof[-n:]]))
     a = -np.log(np.clip(prof + 1.0, 1.0, None) / (bg + 1.0))
 
     def model(q):
         amp, c, r, s = q
-        z = 1 - ((t - c) / max(r, 0.3)) ** 2
-        y = amp * np.sqrt(np.clip(z, 0, None))
+        r = max(r, 0.3)
+        d = np.abs(t - c)
+        edge = np.clip(r + 0.5 - d, 0, 1)  # anti-aliased wall with an absorbance floor (vessel wall)
+        y = amp * np.maximum(np.sqrt(np.clip(1 - (np.minimum(d, r) / r) ** 2, 0, None)), wall * edge) * edge
         return gaussian_filter1d(y, max(s, 0.05) / step, mode="nearest")
 
     q0 = [max(a.max(), 1e-3), 0.0, w0 / 2, 1.0]
@@ -166,7 +173,6 @@ class KeypointModel:
             side.append(torch.sigmoid(s[:, 0]).numpy())
         hm, side = np.concatenate(hm), np.concatenate(side)
         g = A.green(image).astype(np.float32)
-        gs = cv2.GaussianBlur(g, (0, 0), 0.7)
         results = []
         for k in range(len(x)):
             Minv = cv2.invertAffineTransform(mats[k])
@@ -181,7 +187,7 @@ class KeypointModel:
             if self.refine:
                 for a, b in PAIRS.values():
                     if a in pts and b in pts:
-                        q1, q2 = refine_pair(gs, pts[a], pts[b])
+                        q1, q2 = refine_pair(g, pts[a], pts[b])
                         pts[a], pts[b] = tuple(q1.tolist()), tuple(q2.tolist())
             widths = {n: float(np.hypot(pts[a][0] - pts[b][0], pts[a][1] - pts[b][1]))
                       for n, (a, b) in PAIRS.items() if a in pts and b in pts}

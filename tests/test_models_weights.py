@@ -1,0 +1,55 @@
+"""The shipped weights load on CPU and do real work on a held-out synthetic image (seed 3)."""
+import numpy as np
+import pytest
+import torch
+
+from models.checkpoint import default_weights, load_checkpoint
+
+
+@pytest.fixture(scope="module")
+def still():
+    from models.data_synthetic import sim_params
+    from stream.synthetic import render_still
+    return render_still(sim_params(3))  # evaluation range 0-999: never trained on
+
+
+@pytest.mark.parametrize("kind", ["seg", "keypoints", "classifier"])
+def test_shipped_weights_have_metadata(kind):
+    ck = load_checkpoint(default_weights(kind), kind)
+    m = ck.meta
+    for key in ("arch", "training_data", "seeds", "git_sha", "metrics", "date", "normalization"):
+        assert key in m, key
+    assert default_weights(kind).stat().st_size < 5_000_000
+    assert min(m["training_data"]["train_seeds"]) >= 10_000
+
+
+def test_shipped_unet_segments_held_out_image(still):
+    from models import metrics as M
+    from models.segmenter import get_segmenter
+    torch.set_num_threads(2)
+    img, _, lab = still
+    seg = get_segmenter("unet", "eager")
+    pred = seg.segment(img)
+    assert pred.shape == img.shape[:2] and pred.dtype == np.uint8 and pred.max() <= 3
+    fp, ft = np.isin(pred, (1, 2)), np.isin(lab, (1, 2))
+    assert M.sensitivity(fp, ft) > 0.8 and M.precision(fp, ft) > 0.6
+    gray = seg.segment(np.ascontiguousarray(img[:300, :500, 1]))  # gray input, other size
+    assert gray.shape == (300, 500)
+    assert type(get_segmenter("auto", "auto")).__name__ == "UNetSegmenter"
+
+
+def test_shipped_classifier_and_keypoints_run(still):
+    from models.classifier import CLASS_NAMES, Classifier, classifier_crop
+    from models.data_synthetic import loop_center
+    from models.keypoints import KeypointModel
+    img, truth, _ = still
+    caps = [c for c in truth["capillaries"] if c["row"] == "distal" and c["in_view"]
+            and 0 < c["apex_px"][0] < img.shape[1] and 0 < c["apex_px"][1] < img.shape[0]][:6]
+    centers = [loop_center(c) for c in caps]
+    out = Classifier("eager").predict([classifier_crop(img, c) for c in centers])
+    assert len(out) == len(caps) and all(n in CLASS_NAMES and 0 <= p <= 1 for n, p in out)
+    res = KeypointModel("eager").predict(img, centers)
+    assert len(res) == len(caps)
+    d = [np.hypot(r["points"]["up"][0] - c["keypoints"]["up"][0], r["points"]["up"][1] - c["keypoints"]["up"][1])
+         for r, c in zip(res, caps) if "up" in r["points"]]
+    assert len(d) >= len(caps) // 2 and np.median(d) < 6.0
