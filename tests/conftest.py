@@ -14,6 +14,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def read_all_frames(path) -> list[np.ndarray]:
+    """Every frame OpenCV decodes from a video file."""
+    cap = cv2.VideoCapture(str(path))
+    frames = []
+    while True:
+        ok, f = cap.read()
+        if not ok:
+            break
+        frames.append(f)
+    cap.release()
+    return frames
+
+
 @pytest.fixture
 def endpoint() -> str:
     return f"tcp://127.0.0.1:{free_port()}"

@@ -15,10 +15,9 @@ import sys
 import time
 
 import cv2
-import numpy as np
 import pytest
 
-from conftest import free_port
+from conftest import free_port, read_all_frames
 from stream.recording import frames_equal
 from test_stage import ToyScope
 from ui.feed import ResultFeed
@@ -126,11 +125,7 @@ def test_stage_kill_leaves_grabber_and_recording_untouched(clip, tmp_path):
     meta = json.loads((tmp_path / "exam.mkv.json").read_text())
     assert meta["complete"] and meta["seq"] == list(range(meta["frames"]))  # contiguous: nothing lost
     assert meta["frames"] >= 20 * elapsed * 0.8  # the grabber kept its 20 fps pace meanwhile
-    cap = cv2.VideoCapture(str(rec))
-    n = 0
-    while cap.read()[0]:
-        n += 1
-    assert n == meta["frames"]
+    assert len(read_all_frames(rec)) == meta["frames"]
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
@@ -150,12 +145,6 @@ def test_recording_integrity_on_signals(clip, tmp_path, sig):
     meta = json.loads((tmp_path / "exam.mkv.json").read_text())
     assert meta.get("lost_frames", 0) == 0
     assert meta["seq"] == list(range(meta["frames"])) and meta["frames"] >= 40
-    cap = cv2.VideoCapture(str(rec))
-    back = []
-    while True:
-        ok, f = cap.read()
-        if not ok:
-            break
-        back.append(f)
+    back = read_all_frames(rec)
     assert len(back) == meta["frames"]
     assert all(frames_equal(frames[s % len(frames)], b) for s, b in zip(meta["seq"], back))

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import zmq
 
-from stream import wire
+from conftest import read_all_frames
 from stream.grabber import Grabber, safe_recording_path
 from stream.receiver import Receiver
 from stream.recording import frames_equal, recover
@@ -125,13 +125,7 @@ def test_recording_is_bit_identical_to_what_was_sent(tmp_path, endpoint, small_v
     rx.close()
     meta = json.loads((tmp_path / "rec.mkv.json").read_text())
     assert meta["frames"] == 30 and meta["seq"] == list(range(30)) and meta["complete"]
-    cap = cv2.VideoCapture(str(rec))
-    back = []
-    while True:
-        ok, f = cap.read()
-        if not ok:
-            break
-        back.append(f)
+    back = read_all_frames(rec)
     assert len(back) == 30
     assert all(frames_equal(a, m.image) for a, m in zip(back, frames))
     assert recover(rec)["complete"]
