@@ -6,10 +6,8 @@ import sys
 import threading
 import time
 
-import pytest
 
 from conftest import free_port
-from nailfold.errors import NailfoldError
 from stream.grabber import Grabber
 from stream.sources import open_source
 from ui.control import ControlClient
