@@ -32,6 +32,7 @@ end besides the apex, e.g. limbs fused by blur) records ``extra["single_limb"] =
 from __future__ import annotations
 
 import logging
+import math
 
 import cv2
 import numpy as np
@@ -294,8 +295,14 @@ def extract_capillaries(labels: np.ndarray, image: np.ndarray | None = None, *, 
             continue
         sub = cc[y:y + h, x:x + w] == i
         caps.extend(_instances(sub, int(x), int(y), labels[y:y + h, x:x + w], min_length_px, prune_px, max_limb_px))
-    caps.sort(key=lambda c: c.apex[0])
-    return caps
+    # a loop split across two touching components can yield the same apex twice: keep the longer
+    caps.sort(key=lambda c: -c.length_px)
+    kept: list[Capillary] = []
+    for c in caps:
+        if all(math.hypot(c.apex[0] - k.apex[0], c.apex[1] - k.apex[1]) > 3.0 for k in kept):
+            kept.append(c)
+    kept.sort(key=lambda c: c.apex[0])
+    return kept
 
 
 def _iou_matrix(prev: list[Capillary], cur: list[Capillary]) -> np.ndarray:
