@@ -11,8 +11,10 @@ an :class:`~nailfold.errors.InputError` (exit 2) and no output file is created o
 
 Segmenter: ``models.segmenter.get_segmenter(name)`` when that module exists (``auto``/``unet``),
 else the classical one (:class:`models.classical.ClassicalSegmenter`). Keypoints: when
-``models.segmenter`` offers ``get_keypoint_model()`` (an object with
-``predict(image, capillaries) -> {cap_id: {name: (x, y)}}``) its keypoints are used for widths.
+``models.segmenter`` offers ``get_keypoint_model()`` with loadable weights
+(:class:`models.keypoints.KeypointModel`: ``predict(image, centers) -> [{"points": {name: (x, y)},
+"arterial_side": …}, …]``, one per loop, centres = instance bbox centres), its keypoints give the
+widths (mask widths kept as a cross-check) and its arterial side replaces the narrower-limb rule.
 """
 from __future__ import annotations
 
@@ -113,18 +115,23 @@ def analyse_image(img: np.ndarray, segmenter, um_per_px: float | None, ranges, m
     for i, c in enumerate(caps):
         c.id = i
     kps: dict = {}
+    sides: dict = {}
     if kp_model is not None and caps:
         try:
-            kps = kp_model.predict(img, caps) or {}
+            centers = [((c.bbox[0] + c.bbox[2]) / 2.0, (c.bbox[1] + c.bbox[3]) / 2.0) for c in caps]
+            for c, r in zip(caps, kp_model.predict(img, centers) or []):
+                pts = r.get("points") or {}
+                if pts:
+                    kps[c.id] = {k: [float(v[0]), float(v[1])] for k, v in pts.items()}
+                if r.get("arterial_side") in ("left", "right"):
+                    sides[c.id] = r["arterial_side"]
         except (RuntimeError, ValueError) as e:
             log.warning("keypoint model failed (%s): widths from the mask", e)
-            kps = {}
+            kps, sides = {}, {}
     morphs = []
     for c in caps:
         kp = kps.get(c.id)
-        side = None
-        if kp and "arterial_side" in kp:
-            side = kp.pop("arterial_side")
+        side = sides.get(c.id)
         m = measure_capillary(c, labels, kp, um_per_px, ranges, arterial_side=side)
         orient_arterial_first(c, m.arterial_side)
         morphs.append(m)
