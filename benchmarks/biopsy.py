@@ -7,12 +7,17 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
+from pathlib import Path
 
-import torch
+# this file is named like the package: drop its own folder from the import path
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
-from biopsy.analyze import analyze_image, load_models
-from biopsy.synthetic import generate
+import torch  # noqa: E402
+
+from biopsy.analyze import analyze_image, load_models  # noqa: E402
+from biopsy.synthetic import generate  # noqa: E402
 
 TARGET_S = 3.0
 

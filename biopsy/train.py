@@ -3,7 +3,7 @@
 args (``nailfold train hed|dermis``; every field optional): ``data`` ("synthetic" or a plain
 folder, see :mod:`biopsy.data`), ``steps`` (optimizer steps; ``epochs`` × pool size / batch if
 only ``epochs`` is given), ``batch_size``, ``lr``, ``out`` (checkpoint path), ``seed``,
-``workers`` (unused: data are generated in-process).
+``workers`` (unused: data are generated in-process), ``init`` (checkpoint to fine-tune from).
 
 * HED (nerves): Dice loss ``1 − (2ΣPT + 1)/(ΣP + ΣT + 1)`` on the fused map plus 0.5 × the mean
   over the five side outputs (HED deep supervision); Adam, weight decay 1e-3, ReduceLROnPlateau on
@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from nailfold.errors import InputError
 
 from biopsy import augment, data
-from biopsy.nets import HED, DermisNet, save_checkpoint
+from biopsy.nets import HED, DermisNet, load_checkpoint, save_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -145,6 +145,11 @@ def train(what: str, args: argparse.Namespace) -> int:
         pool, vpool = tr, va[:4]
     else:
         model = DermisNet()
+    init = getattr(args, "init", None)
+    if init:  # fine-tune from an existing checkpoint of the same kind
+        model.load_state_dict(load_checkpoint(init, what)[0].state_dict())
+        log.info("initialized from %s", init)
+    if what != "hed":
         pool = [(downscale(s.image, DERMIS_SCALE), downscale(s.dermis.astype(np.uint8), DERMIS_SCALE) > 0) for s in tr]
         vpool = [(downscale(s.image, DERMIS_SCALE), downscale(s.dermis.astype(np.uint8), DERMIS_SCALE) > 0) for s in va]
     opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=1e-3)
