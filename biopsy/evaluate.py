@@ -48,11 +48,12 @@ def evaluate_samples(samples, models) -> dict:
         if truth is None:
             truth = find_crossings(s.nerves, edge_band(s.dermis), s.dermis).points
         tp, fp, fn = metrics.match_points(r.crossings, truth, 10.0)
+        tp20 = metrics.match_points(r.crossings, truth, 20.0)[0]
         rows.append({"name": s.name, "true_count": int(len(truth)), "pred_count": r.crossing_count,
                      "dice": metrics.dice(r.nerves, s.nerves),
                      "dice_k1": metrics.tolerant_dice(r.nerves, s.nerves, 1),
                      "dice_k3": metrics.tolerant_dice(r.nerves, s.nerves, 3),
-                     "dermis_dice": metrics.dice(r.dermis, s.dermis), "tp": tp, "fp": fp, "fn": fn,
+                     "dermis_dice": metrics.dice(r.dermis, s.dermis), "tp": tp, "fp": fp, "fn": fn, "tp20": tp20,
                      "seconds": dt})
         log.info("%s: true %d pred %d dice_k3 %.3f (%.2f s)", s.name, rows[-1]["true_count"],
                  rows[-1]["pred_count"], rows[-1]["dice_k3"], dt)
@@ -107,6 +108,8 @@ def summarize(rows: list[dict], folds: int = 5, seed: int = 0) -> dict:
         "dermis_dice": float(np.mean([r["dermis_dice"] for r in rows])),
         "crossing_precision": tp / max(1, tp + fp),
         "crossing_recall": tp / max(1, tp + fn),
+        "crossing_precision_20px": sum(r["tp20"] for r in rows) / max(1, p.sum()),
+        "crossing_recall_20px": sum(r["tp20"] for r in rows) / max(1, t.sum()),
         "seconds_per_image": float(np.mean([r["seconds"] for r in rows])),
         "rows": rows,
     }
@@ -125,7 +128,8 @@ def format_report(s: dict) -> str:
         + ", ".join(f"{r:.3f}" for r in s["fold_r"]) + f"; mean {s['fold_r_mean']:.3f}   target ≥ 0.9  "
         + ok(s["fold_r_mean"] >= 0.9),
         f"  count mean abs error    {s['count_mae']:.2f}   target ≤ 1  {ok(s['count_mae'] <= 1)}",
-        f"  crossing precision / recall (10 px) {s['crossing_precision']:.3f} / {s['crossing_recall']:.3f}",
+        f"  crossing precision / recall (10 px) {s['crossing_precision']:.3f} / {s['crossing_recall']:.3f}; "
+        f"(20 px) {s['crossing_precision_20px']:.3f} / {s['crossing_recall_20px']:.3f}",
         f"  analysis time           {s['seconds_per_image']:.2f} s/image",
     ]
     return "\n".join(lines)
