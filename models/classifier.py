@@ -156,6 +156,11 @@ def train(args) -> int:
     val_y = [idx[s.cls] for s in val_s]
     arch = {"n_classes": len(CLASS_NAMES), "width": 24}
     model = CapillaryResNet(**arch)
+    if getattr(args, "init", None):
+        from models.checkpoint import load_checkpoint, load_state
+        ck = load_checkpoint(args.init, "classifier")
+        model = load_state(CapillaryResNet(**ck.meta["arch"]), ck, args.init)
+        arch = ck.meta["arch"]
 
     def loss_fn(m, b):
         return F.cross_entropy(m(b[0]), b[1], label_smoothing=0.05)

@@ -17,7 +17,8 @@ Out: ``KeypointModel.predict(image, centers)`` → one dict per loop::
 ``left-bottom``/``right-bottom`` the limbs' feet. Which limb is arterial is predicted by a separate
 head from image appearance (calibre, position), not assumed from "the narrower one".
 
-Sub-pixel: a 5×5 weighted centroid around each heatmap maximum; then each width pair is refined on
+Sub-pixel: a 5×5 weighted centroid around each spatial-softmax maximum (a point is reported when
+≥ 0.3 of its probability mass lies within 3 px); then each width pair is refined on
 the full-resolution green channel by fitting a blurred cylinder absorbance profile
 (Beer–Lambert chord length) to the median profile of a 7-px strip along the pair's line — width = the fitted diameter.
 """
@@ -49,7 +50,10 @@ N_MAPS = len(POINT_NAMES) + 1          # + crossings
 
 
 class KeypointNet(nn.Module):
-    """3-level encoder–decoder → 9 heatmaps (sigmoid, full input resolution) + arterial-side logit."""
+    """3-level encoder–decoder → 9 heatmap logits (full input resolution) + arterial-side logit.
+
+    Channels 0–7 (the ANFC points) are spatial-softmax distributions (one point each); channel 8
+    (crossings, any number) is a per-pixel sigmoid. Use :func:`heatmap_probs` to convert."""
 
     def __init__(self, base: int = 16, n_maps: int = N_MAPS):
         super().__init__()
@@ -72,10 +76,37 @@ class KeypointNet(nn.Module):
         y = self.d3(torch.cat([self.u3(up(x4, x3)), x3], 1))
         y = self.d2(torch.cat([self.u2(up(y, x2)), x2], 1))
         y = self.d1(torch.cat([self.u1(up(y, x1)), x1], 1))
-        return torch.sigmoid(self.head(y)), side
+        return self.head(y), side
 
 
 # ------------------------------------------------------------------------------ decoding
+def heatmap_probs(logits: torch.Tensor) -> torch.Tensor:
+    """(N, 9, H, W) logits → point channels as spatial softmax (sum 1), crossings as sigmoid."""
+    n, k, h, w = logits.shape
+    pts = logits[:, :-1].reshape(n, k - 1, h * w).softmax(-1).reshape(n, k - 1, h, w)
+    return torch.cat([pts, torch.sigmoid(logits[:, -1:])], 1)
+
+
+def point_loss(logits: torch.Tensor, target: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Spatial cross-entropy of the point channels against normalized Gaussian targets (channels
+    whose point lies in the window) + BCE of the crossing channel."""
+    n, k, h, w = logits.shape
+    t = target[:, :-1].reshape(n, k - 1, -1)
+    mass = t.sum(-1)
+    ok = (valid[:, :-1] > 0) & (mass > 1.0)
+    logp = logits[:, :-1].reshape(n, k - 1, -1).log_softmax(-1)
+    ce = -(t / mass.clamp(min=1e-6)[..., None] * logp).sum(-1)
+    ce = (ce * ok).sum() / ok.sum().clamp(min=1)
+    bce = F.binary_cross_entropy_with_logits(logits[:, -1], target[:, -1], pos_weight=torch.tensor(20.0))
+    return ce + bce
+
+
+def point_confidence(p: np.ndarray, x: float, y: float, r: float = 3.0) -> float:
+    """Probability mass of a spatial-softmax map within r px of (x, y)."""
+    yy, xx = np.mgrid[0:p.shape[0], 0:p.shape[1]]
+    return float(p[(xx - x) ** 2 + (yy - y) ** 2 <= r * r].sum())
+
+
 def decode_heatmap(h: np.ndarray, win: int = 2) -> tuple[float, float, float]:
     """(x, y, peak) with a weighted centroid in a (2·win+1)² neighbourhood of the maximum."""
     iy, ix = np.unravel_index(int(np.argmax(h)), h.shape)
@@ -169,7 +200,7 @@ class KeypointModel:
         hm, side = [], []
         for i in range(0, len(x), self.batch):
             h, s = self.model.run(torch.from_numpy(x[i:i + self.batch])[:, None])
-            hm.append(h.numpy())
+            hm.append(heatmap_probs(h).numpy())
             side.append(torch.sigmoid(s[:, 0]).numpy())
         hm, side = np.concatenate(hm), np.concatenate(side)
         g = A.green(image).astype(np.float32)
@@ -179,10 +210,11 @@ class KeypointModel:
             back = lambda xy: tuple((Minv @ np.array([xy[0], xy[1], 1.0])).tolist())
             pts, scores = {}, {}
             for j, name in enumerate(POINT_NAMES):
-                px, py, pk = decode_heatmap(hm[k, j])
-                if pk >= 0.2:
+                px, py, _ = decode_heatmap(hm[k, j])
+                conf = point_confidence(hm[k, j], px, py)
+                if conf >= 0.3:
                     pts[name] = back((px, py))
-                    scores[name] = round(pk, 3)
+                    scores[name] = round(conf, 3)
             crossings = [back(p) for p in peaks(hm[k, -1])]
             if self.refine:
                 for a, b in PAIRS.values():
@@ -246,7 +278,6 @@ def make_target(sample, rng, train: bool, sigma: float = 1.5):
 
 def train(args) -> int:
     from models.checkpoint import default_weights
-    from models.losses import heatmap_loss
     from models.train_cli import _data_source, _loop
     from models.unet import n_params
     if _data_source(args.data)[0] != "synthetic":
@@ -270,24 +301,29 @@ def train(args) -> int:
     vx, vh, vv, vs = stack([make_target(s, rng, False) for s in val_s])
     arch = {"base": args.base}
     model = KeypointNet(**arch)
+    if getattr(args, "init", None):
+        from models.checkpoint import load_checkpoint, load_state
+        ck = load_checkpoint(args.init, "keypoints")
+        model = load_state(KeypointNet(**ck.meta["arch"]), ck, args.init)
+        arch = ck.meta["arch"]
 
     def loss_fn(m, b):
         h, s = m(b[0])
-        return heatmap_loss(h, b[1], valid=b[2]) * 10 + 0.1 * F.binary_cross_entropy_with_logits(s[:, 0], b[3])
+        return point_loss(h, b[1], b[2]) + 0.3 * F.binary_cross_entropy_with_logits(s[:, 0], b[3])
 
     def evaluate(m):
         h, s = m(vx)
-        h = h.numpy()
+        h = heatmap_probs(h).numpy()
         errs, hits = [], []
         for k in range(len(h)):
             for j in range(len(POINT_NAMES)):
                 if vv[k, j] > 0 and vh[k, j].max() > 0.6:
                     ty, tx = np.unravel_index(int(vh[k, j].argmax()), vh[k, j].shape)
-                    px, py, pk = decode_heatmap(h[k, j])
+                    px, py, _ = decode_heatmap(h[k, j])
                     e = float(np.hypot(px - tx, py - ty))
                     errs.append(e)
                     if j == 0:
-                        hits.append(pk >= 0.2 and e <= 3)
+                        hits.append(point_confidence(h[k, j], px, py) >= 0.3 and e <= 3)
         side_acc = float(((torch.sigmoid(s[:, 0]) > 0.5).float() == vs).float().mean())
         med = float(np.median(errs)) if errs else 99.0
         apex = float(np.mean(hits)) if hits else 0.0

@@ -22,7 +22,10 @@ def test_architectures_shapes_and_sizes():
     k = KeypointNet(base=16).eval()
     with torch.no_grad():
         h, s = k(torch.zeros(2, 1, 96, 96))
-    assert h.shape == (2, 9, 96, 96) and s.shape == (2, 1) and float(h.min()) >= 0 and float(h.max()) <= 1
+    assert h.shape == (2, 9, 96, 96) and s.shape == (2, 1)
+    from models.keypoints import heatmap_probs
+    p = heatmap_probs(h)
+    assert torch.allclose(p[:, :8].sum((2, 3)), torch.ones(2, 8), atol=1e-4) and float(p[:, 8].max()) <= 1
     c = CapillaryResNet().eval()
     assert c(torch.zeros(3, 1, 64, 64)).shape == (3, 7)
     assert n_params(k) < 2e6 and n_params(c) < 2e6
