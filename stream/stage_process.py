@@ -223,7 +223,7 @@ class StageProcess:
             fr = encode_jpeg(frame, 80, self.frame_width)
             if fr:
                 blobs["frame"] = fr
-            for cap in snap.get("capillaries", [])[:24]:
+            for cap in snap.get("capillaries", [])[:wire.MAX_BLOBS - 1]:
                 k = encode_jpeg(stage.kymograph_image(cap["id"]), 85)
                 if k:
                     blobs[f"kymo_{cap['id']}"] = k
@@ -260,7 +260,10 @@ class StageProcess:
                         else self.slots[msg.stream].last_rx
             self._check_signal()
             if time.monotonic() >= next_pub:
-                self.publish()
+                try:
+                    self.publish()
+                except Exception:  # publishing must never take the analysis down
+                    log.exception("publishing results failed")
                 next_pub = time.monotonic() + period
 
     def stop(self, *_: object) -> None:

@@ -45,7 +45,7 @@ DTYPES = {"uint8": np.uint8, "uint16": np.uint16}
 MAX_HEADER_BYTES = 4096
 MAX_SIDE = 8192
 MAX_JSON_PAYLOAD = 16 * 1024 * 1024
-MAX_BLOBS = 16
+MAX_BLOBS = 64
 _STREAM_RE = re.compile(r"^[A-Za-z0-9_.:\-]{1,64}$")
 
 

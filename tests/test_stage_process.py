@@ -82,3 +82,35 @@ def test_live_chain_no_signal_and_recovery(toy_video):
         sp.stop()
         st.join(5)
         sp.close()
+
+
+def test_publish_with_many_capillaries_stays_within_the_wire_limits():
+    """More capillaries than blob slots: the result still encodes and decodes."""
+    import numpy as np
+    from stream import wire
+    from stream.stage_process import StageProcess, StreamSlot
+
+    class _Stage:
+        def snapshot(self):
+            return {"capillaries": [{"id": i, "apex_px": [i, 1]} for i in range(1, 100)], "health": {}}
+
+        def kymograph_image(self, cid):
+            return np.full((8, 16), cid, np.uint8)
+
+        def stabilized_frame(self):
+            return np.zeros((48, 64), np.uint8)
+
+    sp = StageProcess.__new__(StageProcess)
+    sp.slots = {"s": StreamSlot(_Stage(), shape=(48, 64))}
+    sp.frame_width, sp.published, sp.cfg = 64, 0, load_config()
+    sent = []
+
+    class _Pub:
+        def send_multipart(self, parts, flags=0):
+            sent.append(parts)
+
+    sp.pub, sp.rx = _Pub(), type("R", (), {"stats": type("S", (), {"streams": {}, "local_drops": 0,
+                                                                     "malformed": 0})(), "pending": lambda self: 0})()
+    sp.publish()
+    m = wire.decode(sent[0])
+    assert len(m.blobs) == wire.MAX_BLOBS and "frame" in m.blobs
