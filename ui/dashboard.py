@@ -99,8 +99,9 @@ class Dashboard:
         caps = {c.get("id"): c for c in snap.get("capillaries", [])}
         ids = sorted(i for i in caps if i is not None)
         sel = _as_int(cap_sel)
-        if sel not in caps:
-            sel = ids[0] if ids else None
+        if sel not in caps:  # default: the first loop with a measured flow speed
+            flowing = [i for i in ids if caps[i].get("speed_px_per_frame")]
+            sel = (flowing or ids or [None])[0]
         frame = self.feed.image(blobs, "frame")
         no_signal = (not health.get("signal", True)) or age > 3.0
         overlay = render.draw_overlay(frame, snap, sel, no_signal=no_signal)

@@ -52,10 +52,11 @@ class ResultFeed:
                 self._latest[msg.stream] = (body, msg.blobs, time.monotonic())
                 self.updates += 1
                 self.t_first = self.t_first or now
+                unit_key = "speed_um_s" if snap.get("calibrated") else "speed_px_per_frame"
                 for cap in snap.get("capillaries", []):
                     key = (msg.stream, cap.get("id"))
                     h = self._history.setdefault(key, collections.deque(maxlen=self._hist_len))
-                    v = cap.get("speed_um_s") if cap.get("speed_um_s") is not None else cap.get("speed_px_per_frame")
+                    v = cap.get(unit_key)   # one unit per plot: never mix µm/s and px/frame
                     if v is not None:
                         h.append((now, float(v)))
 
