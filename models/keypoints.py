@@ -25,7 +25,6 @@ the full-resolution green channel by fitting a blurred cylinder absorbance profi
 from __future__ import annotations
 
 import logging
-import pickle
 from pathlib import Path
 
 import cv2
@@ -239,17 +238,50 @@ def load_or_render_loops(args):
     tr, va = _seeds(args)
     desc = {"source": "synthetic (balanced class mix)", "train_seeds": [tr[0], tr[-1]], "val_seeds": [va[0], va[-1]]}
     if cache and Path(cache).is_file():
-        with open(cache, "rb") as f:
-            blob = pickle.load(f)
-        if blob.get("seeds") == (tr, va):
-            return blob["train"], blob["val"], desc
+        cached = _read_loop_cache(cache)
+        if cached is not None and cached[0] == (list(tr), list(va)):
+            return cached[1], cached[2], desc
     print(f"rendering loops from {len(tr)} training + {len(va)} validation images ...", flush=True)
     train_s, val_s = DS.render_many_loops(tr, args.workers), DS.render_many_loops(va, args.workers)
     if cache:
-        Path(cache).parent.mkdir(parents=True, exist_ok=True)
-        with open(cache, "wb") as f:
-            pickle.dump({"seeds": (tr, va), "train": train_s, "val": val_s}, f)
+        _write_loop_cache(cache, (list(tr), list(va)), train_s, val_s)
     return train_s, val_s, desc
+
+
+def _write_loop_cache(path, seeds, train_s, val_s) -> None:
+    """Loop samples → one ``.npz`` (crops as arrays, the rest as JSON): no pickle anywhere."""
+    import json
+
+    from nailfold.io import atomic_write_bytes
+    samples = list(train_s) + list(val_s)
+    meta = {"seeds": seeds, "n_train": len(train_s),
+            "samples": [{"cls": s.cls, "points": {k: [float(v[0]), float(v[1])] for k, v in s.points.items()},
+                         "crossings": [[float(c[0]), float(c[1])] for c in s.crossings],
+                         "arterial_side": s.arterial_side} for s in samples]}
+    import io
+    buf = io.BytesIO()
+    np.savez(buf, meta=np.frombuffer(json.dumps(meta).encode(), np.uint8),
+             **{f"crop{i}": s.crop for i, s in enumerate(samples)})
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def _read_loop_cache(path):
+    """(seeds, train samples, val samples) from :func:`_write_loop_cache`, or None if unreadable."""
+    import json
+
+    from models.data_synthetic import LoopSample
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            meta = json.loads(z["meta"].tobytes().decode())
+            samples = [LoopSample(z[f"crop{i}"], m["cls"], {k: tuple(v) for k, v in m["points"].items()},
+                                  [tuple(c) for c in m["crossings"]], m["arterial_side"])
+                       for i, m in enumerate(meta["samples"])]
+    except (OSError, ValueError, KeyError) as e:
+        log.warning("loop cache %s unusable (%s): re-rendering", path, e)
+        return None
+    n = meta["n_train"]
+    return [list(x) for x in meta["seeds"]], samples[:n], samples[n:]
 
 
 def make_target(sample, rng, train: bool, sigma: float = 1.5):
