@@ -3,8 +3,8 @@
 args (all optional, read with getattr): ``data`` ("synthetic" → held-out seeds
 ``EVAL_SEED_BASE + i`` never used for training; or a plain folder, whose true crossings are
 computed by the same boundary/crossing rules from the true masks), ``count`` (images, default
-30), ``size`` ("HxW", default 1200x1600), ``weights`` (folder), ``seed`` (fold shuffling),
-``out`` (optional JSON path for the figures).
+30) or ``seeds`` ("A:B" → seeds EVAL_SEED_BASE + A … B−1, as passed by ``nailfold evaluate``), ``size`` ("HxW", default 1200x1600), ``weights`` (folder), ``seed`` (fold shuffling),
+``out`` or ``json`` (optional JSON path for the figures).
 
 Prints: nerve Dice and modified Dice (k = 1, 3 px), dermis Dice, crossing-count Pearson r over
 all images and per fold of a 5-fold split (the trained weights are fixed; the folds split the
@@ -137,17 +137,22 @@ def format_report(s: dict) -> str:
 
 def evaluate(args: argparse.Namespace) -> int:
     spec = getattr(args, "data", None) or "synthetic"
-    count = int(getattr(args, "count", None) or 30)
     models = load_models(getattr(args, "weights", None))
     if spec == "synthetic":
-        samples = data.synthetic_samples(count, data.EVAL_SEED_BASE, _size(getattr(args, "size", None)))
+        seeds = getattr(args, "seeds", None)  # "A:B" from `nailfold evaluate`: EVAL_SEED_BASE + A … + B-1
+        if getattr(args, "count", None) or not seeds:
+            first, count = 0, int(getattr(args, "count", None) or 30)
+        else:
+            a, b = (int(x) for x in str(seeds).split(":"))
+            first, count = a, b - a
+        samples = data.synthetic_samples(count, data.EVAL_SEED_BASE + first, _size(getattr(args, "size", None)))
     else:
         samples = data.plain_samples(spec)
     s = evaluate_samples(samples, models)
     s_fold = summarize(s["rows"], 5, int(getattr(args, "seed", None) or 0))
     s.update(fold_r=s_fold["fold_r"], fold_r_mean=s_fold["fold_r_mean"])
     print(format_report(s))  # the command's output (called from the CLI)
-    out = getattr(args, "out", None)
+    out = getattr(args, "out", None) or getattr(args, "json", None)
     if out and str(out).endswith(".json"):
         from biopsy.cli import write_json_atomic
         write_json_atomic(Path(out), {"schema": "nailfold.biopsy-eval/1", **s})
