@@ -12,12 +12,12 @@ import json
 import logging
 import math
 import os
-import tempfile
 from pathlib import Path
 
 import cv2
 
 from nailfold.errors import InputError
+from nailfold.io import atomic_write_text
 
 from biopsy.analyze import BiopsyResult, analyze_image, load_models, render_overlay
 from biopsy.data import read_image
@@ -56,17 +56,7 @@ def image_record(path: str, r: BiopsyResult) -> dict:
 
 
 def write_json_atomic(path: Path, obj: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=2)
-            f.write("\n")
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
 def run(args: argparse.Namespace) -> int:

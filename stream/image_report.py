@@ -47,12 +47,12 @@ import datetime as _dt
 import io
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 
 import cv2
 import numpy as np
+
+from nailfold.io import atomic_write_bytes as _atomic_write_bytes
 
 SCHEMA = "nailfold.image-report/1"
 
@@ -77,19 +77,7 @@ def _clean(v):
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write ``data`` to ``path`` via a temp file in the same directory + ``os.replace``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    _atomic_write_bytes(path, data)
 
 
 def capillary_record(morph, cap, in_row: bool, keypoints: dict | None = None) -> dict:
