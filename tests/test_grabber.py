@@ -155,3 +155,19 @@ def test_missing_or_corrupt_video_clear_error(tmp_path, content):
                         "--bind", "tcp://127.0.0.1:0"], capture_output=True, text=True, timeout=60)
     assert r.returncode != 0
     assert "error" in r.stderr and str(p.name) in r.stderr and "Traceback" not in r.stderr
+
+
+def test_recording_of_100_synthetic_frames_is_bit_identical(tmp_path, endpoint):
+    """`grab --source synthetic --record`: the file holds exactly the 100 frames that were sent."""
+    rec = tmp_path / "syn.mkv"
+    rx = Receiver(endpoint, policy="queue", maxlen=200)
+    src = open_source("synthetic:seconds=5,seed=4", pace="max")   # 5 s × 20 fps = 100 frames
+    g = Grabber(src, endpoint, on_full="block", record=str(rec))
+    t = _run_grabber(g)
+    frames, eos = _collect(rx, timeout=120)
+    t.join(30)
+    rx.close()
+    assert eos and [m.seq for m in frames] == list(range(100))
+    back = read_all_frames(rec)
+    assert len(back) == 100
+    assert all(frames_equal(b, m.image) for b, m in zip(back, frames))
