@@ -75,15 +75,17 @@ def main() -> None:
     a = ap.parse_args()
     source = f"file:{a.video}" if a.video else "synthetic"
     cfg = [] if a.video else ["--config", "synthetic.yaml"]
-    best = 0
+    best = best_no_drops = 0
     for n in range(1, a.max_streams + 1):
         r = trial(n, a.seconds, a.warmup, source, cfg)
         print(json.dumps(r), flush=True)
-        if not r["ok"]:
-            break
-        best = n
-    print(f"one stage sustains {best} stream(s) of 20 fps 1024×768 with 0 drops and p99 < 50 ms on "
-          f"{os.cpu_count()} cores")
+        per = r["per_stream"].values()
+        if len(r["per_stream"]) == n and all(v["stage_drops"] == 0 and (v["fps_in"] or 0) >= 18 for v in per):
+            best_no_drops = n
+        if r["ok"] and best == n - 1:
+            best = n
+    print(f"one stage on {os.cpu_count()} cores (grabbers on the same machine): {best} stream(s) of 20 fps "
+          f"1024×768 with 0 drops and p99 < 50 ms; {best_no_drops} with 0 drops at ≥ 18 fps in")
 
 
 if __name__ == "__main__":

@@ -61,6 +61,16 @@ def _check_image(img: np.ndarray, where: str) -> np.ndarray:
     return np.ascontiguousarray(img)
 
 
+def _read_next(source) -> np.ndarray | None:
+    """Next image of an OpenCV capture source: the frame read (and checked) at open time first,
+    then ``source._cap.read()``; None when the capture has no more frames."""
+    if source._first is not None:
+        img, source._first = source._first, None
+        return img
+    ok, raw = source._cap.read()
+    return _check_image(raw, source.name) if ok else None
+
+
 class _Pacer:
     """Sleeps so that frame k is released at ``t0 + k / fps`` (wall clock); no-op for ``max``."""
 
@@ -121,17 +131,13 @@ class VideoFileSource:
     def __iter__(self) -> Iterator[Frame]:
         seq = 0
         while True:
-            if self._first is not None:
-                img, self._first = self._first, None
-            else:
-                ok, raw = self._cap.read()
-                if not ok:
-                    if self.loop and seq > 0:
-                        self._cap.release()
-                        self._cap = self._open()
-                        continue
-                    return
-                img = _check_image(raw, str(self.path))
+            img = _read_next(self)
+            if img is None:
+                if self.loop and seq > 0:
+                    self._cap.release()
+                    self._cap = self._open()
+                    continue
+                return
             if img.shape != self.shape:
                 log.warning("%s: frame %d has shape %s != %s; skipped", self.path, seq, img.shape, self.shape)
                 continue
@@ -212,14 +218,10 @@ class CameraSource:
     def __iter__(self) -> Iterator[Frame]:
         seq = 0
         while True:
-            if self._first is not None:
-                img, self._first = self._first, None
-            else:
-                ok, raw = self._cap.read()
-                if not ok:
-                    log.error("%s: read failed; stopping", self.name)
-                    return
-                img = _check_image(raw, self.name)
+            img = _read_next(self)
+            if img is None:
+                log.error("%s: read failed; stopping", self.name)
+                return
             yield Frame(FrameMeta(seq, time.time(), self.fps, img.shape, self.stream_id), img)
             seq += 1
 

@@ -24,6 +24,7 @@ import argparse
 import collections
 import logging
 import signal
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -102,6 +103,8 @@ class StageProcess:
         if self._segmenter is None:
             from stream.stage import default_segmenter
             self._segmenter = default_segmenter(self.segmenter_name, self.cfg.models.backend)
+            if "torch" in sys.modules:  # keyframe inference on one core: the other stays free for
+                sys.modules["torch"].set_num_threads(1)  # the per-frame path and the grabber
         return self._segmenter
 
     def _slot(self, stream: str, fps: float, shape: tuple[int, ...]) -> StreamSlot:
