@@ -229,30 +229,17 @@ def detect_events(sino: np.ndarray, valid: np.ndarray, speeds: np.ndarray, thres
     would otherwise favour slightly misaligned speeds). Events closer than ``min_sep_frames`` are
     merged (strongest kept); an event within ``sidelobe_frames`` of one more than 1/``sidelobe_ratio``
     times stronger is dropped as its side lobe. Frame arguments are in sinogram columns."""
-    m, t = sino.shape
-    z = np.zeros_like(sino)
     # complete lines only (≥ min_fill of the longest line at that speed): edge lines are noisy
     full = valid & (counts >= min_fill * counts.max(axis=1, keepdims=True)) if counts is not None else valid
     if not normalize_rows:       # ``sino`` is already a calibrated statistic
         z = np.where(full, sino, 0.0).astype(np.float32)
         return _peaks(z, sino, full, speeds, threshold, min_sep_frames, max_events, sidelobe_frames,
                       sidelobe_ratio)
-    enough = full.sum(axis=1) >= 8
-    xm = np.where(full, sino, np.nan)
-    with np.errstate(all="ignore"):
-        import warnings
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)
-            meds = np.nanmedian(xm, axis=1)
-            sds = 1.4826 * np.nanmedian(np.abs(xm - meds[:, None]), axis=1)
-    sds = np.where(enough & np.isfinite(sds), sds, 0.0)
-    meds = np.where(np.isfinite(meds), meds, 0.0)
-    pos = sds[sds > 0]
-    if pos.size == 0:
+    # rows far from any flow speed are smooth: the spread floor keeps their tiny spread from
+    # inflating partially aligned lines into "events" (see row_normalized)
+    z = row_normalized(sino, valid, counts, min_fill)
+    if not z.any():
         return []
-    floor = float(np.median(pos))   # rows far from any flow speed are smooth: don't let their tiny
-    scale = np.maximum(sds, floor)  # spread inflate partially aligned lines into "events"
-    z = np.where(full & (sds[:, None] > 0), (sino - meds[:, None]) / scale[:, None], 0.0).astype(np.float32)
     return _peaks(z, sino, full, speeds, threshold, min_sep_frames, max_events, sidelobe_frames, sidelobe_ratio)
 
 
