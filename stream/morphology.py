@@ -55,7 +55,7 @@ import numpy as np
 from scipy.ndimage import map_coordinates
 
 from nailfold.config import NormalRanges
-from stream.capillary import BLURRED, CLEAR, HAEMORRHAGE, Capillary
+from stream.capillary import BLURRED, HAEMORRHAGE, Capillary
 
 log = logging.getLogger(__name__)
 
@@ -193,6 +193,20 @@ def loop_height(cl: np.ndarray, apex_index: int) -> float:
     return float(abs(ab[0] * (p[1] - a[1]) - ab[1] * (p[0] - a[0])) / nab)
 
 
+def sign_swings(values: np.ndarray, thr: float) -> int:
+    """How many times ``values`` swing from above ``+thr`` to below ``-thr`` or back (hysteresis:
+    excursions inside ±thr do not count)."""
+    state, swings = 0, 0
+    for v in values:
+        if v > thr and state != 1:
+            swings += state != 0
+            state = 1
+        elif v < -thr and state != -1:
+            swings += state != 0
+            state = -1
+    return int(swings)
+
+
 def limb_waviness(limb: np.ndarray, width: float) -> tuple[int, float]:
     """(number of significant lateral swings, max |offset| px) of a limb polyline (apex → foot).
 
@@ -211,15 +225,7 @@ def limb_waviness(limb: np.ndarray, width: float) -> tuple[int, float]:
     s = np.concatenate([[0], np.cumsum(np.linalg.norm(np.diff(limb, axis=0), axis=1))])
     res = off - np.polyval(np.polyfit(s, off, 3), s)
     thr = max(2.0, 0.3 * (width if np.isfinite(width) else 0.0))
-    state, swings = 0, 0
-    for r in res:
-        if r > thr and state != 1:
-            swings += state != 0
-            state = 1
-        elif r < -thr and state != -1:
-            swings += state != 0
-            state = -1
-    return int(swings), float(np.max(np.abs(res)))
+    return sign_swings(res, thr), float(np.max(np.abs(res)))
 
 
 def limb_swaps(cap: Capillary, margin_px: float = 1.0, skip_px: float | None = None) -> int:
@@ -243,15 +249,7 @@ def limb_swaps(cap: Capillary, margin_px: float = 1.0, skip_px: float | None = N
     d = x_at(l2) - x_at(l1)
     if cl[0, 0] > cl[-1, 0]:
         d = -d
-    state, swaps = 0, 0
-    for v in d:
-        if v > margin_px and state != 1:
-            swaps += state != 0
-            state = 1
-        elif v < -margin_px and state != -1:
-            swaps += state != 0
-            state = -1
-    return int(swaps)
+    return sign_swings(d, margin_px)
 
 
 def _has_hole(mask: np.ndarray, min_area: float) -> bool:
