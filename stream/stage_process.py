@@ -150,7 +150,7 @@ class StageProcess:
 
     def _on_frame(self, msg: wire.Message) -> None:
         slot = self._slot(msg.stream, float(msg.header["fps"]), msg.image.shape)
-        now_wall, now = time.time(), time.monotonic()
+        now = time.monotonic()
         if slot.open_gap is not None or (slot.last_seq >= 0 and msg.seq != slot.last_seq + 1):
             gap = slot.open_gap or {"t_start": slot.last_t_capture, "start_seq": slot.last_seq + 1}
             restarted = msg.seq <= slot.last_seq
@@ -174,7 +174,6 @@ class StageProcess:
         slot._n += 1
         if now - slot._t >= 1.0:
             slot.fps_in, slot._n, slot._t = slot._n / (now - slot._t), 0, now
-        del now_wall
 
     def _check_signal(self) -> None:
         for name, slot in self.slots.items():
