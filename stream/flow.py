@@ -16,6 +16,11 @@ cells and plasma gaps move with the red-cell column in single-file capillary flo
 line whose mean brightness (kymograph smoothed along the vessel to the size of a cell) is ≥
 ``event_mean_threshold`` robust SDs, with at least the evidence of an 8-sample line; a weaker event
 line crossing a stronger one inside the window is dropped (cells cannot overtake in single file).
+Events (``event_stat="material"``, the default) are found in the Lagrangian material profile:
+the per-frame speed is tracked through the window (:func:`speed_track`), every sample is moved
+back along the integrated displacement, and a bright object carried by the flow is a peak of the
+mean brightness at its material coordinate (:func:`material_events`) — straight Radon lines miss
+cells in strongly pulsatile flow, whose paths curve within a transit.
 When the flow crosses the kymograph in less than half a window (fast flow), the window also gives
 time-resolved speeds (row cross-correlation on sub-windows of half a transit time), so that
 pulsatile flow is averaged over the cardiac cycle instead of locking onto one phase.
@@ -27,7 +32,7 @@ import math
 from dataclasses import dataclass, field
 
 import numpy as np
-from scipy.ndimage import gaussian_filter1d
+from scipy.ndimage import gaussian_filter1d, maximum_filter1d
 
 from stream import radon
 
@@ -117,13 +122,16 @@ def xcorr_speed(kymo: np.ndarray, max_speed: float, max_lag: int = 16) -> XcorrS
     return XcorrSpeed(float(v), float(max(0.0, min(1.0, best))), int(lag))
 
 
-def local_xcorr_speeds(k: np.ndarray, starts: list[int], length: int, v_min: float, v_max: float,
-                       sign: float, min_z: float = 4.0, min_rho: float = 0.2) -> list[float]:
+def local_xcorr_track(k: np.ndarray, starts: list[int], length: int, v_min: float, v_max: float,
+                      sign: float, min_z: float = 4.0, min_rho: float = 0.2) -> list[tuple[float, float]]:
     """Speed (px/frame, signed) in each sub-window ``k[s:s+length]`` of a destriped kymograph from
     the cross-correlation of rows ``L`` frames apart (L chosen so the displacement is about a
     third of the kymograph), searched within ``[v_min, v_max]`` in direction ``sign``. A sub-window
     whose correlation peak is not ≥ ``min_z`` robust SDs above the rest of the search range, or
-    whose normalized row correlation is < ``min_rho``, gives no estimate."""
+    whose normalized row correlation is < ``min_rho``, gives no estimate.
+
+    Returns ``[(centre_row, speed), …]`` for the sub-windows that gave an estimate (centre_row is
+    the fractional row at the middle of the sub-window)."""
     k = np.asarray(k, np.float64)
     t, n = k.shape
     vmid = math.sqrt(max(v_min, 1e-6) * max(v_max, 1e-6))
@@ -163,7 +171,146 @@ def local_xcorr_speeds(k: np.ndarray, starts: list[int], length: int, v_min: flo
         den = c[j0] - 2 * c[j] + c[j2]
         if den < 0:
             off = float(np.clip(0.5 * (c[j0] - c[j2]) / den, -0.5, 0.5))
-        out.append(float((d[j] + off) / lag))
+        out.append((s0 + (s1 + lag - 1 - s0) / 2.0, float((d[j] + off) / lag)))
+    return out
+
+
+def local_xcorr_speeds(k: np.ndarray, starts: list[int], length: int, v_min: float, v_max: float,
+                       sign: float, min_z: float = 4.0, min_rho: float = 0.2) -> list[float]:
+    """The speeds of :func:`local_xcorr_track` without their positions."""
+    return [v for _, v in local_xcorr_track(k, starts, length, v_min, v_max, sign, min_z, min_rho)]
+
+
+def speed_track(k: np.ndarray, v0: float, v_max: float, step: int = 1, band: float = 1.6,
+                outlier: float = 0.6, max_len: int = 8) -> np.ndarray:
+    """Per-row speed (px/frame, signed like ``v0``) through a destriped, normalized kymograph
+    window ``k`` (T, N): :func:`local_xcorr_track` on sub-windows of half a transit time, 6 to
+    ``max_len`` frames (short enough to follow a heartbeat at 20 fps), every ``step`` rows, searched within ``[|v0|/band, band·|v0|]``; estimates more
+    than ``outlier`` (fraction) from their neighbours' median are dropped (loose: the speed may
+    change by tens of % within a few frames of the cardiac cycle), the rest interpolated
+    linearly over the rows. Fewer than two estimates → ``v0`` everywhere. Follows pulsatile flow
+    within the cardiac cycle, which a single straight line cannot."""
+    t, n = k.shape
+    av = abs(float(v0))
+    if not math.isfinite(av) or av <= 0:
+        return np.full(t, float(v0))
+    length = int(max(6, min(max_len, round(0.5 * n / av))))
+    if length > t:
+        return np.full(t, float(v0))
+    starts = list(range(0, t - length + 1, max(1, step)))
+    track = local_xcorr_track(k, starts, length, av / band, min(av * band, v_max), math.copysign(1.0, v0),
+                              min_z=3.0, min_rho=0.15)
+    if len(track) < 2:
+        return np.full(t, float(v0))
+    rows = np.array([c for c, _ in track])
+    vals = np.array([v for _, v in track])
+    med = np.array([np.median(vals[max(0, i - 2):i + 3]) for i in range(len(vals))])
+    ok = np.abs(vals - med) <= outlier * np.abs(med)
+    if ok.sum() >= 2:
+        rows, vals = rows[ok], vals[ok]
+    return np.interp(np.arange(t, dtype=np.float64), rows, vals)
+
+
+def _profile_from_x(ke: np.ndarray, X: np.ndarray, bin_px: float) -> tuple[float, np.ndarray, np.ndarray]:
+    t, n = ke.shape
+    m = np.arange(n, dtype=np.float64)[None, :] - X[:, None]
+    m0 = float(m.min())
+    idx = (m - m0) / bin_px
+    i0 = np.floor(idx).astype(np.int64)
+    fr = idx - i0
+    nb = int(i0.max()) + 2
+    w = np.asarray(ke, np.float64)
+    a, b = i0.ravel(), i0.ravel() + 1
+    s = np.bincount(a, ((1 - fr) * w).ravel(), nb) + np.bincount(b, (fr * w).ravel(), nb)
+    c = np.bincount(a, (1 - fr).ravel(), nb) + np.bincount(b, fr.ravel(), nb)
+    prof = np.where(c > 1e-6, s / np.maximum(c, 1e-6), 0.0)
+    mb = m0 + bin_px * np.arange(nb)
+    pos = mb[None, :] + X[:, None]
+    rows = ((pos >= 0) & (pos <= n - 1)).sum(axis=0).astype(np.float64)
+    rows[c <= 1e-6] = 0.0          # no sample landed in this bin (bin finer than the sampling)
+    return m0, prof, rows
+
+
+def _refine_x(ke: np.ndarray, X: np.ndarray, m0: float, prof: np.ndarray, bin_px: float,
+              search_px: int, smooth_frames: float) -> np.ndarray:
+    """Per-row displacement correction: the shift (within ±``search_px``, parabolic sub-px) that
+    best matches each row to the material profile, lightly smoothed over time."""
+    t, n = ke.shape
+    c = np.arange(n, dtype=np.float64)
+    grid = m0 + bin_px * np.arange(prof.size)
+    p = prof - prof.mean()
+    kr = ke - ke.mean(axis=1, keepdims=True)
+    shifts = np.arange(-search_px, search_px + 1, dtype=np.float64)
+    score = np.empty((shifts.size, t))
+    for i, dx in enumerate(shifts):
+        score[i] = (kr * np.interp(c[None, :] - X[:, None] - dx, grid, p, left=0.0, right=0.0)).sum(axis=1)
+    j = np.argmax(score, axis=0)
+    corr = shifts[j].astype(np.float64)
+    inner = (j > 0) & (j < shifts.size - 1)
+    cols = np.arange(t)
+    y0, y1, y2 = score[np.clip(j - 1, 0, None), cols], score[j, cols], score[np.clip(j + 1, None, shifts.size - 1), cols]
+    den = y0 - 2 * y1 + y2
+    ok = inner & (den < 0)
+    corr[ok] += np.clip(0.5 * (y0[ok] - y2[ok]) / den[ok], -0.5, 0.5)
+    if smooth_frames > 0:
+        corr = gaussian_filter1d(corr, smooth_frames, mode="nearest")
+    return X + corr
+
+
+def material_profile(ke: np.ndarray, d: np.ndarray, bin_px: float = 1.0, refine: int = 2,
+                     search_px: int = 6, smooth_frames: float = 1.0) -> tuple[np.ndarray, float, np.ndarray, np.ndarray]:
+    """Lagrangian view of a kymograph window: every sample ``ke[t, c]`` belongs to the blood at
+    material coordinate ``m = c − X(t)``, where ``X`` is the displacement (px) integrated from the
+    per-row speeds ``d`` (px/frame, trapezoid rule, ``X(0) = 0``). Anything carried by the flow —
+    a plasma gap, a white cell, red-cell texture — sits at a fixed ``m`` even when the speed
+    pulsates. ``refine`` passes then re-register every row to the profile itself (shift within
+    ±``search_px``, smoothed over ``smooth_frames``), which removes the drift that integrating
+    an imperfect speed track accumulates over a transit.
+
+    Returns ``(X (T,), m0, profile, rows)``: ``profile[b]`` is the mean of the samples whose
+    material coordinate falls in bin ``b`` (``m = m0 + b·bin_px``, linear binning) and ``rows[b]``
+    how many frames saw that material inside the kymograph (0 for bins no sample reached)."""
+    d = np.asarray(d, np.float64)
+    X = np.concatenate([[0.0], np.cumsum(0.5 * (d[1:] + d[:-1]))])
+    m0, prof, rows = _profile_from_x(ke, X, bin_px)
+    for _ in range(max(0, int(refine))):
+        X = _refine_x(ke, X, m0, prof, bin_px, search_px, smooth_frames)
+        X = X - X[0]
+        m0, prof, rows = _profile_from_x(ke, X, bin_px)
+    return X, m0, prof, rows
+
+
+def material_events(ke: np.ndarray, sd: float, anchor: float, d: np.ndarray, threshold: float,
+                    min_sep_px: float, min_fill: float = 0.75, min_rows: int = 3,
+                    bin_px: float = 1.0) -> list[radon.LineEvent]:
+    """Bright objects carried by the flow (plasma gaps / white cells) in a kymograph window.
+
+    ``ke`` (T, N) destriped kymograph smoothed along the vessel to the size of a cell, ``sd`` its
+    robust SD, ``d`` per-row speeds (px/frame, :func:`speed_track`). In the material profile
+    (:func:`material_profile`) an event is a local maximum ≥ ``threshold`` (mean brightness along
+    the object's own, possibly curved, path in units of ``sd``), at least ``min_sep_px`` from a
+    stronger one, seen in ≥ ``min_fill`` of the frames a full transit gives (and ≥ ``min_rows``).
+    Its time is when that material crosses ``anchor`` (fractional row), its speed ``d`` there,
+    its strength the mean brightness (SDs)."""
+    t, n = ke.shape
+    X, m0, prof, rows = material_profile(ke, d, bin_px)
+    if not np.any(rows > 0):
+        return []
+    full = rows >= max(float(min_rows), min_fill * float(rows.max()))
+    stat = np.where(full, prof / max(sd, 1e-9), -np.inf)
+    sep = max(1, int(round(min_sep_px / bin_px)))
+    peaks = np.flatnonzero((stat >= threshold) & (stat == maximum_filter1d(stat, 2 * sep + 1, mode="constant",
+                                                                           cval=-np.inf)))
+    forward = X[-1] >= X[0]
+    rowsi = np.arange(t, dtype=np.float64)
+    vx = np.gradient(X) if t > 1 else np.asarray(d, np.float64)
+    out = []
+    for p in peaks:
+        target = anchor - (m0 + p * bin_px)            # X(t) at which this material is at the anchor
+        if not (min(X[0], X[-1]) <= target <= max(X[0], X[-1])):
+            continue
+        tf = float(np.interp(target, X, rowsi) if forward else np.interp(-target, -X, rowsi))
+        out.append(radon.LineEvent(tf, float(vx[int(np.clip(round(tf), 0, t - 1))]), float(stat[p])))
     return out
 
 
@@ -209,7 +356,10 @@ class WindowAnalyzer:
     coarse_ratio: float = 1.2
     coarse_decimate: int = 2         # coarse pass on a kymograph binned this much along distance
     fine_ratio: float = 1.04
-    event_stat: str = "mean"         # "mean": line mean / sample SD; "rows": line sum vs its speed's spread
+    event_stat: str = "material"     # "material": mean brightness along the object's own path in the
+    #                                  material profile (pulsatile flow); "mean": straight-line mean / sample
+    #                                  SD; "rows": straight-line sum vs its speed's spread
+    event_sep_px: float = 8.0        # events closer than this along the blood column (px) are one
     event_mean_threshold: float = 4.2
     event_row_threshold: float = 0.0
     event_smooth_px: float = 3.0     # Gaussian σ along the vessel before the event search: keeps
@@ -284,6 +434,15 @@ class WindowAnalyzer:
         res.local_speeds = self._local_speeds(k, fine, v0, t_lo, t_hi)
         if res.local_speeds:
             res.speed_px_per_frame = float(np.median(res.local_speeds))
+        if self.event_stat == "material":
+            # bright objects followed along their own (pulsating) path: Lagrangian material profile
+            sd_e = radon.robust_sd(ke[::2, ::2].ravel()) or 1.0
+            track = speed_track(k, res.speed_px_per_frame, self.v_hi)
+            for e in material_events(ke, sd_e, self.anchor, track, self.event_mean_threshold,
+                                     self.event_sep_px):
+                if t_lo <= e.t_frame < t_hi and 0.5 <= e.t_frame <= self.n_frames - 1.5:
+                    res.events.append(radon.LineEvent(start_frame + e.t_frame, e.speed_px_per_frame, e.strength))
+            return res
         if self.event_stat == "mean":
             # mean brightness along the line in robust SDs of the (smoothed) kymograph: a plasma gap
             # is bright in every sample of its line, coherent red-cell texture is not

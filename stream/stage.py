@@ -214,7 +214,7 @@ class _Track:
         return float(self.cap.apex_index)
 
 
-EVENT_STAT = "mean"
+EVENT_STAT = "material"     # see stream.flow.WindowAnalyzer.event_stat
 EVENT_MEAN_THRESHOLD = 4.2   # mean line brightness in robust SDs of the kymograph
 EVENT_ROW_THRESHOLD = 0.0
 EVENT_THRESHOLD = 6.0        # robust z of a bright line against its speed's background
@@ -429,7 +429,7 @@ class AnalysisStage:
             a = flow.WindowAnalyzer(n, npx, tr.anchor, lo, hi, event_threshold=EVENT_THRESHOLD,
                                     event_smooth_px=smooth, event_stat=EVENT_STAT,
                                     event_mean_threshold=EVENT_MEAN_THRESHOLD,
-                                    event_row_threshold=EVENT_ROW_THRESHOLD)
+                                    event_row_threshold=EVENT_ROW_THRESHOLD, event_sep_px=2.5 * smooth)
             tr.analyzers[n] = a
         return a
 
