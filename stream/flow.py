@@ -150,28 +150,31 @@ def local_xcorr_track(k: np.ndarray, starts: list[int], length: int, v_min: floa
         return []
     energy = (k ** 2).sum(axis=1)
     pe = np.concatenate([[0.0], np.cumsum(np.sqrt(energy[:-lag] * energy[lag:]))])
+    s0s = np.asarray([s0 for s0 in starts if min(s0 + length - lag, t - lag) > s0], np.int64)
+    if s0s.size == 0:
+        return []
+    s1s = np.minimum(s0s + length - lag, t - lag)
+    cs = np.fft.irfft(csum[s1s] - csum[s0s], nfft, axis=1) / overlap[None, :]   # (starts, nfft)
+    ridx = np.flatnonzero(rng)
+    cr = cs[:, ridx]
+    i = np.argmax(cr, axis=1)
+    rows = np.arange(s0s.size)
+    peak = cr[rows, i]
+    med = np.median(cr, axis=1)
+    sd = 1.4826 * np.median(np.abs(cr - med[:, None]), axis=1)
+    norm = (pe[s1s] - pe[s0s]) / n
+    ok = (sd > 0) & ((peak - med) / np.where(sd > 0, sd, 1.0) >= min_z) & (norm > 0)
+    ok &= peak / np.where(norm > 0, norm, 1.0) >= min_rho   # correlation of the rows, 0..1: texture must be seen
     out = []
-    for s0 in starts:
-        s1 = min(s0 + length - lag, t - lag)
-        if s1 <= s0:
-            continue
-        c = np.fft.irfft(csum[s1] - csum[s0], nfft) / overlap
-        cr = c[rng]
-        i = int(np.argmax(cr))
-        med = float(np.median(cr))
-        sd = 1.4826 * float(np.median(np.abs(cr - med)))
-        if sd <= 0 or (cr[i] - med) / sd < min_z:
-            continue
-        norm = (pe[s1] - pe[s0]) / n
-        if norm <= 0 or cr[i] / norm < min_rho:    # correlation of the rows, 0..1: texture must be seen
-            continue
-        j = np.flatnonzero(rng)[i]
+    for r in np.flatnonzero(ok):
+        c = cs[r]
+        j = ridx[i[r]]
         off = 0.0
         j0, j2 = (j - 1) % nfft, (j + 1) % nfft
         den = c[j0] - 2 * c[j] + c[j2]
         if den < 0:
             off = float(np.clip(0.5 * (c[j0] - c[j2]) / den, -0.5, 0.5))
-        out.append((s0 + (s1 + lag - 1 - s0) / 2.0, float((d[j] + off) / lag)))
+        out.append((s0s[r] + (s1s[r] + lag - 1 - s0s[r]) / 2.0, float((d[j] + off) / lag)))
     return out
 
 
@@ -236,14 +239,18 @@ def _refine_x(ke: np.ndarray, X: np.ndarray, m0: float, prof: np.ndarray, bin_px
     """Per-row displacement correction: the shift (within ±``search_px``, parabolic sub-px) that
     best matches each row to the material profile, lightly smoothed over time."""
     t, n = ke.shape
-    c = np.arange(n, dtype=np.float64)
     grid = m0 + bin_px * np.arange(prof.size)
     p = prof - prof.mean()
     kr = ke - ke.mean(axis=1, keepdims=True)
-    shifts = np.arange(-search_px, search_px + 1, dtype=np.float64)
+    S = int(search_px)
+    # template of every row over columns -S .. n-1+S: tpl[t, S + c] = profile at material c - X(t)
+    ce = np.arange(-S, n + S, dtype=np.float64)
+    tpl = np.interp(ce[None, :] - X[:, None], grid, p, left=0.0, right=0.0)
+    shifts = np.arange(-S, S + 1, dtype=np.float64)
     score = np.empty((shifts.size, t))
-    for i, dx in enumerate(shifts):
-        score[i] = (kr * np.interp(c[None, :] - X[:, None] - dx, grid, p, left=0.0, right=0.0)).sum(axis=1)
+    for i, dx in enumerate(shifts):          # row shifted by dx: profile at c - X - dx
+        o = S - int(dx)
+        score[i] = np.einsum("ij,ij->i", kr, tpl[:, o:o + n])
     j = np.argmax(score, axis=0)
     corr = shifts[j].astype(np.float64)
     inner = (j > 0) & (j < shifts.size - 1)
