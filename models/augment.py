@@ -85,8 +85,11 @@ def loop_crop(image: np.ndarray, center_xy: tuple[float, float], out: int) -> tu
 
 
 # ----------------------------------------------------------------------------- augmentation
-def photometric(g: np.ndarray, rng: np.random.Generator, strength: float = 1.0) -> np.ndarray:
-    """Random brightness/contrast/gamma/blur/noise/JPEG/vignette on a uint8 gray image."""
+def photometric(g: np.ndarray, rng: np.random.Generator, strength: float = 1.0,
+                max_blur: float | None = None) -> np.ndarray:
+    """Random brightness/contrast/gamma/blur/motion blur/noise/JPEG/illumination ramp on a uint8 gray
+    image. ``max_blur`` caps the Gaussian blur σ (px of ``g``; default ``1.5·strength + 0.3``): for
+    segmentation a strong blur would make an in-focus vessel look like the "blurred" class."""
     x = g.astype(np.float32) / 255.0
     if rng.random() < 0.8:
         gamma = float(np.exp(rng.normal(0, 0.35 * strength)))
@@ -101,8 +104,16 @@ def photometric(g: np.ndarray, rng: np.random.Generator, strength: float = 1.0) 
         ang = rng.uniform(0, 2 * np.pi)
         ramp = (np.cos(ang) * xx / w + np.sin(ang) * yy / h)
         x = x + float(rng.normal(0, 0.1)) * ramp
-    if rng.random() < 0.35:
-        x = cv2.GaussianBlur(x, (0, 0), float(rng.uniform(0.3, 1.5 * strength + 0.3)))
+    hi = 1.5 * strength + 0.3 if max_blur is None else max_blur
+    if rng.random() < 0.35 and hi > 0.3:
+        x = cv2.GaussianBlur(x, (0, 0), float(rng.uniform(0.3, hi)))
+    if rng.random() < 0.15:  # short linear motion blur (camera shake during exposure), 2-4 px
+        n = int(rng.integers(2, 5))
+        k = np.zeros((2 * n + 1, 2 * n + 1), np.float32)
+        ang = rng.uniform(0, np.pi)
+        for t in np.linspace(-n, n, 4 * n + 1):
+            k[int(round(n + t * np.sin(ang))), int(round(n + t * np.cos(ang)))] = 1.0
+        x = cv2.filter2D(x, -1, k / k.sum(), borderType=cv2.BORDER_REFLECT101)
     if rng.random() < 0.6:
         x = x + rng.normal(0, rng.uniform(0.0, 0.05 * strength), x.shape).astype(np.float32)
     out = np.clip(x * 255.0, 0, 255).astype(np.uint8)

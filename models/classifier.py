@@ -98,16 +98,17 @@ class Classifier:
 
 # ---------------------------------------------------------------------------- training
 def augment_crop(win: np.ndarray, rng: np.random.Generator, out: int, frac: float,
-                 train: bool = True) -> tuple[np.ndarray, np.ndarray]:
+                 train: bool = True, shift: float = 2.0) -> tuple[np.ndarray, np.ndarray]:
     """From a context window (S×S, centred), take the central ``frac`` of it resampled to out×out,
-    with random rotation/scale/flip/shift + photometric augmentation. Returns (gray uint8, affine)."""
+    with random rotation/scale/flip/shift (σ ``shift`` output px: loop centres found by segmentation
+    are not exact) + photometric augmentation. Returns (gray uint8, affine window px → output px)."""
     S = win.shape[0]
     s = out / (S * frac)
     ang, sc, dx, dy, flip = 0.0, 1.0, 0.0, 0.0, False
     if train:
         ang = float(rng.normal(0, 8))
         sc = float(np.exp(rng.normal(0, 0.08)))
-        dx, dy = rng.normal(0, 2, 2)
+        dx, dy = rng.normal(0, shift, 2)
         flip = rng.random() < 0.5
     M = cv2.getRotationMatrix2D((S / 2 - 0.5, S / 2 - 0.5), ang, s * sc)
     # map the window centre to the output centre (+ a small random shift)

@@ -113,8 +113,48 @@ def render_many_seg(seeds, workers: int = 1):
     return _pool_map(render_seg, list(seeds), workers)
 
 
+def _seg_pair(seed: int):
+    im, lab, _, _ = render_seg(seed)
+    return im, lab
+
+
+def load_or_render_seg(seeds, workers: int = 1, cache: str | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(image, label) pairs at segmentation size for ``seeds``; with ``cache`` (an ``.npz`` path) the
+    pairs of every seed already in it are reused and new ones are appended (no pickle)."""
+    from pathlib import Path
+    have: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+    if cache and Path(cache).is_file():
+        try:
+            with np.load(cache, allow_pickle=False) as z:
+                for s in z["seeds"].tolist():
+                    have[int(s)] = (z[f"im{s}"], z[f"lab{s}"])
+        except (OSError, ValueError, KeyError) as e:
+            log.warning("seg cache %s unusable (%s): re-rendering", cache, e)
+            have = {}
+    todo = [s for s in seeds if s not in have]
+    if todo:
+        for s, pair in zip(todo, _pool_map(_seg_pair, todo, workers)):
+            have[s] = pair
+        if cache:
+            import io
+
+            from nailfold.io import atomic_write_bytes
+            buf = io.BytesIO()
+            arrays = {"seeds": np.array(sorted(have), np.int64)}
+            for s, (im, lab) in have.items():
+                arrays[f"im{s}"], arrays[f"lab{s}"] = im, lab
+            np.savez(buf, **arrays)
+            Path(cache).parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_bytes(cache, buf.getvalue())
+    return [have[s] for s in seeds]
+
+
 def _render_loops_balanced(seed: int):
-    return render_loops(seed, class_mix=BALANCED_MIX)
+    try:
+        return render_loops(seed, class_mix=BALANCED_MIX)
+    except ValueError as e:  # a simulator failure on one seed must not cost a whole data set
+        log.warning("synthetic seed %d failed to render (%s): skipped", seed, e)
+        return []
 
 
 def render_many_loops(seeds, workers: int = 1) -> list[LoopSample]:
@@ -128,8 +168,9 @@ class SegDataset(torch.utils.data.Dataset):
     """Augmented (image, label) pairs: x (1, h, w) float32 standardized green, y (h, w) int64."""
 
     def __init__(self, items: list[tuple[np.ndarray, np.ndarray]], crop_hw=(256, 256), augment: bool = True,
-                 seed: int = 0, length: int | None = None):
+                 seed: int = 0, length: int | None = None, max_blur: float = 0.9):
         self.items, self.crop_hw, self.augment, self.seed = items, crop_hw, augment, seed
+        self.max_blur = max_blur  # px at segmentation scale (half canonical): keeps clear vessels clear
         self.length = length or len(items)
         self.epoch = 0
 
@@ -142,6 +183,7 @@ class SegDataset(torch.utils.data.Dataset):
             return torch.from_numpy(A.standardize(A.green(img)))[None], torch.from_numpy(lab.astype(np.int64))
         rng = np.random.default_rng([self.seed, self.epoch, i])
         g = A.random_green(img, rng)
-        g, lab = A.geometric_pair(g, lab, rng, self.crop_hw)
-        g = A.photometric(g, rng)
+        # wide scale range: other scopes/magnifications show loops at other sizes in px (0.6-1.5x)
+        g, lab = A.geometric_pair(g, lab, rng, self.crop_hw, scale_range=(0.6, 1.5))
+        g = A.photometric(g, rng, max_blur=self.max_blur)
         return torch.from_numpy(A.standardize(g))[None], torch.from_numpy(lab.astype(np.int64))

@@ -38,6 +38,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--segmenter", default="unet", choices=("unet", "classical", "auto"))
     p.add_argument("--backend", default="eager", choices=("auto", "eager", "compile", "tensorrt"))
     p.add_argument("--weights", default=None, help="checkpoint (default: shipped weights)")
+    p.add_argument("--seg-weights", default=None, help="keypoints --centers seg: U-Net checkpoint (default: shipped)")
     p.add_argument("--centers", default="seg", choices=("seg", "truth"), help="keypoints: where loops come from")
     p.add_argument("--radius", type=float, default=5.0, help="keypoints: apex detection radius (px)")
     p.add_argument("--threads", type=int, default=2)
@@ -160,7 +161,7 @@ def eval_keypoints(args) -> dict:
     from models.keypoints import PAIRS, KeypointModel
     from models.segmenter import get_segmenter
     kp = KeypointModel(args.backend, args.weights)
-    seg = get_segmenter("unet", args.backend) if args.centers == "seg" else None
+    seg = get_segmenter("unet", args.backend, getattr(args, "seg_weights", None)) if args.centers == "seg" else None
     n_true, n_apex, n_found = 0, 0, 0
     perr, werr, side_ok, ms = [], {k: [] for k in PAIRS}, [], []
     for s in _seed_range(args.seeds):

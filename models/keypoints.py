@@ -10,17 +10,25 @@ Out: ``KeypointModel.predict(image, centers)`` → one dict per loop::
          "scores": {name: peak heatmap value 0..1},   # points under 0.2 are omitted
          "crossings": [(x, y), ...],
          "arterial_side": "left" | "right", "arterial_prob": P(arterial side = left limb),
+         "arterial_side_source": "calibre" | "head",
          "widths_px": {"apical": d(up, down), "left": d(left-left, left-right), "right": ...}}
 
 ``up``/``down`` are the apex's outer/inner edges; ``left-left``/``left-right`` and
 ``right-left``/``right-right`` the two edges of each limb (width pairs, image-left limb first);
-``left-bottom``/``right-bottom`` the limbs' feet. Which limb is arterial is predicted by a separate
-head from image appearance (calibre, position), not assumed from "the narrower one".
+``left-bottom``/``right-bottom`` the limbs' feet.
+
+Arterial vs venous limb: a still image carries one anatomical cue, calibre (the arterial limb is
+narrower; in the simulator arterial 9–13 µm, venous 11–17 µm, rendered identically otherwise — no
+flow is visible in a still). When both limb widths are measured the side comes from the fitted
+widths (``arterial_side_source`` "calibre", :func:`arterial_prob_from_calibre`); otherwise from the
+network's side head ("head"), which sees the same cue at only 96 px. In video the flow direction is
+the better cue (``stream.live_morphology.arterial_side_from_flow``).
 
 Sub-pixel: a 5×5 weighted centroid around each spatial-softmax maximum (a point is reported when
 ≥ 0.3 of its probability mass lies within 3 px); then each width pair is refined on
-the full-resolution green channel by fitting a blurred cylinder absorbance profile
-(Beer–Lambert chord length) to the median profile of a 7-px strip along the pair's line — width = the fitted diameter.
+the full-resolution green channel by fitting a cylinder's transmission (Beer–Lambert chord length,
+then optical blur, on a linear background) to the median intensity profile of a strip along the
+pair's line (:func:`refine_pair`) — width = the fitted diameter.
 """
 from __future__ import annotations
 
@@ -126,11 +134,18 @@ def peaks(h: np.ndarray, thr: float = 0.3, radius: int = 3) -> list[tuple[float,
             for y, x in zip(ys, xs)]
 
 
-def refine_pair(gray: np.ndarray, p1, p2, max_change: float = 0.5, wall: float = 0.35) -> tuple[np.ndarray, np.ndarray]:
-    """Refine a width pair (two edge points of one vessel) on the gray image by fitting
-    ``A·max(sqrt(1-((t-c)/r)²), wall)`` (a cylinder whose wall keeps a minimum absorbance ``wall``,
-    anti-aliased over 1 px) ⊛ Gaussian(σ) to the absorbance profile along the p1→p2 line.
-    Returns the refined (p1, p2); the inputs if the fit fails or moves the width by > max_change×."""
+def refine_pair(gray: np.ndarray, p1, p2, max_change: float = 0.6, wall: float = 0.35,
+                half_strip: int = 3) -> tuple[np.ndarray, np.ndarray]:
+    """Refine a width pair (two edge points of one vessel, image px) on the gray image.
+
+    Model (the image formation of a capillary, in the intensity domain so that blur acts after
+    Beer–Lambert absorption as in optics): ``I(t) = (b0 + b1·t/L) · G_σ ⊛ exp(−amp·p(t))`` with
+    ``p(t) = max(sqrt(1 − ((t − c)/r)²), wall)`` inside the vessel (a cylinder's chord length, with a
+    minimum wall absorbance, anti-aliased over 1 px), fitted by least squares to the median profile of
+    a (2·``half_strip`` + 1)-px strip along the p1→p2 line (0.25 px samples). The fitted window stops
+    on each side at the brightest point of the smoothed profile beyond the initial edge, so a
+    neighbouring vessel (the other limb) does not bias the fit. Width = 2r (px).
+    Returns the refined (p1, p2); the inputs if the fit fails or changes the width by > max_change×."""
     p1, p2 = np.asarray(p1, float), np.asarray(p2, float)
     d = p2 - p1
     w0 = float(np.hypot(*d))
@@ -141,36 +156,58 @@ def refine_pair(gray: np.ndarray, p1, p2, max_change: float = 0.5, wall: float =
     L = max(1.6 * w0, 10.0)
     step = 0.25
     t = np.arange(-L, L + step / 2, step)
-    v = np.array([-u[1], u[0]])                     # along the vessel: average a 7-px strip
-    off = np.arange(-3, 4, 1.0)
+    v = np.array([-u[1], u[0]])                     # along the vessel: average a strip
+    off = np.arange(-half_strip, half_strip + 1, 1.0)
     xs = m[0] + t[None, :] * u[0] + off[:, None] * v[0]
     ys = m[1] + t[None, :] * u[1] + off[:, None] * v[1]
     if xs.min() < 0 or ys.min() < 0 or xs.max() > gray.shape[1] - 1 or ys.max() > gray.shape[0] - 1:
         return p1, p2
     prof = map_coordinates(gray.astype(np.float32), [ys.ravel(), xs.ravel()], order=1).reshape(xs.shape)
-    prof = np.median(prof, axis=0)
-    n = max(4, len(t) // 6)
-    bg = float(np.median(np.r_[prof[:n], prof[-n:]]))
-    a = -np.log(np.clip(prof + 1.0, 1.0, None) / (bg + 1.0))
+    prof = np.median(prof, axis=0).astype(np.float64)
+    sm = gaussian_filter1d(prof, 1.0 / step)
+    r0 = w0 / 2
+    lo_i, hi_i = 0, len(t) - 1
+    right, left = np.nonzero(t >= r0 + 1.5)[0], np.nonzero(t <= -r0 - 1.5)[0]
+    if len(right) > 2:
+        hi_i = int(right[np.argmax(sm[right])])
+    if len(left) > 2:
+        lo_i = int(left[np.argmax(sm[left])])
+    sl = slice(lo_i, hi_i + 1)
+    y = prof[sl]
+    bg0 = float(max(sm[lo_i], sm[hi_i], 1.0))
+    c0, k0 = len(t) // 2, max(1, int(r0 / step))
+    amp0 = -np.log(max(float(sm[c0 - k0:c0 + k0 + 1].min()), 1.0) / bg0)
 
     def model(q):
-        amp, c, r, s = q
+        amp, c, r, s, b0, b1 = q
         r = max(r, 0.3)
-        d = np.abs(t - c)
-        edge = np.clip(r + 0.5 - d, 0, 1)  # anti-aliased wall with an absorbance floor (vessel wall)
-        y = amp * np.maximum(np.sqrt(np.clip(1 - (np.minimum(d, r) / r) ** 2, 0, None)), wall * edge) * edge
-        return gaussian_filter1d(y, max(s, 0.05) / step, mode="nearest")
+        dd = np.abs(t - c)
+        edge = np.clip(r + 0.5 - dd, 0, 1)
+        a = amp * np.maximum(np.sqrt(np.clip(1 - (np.minimum(dd, r) / r) ** 2, 0, None)), wall * edge) * edge
+        trans = gaussian_filter1d(np.exp(-a), max(s, 0.05) / step, mode="nearest")
+        return ((b0 + b1 * t / L) * trans)[sl]
 
-    q0 = [max(a.max(), 1e-3), 0.0, w0 / 2, 1.0]
+    q0 = [max(amp0, 0.05), 0.0, w0 / 2, 1.0, bg0, 0.0]
     try:
-        res = least_squares(lambda q: model(q) - a, q0, bounds=([0, -w0, 0.3, 0.05], [10, w0, 2 * w0, 6]),
-                            max_nfev=200)
+        res = least_squares(lambda q: model(q) - y, q0,
+                            bounds=([0, -w0, 0.3, 0.05, 1.0, -bg0], [8, w0, 2 * w0, 6, 400, bg0]), max_nfev=300)
     except (ValueError, np.linalg.LinAlgError):
         return p1, p2
-    amp, c, r, _ = res.x
+    amp, c, r = res.x[:3]
     if not res.success or abs(2 * r - w0) > max_change * w0 or amp <= 0:
         return p1, p2
     return m + (c - r) * u, m + (c + r) * u
+
+
+CALIBRE_LOG_RATIO_SCALE = 0.1   # log(venous/arterial width) ≈ 0.1–0.5 for real and simulated loops
+
+
+def arterial_prob_from_calibre(w_left: float, w_right: float) -> float:
+    """P(arterial limb = image-left limb) from the two fitted limb widths (px): the arterial limb is
+    the narrower one (arterial 9–13 µm vs venous 11–17 µm in the simulator, as in physiology);
+    a logistic on log(w_right / w_left) with scale :data:`CALIBRE_LOG_RATIO_SCALE`."""
+    z = float(np.log(max(w_right, 1e-3) / max(w_left, 1e-3))) / CALIBRE_LOG_RATIO_SCALE
+    return float(1.0 / (1.0 + np.exp(-np.clip(z, -50, 50))))
 
 
 class KeypointModel:
@@ -216,16 +253,18 @@ class KeypointModel:
                     scores[name] = round(conf, 3)
             crossings = [back(p) for p in peaks(hm[k, -1])]
             if self.refine:
-                for a, b in PAIRS.values():
-                    if a in pts and b in pts:
-                        q1, q2 = refine_pair(g, pts[a], pts[b])
+                for pair, (a, b) in PAIRS.items():
+                    if a in pts and b in pts:   # the apex is curved: a narrow strip there
+                        q1, q2 = refine_pair(g, pts[a], pts[b], half_strip=1 if pair == "apical" else 3)
                         pts[a], pts[b] = tuple(q1.tolist()), tuple(q2.tolist())
             widths = {n: float(np.hypot(pts[a][0] - pts[b][0], pts[a][1] - pts[b][1]))
                       for n, (a, b) in PAIRS.items() if a in pts and b in pts}
-            pl = float(side[k])
+            pl, src = float(side[k]), "head"
+            if widths.get("left", 0) > 0 and widths.get("right", 0) > 0:
+                pl, src = arterial_prob_from_calibre(widths["left"], widths["right"]), "calibre"
             results.append({"points": pts, "scores": scores, "crossings": crossings,
                             "arterial_side": "left" if pl >= 0.5 else "right", "arterial_prob": pl,
-                            "widths_px": widths})
+                            "arterial_side_source": src, "widths_px": widths})
         return results
 
 
@@ -239,7 +278,7 @@ def load_or_render_loops(args):
     desc = {"source": "synthetic (balanced class mix)", "train_seeds": [tr[0], tr[-1]], "val_seeds": [va[0], va[-1]]}
     if cache and Path(cache).is_file():
         cached = _read_loop_cache(cache)
-        if cached is not None and cached[0] == (list(tr), list(va)):
+        if cached is not None and [list(s) for s in cached[0]] == [list(tr), list(va)]:
             return cached[1], cached[2], desc
     print(f"rendering loops from {len(tr)} training + {len(va)} validation images ...", flush=True)
     train_s, val_s = DS.render_many_loops(tr, args.workers), DS.render_many_loops(va, args.workers)
@@ -287,7 +326,7 @@ def _read_loop_cache(path):
 def make_target(sample, rng, train: bool, sigma: float = 1.5):
     """(x (96,96) float32, heatmaps (9,96,96), valid (9,), side (1,)) from a LoopSample."""
     from models.classifier import augment_crop
-    crop, M = augment_crop(sample.crop, rng, INPUT, 1 / 1.5, train)
+    crop, M = augment_crop(sample.crop, rng, INPUT, 1 / 1.5, train, shift=5.0)
     flipped = M[0, 0] * M[1, 1] < 0
     yy, xx = np.mgrid[0:INPUT, 0:INPUT].astype(np.float32)
     hm = np.zeros((N_MAPS, INPUT, INPUT), np.float32)
@@ -341,7 +380,7 @@ def train(args) -> int:
 
     def loss_fn(m, b):
         h, s = m(b[0])
-        return point_loss(h, b[1], b[2]) + 0.3 * F.binary_cross_entropy_with_logits(s[:, 0], b[3])
+        return point_loss(h, b[1], b[2]) + 0.5 * F.binary_cross_entropy_with_logits(s[:, 0], b[3])
 
     def evaluate(m):
         h, s = m(vx)

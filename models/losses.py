@@ -12,7 +12,11 @@ import torch.nn.functional as F
 
 
 def dice_ce_loss(logits: torch.Tensor, target: torch.Tensor, class_weights: torch.Tensor | None = None,
-                 dice_weight: float = 1.0, ignore_index: int = 255, eps: float = 1.0) -> torch.Tensor:
+                 dice_weight: float = 1.0, ignore_index: int = 255, eps: float = 1.0,
+                 union_classes: tuple[int, ...] | None = None, union_weight: float = 1.0) -> torch.Tensor:
+    """CE + (1 − mean soft Dice of the present foreground classes). With ``union_classes`` (e.g. (1, 2):
+    capillary ∪ blurred) a Dice term on their summed probability is added (``union_weight``), so a
+    vessel found but given the sibling class still counts as found (it drives sensitivity)."""
     ce = F.cross_entropy(logits, target, weight=class_weights, ignore_index=ignore_index)
     valid = (target != ignore_index).unsqueeze(1).float()
     t = target.clone()
@@ -24,7 +28,13 @@ def dice_ce_loss(logits: torch.Tensor, target: torch.Tensor, class_weights: torc
     dice = (2 * inter + eps) / (denom + eps)
     present = onehot.sum((0, 2, 3))[1:] > 0
     fg = dice[1:][present] if present.any() else dice[1:2]
-    return ce + dice_weight * (1 - fg.mean())
+    loss = ce + dice_weight * (1 - fg.mean())
+    if union_classes:
+        pu = prob[:, list(union_classes)].sum(1)
+        tu = onehot[:, list(union_classes)].sum(1)
+        du = (2 * (pu * tu).sum() + eps) / (pu.sum() + tu.sum() + eps)
+        loss = loss + union_weight * (1 - du)
+    return loss
 
 
 def heatmap_loss(pred: torch.Tensor, target: torch.Tensor, fg_weight: float = 20.0,

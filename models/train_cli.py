@@ -44,7 +44,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=1, help="torch threads")
     p.add_argument("--init", default=None, help="start from this checkpoint's weights (fine-tune)")
     p.add_argument("--base", type=int, default=16, help="network width (base channels)")
-    p.add_argument("--loop-cache", default=None, help="pickle cache of rendered per-loop windows")
+    p.add_argument("--loop-cache", default=None, help=".npz cache of rendered per-loop windows")
+    p.add_argument("--seg-cache", default=None, help=".npz cache of rendered segmentation images")
+    p.add_argument("--levels", type=int, default=4, help="seg: U-Net levels")
     p.add_argument("--crop", type=int, default=192, help="training crop side (px at network scale)")
 
 
@@ -125,8 +127,9 @@ def _load_seg_items(args):
         tr, va = _seeds(args)
         print(f"rendering {len(tr)} training + {len(va)} validation synthetic images ...", flush=True)
         t = time.time()
-        train = [(im, lab) for im, lab, _, _ in DS.render_many_seg(tr, args.workers)]
-        val = [(im, lab) for im, lab, _, _ in DS.render_many_seg(va, args.workers)]
+        cache = getattr(args, "seg_cache", None)
+        train = DS.load_or_render_seg(tr, args.workers, cache)
+        val = DS.load_or_render_seg(va, args.workers, cache)
         print(f"rendered in {time.time() - t:.0f} s", flush=True)
         desc = {"source": "synthetic", "train_seeds": [tr[0], tr[-1]], "val_seeds": [va[0], va[-1]],
                 "simulator": "stream.synthetic.render_still, varied by models.data_synthetic.sim_params"}
@@ -164,17 +167,21 @@ def train_seg(args) -> int:
     ds = DS.SegDataset(train, crop_hw=crop, seed=args.seed, length=max(len(train), args.batch_size * args.steps))
     loader = torch.utils.data.DataLoader(ds, batch_size=args.batch_size, shuffle=True, num_workers=0,
                                          generator=torch.Generator().manual_seed(args.seed))
-    arch = {"in_ch": 1, "n_classes": 4, "base": args.base, "levels": 4}
-    model = UNet(**arch)
+    arch = {"in_ch": 1, "n_classes": 4, "base": args.base, "levels": getattr(args, "levels", 4)}
     if args.init:
         from models.checkpoint import load_checkpoint, load_state
-        load_state(model, load_checkpoint(args.init, "seg"), args.init)
+        ck = load_checkpoint(args.init, "seg")
+        arch = dict(ck.meta["arch"])
+        model = load_state(UNet(**arch), ck, args.init)
+    else:
+        model = UNet(**arch)
     model = model.to(memory_format=torch.channels_last)
-    cw = torch.tensor([1.0, 2.0, 1.5, 2.0])
+    cw = torch.tensor([1.0, 2.0, 2.5, 2.0])   # blurred (faint, defocused) vessels were the ones missed
 
     def loss_fn(m, batch):
         x, y = batch
-        return dice_ce_loss(m(x.contiguous(memory_format=torch.channels_last)), y, class_weights=cw)
+        return dice_ce_loss(m(x.contiguous(memory_format=torch.channels_last)), y, class_weights=cw,
+                            union_classes=(1, 2))
 
     def meta_fn(metrics):
         return {"kind": "seg", "arch": arch, "classes": ["background", "capillary", "blurred", "haemorrhage"],
@@ -182,7 +189,8 @@ def train_seg(args) -> int:
                 "normalization": "(g - median) / ((p90 - p10) / 2.56), clip ±8", "training_data": data_desc,
                 "seeds": {"torch": args.seed}, "metrics": metrics, "params": n_params(model),
                 "train": {"epochs": args.epochs, "steps": args.steps, "batch": args.batch_size, "lr": args.lr,
-                          "crop": list(crop)}}
+                          "crop": list(crop), "init": args.init, "n_train_images": len(train),
+                          "loss": "CE (class weights 1/2/2.5/2) + Dice per class + Dice of capillary∪blurred"}}
 
     out = args.out or default_weights("seg")
     _loop(model, loss_fn, _infinite(loader), args, lambda m: eval_seg_model(m, val), meta_fn, out, "seg")

@@ -165,3 +165,43 @@ def test_keypoint_and_classifier_training_smoke(tmp_path, monkeypatch):
     clf = classifier.Classifier("eager", tmp_path / "cls.pt")
     out = clf.predict([img[:64, :64], img[:50, :80, 1]])
     assert len(out) == 2 and all(c in classifier.CLASS_NAMES and 0 <= p <= 1 for c, p in out)
+
+
+def test_fuse_conv_bn_keeps_outputs():
+    from models.backends import fuse_conv_bn
+    torch.manual_seed(0)
+    u = UNet(base=4)
+    for m in u.modules():   # non-trivial running statistics
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+    u.eval()
+    x = torch.randn(1, 1, 32, 48)
+    with torch.no_grad():
+        ref = u(x)
+        fused = fuse_conv_bn(u)
+        assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fused.modules())
+        assert torch.allclose(fused(x), ref, atol=1e-4)
+
+
+def test_arterial_side_from_calibre():
+    from models.keypoints import arterial_prob_from_calibre
+    assert arterial_prob_from_calibre(8.0, 11.0) > 0.9      # left limb narrower → arterial left
+    assert arterial_prob_from_calibre(11.0, 8.0) < 0.1
+    assert arterial_prob_from_calibre(9.0, 9.0) == pytest.approx(0.5)
+
+
+def test_seg_cache_roundtrip(tmp_path, monkeypatch):
+    from models import data_synthetic as DS
+    calls = []
+
+    def fake(seed):
+        calls.append(seed)
+        return np.full((32, 48, 3), seed % 256, np.uint8), np.full((32, 48), seed % 4, np.uint8)
+
+    monkeypatch.setattr(DS, "_seg_pair", fake)
+    cache = tmp_path / "seg.npz"
+    a = DS.load_or_render_seg([10_000, 10_001], 1, str(cache))
+    b = DS.load_or_render_seg([10_001, 10_002], 1, str(cache))
+    assert calls == [10_000, 10_001, 10_002]
+    assert np.array_equal(a[1][0], b[0][0]) and b[1][1].max() == 10_002 % 4
