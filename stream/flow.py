@@ -296,14 +296,22 @@ def material_events(ke: np.ndarray, sd: float, anchor: float, d: np.ndarray, thr
     robust SD, ``d`` per-row speeds (px/frame, :func:`speed_track`). In the material profile
     (:func:`material_profile`) an event is a local maximum ≥ ``threshold`` (mean brightness along
     the object's own, possibly curved, path in units of ``sd``), at least ``min_sep_px`` from a
-    stronger one, seen in ≥ ``min_fill`` of the frames a full transit gives (and ≥ ``min_rows``).
+    stronger one, whose path inside the window covers ≥ ``min_fill`` of the kymograph's length
+    or ≥ ``min_fill`` of the window's frames (slow flow), and ≥ ``min_rows`` frames.
     Its time is when that material crosses ``anchor`` (fractional row), its speed ``d`` there,
     its strength the mean brightness (SDs)."""
     t, n = ke.shape
     X, m0, prof, rows = material_profile(ke, d, bin_px)
     if not np.any(rows > 0):
         return []
-    full = rows >= max(float(min_rows), min_fill * float(rows.max()))
+    # complete paths only: the material crossed ≥ min_fill of the kymograph's length inside the
+    # window, or stayed in it for ≥ min_fill of the window (slow flow). A fixed share of the
+    # longest path would drop cells that pass in the fast phase of a pulsating flow.
+    pos = (m0 + bin_px * np.arange(prof.size))[None, :] + X[:, None]
+    inside = (pos >= 0) & (pos <= n - 1)
+    cover = np.where(inside, pos, -np.inf).max(axis=0) - np.where(inside, pos, np.inf).min(axis=0)
+    cover = np.where(inside.any(axis=0), cover, 0.0)
+    full = (rows >= min_rows) & ((cover >= min_fill * (n - 1)) | (rows >= min_fill * t))
     stat = np.where(full, prof / max(sd, 1e-9), -np.inf)
     sep = max(1, int(round(min_sep_px / bin_px)))
     peaks = np.flatnonzero((stat >= threshold) & (stat == maximum_filter1d(stat, 2 * sep + 1, mode="constant",
