@@ -37,12 +37,14 @@ the first frame; NaN/unknown values are ``null``)::
           "speed_xcorr_um_s": 790.0,               # independent cross-correlation estimate
           "speed_xcorr_px_per_frame": 32.9,
           "windows": 57, "windows_with_flow": 55, "stopped_windows": 0,
+          "flow_state": "flowing",                 # flowing | stopped (speed 0) | indeterminate:
+                                                   #  < half the windows saw flow or stasis → speed null
           "observed_s": 58.0,                      # time the capillary was sampled
           "wbc_count": 12,                         # bright-line events (white cells / plasma gaps)
           "wbc_per_min": 12.4,
           "wbc_events": [{"t_s": 3.15,             # time the event passes the apex
                           "speed_um_s": 805.0, "speed_px_per_frame": 33.5,
-                          "strength": 5.1}]        # mean brightness along its Radon line, in
+                          "strength": 5.1}]        # mean brightness along the cell's own path, in
                                                    #  robust SDs of the kymograph (≥ 4.2)
       }]
     }
@@ -105,6 +107,7 @@ class CapillaryFlow:
     windows: int = 0
     windows_with_flow: int = 0
     stopped_windows: int = 0
+    flow_state: str = "indeterminate"   # flowing | stopped (speed 0) | indeterminate (speed null)
     observed_s: float = 0.0
     wbc_count: int = 0
     wbc_per_min: float | None = None
@@ -157,7 +160,7 @@ def write_report(report: VideoReport | list[VideoReport], path: str | Path) -> N
 CSV_COLUMNS = ["source", "id", "apex_x", "apex_y", "length_px", "direction_reversed", "label",
                "flow_speed_um_s", "flow_speed_px_per_frame", "speed_confidence", "speed_xcorr_um_s",
                "speed_xcorr_px_per_frame", "windows", "windows_with_flow", "stopped_windows",
-               "observed_s", "wbc_count", "wbc_per_min"]
+               "flow_state", "observed_s", "wbc_count", "wbc_per_min"]
 
 
 def csv_rows(report: VideoReport) -> list[dict]:

@@ -224,6 +224,7 @@ TEXTURE_MIN_CORR = 0.25      # whole-window row correlation below which a window
 EVENT_MIN_SEP_FRAMES = 3.0   # events closer than this are one event
 SIDELOBE_FRAMES = 6.0        # a much weaker event this close to a strong one is its side lobe
 SIDELOBE_RATIO = 0.5
+MIN_VERDICT_FRACTION = 0.5   # below this share of windows with flow seen or flow stopped, no speed
 
 
 def _merge_event(events: list, e: LineEvent) -> None:
@@ -546,16 +547,21 @@ class AnalysisStage:
         if not mags:
             mags = [abs(e.speed_px_per_frame) for e in evs]
         v = _trimmed_mean(mags) if mags else float("nan")
+        frac = (len(gated) + len(stopped)) / len(wins) if wins else 0.0
+        if len(wins) >= 3 and frac < MIN_VERDICT_FRACTION:
+            # most windows saw neither moving texture nor a still column: a speed from the few
+            # that did (or from their bright lines) would be a guess shown as a measurement
+            v = float("nan")
         xs = [abs(w.xcorr.speed_px_per_frame) for w in wins
               if w.xcorr.confidence >= 0.2 and math.isfinite(w.xcorr.speed_px_per_frame)]
         vx = _median(xs)
-        frac = (len(gated) + len(stopped)) / len(wins) if wins else 0.0
         agree = 0.5
         if math.isfinite(v) and math.isfinite(vx) and v > 0:
             agree = max(0.0, 1.0 - abs(v - vx) / v)
         conf = frac * (0.5 + 0.5 * agree) if math.isfinite(v) else 0.0
+        state = "indeterminate" if not math.isfinite(v) else ("stopped" if v == 0.0 else "flowing")
         return {"v": v, "vx": vx, "direction": direction, "confidence": conf, "windows": len(wins),
-                "gated": len(gated), "stopped": len(stopped)}
+                "gated": len(gated), "stopped": len(stopped), "state": state}
 
     def _observed_s(self, tr: _Track) -> float:
         return max(0, tr.buffer.last_frame - tr.first_frame + 1) / self.fps
@@ -583,7 +589,7 @@ class AnalysisStage:
                     "direction_reversed": bool(rev),
                     "speed_px_per_frame": _r(sp["v"]), "speed_um_s": _r(self._um(sp["v"])),
                     "speed_xcorr_um_s": _r(self._um(sp["vx"])), "speed_confidence": _r(sp["confidence"]),
-                    "stopped": bool(sp["stopped"] and not sp["gated"]),
+                    "stopped": bool(sp["stopped"] and not sp["gated"]), "flow_state": sp["state"],
                     "wbc_count": len(tr.events),
                     "wbc_per_min": _r(len(tr.events) / obs * 60.0) if obs > 0 else None,
                     "recent_events": [{"t_s": _r(e.t_frame / self.fps), "speed_um_s": _r(self._um(abs(e.speed_px_per_frame))),
@@ -702,6 +708,7 @@ class AnalysisStage:
                 speed_xcorr_um_s=self._um(sp["vx"]),
                 speed_xcorr_px_per_frame=sp["vx"] if math.isfinite(sp["vx"]) else None,
                 windows=sp["windows"], windows_with_flow=sp["gated"], stopped_windows=sp["stopped"],
+                flow_state=sp["state"],
                 observed_s=obs, wbc_count=len(evs),
                 wbc_per_min=(len(evs) / obs * 60.0) if obs > 0 else None,
                 wbc_events=[WbcEvent(t_s=e.t_frame / self.fps, speed_um_s=self._um(abs(e.speed_px_per_frame)),

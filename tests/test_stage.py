@@ -327,3 +327,37 @@ def test_pulsatile_flow_gives_the_mean_speed():
     caps = _match_caps(rep, scope)
     for k, lp in enumerate(scope.loops):
         assert caps[k].flow_speed_px_per_frame == pytest.approx(abs(lp["v"]), rel=0.06), (k, caps[k])
+
+
+def test_speed_is_null_when_most_windows_see_neither_flow_nor_stasis():
+    """A vessel where only a few windows found moving texture (e.g. a stopped loop without
+    visible texture, or a blurred one) gets no speed — flow_state "indeterminate" — instead of a
+    number taken from the few windows; a clearly flowing one keeps its speed."""
+    from stream import flow
+    from stream.radon import LineEvent
+    st = AnalysisStage(load_config().with_overrides(um_per_px=1.2, fps=20.0), segmenter=TruthSegmenter(np.zeros((8, 8), np.uint8)), fps=20.0)
+
+    def win(gated, v=float("nan"), stopped=False):
+        w = flow.WindowResult(0, 80, v if gated or stopped else float("nan"), 3.0,
+                              flow.XcorrSpeed(float("nan"), 0.0, 0), stopped=stopped, gated=gated)
+        if gated:
+            w.events = [LineEvent(10.0, v, 5.0)]
+        return w
+
+    class T:  # the parts of a track _speeds reads
+        pass
+    few = T()
+    few.windows = [win(True, 17.6)] + [win(False) for _ in range(9)]
+    few.events = []
+    sp = st._speeds(few)
+    assert not math.isfinite(sp["v"]) and sp["state"] == "indeterminate"
+    most = T()
+    most.windows = [win(True, 12.0) for _ in range(8)] + [win(False) for _ in range(2)]
+    most.events = []
+    sp = st._speeds(most)
+    assert sp["v"] == pytest.approx(12.0) and sp["state"] == "flowing"
+    still = T()
+    still.windows = [win(False, 0.0, stopped=True) for _ in range(7)] + [win(False) for _ in range(3)]
+    still.events = []
+    sp = st._speeds(still)
+    assert sp["v"] == 0.0 and sp["state"] == "stopped"
