@@ -66,8 +66,11 @@ def main(argv=None) -> int:
     rows.append(("seg 1024x768 (incl. pre/post)", _time(lambda: seg.segment(img), a.repeat),
                  n_params(seg.model.module), 150.0))
     seg_net = seg.model
-    x = torch.zeros(1, 1, 384, 512)
-    rows.append(("seg network only 384x512", _time(lambda: seg_net.run(x), a.repeat), n_params(seg_net.module), None))
+    from models.augment import seg_size
+    h, w = seg_size(img.shape, seg.long_side)          # the network input the segmenter really uses
+    x = torch.zeros(1, 1, h, w)
+    rows.append((f"seg network only {h}x{w}", _time(lambda: seg_net.run(x), a.repeat), n_params(seg_net.module),
+                 None))
     clf = Classifier(a.backend, a.classifier)
     crops = [np.ascontiguousarray(img[i * 10:i * 10 + 64, i * 20:i * 20 + 64]) for i in range(32)]
     rows.append(("classifier batch of 32 crops", _time(lambda: clf.predict(crops), a.repeat),

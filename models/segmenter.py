@@ -9,8 +9,10 @@ Out: ``segment(image)`` → uint8 (H, W) labels at the input's resolution: 0 bac
 - ``"unet"`` → :class:`UNetSegmenter` from the shipped weights (missing/corrupt → ``CheckpointError``);
 - ``"auto"`` → U-Net if its shipped weights load, else classical with a logged warning.
 
-The U-Net runs at half canonical resolution (long side 512 px, e.g. 384×512 for 768×1024) on the
-standardized green channel; logits are upsampled bilinearly to the input size before the argmax.
+The U-Net runs at about half canonical resolution — long side ``input_long_side`` from the
+checkpoint metadata (shipped: 480 px, e.g. 352×480 for 768×1024; trained at 512 with 0.6–1.5× scale
+augmentation) — on the standardized green channel; logits are upsampled bilinearly to the input
+size before the argmax.
 Also re-exported: :func:`get_keypoint_model`, :func:`get_classifier`.
 """
 from __future__ import annotations
