@@ -73,7 +73,7 @@ def _err(e: list[float]) -> dict:
             "bias": float(a.mean())}
 
 
-def _analyse(labels, truth, um, ranges, min_clear, side_from_truth):
+def _analyse(labels, truth, um, ranges, min_clear, side_from_truth, image=None):
     caps = extract_capillaries(labels, min_length_px=40 * 1.2 / um, prune_px=10 * 1.2 / um,
                                max_limb_px=350 * 1.2 / um)
     tcaps = [c for c in truth["capillaries"] if c["row"] == "distal" and c["in_view"]]
@@ -99,7 +99,8 @@ def _analyse(labels, truth, um, ranges, min_clear, side_from_truth):
         used.add(ci)
     side_of = {tmatched[ti]: tcaps[ti]["arterial_side"] for ti in tmatched} if side_from_truth else {}
     for c in caps:
-        morphs.append(measure_capillary(c, labels, None, um, ranges, arterial_side=side_of.get(c.id)))
+        morphs.append(measure_capillary(c, labels, None, um, ranges, arterial_side=side_of.get(c.id),
+                                          image=image))
     summary = summarize_image(morphs, labels.shape, um, min_clear)
     for ti, tc in enumerate(tcaps):
         matches.append((tc, morphs[tmatched[ti]] if ti in tmatched else None))
@@ -138,7 +139,8 @@ def evaluate_morphology_metrics(args) -> dict:
         pred = segmenter(um).segment(img)
         for source, labels in (("pipeline", pred), ("truth_mask", lab)):
             for side_mode in ("narrower", "true_side"):
-                matches, summ, n_found = _analyse(labels, truth, um, ranges, min_clear, side_mode == "true_side")
+                matches, summ, n_found = _analyse(labels, truth, um, ranges, min_clear, side_mode == "true_side",
+                                                  image=img)
                 bucket = res[f"{source}/{side_mode}"]
                 for tc, m in matches:
                     bucket["rows"].append((seed, tc, m))

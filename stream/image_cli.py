@@ -132,7 +132,7 @@ def analyse_image(img: np.ndarray, segmenter, um_per_px: float | None, ranges, m
     for c in caps:
         kp = kps.get(c.id)
         side = sides.get(c.id)
-        m = measure_capillary(c, labels, kp, um_per_px, ranges, arterial_side=side)
+        m = measure_capillary(c, labels, kp, um_per_px, ranges, arterial_side=side, image=img)
         orient_arterial_first(c, m.arterial_side)
         morphs.append(m)
     summary = summarize_image(morphs, img.shape, um_per_px, min_clear)

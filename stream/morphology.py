@@ -53,6 +53,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 from scipy.ndimage import map_coordinates
+from scipy.spatial import cKDTree
 
 from nailfold.config import NormalRanges
 from stream.capillary import BLURRED, HAEMORRHAGE, Capillary
@@ -84,6 +85,8 @@ class CapillaryMorphology:
     um_per_px: float | None = None
     shape_class: str | None = None   # from a classifier, when one is available
     notes: list = field(default_factory=list)
+    image_widths_px: dict | None = None   # image-profile measurement (primary when the image is given)
+    width_source: dict = field(default_factory=dict)        # per width: "image" | "keypoints" | "mask"
 
     def um(self, px: float | None) -> float | None:
         if self.um_per_px is None or px is None or not np.isfinite(px):
@@ -172,6 +175,171 @@ def mask_widths(cap: Capillary) -> dict:
     return res
 
 
+PROFILE_STEP_PX = 0.25          # sampling step of image profiles across the vessel (px)
+
+
+def vessel_channel(image: np.ndarray) -> np.ndarray:
+    """float32 (H, W) channel in which blood is darkest against skin: green of a BGR(A) image
+    (haemoglobin absorbs green most), else the single channel."""
+    a = np.asarray(image)
+    if a.ndim == 3:
+        a = a[:, :, 1] if a.shape[2] >= 3 else a[:, :, 0]
+    return a.astype(np.float32, copy=False)
+
+
+def cylinder_profile(params, t: np.ndarray, step: float = PROFILE_STEP_PX) -> np.ndarray:
+    """Model intensity across a blood vessel at offsets ``t`` (px) from its centerline.
+
+    ``params`` = (b0, b1, k, t0, r, sigma): local background ``b0 + b1·t`` (grey levels), optical
+    density ``k`` of blood through the vessel's middle, centre offset ``t0`` (px), vessel radius
+    ``r`` (px) and Gaussian blur ``sigma`` (px, optics + focus + sampling). Beer–Lambert through a
+    cylinder: transmission ``exp(−k·√(1 − ((t − t0)/r)²))``, convolved with the blur, times the
+    background. ``t`` must lie on a grid of spacing ``step``."""
+    b0, b1, k, t0, r, sig = params
+    h = max(1, int(math.ceil(4.0 * sig / step)))
+    lo, hi = float(t.min()) - h * step, float(t.max()) + h * step
+    tt = np.arange(lo, hi + step / 2, step)
+    u = (tt - t0) / r
+    trans = np.exp(-k * np.sqrt(np.clip(1.0 - u * u, 0.0, None)))
+    kx = np.arange(-h, h + 1) * step
+    g = np.exp(-0.5 * (kx / sig) ** 2)
+    conv = np.convolve(trans, g / g.sum(), mode="same")
+    return (b0 + b1 * t) * np.interp(t, tt, conv)
+
+
+def fit_vessel_profile(t: np.ndarray, prof: np.ndarray, r0: float) -> dict | None:
+    """Least-squares fit of :func:`cylinder_profile` to a measured (median) profile.
+
+    In: offsets ``t`` (px, regular grid of :data:`PROFILE_STEP_PX`), intensities ``prof`` (grey
+    levels, vessel dark), initial radius ``r0`` (px). Out: ``{"diameter_px", "sigma_px",
+    "density", "offset_px", "contrast", "rel_rms"}`` (``contrast`` = background − vessel-centre
+    level in grey levels before blur; ``rel_rms`` = fit residual RMS / contrast) or None when the
+    profile shows no dark vessel. The diameter is the vessel's physical width: independent of
+    contrast and blur, unlike a threshold or half-contrast edge (which is ≈ 0.87 × the diameter
+    of a cylinder)."""
+    from scipy.optimize import least_squares
+    ok = np.isfinite(prof)
+    t, prof = np.asarray(t, float)[ok], np.asarray(prof, float)[ok]
+    if len(t) < 12 or not np.isfinite(r0) or r0 <= 0:
+        return None
+    edge = np.abs(t) >= 0.75 * np.abs(t).max()
+    b0 = float(np.median(prof[edge])) if edge.any() else float(prof.max())
+    core = np.abs(t) <= max(r0, 1.0)
+    if not core.any():
+        return None
+    mn = float(prof[core].min())
+    if b0 <= 0 or mn >= b0:
+        return None
+    k0 = float(np.clip(-math.log(max(mn, 1e-3) / b0) * 1.3, 0.02, 4.0))
+    lo = np.array([0.2 * b0, -np.inf, 1e-3, -3.0, 0.5, 0.25])
+    hi = np.array([3.0 * b0 + 1.0, np.inf, 8.0, 3.0, max(3.0 * r0, 4.0) + 4.0, 5.0])
+    p0 = np.clip([b0, 0.0, k0, 0.0, max(r0, 1.0), 1.0], lo + 1e-6, hi - 1e-6)
+    try:
+        res = least_squares(lambda p: cylinder_profile(p, t) - prof, p0, bounds=(lo, hi), x_scale="jac",
+                            max_nfev=200)
+    except (ValueError, np.linalg.LinAlgError):
+        return None
+    b0, _, k, t0, r, sig = res.x
+    contrast = float(b0 * (1.0 - math.exp(-k)))
+    return {"diameter_px": float(2.0 * r), "sigma_px": float(sig), "density": float(k), "offset_px": float(t0),
+            "contrast": contrast, "rel_rms": float(np.sqrt(np.mean(res.fun ** 2)) / max(contrast, 1e-6))}
+
+
+def section_profile(gray: np.ndarray, occupied: np.ndarray | None, points: np.ndarray, dirs: np.ndarray,
+                    half_width: float) -> tuple[np.ndarray, np.ndarray]:
+    """Median intensity profile across a vessel section: (offsets t px, profile grey levels).
+
+    ``points`` (n, 2) centerline samples (x, y) px in ``gray``'s frame and their unit normals
+    ``dirs``; ``half_width`` the expected half width (px, e.g. from the mask). The profile spans
+    ±max(half_width + 7, 2.5·half_width); on each side it is cut 1 px before the next vessel pixel
+    of ``occupied`` (the other limb, a neighbour, a haemorrhage) met after leaving this vessel
+    (median over the samples), so neighbours do not bias the fit. The median over samples
+    suppresses red-cell texture, white-cell gaps and noise."""
+    T = float(max(half_width + 7.0, 2.5 * half_width))
+    t = np.arange(-T, T + PROFILE_STEP_PX / 2, PROFILE_STEP_PX)
+    xs = points[:, :1] + dirs[:, :1] * t[None]
+    ys = points[:, 1:2] + dirs[:, 1:2] * t[None]
+    v = map_coordinates(gray, [ys.ravel(), xs.ravel()], order=1, mode="nearest").reshape(xs.shape)
+    inside_img = ((xs >= 0) & (xs <= gray.shape[1] - 1) & (ys >= 0) & (ys <= gray.shape[0] - 1))
+    v = np.where(inside_img, v, np.nan)
+    lims = [T, T]
+    if occupied is not None:
+        occ = map_coordinates(occupied.astype(np.float32), [ys.ravel(), xs.ravel()], order=1, mode="constant",
+                              cval=0.0).reshape(xs.shape) >= 0.5
+        for side, sel in enumerate((t > 0, t < 0)):
+            tt, o = np.abs(t[sel]), occ[:, sel]
+            if side == 1:
+                tt, o = tt[::-1], o[:, ::-1]
+            cut = np.full(len(points), T)
+            for i in range(len(points)):
+                out = np.flatnonzero(~o[i])
+                if len(out):
+                    back = np.flatnonzero(o[i, out[0]:])
+                    if len(back):
+                        cut[i] = tt[out[0] + back[0]] - 1.0
+            lims[side] = float(np.median(cut))
+    with np.errstate(all="ignore"):
+        prof = np.nanmedian(v, axis=0) if np.isfinite(v).any() else np.full(len(t), np.nan)
+    keep = (t <= lims[0]) & (t >= -lims[1])
+    return t[keep], prof[keep]
+
+
+def image_widths(cap: Capillary, image: np.ndarray, occupied: np.ndarray | None = None,
+                 mask_w: dict | None = None, max_rel_rms: float = 0.2) -> dict:
+    """Vessel diameters (px) measured in the image itself: ``{"left", "right", "apex"}`` plus
+    ``"fits"`` (the per-section :func:`fit_vessel_profile` results).
+
+    Sections as for the mask: limbs 35–75 % of their length from the apex, apex ±3 px of arc.
+    The mask only places the centerline and the profile span (so a too-wide or too-narrow mask
+    does not bias the width); ``occupied`` (bool image, all vessel/haemorrhage pixels) keeps
+    neighbours out of the profiles. A section is NaN when its fit fails, its residual exceeds
+    ``max_rel_rms`` × contrast, or the diameter is implausible (< 0.4× or > 2.5× the mask width).
+    """
+    gray = vessel_channel(image)
+    mw = mask_w if mask_w is not None else mask_widths(cap)
+    cl = cap.centerline.astype(np.float64)
+    nv = normals(cl)
+    ai = cap.apex_index
+    first_is_left = cl[0, 0] <= cl[-1, 0]
+    out: dict = {"left": float("nan"), "right": float("nan"), "apex": float("nan"), "fits": {}}
+    if cap.extra.get("single_limb"):
+        return out                     # fused limbs / a limb fragment: no limb or apex section to measure
+    fallback = np.nanmedian(cap.width_px) if len(cap.width_px) and np.isfinite(cap.width_px).any() else 8.0
+    limb_w = [mw.get(k, float("nan")) for k in ("left", "right")]
+    wref = float(np.nanmax(limb_w)) if np.isfinite(limb_w).any() else float(fallback)
+    secs = {}
+    n1, n2 = ai + 1, len(cl) - ai
+    limb1, limb2 = cl[:ai + 1][::-1], cl[ai:]
+    for n, limb, other, sign, name in ((n1, limb1, limb2, -1, "left" if first_is_left else "right"),
+                                       (n2, limb2, limb1, 1, "right" if first_is_left else "left")):
+        if n < 10:
+            continue
+        j = np.arange(n)[_limb_section(n)]
+        # skip samples where the other limb is near (a crossing, touching limbs): the profile
+        # would run into it; widen the section if that leaves too few
+        near = cKDTree(other[min(len(other) - 1, 3):]).query(limb[j])[0] < wref + 1.5 \
+            if len(other) > 4 else np.zeros(len(j), bool)
+        if (~near).sum() < max(5, len(j) // 3):
+            j = np.arange(n)[_limb_section(n, 0.2, 0.9)]
+            near = cKDTree(other[min(len(other) - 1, 3):]).query(limb[j])[0] < wref + 1.5 \
+                if len(other) > 4 else np.zeros(len(j), bool)
+        if (~near).sum() >= 5:
+            secs[name] = ai + sign * j[~near]
+    secs["apex"] = np.arange(max(0, ai - 3), min(len(cl), ai + 4))
+    for name, idx in secs.items():
+        w_m = mw.get(name, float("nan"))
+        if not np.isfinite(w_m):
+            w_m = float(fallback)
+        t, prof = section_profile(gray, occupied, cl[idx], nv[idx], w_m / 2)
+        f = fit_vessel_profile(t, prof, w_m / 2)
+        out["fits"][name] = f
+        if (f is None or f["rel_rms"] > max_rel_rms or abs(f["offset_px"]) >= 2.9
+                or not (0.4 * w_m <= f["diameter_px"] <= 2.5 * w_m)):
+            continue
+        out[name] = f["diameter_px"]
+    return out
+
+
 def keypoint_widths(kp: dict) -> dict:
     """Widths from ANFC keypoints: ``{"left", "right", "apex"}`` px (NaN for missing pairs)."""
     def dist(a, b):
@@ -252,6 +420,42 @@ def limb_swaps(cap: Capillary, margin_px: float = 1.0, skip_px: float | None = N
     return sign_swings(d, margin_px)
 
 
+def limb_pair_geometry(cap: Capillary, width: float) -> dict:
+    """How the two limbs run relative to each other below the apex region.
+
+    Both limbs are expressed as x(y) (px) from ``max(4, width)`` below the apex down to the
+    shorter limb's foot. Returns ``{"midline_swings", "touches", "swaps"}``: side-to-side swings
+    of the limbs' midline after a cubic detrend (hysteresis ±max(2 px, 0.3 × width); a crossing
+    keeps the midline straight, a tortuous loop makes it meander), how many separate runs the
+    limbs come closer than 0.5 × width (merged or crossing) and how many times they swap sides
+    (signed separation from < −1 px to > +1 px, :func:`limb_swaps`)."""
+    out = {"midline_swings": 0, "touches": 0, "swaps": 0}
+    cl, ai = cap.centerline, cap.apex_index
+    if ai < 5 or len(cl) - ai < 5 or not np.isfinite(width):
+        return out
+    l1, l2 = cl[:ai + 1], cl[ai:]
+    y_lo = cl[ai, 1] + max(4.0, width)
+    y_hi = min(l1[:, 1].max(), l2[:, 1].max())
+    if y_hi <= y_lo + 10:
+        return out
+    ys = np.arange(y_lo, y_hi, 1.0)
+
+    def x_at(limb):
+        o = np.argsort(limb[:, 1], kind="stable")
+        return np.interp(ys, limb[o, 1], limb[o, 0])
+    a, b = x_at(l1), x_at(l2)
+    if cl[0, 0] > cl[-1, 0]:
+        a, b = b, a
+    mid, sep = (a + b) / 2, b - a
+    s = ys - ys[0]
+    res = mid - np.polyval(np.polyfit(s, mid, 3), s) if len(s) > 8 else np.zeros_like(mid)
+    out["midline_swings"] = sign_swings(res, max(2.0, 0.3 * width))
+    low = sep < 0.5 * width
+    out["touches"] = int(np.sum(low[1:] & ~low[:-1]) + int(low[0]))
+    out["swaps"] = sign_swings(sep, 1.0)
+    return out
+
+
 def _has_hole(mask: np.ndarray, min_area: float) -> bool:
     inv = (~np.pad(mask, 1)).astype(np.uint8)
     n, lab, stats, _ = cv2.connectedComponentsWithStats(inv, connectivity=4)
@@ -262,19 +466,42 @@ def _has_hole(mask: np.ndarray, min_area: float) -> bool:
 def measure_capillary(cap: Capillary, labels: np.ndarray | None = None, keypoints: dict | None = None,
                       um_per_px: float | None = None, ranges: NormalRanges | None = None, *,
                       arterial_side: str | None = None, shape_class: str | None = None,
-                      haemorrhage_radius_um: float = 50.0) -> CapillaryMorphology:
-    """Measure one capillary (see module docstring). ``keypoints`` maps ANFC names → (x, y) px."""
+                      haemorrhage_radius_um: float = 50.0, image: np.ndarray | None = None
+                      ) -> CapillaryMorphology:
+    """Measure one capillary (see module docstring). ``keypoints`` maps ANFC names → (x, y) px;
+    ``image`` (the BGR/gray image ``labels`` belongs to) enables image-profile widths."""
     notes: list[str] = []
     mw = mask_widths(cap)
     kw = keypoint_widths(keypoints) if keypoints else None
+    iw = None
+    if image is not None:
+        occupied = (labels != 0) if labels is not None else None
+        iw = image_widths(cap, image, occupied, mw)
     flags: dict = {}
     src = "narrower-limb"
     widths = dict(mw)
-    if kw is not None:
+    source = {k: "mask" for k in ("left", "right", "apex")}
+    for name, est in (("keypoints", kw), ("image", iw)):      # later = preferred
+        if est is None:
+            continue
         for k in ("left", "right", "apex"):
-            if np.isfinite(kw[k]):
-                widths[k] = kw[k]
-        dis = [abs(kw[k] - mw[k]) / max(kw[k], 1e-6) for k in kw if np.isfinite(kw[k]) and np.isfinite(mw[k])]
+            if np.isfinite(est[k]):
+                widths[k] = est[k]
+                source[k] = name
+    if iw is not None:
+        # with the image at hand a section it cannot measure (limbs touching or crossing all along,
+        # failed fit) is reported as unmeasurable rather than taken from the (biased) mask
+        lost = [k for k in ("left", "right", "apex") if source[k] == "mask"]
+        for k in lost:
+            widths[k], source[k] = float("nan"), None
+        if lost and not cap.extra.get("single_limb"):
+            notes.append("not measurable in the image: " + ", ".join(lost))
+    if kw is not None or iw is not None:
+        # cross-check: the chosen width against every other available estimate of it
+        dis = [abs(est[k] - widths[k]) / max(widths[k], 1e-6)
+               for name, est in (("mask", mw), ("keypoints", kw)) if est is not None
+               for k in ("left", "right", "apex")
+               if source[k] != name and np.isfinite(est[k]) and np.isfinite(widths[k])]
         flags["width_disagreement"] = bool(dis and max(dis) > 0.10)
     if arterial_side in ("left", "right"):
         side = arterial_side
@@ -285,22 +512,31 @@ def measure_capillary(cap: Capillary, labels: np.ndarray | None = None, keypoint
         side = "left"
         notes.append("only one limb measurable: arterial/venous assignment arbitrary")
     if cap.extra.get("single_limb"):
-        notes.append("single limb found (limbs fused or one limb out of view)")
+        notes.append("single limb found (limbs fused or one limb out of view): widths not measurable")
+        if kw is None:
+            widths = {k: float("nan") for k in widths}
+            source = {k: None for k in source}
     ven = "right" if side == "left" else "left"
     height = loop_height(cap.centerline, cap.apex_index)
     arc = cap.length_px
     # shape
     ai = cap.apex_index
     limbs = [cap.centerline[:ai + 1][::-1], cap.centerline[ai:]]
-    lw = [widths["left"], widths["right"]] if cap.centerline[0, 0] <= cap.centerline[-1, 0] else [widths["right"], widths["left"]]
-    swings = [limb_waviness(lb, w) for lb, w in zip(limbs, lw)]
-    flags["tortuous"] = bool(sum(s[0] for s in swings) >= 6)
+    # shape thresholds scale with the mask's widths (defined for every instance, and what the
+    # centerline was traced in)
+    lw = [mw["left"], mw["right"]] if cap.centerline[0, 0] <= cap.centerline[-1, 0] else [mw["right"], mw["left"]]
+    swings = sum(limb_waviness(lb, w)[0] for lb, w in zip(limbs, lw))
+    w_limb = float(np.nanmedian(lw)) if np.isfinite(lw).any() else float(np.nanmedian(cap.width_px))
+    geo = limb_pair_geometry(cap, w_limb)
     apex_w = widths["apex"]
-    wmax = np.nanmax([v for v in widths.values()] + [1.0])
+    wmax = np.nanmax([v for v in mw.values()] + [1.0])
     closed = (not cap.extra.get("single_limb")) and _has_hole(cap.mask, max(12.0, 0.5 * float(wmax) ** 2))
-    swaps = limb_swaps(cap, skip_px=max(4.0, float(apex_w) if np.isfinite(apex_w) else 4.0))
-    # as in the ANFC classes, a tortuous loop is reported as tortuous, not also as crossing
-    flags["crossing"] = bool((closed or swaps >= 1) and not flags["tortuous"])
+    # tortuous: the limbs meander — with the loop's midline meandering too, or without the limbs
+    # ever meeting (a crossing bends each limb into an S, but keeps the midline straight)
+    flags["tortuous"] = bool(swings >= 4 and (geo["midline_swings"] >= 1 or geo["touches"] == 0))
+    # crossing: the limbs meet below the apex and enclose a region (or swap sides); as in the
+    # ANFC classes, a tortuous loop is reported as tortuous, not also as crossing
+    flags["crossing"] = bool(((closed and geo["touches"] >= 1) or geo["swaps"] >= 1) and not flags["tortuous"])
     if um_per_px and ranges is not None and np.isfinite(apex_w):
         a_um = apex_w * um_per_px
         flags["giant"] = bool(a_um >= ranges.giant_apex_um)
@@ -317,7 +553,9 @@ def measure_capillary(cap: Capillary, labels: np.ndarray | None = None, keypoint
         arterial_width_px=float(widths[side]), venous_width_px=float(widths[ven]), apical_width_px=float(apex_w),
         height_px=height, arc_length_px=arc, apex_px=(float(cap.apex[0]), float(cap.apex[1])),
         bbox=tuple(int(v) for v in cap.bbox), flags=flags, mask_widths_px=mw, keypoint_widths_px=kw,
-        um_per_px=um_per_px, shape_class=shape_class, notes=notes)
+        um_per_px=um_per_px, shape_class=shape_class, notes=notes,
+        image_widths_px=None if iw is None else {k: iw[k] for k in ("left", "right", "apex")},
+        width_source=source)
 
 
 def _haemorrhage_near(cap: Capillary, labels: np.ndarray | None, radius_px: float) -> bool | None:

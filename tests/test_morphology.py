@@ -246,3 +246,61 @@ def test_subject_ids():
     assert subject_of("x/Subject_Pic.jpg") == "Subject"
     assert subject_of("a/b/img.png", {"img.png": "S9"}) == "S9"
     assert subject_of("single.png") == "single"
+
+
+def _render_vessel_image(pts, widths, shape, k=0.8, bg=180.0, blur=1.2, noise=3.0, seed=0):
+    """Grey image of blood tubes (Beer–Lambert through a cylinder), blurred, noisy."""
+    from scipy.spatial import cKDTree
+    h, w = shape
+    yy, xx = np.mgrid[0:h, 0:w]
+    q = np.stack([xx.ravel(), yy.ravel()], 1).astype(float)
+    d, i = cKDTree(pts).query(q)
+    r = np.asarray(widths)[i] / 2
+    chord = np.sqrt(np.clip(1 - (d / r) ** 2, 0, None))
+    img = bg * np.exp(-k * chord).reshape(h, w)
+    img = cv2.GaussianBlur(img, (0, 0), blur) + np.random.default_rng(seed).normal(0, noise, (h, w))
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+@pytest.mark.parametrize("w_l,w_r,w_apex,k,blur", [(9.0, 13.0, 12.0, 0.8, 1.2), (7.3, 10.4, 11.1, 0.3, 1.8),
+                                                    (11.0, 15.5, 16.0, 1.2, 0.7)])
+def test_image_widths_independent_of_a_too_wide_mask(w_l, w_r, w_apex, k, blur):
+    """Image-profile widths find the drawn diameter (≤ 0.5 px limbs, ≤ 1 px apex) even when the
+    mask is 2 px too wide, for several contrasts and blurs; the mask disagreement is flagged."""
+    pts = hairpin(sep=max(w_l, w_r) + 16)
+    n, nl = len(pts), 4000
+    widths = np.concatenate([np.full(nl, w_l), np.full(n - 2 * nl, w_apex), np.full(nl, w_r)])
+    img = _render_vessel_image(pts, widths, (260, 200), k=k, blur=blur)
+    wide = tube_mask((260, 200), pts, widths + 2.0)
+    cap, labels = one_cap(wide)
+    m = measure_capillary(cap, labels, um_per_px=None, ranges=RANGES, image=img)
+    assert m.width_source["left"] == "image" and m.width_source["apex"] == "image"
+    assert abs(m.arterial_width_px - w_l) <= 0.5
+    assert abs(m.venous_width_px - w_r) <= 0.5
+    assert abs(m.apical_width_px - w_apex) <= 1.0
+    assert m.mask_widths_px["left"] > w_l + 1.0                 # the mask alone would be ~2 px off
+    assert m.flags["width_disagreement"] is True
+
+
+def test_fit_vessel_profile_recovers_diameter_and_rejects_flat():
+    from stream.morphology import PROFILE_STEP_PX, cylinder_profile, fit_vessel_profile
+    t = np.arange(-15, 15 + PROFILE_STEP_PX / 2, PROFILE_STEP_PX)
+    prof = cylinder_profile((170.0, 0.3, 0.6, 0.4, 5.3, 1.4), t)
+    f = fit_vessel_profile(t, prof + np.random.default_rng(1).normal(0, 1.0, len(t)), 6.0)
+    assert f["diameter_px"] == pytest.approx(10.6, abs=0.4)
+    assert f["rel_rms"] < 0.05
+    assert fit_vessel_profile(t, np.full(len(t), 150.0), 5.0) is None     # no dark vessel
+
+
+def test_crossing_keeps_midline_straight_tortuous_meanders():
+    from stream.morphology import limb_pair_geometry
+    cap, _ = one_cap(tube_mask((260, 220), hairpin(cross=True, sep=30), np.full(4000 + 4000 // 4 + 4000, 9.0)))
+    g = limb_pair_geometry(cap, 9.0)
+    assert g["touches"] >= 1 and g["midline_swings"] == 0
+    # both limbs waving in phase: the midline meanders
+    pts = hairpin(sep=40)
+    t = np.linspace(0, 1, len(pts))
+    pts = pts + np.stack([8.0 * np.sin(2 * np.pi * 3 * (pts[:, 1] - pts[:, 1].min()) / 200.0), 0 * t], 1)
+    cap2, labels2 = one_cap(tube_mask((260, 240), pts, np.full(len(pts), 9.0)))
+    assert limb_pair_geometry(cap2, 9.0)["midline_swings"] >= 2
+    assert measure_capillary(cap2, labels2).flags["tortuous"] is True
