@@ -352,6 +352,8 @@ class SyntheticScope:
         x1 = int(min(self.W, np.ceil(pts[:, 0].max() + widths.max() / 2 + pad)))
         y0 = int(max(0, np.floor(pts[:, 1].min() - widths.max() / 2 - pad)))
         y1 = int(min(self.H, np.ceil(pts[:, 1].max() + widths.max() / 2 + pad)))
+        if x1 <= x0 or y1 <= y0:     # tube entirely outside the canvas (a bud or loop past the edge)
+            return (np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32), np.zeros(0, bool))
         yy, xx = np.mgrid[y0:y1, x0:x1]
         q = np.stack([xx.ravel(), yy.ravel()], 1).astype(np.float32)
         d, idx = cKDTree(pts).query(q, k=1)
@@ -431,7 +433,7 @@ class SyntheticScope:
         self._static_u8 = None
         self._dyn_cache = None
         # red-cell texture along loops, and WBC gap shape
-        self._tex = [self._texture(rng) for _ in self.loops]
+        self._tex = [self._texture(rng, lp) for lp in self.loops]
         self.wbc_sigma_px = 6.0 / p.um_per_px
 
     def _deep_layers(self, bg: np.ndarray, absorb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -465,8 +467,16 @@ class SyntheticScope:
             absorb = absorb + cv2.GaussianBlur(haze, (0, 0), sig) * self.absorb * rng.uniform(0.08, 0.22)
         return bg, absorb
 
-    def _texture(self, rng: np.random.Generator) -> np.ndarray:
+    def _texture(self, rng: np.random.Generator, lp: _Loop | None = None) -> np.ndarray:
+        """Red-cell density fluctuation along the blood column (unit SD, correlation σ ≈ 2.5 µm).
+        Long enough that the column never wraps around within the recording (a periodic texture
+        would bring the same chance plasma gap back every period, like a recurring white cell),
+        up to 2**20 samples (~14 min at 1500 µm/s); at least 8192."""
         n = 8192
+        if lp is not None and lp.speed_px_f > 0:
+            travel = lp.speed_px_f * (1.0 + abs(lp.pulse_amp)) * self.params.fps * self.params.duration_s
+            need = travel + 2.0 * (lp.s_length or 0.0) + 64.0
+            n = int(min(1 << 20, max(8192, 1 << int(math.ceil(math.log2(max(need, 2.0)))))))
         t = rng.standard_normal(n).astype(np.float32)
         t = cv2.GaussianBlur(t[None, :], (0, 0), sigmaX=2.5 / self.params.um_per_px * 1.2).ravel()
         return (t / (t.std() + 1e-6)).astype(np.float32)
@@ -549,6 +559,7 @@ class SyntheticScope:
             pos = (s - X) % len(tex)
             i0 = pos.astype(np.int32)
             fr = pos - i0
+            i0 %= len(tex)      # float modulo can round up to exactly len(tex)
             tv = tex[i0] * (1 - fr) + tex[(i0 + 1) % len(tex)] * fr
             dens = 1.0 + 0.22 * tv
             # WBC gaps whose position is on the loop now

@@ -243,3 +243,12 @@ def test_cli_png_fallback_without_ffv1(tmp_path, monkeypatch):
     pngs = sorted((tmp_path / "v_frames").glob("*.png"))
     assert len(pngs) == 3 and cv2.imread(str(pngs[0])).shape == (768, 1024, 3)
     assert not list(tmp_path.glob(".*part*"))
+
+
+def test_loop_entirely_outside_the_canvas_does_not_crash():
+    # seed 10129 (training range, varied as for the models) places a tube past the canvas edge:
+    # _tube used to build a negative-size grid ("negative dimensions are not allowed")
+    from models import data_synthetic as DS
+    from stream.synthetic import render_still
+    img, truth, lab = render_still(DS.sim_params(10129, True, DS.BALANCED_MIX))
+    assert img.shape[:2] == lab.shape and truth["capillaries"]
