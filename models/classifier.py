@@ -103,13 +103,23 @@ class Classifier:
     def predict_image(self, image: np.ndarray, centers: list[tuple[float, float]]) -> list[tuple[str, float]]:
         return self.predict([classifier_crop(image, c) for c in centers])
 
+    def probs_image(self, image: np.ndarray, centers: list[tuple[float, float]]) -> list[dict]:
+        """Per loop centre (image px) → {class name: probability} (what
+        :func:`stream.morphology.measure_capillary` takes as ``shape_probs``)."""
+        p = self.predict_proba([classifier_crop(image, c) for c in centers])
+        return [{c: float(v) for c, v in zip(self.classes, row)} for row in p]
+
 
 # ---------------------------------------------------------------------------- training
 def augment_crop(win: np.ndarray, rng: np.random.Generator, out: int, frac: float,
-                 train: bool = True, shift: float = 2.0) -> tuple[np.ndarray, np.ndarray]:
+                 train: bool = True, shift: float = 2.0, max_blur_canon: float | None = None
+                 ) -> tuple[np.ndarray, np.ndarray]:
     """From a context window (S×S, centred), take the central ``frac`` of it resampled to out×out,
     with random rotation/scale/flip/shift (σ ``shift`` output px: loop centres found by segmentation
-    are not exact) + photometric augmentation. Returns (gray uint8, affine window px → output px)."""
+    are not exact) + photometric augmentation. ``max_blur_canon`` caps the added Gaussian blur
+    (σ in canonical px; default: :func:`models.augment.photometric`'s own, ≈ 4.5 canonical px at
+    64 px — as much defocus as the "blurred" class itself). Returns (gray uint8, affine window px →
+    output px)."""
     S = win.shape[0]
     s = out / (S * frac)
     ang, sc, dx, dy, flip = 0.0, 1.0, 0.0, 0.0, False
@@ -129,7 +139,8 @@ def augment_crop(win: np.ndarray, rng: np.random.Generator, out: int, frac: floa
         g = cv2.GaussianBlur(g, (0, 0), 0.4 / s)
     crop = cv2.warpAffine(g, M, (out, out), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT101)
     if train:
-        crop = A.photometric(crop, rng, 0.8)
+        mb = None if max_blur_canon is None else max_blur_canon * out / A.CROP_CANON
+        crop = A.photometric(crop, rng, 0.8, max_blur=mb)
     return crop, M
 
 
@@ -153,11 +164,16 @@ def train(args) -> int:
     counts = np.bincount([idx[s.cls] for s in train_s], minlength=len(CLASS_NAMES))
     wts = 1.0 / np.maximum(counts, 1)[[idx[s.cls] for s in train_s]]
     wts = wts / wts.sum()
+    # added blur must stay below what defines the "blurred" class (a defocused loop): scope blur of
+    # an in-focus image is ≤ ~1.6 canonical px; more turned sharp loops into look-alikes of the
+    # blurred class while keeping their label (blurred → normal was the main confusion)
+    max_blur = getattr(args, "cls_max_blur", 1.5)
 
     def batches():
         while True:
             sel = rng.choice(len(train_s), args.batch_size, p=wts)
-            xs = [A.standardize(augment_crop(train_s[i].crop, rng, INPUT, frac)[0]) for i in sel]
+            xs = [A.standardize(augment_crop(train_s[i].crop, rng, INPUT, frac, max_blur_canon=max_blur)[0])
+                  for i in sel]
             yield torch.from_numpy(np.stack(xs))[:, None], torch.tensor([idx[train_s[i].cls] for i in sel])
 
     val_x = torch.from_numpy(np.stack([A.standardize(augment_crop(s.crop, rng, INPUT, frac, False)[0])
