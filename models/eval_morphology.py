@@ -18,6 +18,9 @@ Protocol
 - Table 2 (widths, px): MAE / RMSE per loop and at subject level (subject = image: mean over its
   matched clear loops vs the truth mean of the same loops). Also with the true arterial side
   (what keypoints or flow direction provide), where the limb assignment is not a source of error.
+- Crossing/tortuous flags: the classifier (shipped weights, crops centred on each found instance's
+  bounding box) combined with limb geometry (``stream.morphology.shape_flags``); ``--no-classifier``
+  (``classifier=False``) = geometry only.
 - Table 3 (flags, per matched loop; density per image): accuracy / precision / recall / F1 for
   crossing (true class "crossing"), tortuous ("tortuous"), enlarged/giant (class enlarged or giant
   vs predicted enlarged or giant) and density < 7 /mm; plus the fraction of images whose density
@@ -73,9 +76,14 @@ def _err(e: list[float]) -> dict:
             "bias": float(a.mean())}
 
 
-def _analyse(labels, truth, um, ranges, min_clear, side_from_truth, image=None):
+def _analyse(labels, truth, um, ranges, min_clear, side_from_truth, image=None, classifier=None):
     caps = extract_capillaries(labels, min_length_px=40 * 1.2 / um, prune_px=10 * 1.2 / um,
                                max_limb_px=350 * 1.2 / um)
+    probs = [None] * len(caps)
+    if classifier is not None and image is not None and caps:
+        # loop crops centred on the instance's bounding box, as in `nailfold image`
+        probs = classifier.probs_image(image, [((c.bbox[0] + c.bbox[2]) / 2.0, (c.bbox[1] + c.bbox[3]) / 2.0)
+                                               for c in caps])
     tcaps = [c for c in truth["capillaries"] if c["row"] == "distal" and c["in_view"]]
     morphs, matches = [], []
     used = set()
@@ -98,9 +106,9 @@ def _analyse(labels, truth, um, ranges, min_clear, side_from_truth, image=None):
         tmatched[ti] = ci
         used.add(ci)
     side_of = {tmatched[ti]: tcaps[ti]["arterial_side"] for ti in tmatched} if side_from_truth else {}
-    for c in caps:
+    for c, pr in zip(caps, probs):
         morphs.append(measure_capillary(c, labels, None, um, ranges, arterial_side=side_of.get(c.id),
-                                          image=image))
+                                          image=image, shape_probs=pr))
     summary = summarize_image(morphs, labels.shape, um, min_clear)
     for ti, tc in enumerate(tcaps):
         matches.append((tc, morphs[tmatched[ti]] if ti in tmatched else None))
@@ -128,7 +136,14 @@ def evaluate_morphology_metrics(args) -> dict:
             seg_cache["s"] = get_segmenter(seg_name, getattr(args, "backend", "auto"), getattr(args, "weights", None))
         return seg_cache["s"]
 
-    res = {"seeds": [seeds[0], seeds[-1] + 1], "segmenter": seg_name}
+    if getattr(args, "threads", None):
+        import torch
+        torch.set_num_threads(max(1, int(args.threads)))
+    clf = None
+    if getattr(args, "classifier", True):
+        from models.classifier import Classifier
+        clf = Classifier(getattr(args, "backend", "auto"), getattr(args, "classifier_weights", None))
+    res = {"seeds": [seeds[0], seeds[-1] + 1], "segmenter": seg_name, "classifier": clf is not None}
     t0 = time.perf_counter()
     for source in ("pipeline", "truth_mask"):
         for side_mode in ("narrower", "true_side"):
@@ -140,12 +155,12 @@ def evaluate_morphology_metrics(args) -> dict:
         for source, labels in (("pipeline", pred), ("truth_mask", lab)):
             for side_mode in ("narrower", "true_side"):
                 matches, summ, n_found = _analyse(labels, truth, um, ranges, min_clear, side_mode == "true_side",
-                                                  image=img)
+                                                  image=img, classifier=clf)
                 bucket = res[f"{source}/{side_mode}"]
                 for tc, m in matches:
                     bucket["rows"].append((seed, tc, m))
                 bucket["images"].append((seed, truth, summ, n_found))
-    out = {"seeds": res["seeds"], "segmenter": seg_name, "n_images": len(seeds),
+    out = {"seeds": res["seeds"], "segmenter": seg_name, "classifier": clf is not None, "n_images": len(seeds),
            "seconds": round(time.perf_counter() - t0, 1)}
     for key in [k for k in res if "/" in k]:
         rows, ims = res[key]["rows"], res[key]["images"]
@@ -187,7 +202,8 @@ def evaluate_morphology_metrics(args) -> dict:
 
 def format_tables(out: dict) -> str:
     lines = [f"Morphology on held-out synthetic stills: seeds {out['seeds'][0]}:{out['seeds'][1]} "
-             f"({out['n_images']} images), segmenter {out['segmenter']}, {out['seconds']} s"]
+             f"({out['n_images']} images), segmenter {out['segmenter']}, shape flags from "
+             f"{'classifier + limb geometry' if out.get('classifier') else 'limb geometry only'}, {out['seconds']} s"]
     for key in ("pipeline/narrower", "pipeline/true_side", "truth_mask/narrower", "truth_mask/true_side"):
         r = out[key]
         src, side = key.split("/")

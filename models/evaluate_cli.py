@@ -46,6 +46,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", default="synthetic", help="synthetic (morphology/biopsy may accept more)")
     p.add_argument("--image", default=None, help="seg: segment this one image instead (qualitative check)")
     p.add_argument("--overlay", default=None, help="seg --image: write a colour overlay PNG here")
+    p.add_argument("--no-classifier", dest="classifier", action="store_false",
+                   help="morphology: crossing/tortuous flags from limb geometry only (default: classifier + geometry)")
+    p.add_argument("--classifier-weights", default=None, help="morphology: classifier checkpoint (default: shipped)")
 
 
 def _seed_range(spec: str) -> list[int]:

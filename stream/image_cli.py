@@ -15,6 +15,9 @@ else the classical one (:class:`models.classical.ClassicalSegmenter`). Keypoints
 (:class:`models.keypoints.KeypointModel`: ``predict(image, centers) -> [{"points": {name: (x, y)},
 "arterial_side": …}, …]``, one per loop, centres = instance bbox centres), its keypoints give the
 widths (mask widths kept as a cross-check) and its arterial side replaces the narrower-limb rule.
+Shape: the shipped classifier (``models.segmenter.get_classifier()``, crops centred on each
+instance's bounding box) gives ``shape_class`` and, with limb geometry, the crossing/tortuous flags
+(``stream.morphology.shape_flags``); ``--no-classifier`` = geometry only.
 """
 from __future__ import annotations
 
@@ -50,6 +53,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="segmentation model (default: the config's models.segmenter)")
     parser.add_argument("--min-length-px", type=float, default=40.0,
                         help="shortest loop centerline kept, px at 1024-px width (default 40)")
+    parser.add_argument("--no-classifier", dest="classifier", action="store_false",
+                        help="crossing/tortuous from limb geometry only (default: shape classifier + geometry)")
 
 
 def read_subject_map(path: str) -> dict[str, str]:
@@ -105,9 +110,21 @@ def get_keypoint_model():
         return None
 
 
+def get_classifier():
+    """The shipped shape classifier, or None (with a warning) when it cannot be loaded."""
+    try:
+        import models.segmenter as ms
+        return ms.get_classifier()
+    except (ImportError, AttributeError, NailfoldError, OSError, RuntimeError, ValueError) as e:
+        log.warning("shape classifier unavailable (%s): crossing/tortuous from limb geometry only", e)
+        return None
+
+
 def analyse_image(img: np.ndarray, segmenter, um_per_px: float | None, ranges, min_clear: int,
-                  min_length_px: float = 40.0, kp_model=None) -> tuple[dict, list, list, dict]:
-    """(report entry without path/subject, capillaries, morphologies, keypoints by id)."""
+                  min_length_px: float = 40.0, kp_model=None, classifier=None) -> tuple[dict, list, list, dict]:
+    """(report entry without path/subject, capillaries, morphologies, keypoints by id). With
+    ``classifier`` (:class:`models.classifier.Classifier`) each loop's shape class and its
+    crossing/tortuous flags come from the classifier combined with limb geometry."""
     labels = segmenter.segment(img)
     scale = img.shape[1] / 1024.0
     caps = extract_capillaries(labels, img, min_length_px=min_length_px * scale, prune_px=10 * scale,
@@ -128,11 +145,20 @@ def analyse_image(img: np.ndarray, segmenter, um_per_px: float | None, ranges, m
         except (RuntimeError, ValueError) as e:
             log.warning("keypoint model failed (%s): widths from the mask", e)
             kps, sides = {}, {}
+    probs: dict = {}
+    if classifier is not None and caps:
+        try:
+            centers = [((c.bbox[0] + c.bbox[2]) / 2.0, (c.bbox[1] + c.bbox[3]) / 2.0) for c in caps]
+            probs = {c.id: p for c, p in zip(caps, classifier.probs_image(img, centers))}
+        except (RuntimeError, ValueError) as e:
+            log.warning("shape classifier failed (%s): crossing/tortuous from limb geometry only", e)
+            probs = {}
     morphs = []
     for c in caps:
         kp = kps.get(c.id)
         side = sides.get(c.id)
-        m = measure_capillary(c, labels, kp, um_per_px, ranges, arterial_side=side, image=img)
+        m = measure_capillary(c, labels, kp, um_per_px, ranges, arterial_side=side, image=img,
+                              shape_probs=probs.get(c.id))
         orient_arterial_first(c, m.arterial_side)
         morphs.append(m)
     summary = summarize_image(morphs, img.shape, um_per_px, min_clear)
@@ -165,11 +191,12 @@ def run(args: argparse.Namespace) -> int:
         images[p] = read_image(p)
     segmenter, seg_name = get_segmenter(args.segmenter or cfg.models.segmenter, um)
     kp_model = get_keypoint_model()
+    classifier = get_classifier() if getattr(args, "classifier", True) else None
     entries, overlays, by_subject = [], {}, OrderedDict()
     summaries = {}
     for p, img in images.items():
         entry, caps, morphs, kps = analyse_image(img, segmenter, um, ranges, cfg.morphology.min_clear_capillaries,
-                                                 args.min_length_px, kp_model)
+                                                 args.min_length_px, kp_model, classifier)
         subj = subject_of(p, mapping)
         entry = {"path": str(p), "subject": subj, **entry}
         entries.append(entry)

@@ -22,7 +22,9 @@ out: :class:`CapillaryMorphology`):
   courses swing side to side by > max(2 px, 0.3 × width) at least 6 times in total (a single
   crossing bends each limb into an S: ~2 swings each; normal loops 0–1); ``crossing`` — not
   tortuous, and the limbs swap sides (left limb right of the right limb by > 1 px somewhere below
-  the apex) or the instance mask encloses a hole (limbs closed on themselves); ``enlarged`` — apical width in
+  the apex) or the instance mask encloses a hole (limbs closed on themselves) — when the
+  classifier's probabilities are given, they decide together with this geometry (:func:`shape_flags`);
+  ``enlarged`` — apical width in
   [enlarged_apex_um, giant_apex_um); ``giant`` — ≥ giant_apex_um (both None when uncalibrated);
   ``blurred`` — label BLURRED; ``haemorrhage_near`` — a haemorrhage pixel within 50 µm (40 px when
   uncalibrated) of the apex.
@@ -456,6 +458,27 @@ def limb_pair_geometry(cap: Capillary, width: float) -> dict:
     return out
 
 
+def shape_flags(geo_tortuous: bool, geo_crossing: bool, probs: dict | None,
+                sure: float = 0.5, support: float = 0.25) -> tuple[bool, bool]:
+    """(tortuous, crossing) from limb geometry and, when given, the classifier's probabilities.
+
+    Without ``probs`` the geometry decides. With them a flag is set when the classifier gives that
+    class ≥ ``sure``, or when the geometry says so and the classifier gives it ≥ ``support`` and more
+    than the other shape. Why: where limbs touch, the segmented mask merges them and the traced
+    centerline zig-zags, so a meandering (tortuous) loop often looks like limbs that meet and swap
+    sides — on tuning seeds 500–539 geometry alone called 21 of 45 tortuous loops crossing; the
+    classifier sees the whole loop's appearance and separates the two shapes (tuning seeds 500–539
+    and 1000–1039: 1 false crossing, 1 missed tortuous in 733 loops)."""
+    if not probs:
+        return bool(geo_tortuous), bool(geo_crossing)
+    pt, pc = float(probs.get("tortuous", 0.0)), float(probs.get("crossing", 0.0))
+    tortuous = pt >= sure or (geo_tortuous and pt >= support and pt > pc)
+    crossing = pc >= sure or (geo_crossing and pc >= support and pc > pt)
+    if tortuous and crossing:        # only possible with unusual thresholds: the likelier one wins
+        tortuous, crossing = pt >= pc, pc > pt
+    return bool(tortuous), bool(crossing)
+
+
 def _has_hole(mask: np.ndarray, min_area: float) -> bool:
     inv = (~np.pad(mask, 1)).astype(np.uint8)
     n, lab, stats, _ = cv2.connectedComponentsWithStats(inv, connectivity=4)
@@ -466,10 +489,13 @@ def _has_hole(mask: np.ndarray, min_area: float) -> bool:
 def measure_capillary(cap: Capillary, labels: np.ndarray | None = None, keypoints: dict | None = None,
                       um_per_px: float | None = None, ranges: NormalRanges | None = None, *,
                       arterial_side: str | None = None, shape_class: str | None = None,
-                      haemorrhage_radius_um: float = 50.0, image: np.ndarray | None = None
-                      ) -> CapillaryMorphology:
+                      haemorrhage_radius_um: float = 50.0, image: np.ndarray | None = None,
+                      shape_probs: dict | None = None) -> CapillaryMorphology:
     """Measure one capillary (see module docstring). ``keypoints`` maps ANFC names → (x, y) px;
-    ``image`` (the BGR/gray image ``labels`` belongs to) enables image-profile widths."""
+    ``image`` (the BGR/gray image ``labels`` belongs to) enables image-profile widths;
+    ``shape_probs`` (class name → probability, from :class:`models.classifier.Classifier` on this
+    loop's crop) makes the crossing/tortuous flags a combination of classifier and limb geometry
+    (:func:`shape_flags`) and sets ``shape_class`` to the most probable class if none is given."""
     notes: list[str] = []
     mw = mask_widths(cap)
     kw = keypoint_widths(keypoints) if keypoints else None
@@ -533,10 +559,13 @@ def measure_capillary(cap: Capillary, labels: np.ndarray | None = None, keypoint
     closed = (not cap.extra.get("single_limb")) and _has_hole(cap.mask, max(12.0, 0.5 * float(wmax) ** 2))
     # tortuous: the limbs meander — with the loop's midline meandering too, or without the limbs
     # ever meeting (a crossing bends each limb into an S, but keeps the midline straight)
-    flags["tortuous"] = bool(swings >= 4 and (geo["midline_swings"] >= 1 or geo["touches"] == 0))
+    geo_tortuous = bool(swings >= 4 and (geo["midline_swings"] >= 1 or geo["touches"] == 0))
     # crossing: the limbs meet below the apex and enclose a region (or swap sides); as in the
     # ANFC classes, a tortuous loop is reported as tortuous, not also as crossing
-    flags["crossing"] = bool(((closed and geo["touches"] >= 1) or geo["swaps"] >= 1) and not flags["tortuous"])
+    geo_crossing = bool(((closed and geo["touches"] >= 1) or geo["swaps"] >= 1) and not geo_tortuous)
+    flags["tortuous"], flags["crossing"] = shape_flags(geo_tortuous, geo_crossing, shape_probs)
+    if shape_probs and shape_class is None:
+        shape_class = max(shape_probs, key=lambda k: shape_probs[k])
     if um_per_px and ranges is not None and np.isfinite(apex_w):
         a_um = apex_w * um_per_px
         flags["giant"] = bool(a_um >= ranges.giant_apex_um)

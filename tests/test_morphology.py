@@ -304,3 +304,18 @@ def test_crossing_keeps_midline_straight_tortuous_meanders():
     cap2, labels2 = one_cap(tube_mask((260, 240), pts, np.full(len(pts), 9.0)))
     assert limb_pair_geometry(cap2, 9.0)["midline_swings"] >= 2
     assert measure_capillary(cap2, labels2).flags["tortuous"] is True
+
+
+def test_shape_flags_combine_classifier_and_geometry():
+    from stream.morphology import shape_flags
+    assert shape_flags(False, True, None) == (False, True)                    # geometry alone
+    sure_t = {"normal": 0.1, "tortuous": 0.8, "crossing": 0.1}
+    assert shape_flags(False, True, sure_t) == (True, False)                  # merged limbs of a meander
+    weak_c = {"normal": 0.6, "tortuous": 0.1, "crossing": 0.3}
+    assert shape_flags(False, True, weak_c) == (False, True)                  # geometry + some support
+    assert shape_flags(False, False, weak_c) == (False, False)                # support alone is not enough
+    assert shape_flags(True, False, {"normal": 0.9, "tortuous": 0.05, "crossing": 0.05}) == (False, False)
+    # a crossing drawn as tubes: the classifier's probabilities reach the flags and the shape class
+    cap, labels = one_cap(tube_mask((260, 220), hairpin(cross=True, sep=30), np.full(9000, 9.0)))
+    m = measure_capillary(cap, labels, shape_probs={"normal": 0.05, "tortuous": 0.9, "crossing": 0.05})
+    assert m.flags["tortuous"] is True and m.flags["crossing"] is False and m.shape_class == "tortuous"
