@@ -342,3 +342,36 @@ def match_ids(previous: list[Capillary], current: list[Capillary], next_id: int,
             c.id = next_id
             next_id += 1
     return next_id
+
+
+def self_approaches(centerline: np.ndarray, near_px: float = 3.0, min_loop_px: float = 24.0) -> list[tuple[int, int]]:
+    """Places where a 1-px-spaced centerline ``(N, 2)`` passes back over itself (limbs crossing
+    or touching: the skeleton has a junction there). Each is a run of points ``i0..i1`` that the
+    path passes again, backwards, at ``j1..j0`` (within ``near_px``, ``j1 − i1 ≥ min_loop_px``).
+    Returns ``[(i1, j1), …]``: the section strictly between them is the part of the loop that a
+    trace may have entered from the wrong side (see :func:`reverse_section`)."""
+    from scipy.spatial import cKDTree
+    p = np.asarray(centerline, np.float64)
+    if len(p) < int(min_loop_px) + 2:
+        return []
+    pairs = cKDTree(p).query_pairs(near_px, output_type="ndarray")
+    if len(pairs) == 0:
+        return []
+    pairs = pairs[pairs[:, 1] - pairs[:, 0] >= min_loop_px]
+    out: list[tuple[int, int]] = []
+    key = pairs[:, 0] + pairs[:, 1]            # along a run i rises while j falls: i + j ≈ const
+    for kv in np.unique(key):
+        sel = pairs[np.abs(key - kv) <= 2]
+        i1 = int(sel[:, 0].max())
+        j1 = int(kv - i1)
+        if j1 - i1 >= min_loop_px and not any(abs(i1 - a) <= 6 and abs(j1 - b) <= 12 for a, b in out):
+            out.append((i1, j1))
+    return out
+
+
+def reverse_section(n: int, i1: int, j1: int) -> np.ndarray:
+    """Index order of ``n`` centerline points with the section ``i1+1 .. j1−1`` reversed: the
+    path then leaves the junction at ``i1`` into the other side of the loop."""
+    order = np.arange(n)
+    order[i1 + 1:j1] = order[i1 + 1:j1][::-1].copy()
+    return order

@@ -19,8 +19,12 @@ Work split (for a live process with a second thread):
   ``stage.keyframe_every`` frames (capillaries via ``extract_capillaries``, stable ids via
   ``match_ids``; new capillaries' kymographs are back-filled from the recent frames; while the set
   of capillaries stays the same the interval doubles, up to 8×, and returns to the base on any
-  change), and rolling
-  ``stage.window_s`` / ``stage.hop_s`` Radon windows (:mod:`stream.flow`). When it falls behind,
+  change; where a new centerline passes back over itself — crossing or touching limbs — the
+  variant that goes straight through the junction is kept when its kymograph over the recent
+  frames is more coherent, see :func:`_through_crossings`), and rolling
+  ``stage.window_s`` / ``stage.hop_s`` windows (:mod:`stream.flow`; a window's speed is the net
+  displacement of the registered blood column when the material profile is good, else Radon /
+  time-resolved cross-correlation). When it falls behind,
   stale keyframes and windows are skipped and counted (``skipped_keyframes``/``skipped_windows``);
   kymograph rows of accepted frames are never skipped.
 
@@ -261,6 +265,49 @@ def _unit_spacing(c: Capillary) -> Capillary:
     ai = int(np.clip(np.argmin(np.abs(t - s[int(np.clip(c.apex_index, 0, len(cl) - 1))])), 0, len(new) - 1))
     return dataclasses.replace(c, centerline=new.astype(np.float32), width_px=w.astype(np.float32), apex_index=ai,
                                apex=(float(new[ai, 0]), float(new[ai, 1])))
+
+
+CROSSING_MIN_GAIN = 0.05    # texture coherence a re-routed path must add to be taken
+
+
+def _coherence(c: Capillary, frames: list) -> float:
+    """How consistently the texture moves along ``c``'s centerline over ``frames`` (the stage's
+    recent (frame no, gray, dx, dy) history): peak row correlation of the destriped kymograph
+    (:func:`stream.flow.xcorr_speed`), 0..1."""
+    maps = sampling_maps(c.centerline, c.width_px)
+    k = destripe(np.stack([sample_row(g, maps, dx, dy) for _, g, dx, dy in frames]))
+    return flow.xcorr_speed(k, max(8.0, len(c.centerline) / 3.0)).confidence
+
+
+def _through_crossings(c: Capillary, frames: list) -> Capillary:
+    """Where the centerline passes back over itself (crossing or touching limbs) the skeleton
+    trace may have turned at the junction instead of following the vessel through it, so that
+    part of the loop runs against the flow in the kymograph. Each such section is tried reversed
+    (:func:`stream.capillaries.reverse_section`); the path whose kymograph over the recent
+    ``frames`` has the most coherent moving texture is kept (a re-route must gain
+    ``CROSSING_MIN_GAIN``). Apex position and widths follow the points."""
+    if len(frames) < 8:
+        return c
+    from stream.capillaries import reverse_section, self_approaches
+    cands = self_approaches(c.centerline)[:4]
+    if not cands:
+        return c
+    best, best_score = c, _coherence(c, frames)
+    base = best_score
+    n = len(c.centerline)
+    for i1, j1 in cands:
+        order = reverse_section(n, i1, j1)
+        ai = int(np.flatnonzero(order == c.apex_index)[0])
+        alt = dataclasses.replace(c, centerline=np.ascontiguousarray(c.centerline[order]),
+                                  width_px=np.ascontiguousarray(np.asarray(c.width_px)[order]), apex_index=ai)
+        sc = _coherence(alt, frames)
+        if sc > best_score:
+            best, best_score = alt, sc
+    if best is not c and best_score >= base + CROSSING_MIN_GAIN:
+        log.debug("capillary %s: path re-routed through a crossing (coherence %.2f → %.2f)", c.id, base, best_score)
+        best.extra = dict(best.extra, rerouted_crossing=True)
+        return best
+    return c
 
 
 def _trimmed_mean(xs, cut: float = 0.1) -> float:
@@ -508,13 +555,14 @@ class AnalysisStage:
     def _new_track(self, c: Capillary) -> None:
         """Create a track (lock held) and back-fill its kymograph from the recent frames."""
         c = _unit_spacing(c)
+        hist = list(self._history)
+        c = _through_crossings(c, hist)
         n = self.bank.add(c.id, c.centerline, c.width_px)
         if n != len(c.centerline):
             raise AssertionError("kymograph length must equal the centerline length")
         maps = sampling_maps(c.centerline, c.width_px)
         cap_rows = max(self.window * 2, int(round(10 * self.fps)))
         buf = KymographBuffer(n, cap_rows)
-        hist = list(self._history)
         for fno, g, dx, dy in hist:
             buf.append(sample_row(g, maps, dx, dy), fno)
         first = hist[0][0] if hist else self._frame_no + 1
@@ -535,7 +583,11 @@ class AnalysisStage:
         # enter the median only when no window gives a speed.
         mags = []
         for w in gated:
-            if w.local_speeds:
+            if math.isfinite(w.material_speed):
+                # net displacement of the registered blood column over the window: pulsation
+                # averaged exactly, ≈ 1 % precision on clear loops
+                mags.append(abs(w.material_speed))
+            elif w.local_speeds:
                 mags.extend(abs(x) for x in w.local_speeds)
             elif w.xcorr.confidence < TEXTURE_MIN_CORR and w.events:
                 # no visible red-cell texture: the window's speed rests on a few bright lines,
