@@ -252,3 +252,13 @@ def test_loop_entirely_outside_the_canvas_does_not_crash():
     from stream.synthetic import render_still
     img, truth, lab = render_still(DS.sim_params(10129, True, DS.BALANCED_MIX))
     assert img.shape[:2] == lab.shape and truth["capillaries"]
+
+
+def test_red_cell_texture_does_not_repeat_within_the_recording():
+    # a periodic texture would bring the same chance plasma gap (a fake white cell) back every period
+    sc = SyntheticScope(SimParams(seed=3, duration_s=60.0))
+    flowing = [(lp, tex) for lp, tex in zip(sc.loops, sc._tex) if lp.speed_px_f > 0]
+    assert flowing
+    for lp, tex in flowing:
+        travel = lp.speed_px_f * (1 + abs(lp.pulse_amp)) * sc.params.fps * sc.params.duration_s
+        assert len(tex) >= travel + lp.s_length
