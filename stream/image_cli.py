@@ -110,21 +110,32 @@ def get_keypoint_model():
         return None
 
 
+_CLASSIFIER: dict = {}
+AUTO = "auto"
+
+
 def get_classifier():
-    """The shipped shape classifier, or None (with a warning) when it cannot be loaded."""
-    try:
-        import models.segmenter as ms
-        return ms.get_classifier()
-    except (ImportError, AttributeError, NailfoldError, OSError, RuntimeError, ValueError) as e:
-        log.warning("shape classifier unavailable (%s): crossing/tortuous from limb geometry only", e)
-        return None
+    """The shipped shape classifier (loaded once per process), or None (with a warning) when it
+    cannot be loaded."""
+    if "clf" not in _CLASSIFIER:
+        try:
+            import models.segmenter as ms
+            _CLASSIFIER["clf"] = ms.get_classifier()
+        except (ImportError, AttributeError, NailfoldError, OSError, RuntimeError, ValueError) as e:
+            log.warning("shape classifier unavailable (%s): crossing/tortuous from limb geometry only", e)
+            _CLASSIFIER["clf"] = None
+    return _CLASSIFIER["clf"]
 
 
 def analyse_image(img: np.ndarray, segmenter, um_per_px: float | None, ranges, min_clear: int,
-                  min_length_px: float = 40.0, kp_model=None, classifier=None) -> tuple[dict, list, list, dict]:
-    """(report entry without path/subject, capillaries, morphologies, keypoints by id). With
-    ``classifier`` (:class:`models.classifier.Classifier`) each loop's shape class and its
-    crossing/tortuous flags come from the classifier combined with limb geometry."""
+                  min_length_px: float = 40.0, kp_model=None, classifier=AUTO) -> tuple[dict, list, list, dict]:
+    """(report entry without path/subject, capillaries, morphologies, keypoints by id). With a
+    ``classifier`` (:class:`models.classifier.Classifier`; default ``"auto"`` = the shipped one, so
+    every caller — ``nailfold image``, ``nailfold batch`` — reports the same; None = geometry only)
+    each loop's shape class and its crossing/tortuous flags come from the classifier combined with
+    limb geometry."""
+    if isinstance(classifier, str) and classifier == AUTO:
+        classifier = get_classifier()
     labels = segmenter.segment(img)
     scale = img.shape[1] / 1024.0
     caps = extract_capillaries(labels, img, min_length_px=min_length_px * scale, prune_px=10 * scale,
