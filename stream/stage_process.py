@@ -65,6 +65,7 @@ class StreamSlot:
     morphology: dict = field(default_factory=dict)   # capillary id → live morphology
     summary: dict = field(default_factory=dict)      # image-level summary of the tracked loops
     morph_at: float = 0.0
+    morph_cache: dict = field(default_factory=dict)   # live_morphology.measure_live's per-capillary cache
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -146,7 +147,9 @@ class StageProcess:
             caps = [(tr.cap, snap_caps.get(cid, {}).get("direction_reversed") if snap_caps.get(cid, {}).get(
                 "speed_px_per_frame") else None) for cid, tr in stage.tracks.items() if tr.active]
         if caps and slot.shape:
-            slot.morphology, slot.summary = measure_live(caps, slot.shape, self.cfg)
+            from stream.image_cli import get_classifier
+            slot.morphology, slot.summary = measure_live(caps, slot.shape, self.cfg, image=stage.stabilized_frame(),
+                                                         classifier=get_classifier(), cache=slot.morph_cache)
 
     def _on_frame(self, msg: wire.Message) -> None:
         slot = self._slot(msg.stream, float(msg.header["fps"]), msg.image.shape)

@@ -49,3 +49,27 @@ def test_uncalibrated_density_is_null_with_reason():
     per, summary = measure_live([(c, None) for c in caps], (300, 600), load_config())
     assert summary["density_per_mm"] is None and summary["density_reason"] == "uncalibrated"
     assert all(m["arterial_width_um"] is None for m in per.values())
+
+
+def test_live_uses_the_frame_and_classifier_like_nailfold_image_and_caches(monkeypatch):
+    import cv2
+
+    import stream.live_morphology as lm
+    from stream.image_cli import get_classifier
+    caps = _caps()
+    img = cv2.GaussianBlur(np.where(_loops() > 0, 90, 200).astype(np.uint8), (0, 0), 1.2)
+    clf = get_classifier()
+    assert clf is not None                      # the shipped weights load
+    cache: dict = {}
+    cfg = load_config("synthetic.yaml")
+    per, _ = measure_live([(c, None) for c in caps], (300, 600), cfg, image=img, classifier=clf, cache=cache)
+    for m in per.values():
+        assert m["shape_class"] in clf.classes                      # from the classifier
+        assert "image" in m["width_source"].values()                 # widths from the image profile
+    calls = []
+    orig = lm.measure_capillary
+    monkeypatch.setattr(lm, "measure_capillary", lambda *a, **k: calls.append(1) or orig(*a, **k))
+    per2, _ = measure_live([(c, None) for c in caps], (300, 600), cfg, image=img, classifier=clf, cache=cache)
+    assert per2 == per and not calls            # unchanged loops are not measured again
+    per3, _ = measure_live([(c, True) for c in caps[:1]], (300, 600), cfg, image=img, classifier=clf, cache=cache)
+    assert len(calls) == 1 and len(cache) == 1  # a changed loop is; vanished loops leave the cache
