@@ -390,6 +390,8 @@ class WindowAnalyzer:
     event_stat: str = "material"     # "material": mean brightness along the object's own path in the
     #                                  material profile (pulsatile flow); "mean": straight-line mean / sample
     #                                  SD; "rows": straight-line sum vs its speed's spread
+    credible_quality: float = 0.35   # below this profile quality AND below ``credible_corr`` row
+    credible_corr: float = 0.25      # correlation a gated window is not trusted (see ``analyze``)
     material_min_quality: float = 0.7   # profile quality above which the window speed is the
     #                                     material displacement (see :func:`profile_quality`)
     event_sep_px: float = 8.0        # events closer than this along the blood column (px) are one
@@ -483,6 +485,17 @@ class WindowAnalyzer:
                 # the blood's net displacement over the window: exact average of a pulsating flow
                 res.material_speed = float((X[-1] - X[0]) / (X.size - 1))
                 res.speed_px_per_frame = res.material_speed
+            if res.material_quality < self.credible_quality and xc.confidence < self.credible_corr:
+                # neither the registered blood column nor the raw rows show texture that moves
+                # coherently: what passed the Radon gate is structure that is not carried by the
+                # flow (compression blocks or noise fixed to the sensor, seen through the camera's
+                # jitter; measured on JPEG-40 clips: static vessels read 260–2000 µm/s). No flow
+                # verdict and no events from this window.
+                res.gated, res.speed_px_per_frame, res.local_speeds = False, float("nan"), []
+                res.stopped = stopped_flow(np.asarray(raw, np.float32))
+                if res.stopped:
+                    res.speed_px_per_frame = 0.0
+                return res
             for e in material_events(ke, sd_e, self.anchor, track, self.event_mean_threshold,
                                      self.event_sep_px, profile=prof):
                 if t_lo <= e.t_frame < t_hi and 0.5 <= e.t_frame <= self.n_frames - 1.5:

@@ -113,3 +113,27 @@ def test_profile_quality_drops_when_part_of_the_path_runs_against_the_flow():
     assert good.material_quality >= 0.7
     assert bad.material_quality < 0.6
     assert not math.isfinite(bad.material_speed)           # no material speed from a broken path
+
+
+def test_structure_fixed_to_the_sensor_is_not_flow():
+    # a static vessel seen through camera jitter, with 8-px compression blocks fixed to the sensor
+    # (re-encoded every frame): after stabilization the blocks slide back and forth along the
+    # vessel. That passes the Radon gate at 15–90 px/frame, but it is not blood flow: no speed
+    # and no events from such a window
+    for seed in range(3):
+        rng = np.random.default_rng(seed)
+        t_n, n = 80, 400
+        static = gaussian_filter1d(rng.standard_normal(n + 64), 3.0)[:n]
+        jitter = np.cumsum(rng.normal(0, 1.5, t_n))
+        jitter -= np.linspace(jitter[0], jitter[-1], t_n)          # tremor around a fixed position
+        x = np.arange(n)[None, :] - jitter[:, None]
+        amp = rng.normal(0, 0.6, (t_n, n // 8 + 60))
+        blocks = np.take_along_axis(amp, np.floor(x / 8.0).astype(int) + 20, axis=1)
+        k = (static[None, :] + blocks + 0.3 * rng.standard_normal((t_n, n))).astype(np.float32)
+        trusting = _analyzer(t_n, n, n / 2.0)
+        trusting.credible_quality = 0.0
+        fooled = trusting.analyze(k, k.mean(axis=0), 0)
+        assert fooled.gated and abs(fooled.speed_px_per_frame) > 5      # what the rule guards against
+        res = _analyzer(t_n, n, n / 2.0).analyze(k, k.mean(axis=0), 0)
+        assert not res.gated and not res.events
+        assert not (math.isfinite(res.speed_px_per_frame) and res.speed_px_per_frame != 0.0)
