@@ -50,3 +50,29 @@ def augment(image: np.ndarray, masks: list[np.ndarray], rng: np.random.Generator
     img = np.ascontiguousarray(img[y0:y0 + ch, x0:x0 + cw])
     ms = [np.ascontiguousarray(m[y0:y0 + ch, x0:x0 + cw]) for m in ms]
     return img, ms
+
+
+def photometric(image: np.ndarray, rng: np.random.Generator, blur_max: float = 2.0,
+                jpeg: bool = True) -> np.ndarray:
+    """Random stain / acquisition change of a BGR uint8 image (labels unchanged): channel
+    permutation (other stain hues), per-channel and global gain, brightness, gamma, sometimes
+    grayscale, Gaussian blur (σ ≤ ``blur_max`` px), noise and JPEG re-encoding (quality 20–95).
+    Makes the networks less dependent on the synthetic generator's colours and quality."""
+    img = image.astype(np.float32) / 255.0
+    if rng.random() < 0.3:
+        img = img[..., rng.permutation(3)]
+    img = img * rng.uniform(0.85, 1.15, 3).astype(np.float32)
+    m = img.mean()
+    img = (img - m) * rng.uniform(0.6, 1.4) + m + rng.uniform(-0.08, 0.08)
+    img = np.clip(img, 0, 1) ** rng.uniform(0.7, 1.4)
+    if rng.random() < 0.1:
+        img = np.repeat(img.mean(axis=2, keepdims=True), 3, axis=2)
+    if blur_max > 0 and rng.random() < 0.4:
+        img = cv2.GaussianBlur(img, (0, 0), rng.uniform(0.3, blur_max))
+    if rng.random() < 0.5:
+        img = img + rng.normal(0, rng.uniform(0.0, 0.06), img.shape).astype(np.float32)
+    out = np.clip(img * 255 + 0.5, 0, 255).astype(np.uint8)
+    if jpeg and rng.random() < 0.5:
+        ok, buf = cv2.imencode(".jpg", out, [cv2.IMWRITE_JPEG_QUALITY, int(rng.integers(20, 96))])
+        out = cv2.imdecode(buf, cv2.IMREAD_COLOR)
+    return np.ascontiguousarray(out)

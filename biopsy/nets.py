@@ -6,7 +6,11 @@
   In: N×3×H×W float in [0, 1] (RGB order irrelevant: trained on BGR). Out: fused logits
   N×1×H×W and the five side logits (for deep supervision). Apply ``sigmoid`` for probability.
 * :class:`DermisNet` — small atrous network with an ASPP head (DeepLabV3-style, output stride 8)
-  for the dermis region. In: N×3×h×w in [0, 1] at reduced resolution. Out: logits N×1×h×w.
+  for the dermis region; with ``decoder=True`` a DeepLabV3+-style decoder fuses the ASPP output
+  with stride-2 encoder features, so the map is predicted at stride 2 instead of 8 (sharper
+  boundary); ``input_norm="image"`` standardizes each input image per channel (stain colour,
+  gain and brightness invariant) instead of the fixed ``(x − 0.5)/0.25``. In: N×3×h×w in [0, 1]
+  at reduced resolution. Out: logits N×1×h×w.
 
 Checkpoints (``save_checkpoint``/``load_checkpoint``) are dicts with a ``format`` tag, the
 architecture ``config`` and the ``state`` dict; loading checks all three and raises
@@ -31,6 +35,13 @@ FORMAT = "nailfold.biopsy-weights/1"
 
 def _norm(x: torch.Tensor) -> torch.Tensor:
     return (x - 0.5) / 0.25
+
+
+def _norm_image(x: torch.Tensor) -> torch.Tensor:
+    """Per-image, per-channel standardization: invariant to stain colour, gain and brightness."""
+    m = x.mean(dim=(2, 3), keepdim=True)
+    s = x.std(dim=(2, 3), keepdim=True)
+    return (x - m) / (s + 0.02)
 
 
 class HED(nn.Module):
@@ -74,9 +85,13 @@ def _cbr(cin, cout, stride=1, dil=1, k=3):
 
 
 class DermisNet(nn.Module):
-    def __init__(self, width: int = 24, rates: tuple[int, ...] = (2, 4, 6)):
+    def __init__(self, width: int = 24, rates: tuple[int, ...] = (2, 4, 6), decoder: bool = False,
+                 input_norm: str = "fixed"):
         super().__init__()
-        self.width, self.rates = int(width), tuple(int(r) for r in rates)
+        self.width, self.rates, self.decoder = int(width), tuple(int(r) for r in rates), bool(decoder)
+        if input_norm not in ("fixed", "image"):
+            raise ValueError(f"input_norm must be 'fixed' or 'image', not {input_norm!r}")
+        self.input_norm = input_norm
         w = self.width
         self.enc = nn.Sequential(_cbr(3, w // 2, 2), _cbr(w // 2, w // 2), _cbr(w // 2, w, 2), _cbr(w, w),
                                  _cbr(w, 2 * w, 2), _cbr(2 * w, 2 * w, dil=2))
@@ -85,17 +100,26 @@ class DermisNet(nn.Module):
         self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(c, w, 1), nn.ReLU(inplace=True))
         self.proj = _cbr(w * (len(self.rates) + 2), w, k=1)
         self.head = nn.Conv2d(w, 1, 1)
+        if self.decoder:  # stride-2 skip (after the first two convs) → decoder at stride 2
+            self.low = _cbr(w // 2, 16, k=1)
+            self.dec = nn.Sequential(_cbr(w + 16, w), _cbr(w, w))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h, w = x.shape[-2:]
-        f = self.enc(_norm(x))
+        low = self.enc[:2](_norm_image(x) if self.input_norm == "image" else _norm(x))
+        f = self.enc[2:](low)
         feats = [b(f) for b in self.aspp]
         feats.append(self.pool(f).expand(-1, -1, f.shape[2], f.shape[3]))
-        y = self.head(self.proj(torch.cat(feats, 1)))
+        y = self.proj(torch.cat(feats, 1))
+        if self.decoder:
+            y = F.interpolate(y, size=low.shape[-2:], mode="bilinear", align_corners=False)
+            y = self.dec(torch.cat([y, self.low(low)], 1))
+        y = self.head(y)
         return F.interpolate(y, size=(h, w), mode="bilinear", align_corners=False)
 
     def config(self) -> dict:
-        return {"width": self.width, "rates": list(self.rates)}
+        return {"width": self.width, "rates": list(self.rates), "decoder": self.decoder,
+                "input_norm": self.input_norm}
 
 
 KINDS = {"hed": HED, "dermis": DermisNet}

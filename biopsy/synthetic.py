@@ -307,6 +307,9 @@ def generate(seed: int, shape: tuple[int, int] = DEFAULT_SHAPE, n_crossings: int
     if h < 64 or w < 64:
         raise ValueError(f"synthetic biopsy needs at least 64×64 px, got {h}×{w}")
     rng = np.random.default_rng([int(seed), 0xB10])
+    # appearance-only stream: widening the stain / acquisition ranges never moves the geometry
+    st = np.random.default_rng([int(seed), 0x57E])
+    wide = bool(st.random() < 0.6)
     fr = _make_frame(rng, h, w)
     if n_crossings is None:
         n_crossings = int(rng.integers(0, max(2, int(26 * w / 1600)) + 1))
@@ -327,6 +330,11 @@ def generate(seed: int, shape: tuple[int, int] = DEFAULT_SHAPE, n_crossings: int
     epi_c = np.clip(derm_c - epi_dark * np.array([0.8, 1.0, 0.7]) + rng.normal(0, 0.03, 3), 0.2, 1.0)
     if rng.random() < 0.4:  # brownish counterstain
         epi_c = np.clip(epi_c * np.array([1.0, 0.92, 0.78]), 0.2, 1.0)
+    if wide:  # other stains / counterstains: any pale dermis hue, weak or reversed epidermis contrast
+        bg = np.clip(st.uniform(0.80, 1.0) + st.normal(0, 0.03, 3), 0.7, 1.0)
+        derm_c = np.clip(st.uniform(0.55, 0.95) + st.normal(0, 0.07, 3), 0.4, 1.0)
+        e_dark = st.uniform(0.02, 0.35) if st.random() < 0.85 else -st.uniform(0.02, 0.08)
+        epi_c = np.clip(derm_c - e_dark * st.uniform(0.5, 1.2, 3), 0.15, 1.0)
     img = np.empty((h, w, 3), np.float32)
     img[:] = bg
     # dermis: fibrous texture
@@ -407,23 +415,38 @@ def generate(seed: int, shape: tuple[int, int] = DEFAULT_SHAPE, n_crossings: int
     beads = np.clip(0.8 + 0.2 * _smooth_noise(rng, (h, w), 6), 0.45, 1.0)
     alpha = np.clip(alpha * beads, 0, 1)[..., None]
     nerve_c = np.clip(np.array([0.22, 0.14, 0.10]) + rng.normal(0, 0.04, 3), 0.02, 0.5)
+    if wide:  # brown, black, purple or bluish fibres, sometimes fainter
+        nerve_c = np.clip(st.uniform(0.02, 0.40, 3), 0.02, 0.5)
+        alpha = alpha * st.uniform(0.75, 1.0)
     img = img * (1 - alpha) + nerve_c * alpha
+    if wide:  # uneven illumination
+        img = img * (1 + _smooth_noise(st, (h, w), 500) * st.uniform(0.0, 0.06))[..., None]
 
     # --- acquisition: contrast, blur, noise, JPEG -----------------------------------------------
     gain = rng.uniform(0.8, 1.15)
-    img = np.clip((img - img.mean()) * gain + img.mean() + rng.uniform(-0.05, 0.05), 0, 1)
-    img = img ** rng.uniform(0.8, 1.25)
+    gamma = rng.uniform(0.8, 1.25)
     blur = rng.uniform(0.0, 1.0)
+    noise = rng.uniform(0.0, 0.035)
+    jpeg = rng.random() < 0.6
+    quality = int(rng.integers(50, 96))
+    if wide:  # wider acquisition ranges than the base generator
+        gain, gamma, blur = st.uniform(0.6, 1.3), st.uniform(0.7, 1.4), st.uniform(0.0, 1.8)
+        noise, jpeg, quality = st.uniform(0.0, 0.06), st.random() < 0.7, int(st.integers(25, 96))
+    img = np.clip((img - img.mean()) * gain + img.mean() + rng.uniform(-0.05, 0.05), 0, 1)
+    img = img ** gamma
     if blur > 0.3:
         img = cv2.GaussianBlur(img, (0, 0), blur)
-    img = img + rng.normal(0, rng.uniform(0.0, 0.035), img.shape).astype(np.float32)
+    img = img + rng.normal(0, noise, img.shape).astype(np.float32)
+    if wide and st.random() < 0.08:  # grayscale acquisition
+        img = np.repeat(img.mean(axis=2, keepdims=True), 3, axis=2)
     bgr = np.clip(img[..., ::-1] * 255 + 0.5, 0, 255).astype(np.uint8)
-    quality = None
-    if rng.random() < 0.6:
-        quality = int(rng.integers(50, 96))
+    if not jpeg:
+        quality = None
+    else:
         ok, buf = cv2.imencode(".jpg", bgr, [cv2.IMWRITE_JPEG_QUALITY, quality])
         bgr = cv2.imdecode(buf, cv2.IMREAD_COLOR)
     cr = np.array(crossings, np.float32).reshape(-1, 2)
     params = {"angle_deg": math.degrees(fr.angle), "flip": fr.flip, "blur": blur, "jpeg_quality": quality,
+              "wide_style": wide, "noise": noise, "gain": gain, "gamma": gamma,
               "n_nerves": len(nerves_t)}
     return SyntheticBiopsy(bgr, mask.astype(bool), dermis, cr, int(seed), params)

@@ -107,3 +107,23 @@ def test_training_smoke(tmp_path, what, monkeypatch):
     assert train(what, ns) == 0
     model, extra = load_checkpoint(out, what)
     assert extra["steps"] == 3
+
+
+def test_photometric_keeps_shape_and_changes_appearance():
+    from biopsy.augment import photometric
+    img = generate(1_000_779, (96, 128)).image
+    outs = [photometric(img, np.random.default_rng(k)) for k in range(4)]
+    assert all(o.shape == img.shape and o.dtype == np.uint8 for o in outs)
+    assert any(np.abs(o.astype(int) - img).mean() > 3 for o in outs)
+
+
+def test_dermisnet_image_norm_is_gain_invariant():
+    import torch
+    from biopsy.nets import DermisNet
+    torch.manual_seed(0)
+    net = DermisNet(decoder=True, input_norm="image").eval()
+    x = torch.rand(1, 3, 64, 80) * 0.5 + 0.3
+    with torch.no_grad():
+        assert torch.allclose(net(x), net(x * 0.6 + 0.1), atol=1e-2)
+    with pytest.raises(ValueError):
+        DermisNet(input_norm="nope")
