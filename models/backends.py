@@ -98,15 +98,29 @@ class LoadedModel:
     weights: Path | None = None
     _fn: object = None
     _trt: dict = field(default_factory=dict)
+    threads: int | None = None   # CPU: run with exactly this many torch threads (None = as set)
 
     def run(self, x: torch.Tensor):
-        """Inference on float32 NCHW ``x``; outputs are CPU float32 tensors (or a tuple of them)."""
-        with torch.inference_mode():
-            if self.backend == "tensorrt":
-                out = self._run_trt(x)
-            else:
-                xin = x.to(self.device).contiguous(memory_format=torch.channels_last)
-                out = (self._fn or self.module)(xin)
+        """Inference on float32 NCHW ``x``; outputs are CPU float32 tensors (or a tuple of them).
+
+        With ``threads`` set, a CPU call runs on that many intra-op threads and restores the
+        previous count: float reductions split differently with the thread count, so a fixed
+        count makes the outputs bit-identical on every host (``nailfold batch`` workers run one
+        thread, the CLI two; their reports must agree)."""
+        prev = torch.get_num_threads()
+        pin = self.threads is not None and self.device.type == "cpu" and prev != self.threads
+        if pin:
+            torch.set_num_threads(self.threads)
+        try:
+            with torch.inference_mode():
+                if self.backend == "tensorrt":
+                    out = self._run_trt(x)
+                else:
+                    xin = x.to(self.device).contiguous(memory_format=torch.channels_last)
+                    out = (self._fn or self.module)(xin)
+        finally:
+            if pin:
+                torch.set_num_threads(prev)
         if isinstance(out, (tuple, list)):
             return tuple(o.float().cpu() for o in out)
         return out.float().cpu()
@@ -147,8 +161,10 @@ def _has(mod: str) -> bool:
         return False
 
 
-def load_model(name: str, backend: str = "auto", weights: str | Path | None = None) -> LoadedModel:
-    """Load ``name``'s checkpoint (shipped weights by default) onto ``backend`` (see module doc)."""
+def load_model(name: str, backend: str = "auto", weights: str | Path | None = None,
+               threads: int | None = None) -> LoadedModel:
+    """Load ``name``'s checkpoint (shipped weights by default) onto ``backend`` (see module doc);
+    ``threads`` pins the CPU thread count of every call (see :meth:`LoadedModel.run`)."""
     kind = ALIASES.get(name, name)
     if kind not in ("seg", "keypoints", "classifier"):
         raise CheckpointError(f"unknown model {name!r} (seg | keypoints | classifier)")
@@ -175,7 +191,7 @@ def load_model(name: str, backend: str = "auto", weights: str | Path | None = No
     if chosen in ("eager", "compile"):
         module = fuse_conv_bn(module)
     module = module.to(device).to(memory_format=torch.channels_last)
-    lm = LoadedModel(module, meta, chosen, device, path)
+    lm = LoadedModel(module, meta, chosen, device, path, threads=threads)
     if chosen == "compile":
         try:
             lm._fn = torch.compile(module)

@@ -77,7 +77,8 @@ class Classifier:
     def __init__(self, backend: str = "auto", weights: str | Path | None = None, batch: int = 64,
                  tta: bool = True):
         from models.backends import load_model
-        self.model = load_model("classifier", backend, weights)
+        # one thread: per-loop crops are small, and the outputs are then the same on every host
+        self.model = load_model("classifier", backend, weights, threads=1)
         self.classes = tuple(self.model.meta.get("classes", CLASS_NAMES))
         self.batch = batch
         self.tta = tta

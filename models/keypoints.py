@@ -214,7 +214,8 @@ class KeypointModel:
     def __init__(self, backend: str = "auto", weights: str | Path | None = None, refine: bool = True,
                  batch: int = 32):
         from models.backends import load_model
-        self.model = load_model("keypoints", backend, weights)
+        # one thread: per-loop crops are small, and the outputs are then the same on every host
+        self.model = load_model("keypoints", backend, weights, threads=1)
         self.refine = refine
         self.batch = batch
 

@@ -54,3 +54,21 @@ def test_shipped_classifier_and_keypoints_run(still):
     d = [np.hypot(r["points"]["up"][0] - c["keypoints"]["up"][0], r["points"]["up"][1] - c["keypoints"]["up"][1])
          for r, c in zip(res, caps) if "up" in r["points"]]
     assert len(d) >= len(caps) // 2 and np.median(d) < 6.0
+
+
+def test_pinned_threads_give_the_same_bits_whatever_the_host_sets():
+    """Crop models run on a pinned thread count: the same outputs with 1 or 2 host threads (batch
+    workers vs the CLI), and the caller's thread count is restored."""
+    from models.backends import load_model
+    m = load_model("keypoints", "eager", threads=1)
+    x = torch.from_numpy(np.random.default_rng(0).standard_normal((4, 1, 96, 96)).astype(np.float32))
+    prev = torch.get_num_threads()
+    outs = []
+    try:
+        for n in (2, 1):
+            torch.set_num_threads(n)
+            outs.append(m.run(x)[0])
+            assert torch.get_num_threads() == n
+    finally:
+        torch.set_num_threads(prev)
+    assert torch.equal(outs[0], outs[1])
