@@ -1,8 +1,10 @@
 """Flow speed from kymograph windows: Radon events + texture speed + cross-correlation, and units.
 
-In:  a kymograph window ``(T, N)`` float32 (rows = consecutive frames, columns = px along the
-     centerline from its start), its static background (per-column mean over a longer span), the
-     apex column, and a speed search range in px/frame.
+In:  a kymograph window ``(T, N)`` float32 grey levels (rows = consecutive frames, columns = px
+     along the centerline from its start), its static background (per-column mean over a longer
+     span), the apex column, and a speed search range in px/frame. Material events are read in log
+     grey level (``WindowAnalyzer.log_intensity``): by Beer–Lambert that is linear in the red-cell
+     density, so a plasma gap's contrast against the texture is the same for dark and pale vessels.
 Out: :class:`WindowResult` — signed speeds in px/frame (positive = flow from centerline start to
      end), bright-line events (plasma gaps / white cells) with the frame at which each crosses the
      apex, a contrast, a cross-correlation speed with its confidence, and a stopped-flow flag.
@@ -400,6 +402,8 @@ class WindowAnalyzer:
     event_smooth_px: float = 3.0     # Gaussian σ along the vessel before the event search: keeps
     #                                  gap-sized (≥ 10 px) bright lines, suppresses fine red-cell texture
     transit_frac: float = 0.5        # time-resolved speeds use sub-windows this × the transit time
+    log_intensity: bool = True       # material events in log grey level (∝ −absorbance): gap contrast in
+    #                                  units of the red-cell density, the same for dark and pale vessels
 
     def __post_init__(self):
         self.coarse_speeds = radon.speed_grid(self.v_lo, self.v_hi, self.coarse_ratio)
@@ -496,8 +500,14 @@ class WindowAnalyzer:
                 if res.stopped:
                     res.speed_px_per_frame = 0.0
                 return res
-            for e in material_events(ke, sd_e, self.anchor, track, self.event_mean_threshold,
-                                     self.event_sep_px, profile=prof):
+            ev_k, ev_sd, ev_prof = ke, sd_e, prof
+            if self.log_intensity:
+                # the same registered blood column (X), read in log grey levels
+                ev_k = self._log_kymograph(raw, background)
+                ev_sd = radon.robust_sd(ev_k[::2, ::2].ravel()) or 1.0
+                ev_prof = (prof[0], *_profile_from_x(ev_k, prof[0], 1.0))
+            for e in material_events(ev_k, ev_sd, self.anchor, track, self.event_mean_threshold,
+                                     self.event_sep_px, profile=ev_prof):
                 if t_lo <= e.t_frame < t_hi and 0.5 <= e.t_frame <= self.n_frames - 1.5:
                     res.events.append(radon.LineEvent(start_frame + e.t_frame, e.speed_px_per_frame, e.strength))
             return res
@@ -534,6 +544,16 @@ class WindowAnalyzer:
             if t_lo <= e.t_frame < t_hi and 0.5 <= e.t_frame <= self.n_frames - 1.5:
                 res.events.append(radon.LineEvent(start_frame + e.t_frame, e.speed_px_per_frame, e.strength))
         return res
+
+    def _log_kymograph(self, raw: np.ndarray, background: np.ndarray) -> np.ndarray:
+        """Destriped log grey level of a window (∝ −absorbance, linear in the red-cell density by
+        Beer–Lambert), row means removed, smoothed along the vessel like the event kymograph."""
+        k = np.log(np.maximum(np.asarray(raw, np.float32), 1.0)) \
+            - np.log(np.maximum(np.asarray(background, np.float32), 1.0))[None, :]
+        k = k - k.mean(axis=1, keepdims=True)
+        sd = float(k.std())
+        k = k / sd if sd > 0 else k
+        return gaussian_filter1d(k, self.event_smooth_px, axis=1, mode="nearest") if self.event_smooth_px > 0 else k
 
     def _local_speeds(self, k: np.ndarray, speeds: np.ndarray, v0: float, t_lo: float, t_hi: float) -> list[float]:
         """Time-resolved speeds over the owned span when the flow crosses the kymograph in less

@@ -45,7 +45,7 @@ the first frame; NaN/unknown values are ``null``)::
           "wbc_events": [{"t_s": 3.15,             # time the event passes the apex
                           "speed_um_s": 805.0, "speed_px_per_frame": 33.5,
                           "strength": 5.1}]        # mean brightness along the cell's own path, in
-                                                   #  robust SDs of the kymograph (≥ 4.2)
+                                                   #  robust SDs of the log-grey-level kymograph (≥ 3.4)
       }]
     }
 

@@ -219,7 +219,9 @@ class _Track:
 
 
 EVENT_STAT = "material"     # see stream.flow.WindowAnalyzer.event_stat
-EVENT_MEAN_THRESHOLD = 4.2   # mean line brightness in robust SDs of the kymograph
+EVENT_MEAN_THRESHOLD = 3.4   # mean brightness along the cell's path in robust SDs of the (log grey level)
+#                              kymograph; chosen on dev seeds 301/303-306 (count error +13, -11, +10, -21,
+#                              +15 %; was +22, -4, -48, -62, +19 % at 4.2 on grey levels)
 EVENT_ROW_THRESHOLD = 0.0
 EVENT_THRESHOLD = 6.0        # robust z of a bright line against its speed's background
 EVENT_SIZE_UM = 4.0          # σ of the along-vessel smoothing for the event search (a plasma gap / WBC
