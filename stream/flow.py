@@ -465,7 +465,7 @@ class WindowAnalyzer:
         margin = max(4.0, 0.25 * (t_hi - t_lo))
         g_lo, g_hi = max(0.0, t_lo - margin), min(float(self.n_frames), t_hi + margin)
         step = 0.5
-        ke = gaussian_filter1d(k, self.event_smooth_px, axis=1, mode="nearest") if self.event_smooth_px > 0 else k
+        ke = self._smooth(k)
         res.local_speeds = self._local_speeds(k, fine, v0, t_lo, t_hi)
         z = None
         if res.local_speeds:
@@ -480,7 +480,6 @@ class WindowAnalyzer:
                 res.speed_px_per_frame = vf if math.isfinite(vf) else v0
         if self.event_stat == "material":
             # bright objects followed along their own (pulsating) path: Lagrangian material profile
-            sd_e = radon.robust_sd(ke[::2, ::2].ravel()) or 1.0
             track = speed_track(k, res.speed_px_per_frame, self.v_hi)
             prof = material_profile(ke, track)
             res.material_quality = profile_quality(ke, prof[2], prof[3])
@@ -500,12 +499,12 @@ class WindowAnalyzer:
                 if res.stopped:
                     res.speed_px_per_frame = 0.0
                 return res
-            ev_k, ev_sd, ev_prof = ke, sd_e, prof
+            ev_k, ev_prof = ke, prof
             if self.log_intensity:
                 # the same registered blood column (X), read in log grey levels
                 ev_k = self._log_kymograph(raw, background)
-                ev_sd = radon.robust_sd(ev_k[::2, ::2].ravel()) or 1.0
                 ev_prof = (prof[0], *_profile_from_x(ev_k, prof[0], 1.0))
+            ev_sd = radon.robust_sd(ev_k[::2, ::2].ravel()) or 1.0
             for e in material_events(ev_k, ev_sd, self.anchor, track, self.event_mean_threshold,
                                      self.event_sep_px, profile=ev_prof):
                 if t_lo <= e.t_frame < t_hi and 0.5 <= e.t_frame <= self.n_frames - 1.5:
@@ -553,6 +552,10 @@ class WindowAnalyzer:
         k = k - k.mean(axis=1, keepdims=True)
         sd = float(k.std())
         k = k / sd if sd > 0 else k
+        return self._smooth(k)
+
+    def _smooth(self, k: np.ndarray) -> np.ndarray:
+        """Gaussian smoothing along the vessel (σ = ``event_smooth_px``) to the size of a cell."""
         return gaussian_filter1d(k, self.event_smooth_px, axis=1, mode="nearest") if self.event_smooth_px > 0 else k
 
     def _local_speeds(self, k: np.ndarray, speeds: np.ndarray, v0: float, t_lo: float, t_hi: float) -> list[float]:
