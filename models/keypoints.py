@@ -53,6 +53,9 @@ POINT_NAMES = ("up", "down", "left-left", "left-right", "right-left", "right-rig
 FLIP_PERM = [0, 1, 5, 4, 3, 2, 7, 6]   # names after a horizontal flip
 PAIRS = {"apical": ("up", "down"), "left": ("left-left", "left-right"), "right": ("right-left", "right-right")}
 INPUT = 96
+APEX_POINTS = ("up", "down")
+APEX_EDGE_MARGIN = 16                  # crop px (of 96): an apex this close to the border is looked at again
+APEX_SIDEWAYS_CANON = 16.0             # canonical px: the second look's apex must lie on the first one's ray
 N_MAPS = len(POINT_NAMES) + 1          # + crossings
 
 
@@ -229,17 +232,65 @@ class KeypointModel:
             mats.append(M)
         return np.stack(out) if out else np.zeros((0, INPUT, INPUT), np.float32), mats
 
-    def predict(self, image: np.ndarray, centers: list[tuple[float, float]]) -> list[dict]:
-        """Keypoints of the loops centred at ``centers`` (image px); see module doc."""
-        x, mats = self.crops(image, centers)
-        if len(x) == 0:
-            return []
+    def _run(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Crops (N, 96, 96) → (heatmap probabilities (N, 9, 96, 96), P(arterial = left) (N,))."""
         hm, side = [], []
         for i in range(0, len(x), self.batch):
             h, s = self.model.run(torch.from_numpy(x[i:i + self.batch])[:, None])
             hm.append(heatmap_probs(h).numpy())
             side.append(torch.sigmoid(s[:, 0]).numpy())
-        hm, side = np.concatenate(hm), np.concatenate(side)
+        return np.concatenate(hm), np.concatenate(side)
+
+    def _recentred_apex(self, image, centers, hm, mats) -> dict[int, dict]:
+        """Long and giant loops put their apex near (or past) the edge of the window centred on the
+        loop, where the heatmap is least reliable. For every loop whose ``up`` lies within
+        :data:`APEX_EDGE_MARGIN` crop px of the window border, look again with the window moved
+        half-way towards that ``up`` and take the apex points (``up``, ``down``) from that view,
+        unless its ``up`` lies more than :data:`APEX_SIDEWAYS_CANON` off the ray from the loop centre
+        through the first ``up`` (then the moved window has centred on a neighbour's apex).
+        → {loop index: {name: ((x, y) image px, confidence)}} for the re-examined loops."""
+        j_up = POINT_NAMES.index("up")
+        redo, new_centers, conf1, rays = [], [], [], []
+        for k in range(len(hm)):
+            px, py, _ = decode_heatmap(hm[k, j_up])
+            if min(px, py, INPUT - 1 - px, INPUT - 1 - py) >= APEX_EDGE_MARGIN:
+                continue
+            conf1.append(point_confidence(hm[k, j_up], px, py))
+            Minv = cv2.invertAffineTransform(mats[k])
+            up = Minv @ np.array([px, py, 1.0])
+            c = np.asarray(centers[k], float)
+            rays.append((c, up))
+            redo.append(k)
+            new_centers.append(tuple((c + 0.5 * (up - c)).tolist()))
+        if not redo:
+            return {}
+        x2, mats2 = self.crops(image, new_centers)
+        hm2, _ = self._run(x2)
+        out = {}
+        for i, k in enumerate(redo):
+            Minv = cv2.invertAffineTransform(mats2[i])
+            px, py, _ = decode_heatmap(hm2[i, j_up])
+            c, up1 = rays[i]
+            up2 = Minv @ np.array([px, py, 1.0])
+            u = (up1 - c) / max(float(np.hypot(*(up1 - c))), 1e-6)
+            sideways = abs(float(np.cross(u, up2 - c)))
+            if sideways > APEX_SIDEWAYS_CANON / A.canon_factor(image.shape):
+                continue  # the moved window found another loop's apex beside this one: keep the first look
+            for name in APEX_POINTS:
+                j = POINT_NAMES.index(name)
+                px, py, _ = decode_heatmap(hm2[i, j])
+                conf = point_confidence(hm2[i, j], px, py)
+                if conf >= 0.3:
+                    out.setdefault(k, {})[name] = (tuple((Minv @ np.array([px, py, 1.0])).tolist()), round(conf, 3))
+        return out
+
+    def predict(self, image: np.ndarray, centers: list[tuple[float, float]]) -> list[dict]:
+        """Keypoints of the loops centred at ``centers`` (image px); see module doc."""
+        x, mats = self.crops(image, centers)
+        if len(x) == 0:
+            return []
+        hm, side = self._run(x)
+        apex = self._recentred_apex(image, centers, hm, mats)
         g = A.green(image).astype(np.float32)
         results = []
         for k in range(len(x)):
@@ -247,6 +298,10 @@ class KeypointModel:
             back = lambda xy: tuple((Minv @ np.array([xy[0], xy[1], 1.0])).tolist())
             pts, scores = {}, {}
             for j, name in enumerate(POINT_NAMES):
+                if name in APEX_POINTS and k in apex:
+                    if name in apex[k]:
+                        pts[name], scores[name] = apex[k][name]
+                    continue
                 px, py, _ = decode_heatmap(hm[k, j])
                 conf = point_confidence(hm[k, j], px, py)
                 if conf >= 0.3:

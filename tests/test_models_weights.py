@@ -56,6 +56,30 @@ def test_shipped_classifier_and_keypoints_run(still):
     assert len(d) >= len(caps) // 2 and np.median(d) < 6.0
 
 
+def test_apex_near_the_window_edge_is_looked_at_again(still, monkeypatch):
+    """A loop centre given well below the loop's middle (a long loop, or a loose instance box)
+    puts the apex near the top edge of the keypoint window; the second, recentred look finds it."""
+    import models.keypoints as K
+    from models.data_synthetic import loop_center
+    img, truth, _ = still
+    caps = [c for c in truth["capillaries"] if c["row"] == "distal" and c["in_view"] and c["class"] == "normal"
+            and 20 < c["keypoints"]["up"][0] < img.shape[1] - 20 and c["keypoints"]["up"][1] > 20]
+    assert len(caps) >= 8
+    # this image is 1024 px wide (canonical factor 1): window ±128 px, apex 110-135 px above the centre
+    centers = [(loop_center(c)[0], loop_center(c)[1] + 50.0) for c in caps]
+
+    def found():
+        res = K.KeypointModel("eager").predict(img, centers)
+        d = [np.hypot(*(np.subtract(r["points"]["up"], c["keypoints"]["up"]))) if "up" in r["points"] else np.inf
+             for r, c in zip(res, caps)]
+        return float(np.mean(np.array(d) <= 5.0))
+
+    with_second_look = found()
+    monkeypatch.setattr(K, "APEX_EDGE_MARGIN", -1e9)  # never look again
+    first_look_only = found()
+    assert with_second_look >= 0.75 and with_second_look > first_look_only + 0.1
+
+
 def test_pinned_threads_give_the_same_bits_whatever_the_host_sets():
     """Crop models run on a pinned thread count: the same outputs with 1 or 2 host threads (batch
     workers vs the CLI), and the caller's thread count is restored."""
