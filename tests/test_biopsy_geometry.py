@@ -101,3 +101,30 @@ def test_side_counts_window_is_17x17():
     nerves[:, 30] = True  # vertical line through the centre
     assert side_counts(nerves, dermis, (30, 30), 17) == (9, 8)
     assert side_counts(nerves, dermis, (30, 30), 9) == (5, 4)
+
+
+def test_band_dice_only_sees_the_boundary_band_and_crossing_f1_uses_true_dermis():
+    """Training helpers: the band Dice ignores nerves away from the edge and punishes a nerve
+    erased at the edge; crossing_f1 finds the drawn crossings with the true dermis."""
+    import torch
+    from biopsy.data import Sample
+    from biopsy.train import band_dice_loss, boundary_band, crossing_f1
+    d = wavy_dermis()
+    yb = lambda x: int(round(100 + 12 * np.sin(x / 25.0)))  # noqa: E731
+    crossing = [((x, yb(x) + 40), (x + 6, yb(x) - 30)) for x in (30, 110, 190)]
+    nerves = draw(d, crossing + [((250, 190), (300, 190))])  # + a deep dermal fibre
+    band = boundary_band(d, 10.0)
+    assert band.any() and not band[190].any()
+    t = torch.from_numpy(nerves.astype(np.float32))[None, None]
+    b = torch.from_numpy(band.astype(np.float32))[None, None]
+    perfect = (t * 40 - 20)
+    no_deep = perfect.clone()
+    no_deep[..., 185:196, :] = -20          # the dermal fibre erased: outside the band, no cost
+    cut = perfect.clone()
+    cut[torch.from_numpy(band)[None, None].expand_as(cut)] = -20   # crossings erased at the edge
+    assert band_dice_loss(perfect, t, b) < 0.01 and band_dice_loss(no_deep, t, b) < 0.01
+    assert band_dice_loss(cut, t, b) > 0.9
+    s = Sample("drawn", np.zeros(d.shape + (3,), np.uint8), nerves, d, None)
+    assert crossing_f1(nerves, s) == (3, 0, 0)
+    tp, fp, fn = crossing_f1(np.zeros_like(nerves), s)
+    assert (tp, fp, fn) == (0, 0, 3)
