@@ -8,7 +8,8 @@ Usage::
 1. Offline: renders a clip (1024×768, 20 fps) of the synthetic scope (``stream.synthetic`` if
    present, else the tests' toy scope) into an MJPG file, then times (a) decoding alone and
    (b) ``analyze_video`` on it (decode in a reader thread + stage + every keyframe and window) and
-   prints frames/s and the multiple of real time.
+   prints frames/s and the multiple of real time, with the windows in this process and in
+   ``default_workers()`` worker processes (what ``nailfold analyze`` uses).
 2. Live: replays decoded frames paced at 20 fps from a producer thread into a 2-slot queue (a full
    queue = dropped frame), ``process()`` in the consumer, ``step_background()`` in a second thread
    (as ``stream.stage_process`` does), and prints per-frame latency (schedule → processed)
@@ -72,13 +73,21 @@ def offline(path: Path, cfg, n: int, fps: float, segmenter) -> None:
         k += 1
     cap.release()
     t_dec = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    rep = analyze_video(path, cfg, fps=fps, segmenter=segmenter, progress=False)
-    t_all = time.perf_counter() - t0
+    from stream.analyze import default_workers
+    from stream.flow import window_pool
     dur = n / fps
     print(f"offline: {n} frames ({dur:.0f} s of video) 1024x768")
     print(f"  decode only      : {k / t_dec:7.1f} fps ({dur / t_dec:5.1f}x real time)")
-    print(f"  analyze (full)   : {n / t_all:7.1f} fps ({dur / t_all:5.1f}x real time)")
+    for workers in sorted({0, default_workers()}):
+        t0 = time.perf_counter()   # includes starting the worker processes
+        if workers:
+            with window_pool(workers) as pool:
+                rep = analyze_video(path, cfg, fps=fps, segmenter=segmenter, progress=False, window_executor=pool)
+        else:
+            rep = analyze_video(path, cfg, fps=fps, segmenter=segmenter, progress=False)
+        t_all = time.perf_counter() - t0
+        print(f"  analyze, {workers} window workers: {n / t_all:7.1f} fps ({dur / t_all:5.1f}x real time; "
+              f"target 10x, ratio {dur / t_all / 10:.2f})")
     print(f"  capillaries {len(rep.capillaries)}, warnings {rep.warnings}")
 
 

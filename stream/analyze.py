@@ -7,7 +7,9 @@ Out: ``--out report.json`` — schema ``nailfold.video-report/1`` (see :mod:`str
      ``--csv DIR`` writes ``DIR/<video name>.csv``, one row per capillary.
 
 The same :class:`stream.stage.AnalysisStage` as the live stage runs over every frame as fast as
-possible (``step_background`` after every frame, so no keyframe or window is skipped).
+possible (``step_background`` after every frame, so no keyframe or window is skipped); the Radon
+windows run in ``--workers`` worker processes (default: one per core) and are merged in order, so
+the report does not depend on the worker count.
 Unreadable input (missing file, not a video, empty folder) is an :class:`InputError` raised before
 anything is written. Readable but useless input (black, 3 frames, no capillaries, odd size) gives
 a valid report with empty/null fields and a warning.
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import queue
 import threading
 import time
@@ -39,6 +42,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--segmenter", choices=("auto", "classical", "unet"), default=None,
                         help="segmenter for keyframes (default: models.segmenter from the config)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--workers", type=int, default=None, metavar="N",
+                        help="processes analysing Radon windows beside the main one (default: one per CPU core; "
+                             "0 = all in this process). The report is the same either way")
 
 
 def _open(path: str | Path, fps: float | None, config: Config):
@@ -91,17 +97,28 @@ def _prefetch(source, depth: int = 8):
         th.join(timeout=5)
 
 
+def default_workers() -> int:
+    """Window worker processes for ``nailfold analyze``: one per core. The main process (decode,
+    stabilization, kymograph rows, keyframes) waits on its reader thread part of the time; on the
+    2-core box 2 workers gave 3.3× real time, 1 worker 2.7×, none 2.5× (20 s, 20 loops)."""
+    return max(1, os.cpu_count() or 1)
+
+
 def analyze_video(path: str | Path, config: Config, *, fps: float | None = None, segmenter=None,
-                  progress: bool = True, stream_id: str = "scope0", source=None) -> VideoReport:
+                  progress: bool = True, stream_id: str = "scope0", source=None,
+                  window_executor=None) -> VideoReport:
     """Analyze one recording offline. ``fps`` overrides the file's frame rate; ``segmenter``
-    defaults to the configured one. Raises :class:`InputError` if ``path`` cannot be read."""
+    defaults to the configured one; ``window_executor`` (e.g. :func:`stream.flow.window_pool`)
+    runs the Radon windows in other processes (same report). Raises :class:`InputError` if
+    ``path`` cannot be read."""
     from stream.stage import AnalysisStage, default_segmenter
     src = source if source is not None else _open(path, fps, config)
     try:
         rate = float(fps or src.fps or config.device.fps)
         if segmenter is None:
             segmenter = default_segmenter(config.models.segmenter, config.models.backend)
-        stage = AnalysisStage(config, segmenter=segmenter, fps=rate, stream_id=stream_id)
+        stage = AnalysisStage(config, segmenter=segmenter, fps=rate, stream_id=stream_id,
+                              window_executor=window_executor)
         bar = None
         if progress:
             from tqdm import tqdm
@@ -137,9 +154,14 @@ def run(args: argparse.Namespace) -> int:
     from stream.stage import default_segmenter
     seg = default_segmenter(args.segmenter or config.models.segmenter, config.models.backend)
     reports = []
-    for path, src in zip(args.videos, sources):
-        reports.append(analyze_video(path, config, fps=args.fps, segmenter=seg,
-                                     progress=not args.no_progress, source=src))
+    workers = default_workers() if getattr(args, "workers", None) is None else max(0, int(args.workers))
+    from contextlib import nullcontext
+
+    from stream.flow import window_pool
+    with (window_pool(workers) if workers > 0 else nullcontext()) as pool:
+        for path, src in zip(args.videos, sources):
+            reports.append(analyze_video(path, config, fps=args.fps, segmenter=seg,
+                                         progress=not args.no_progress, source=src, window_executor=pool))
     write_report(reports if len(reports) > 1 else reports[0], args.out)
     if args.csv:
         out = Path(args.csv)

@@ -29,6 +29,7 @@ pulsatile flow is averaged over the cardiac cycle instead of locking onto one ph
 """
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from dataclasses import dataclass, field
@@ -588,3 +589,33 @@ class WindowAnalyzer:
         t = (va * a.t_frame - vb * b.t_frame) / (va - vb)
         x = self.anchor + va * (t - a.t_frame)
         return 0.0 <= t <= self.n_frames - 1 and inset <= x <= self.n_px - 1 - inset
+
+
+# ------------------------------------------------------------------ windows in worker processes
+@functools.lru_cache(maxsize=256)
+def _cached_analyzer(spec: tuple) -> WindowAnalyzer:
+    """One analyzer per argument set and process (its constructor precomputes the Radon geometry
+    and the null spectrum, ~25 ms)."""
+    return WindowAnalyzer(**dict(spec))
+
+
+def analyze_window(spec: tuple, raw: np.ndarray, background: np.ndarray, start_frame: int,
+                   own: tuple[float, float] | None) -> WindowResult:
+    """``WindowAnalyzer(**dict(spec)).analyze(raw, background, start_frame, own)`` — picklable, for
+    a process pool (:func:`window_pool`); the same result as in-process analysis."""
+    return _cached_analyzer(spec).analyze(raw, background, start_frame, own)
+
+
+def _worker_init() -> None:
+    import cv2
+    cv2.setNumThreads(1)   # one window per worker process: no nested thread pools
+
+
+def window_pool(workers: int):
+    """A ``ProcessPoolExecutor`` of ``workers`` spawned processes for :func:`analyze_window`
+    (spawn, not fork: the parent may hold torch/OpenMP threads; so the calling script must be
+    import-safe, ``if __name__ == "__main__":``). Shut it down after use."""
+    import concurrent.futures
+    import multiprocessing
+    return concurrent.futures.ProcessPoolExecutor(max_workers=int(workers), initializer=_worker_init,
+                                                  mp_context=multiprocessing.get_context("spawn"))

@@ -27,6 +27,9 @@ Work split (for a live process with a second thread):
   time-resolved cross-correlation). When it falls behind,
   stale keyframes and windows are skipped and counted (``skipped_keyframes``/``skipped_windows``);
   kymograph rows of accepted frames are never skipped.
+- Offline (``window_executor``, e.g. a process pool from :func:`stream.flow.window_pool`): the
+  Radon windows — pure functions of a window's kymograph — run in worker processes; their results
+  are merged in submission order, so the report is identical to the in-process one.
 
 Times are seconds from the first frame (frame number / fps). Speeds are signed along the
 segmenter's centerline internally; reports give magnitudes, and a capillary whose flow runs from
@@ -62,6 +65,7 @@ MAX_BACKLOG_WINDOWS = 3      # per capillary; older pending windows are skipped 
 KEYFRAME_BACKOFF_MAX = 8     # keyframe interval may grow to this × stage.keyframe_every
 RETIRE_AFTER_KEYFRAMES = 3   # a capillary missing from this many keyframes in a row stops being sampled
 MIN_FINAL_WINDOW = 8         # frames
+MAX_PENDING_WINDOWS = 64     # executor windows in flight before step_background waits for the oldest
 
 
 # ----------------------------------------------------------------------------- segmentation glue
@@ -335,7 +339,8 @@ class AnalysisStage:
     ``keyframe_average`` override the config (frames)."""
 
     def __init__(self, config: Config, segmenter=None, fps: float | None = None, stream_id: str = "scope0",
-                 *, keyframe_every: int | None = None, keyframe_average: int | None = None):
+                 *, keyframe_every: int | None = None, keyframe_average: int | None = None,
+                 window_executor=None):
         self.config = config
         st = config.stage
         self.fps = float(fps or config.device.fps)
@@ -374,6 +379,9 @@ class AnalysisStage:
         self.keyframes_done = 0
         self.skipped_keyframes = 0
         self.windows_done = 0
+        # offline: windows analysed by a concurrent.futures executor, merged in submission order
+        self._executor = window_executor
+        self._pending_windows: collections.deque = collections.deque()
         self.blank_frames = 0
         self._warnings: list[str] = []
 
@@ -445,7 +453,14 @@ class AnalysisStage:
                 break
             self._run_window(*job)
             did = True
+        self._collect_windows(block=len(self._pending_windows) > MAX_PENDING_WINDOWS)
         return did
+
+    def _collect_windows(self, block: bool = False) -> None:
+        """Merge finished executor windows in submission order (all of them if ``block``)."""
+        while self._pending_windows and (block or self._pending_windows[0][1].done()):
+            tr, fut = self._pending_windows.popleft()
+            self._store_window(tr, fut.result())
 
     def _next_window(self):
         with self._lock:
@@ -469,17 +484,22 @@ class AnalysisStage:
             tr.next_start += self.hop
             return tr, start, self.window, own_hi
 
+    def _analyzer_spec(self, tr: _Track, n: int) -> tuple:
+        """The :class:`stream.flow.WindowAnalyzer` arguments of ``tr``'s ``n``-frame windows, as a
+        hashable tuple of (name, value) pairs."""
+        npx = tr.buffer.length
+        lo, hi = flow.speed_range_px_per_frame(self.config.stage.speed_min_um_s, self.config.stage.speed_max_um_s,
+                                               self.um_per_px, self.fps, npx, n)
+        smooth = EVENT_SIZE_UM / self.um_per_px if self.um_per_px else EVENT_SIZE_PX
+        return (("n_frames", n), ("n_px", npx), ("anchor", tr.anchor), ("v_lo", lo), ("v_hi", hi),
+                ("event_threshold", EVENT_THRESHOLD), ("event_smooth_px", smooth), ("event_stat", EVENT_STAT),
+                ("event_mean_threshold", EVENT_MEAN_THRESHOLD), ("event_row_threshold", EVENT_ROW_THRESHOLD),
+                ("event_sep_px", 2.5 * smooth))
+
     def _analyzer(self, tr: _Track, n: int) -> flow.WindowAnalyzer:
         a = tr.analyzers.get(n)
         if a is None:
-            npx = tr.buffer.length
-            lo, hi = flow.speed_range_px_per_frame(self.config.stage.speed_min_um_s, self.config.stage.speed_max_um_s,
-                                                   self.um_per_px, self.fps, npx, n)
-            smooth = EVENT_SIZE_UM / self.um_per_px if self.um_per_px else EVENT_SIZE_PX
-            a = flow.WindowAnalyzer(n, npx, tr.anchor, lo, hi, event_threshold=EVENT_THRESHOLD,
-                                    event_smooth_px=smooth, event_stat=EVENT_STAT,
-                                    event_mean_threshold=EVENT_MEAN_THRESHOLD,
-                                    event_row_threshold=EVENT_ROW_THRESHOLD, event_sep_px=2.5 * smooth)
+            a = flow.WindowAnalyzer(**dict(self._analyzer_spec(tr, n)))
             tr.analyzers[n] = a
         return a
 
@@ -492,7 +512,14 @@ class AnalysisStage:
         if valid.mean() < 0.5:
             return
         m = EVENT_MIN_SEP_FRAMES   # margin: boundary events are caught by both windows, then merged
-        res = self._analyzer(tr, n).analyze(raw, background, start, (own_lo - start - m, own_hi - start + m))
+        own = (own_lo - start - m, own_hi - start + m)
+        if self._executor is not None:
+            fut = self._executor.submit(flow.analyze_window, self._analyzer_spec(tr, n), raw, background, start, own)
+            self._pending_windows.append((tr, fut))
+            return
+        self._store_window(tr, self._analyzer(tr, n).analyze(raw, background, start, own))
+
+    def _store_window(self, tr: _Track, res: flow.WindowResult) -> None:
         with self._lock:
             tr.windows.append(res)
             for e in res.events:
@@ -711,6 +738,7 @@ class AnalysisStage:
             n = last - start + 1
             if n >= MIN_FINAL_WINDOW:
                 self._run_window(tr, start, n, last + 1)
+        self._collect_windows(block=True)
         return self._build_report(source or self.stream_id, true_shifts)
 
     def _build_report(self, source: str, true_shifts) -> VideoReport:

@@ -51,6 +51,22 @@ def test_analyze_toy_video(toy_video, tmp_path):
     assert len(rows) == len(d["capillaries"]) and "flow_speed_um_s" in rows[0]
 
 
+def test_window_workers_give_the_same_report(toy_video, tmp_path):
+    """Radon windows in worker processes are merged in submission order: the report does not
+    depend on the worker count."""
+    _, video = toy_video
+    reports = []
+    for workers in ("0", "2"):
+        out = tmp_path / f"w{workers}.json"
+        assert main(["analyze", str(video), "--out", str(out), "--um-per-px", "1.2", "--segmenter", "classical",
+                     "--no-progress", "--workers", workers]) == 0
+        reports.append(json.loads(out.read_text()))
+    a, b = reports
+    assert a["capillaries"] and any(c["wbc_events"] or c["flow_speed_um_s"] for c in a["capillaries"])
+    assert a["capillaries"] == b["capillaries"]
+    assert {k: v for k, v in a.items() if k != "source"} == {k: v for k, v in b.items() if k != "source"}
+
+
 def test_two_videos_make_a_report_set(toy_video, tmp_path):
     _, video = toy_video
     short = write_video(tmp_path / "short.avi", [ToyScope(speeds=(3.0,), seed=2).frame(i) for i in range(30)])
