@@ -14,6 +14,8 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
+import signal
 import sys
 
 from nailfold import __version__
@@ -69,8 +71,28 @@ def _setup_logging(verbosity: int) -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
 
 
+PARENT_ENV = "NAILFOLD_PARENT_PID"   # set by a supervisor (``nailfold demo``) for its children
+
+
+def die_with_parent() -> None:
+    """If started by a supervisor (``$NAILFOLD_PARENT_PID``), ask Linux to SIGTERM this process
+    when the supervisor dies, even by SIGKILL (``prctl(PR_SET_PDEATHSIG)``), and exit now if it is
+    already gone: a killed ``nailfold demo`` leaves no grabber, stage or dashboard behind."""
+    pid = os.environ.pop(PARENT_ENV, None)   # not inherited by this process's own children
+    if not pid or not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM), 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError, ValueError):
+        return
+    if str(os.getppid()) != pid:
+        sys.exit(0)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    die_with_parent()
     command = next((a for a in argv if not a.startswith("-")), None)
     if command not in COMMANDS:
         command = None

@@ -26,8 +26,10 @@ ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--d
 @pytest.fixture
 def demo(tmp_path):
     port = free_port()
+    log = (tmp_path / "demo.log").open("w")   # a file, not an unread pipe that could fill up
     p = subprocess.Popen([sys.executable, "-m", "nailfold.cli", "demo", "--port", str(port), "--workdir",
-                          str(tmp_path / "demo")], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                          str(tmp_path / "demo")], stdout=log, stderr=subprocess.STDOUT, text=True,
+                         start_new_session=True)
     yield f"http://127.0.0.1:{port}", p
     p.send_signal(signal.SIGINT)
     try:
@@ -35,6 +37,11 @@ def demo(tmp_path):
     except subprocess.TimeoutExpired:
         p.kill()
         p.wait()
+    try:   # whatever is left of the demo's process group (nothing, normally)
+        os.killpg(p.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    log.close()
 
 
 def _kymo_src(page):

@@ -148,3 +148,39 @@ def test_recording_integrity_on_signals(clip, tmp_path, sig):
     back = read_all_frames(rec)
     assert len(back) == meta["frames"]
     assert all(frames_equal(frames[s % len(frames)], b) for s, b in zip(meta["seq"], back))
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux-only")
+def test_supervised_child_dies_with_a_killed_supervisor(tmp_path):
+    """A child started with $NAILFOLD_PARENT_PID (as `nailfold demo` starts grab/stage/dashboard)
+    exits when its supervisor is SIGKILLed, instead of running on as an orphan."""
+    bind = f"tcp://127.0.0.1:{free_port()}"
+    code = ("import os, subprocess, sys, time\n"
+            "env = dict(os.environ, NAILFOLD_PARENT_PID=str(os.getpid()))\n"
+            f"p = subprocess.Popen([sys.executable, '-m', 'nailfold.cli', 'grab', '--source', 'synthetic', '--bind', {bind!r}],"
+            " env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)\n"
+            "print(p.pid, flush=True)\n"
+            "time.sleep(120)\n")
+    sup = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    child = int(sup.stdout.readline())
+    try:
+        time.sleep(3.0)                      # the grabber is up and publishing
+        assert sup.poll() is None and _alive(child)
+        sup.kill()
+        sup.wait(10)
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and _alive(child):
+            time.sleep(0.2)
+        assert not _alive(child), "the grabber outlived its killed supervisor"
+    finally:
+        if _alive(child):
+            os.kill(child, signal.SIGKILL)
+
+
+def _alive(pid: int) -> bool:
+    """Running (not gone, not a zombie) — for a process that is not our child."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return False

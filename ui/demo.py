@@ -80,7 +80,8 @@ class Supervisor:
         return cmd + (["--auth", self.auth] if self.auth else [])
 
     def start(self, name: str) -> None:
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        from nailfold.cli import PARENT_ENV
+        env = dict(os.environ, PYTHONUNBUFFERED="1", **{PARENT_ENV: str(os.getpid())})  # children die with us
         self.procs[name] = subprocess.Popen(self._cmd(name), env=env, stdin=subprocess.DEVNULL)
         log.info("started %s (pid %d)", name, self.procs[name].pid)
 
