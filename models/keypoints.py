@@ -248,14 +248,15 @@ class KeypointModel:
         half-way towards that ``up`` and take the apex points (``up``, ``down``) from that view,
         unless its ``up`` lies more than :data:`APEX_SIDEWAYS_CANON` off the ray from the loop centre
         through the first ``up`` (then the moved window has centred on a neighbour's apex).
-        → {loop index: {name: ((x, y) image px, confidence)}} for the re-examined loops."""
+        Both apex points then come from the second look (a point it is unsure of is omitted rather
+        than paired with the first look's, which may belong to the wrong place).
+        → {loop index: {name: ((x, y) image px, confidence)}} for the loops whose second look is kept."""
         j_up = POINT_NAMES.index("up")
-        redo, new_centers, conf1, rays = [], [], [], []
+        redo, new_centers, rays = [], [], []
         for k in range(len(hm)):
             px, py, _ = decode_heatmap(hm[k, j_up])
             if min(px, py, INPUT - 1 - px, INPUT - 1 - py) >= APEX_EDGE_MARGIN:
                 continue
-            conf1.append(point_confidence(hm[k, j_up], px, py))
             Minv = cv2.invertAffineTransform(mats[k])
             up = Minv @ np.array([px, py, 1.0])
             c = np.asarray(centers[k], float)
