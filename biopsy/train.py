@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from nailfold.errors import InputError
 
 from biopsy import augment, data
+from biopsy.boundary import edge_band
 from biopsy.nets import HED, DermisNet, load_checkpoint, save_checkpoint
 
 log = logging.getLogger(__name__)
@@ -100,16 +101,6 @@ def _near_boundary(s: data.Sample, rng: np.random.Generator, side: int) -> tuple
     return s.image[win], s.nerves[win], s.dermis[win]
 
 
-def boundary_band(dermis: np.ndarray, half_width_px: float) -> np.ndarray:
-    """Pixels within ``half_width_px`` of the dermis/non-dermis edge (bool, same shape)."""
-    d = dermis.astype(np.uint8)
-    if d.min() == d.max():
-        return np.zeros(d.shape, bool)
-    din = cv2.distanceTransform(d, cv2.DIST_L2, 3)
-    dout = cv2.distanceTransform(1 - d, cv2.DIST_L2, 3)
-    return np.where(d > 0, din, dout) <= half_width_px
-
-
 def _batch_hed(pool, rng, bs, crop, boundary_fraction: float = 0.5):
     """Half the crops are taken around the dermal–epidermal edge: crossings live there, and the
     edge itself is the strongest false 'nerve' edge (hard negatives)."""
@@ -129,7 +120,7 @@ def _batch_hed(pool, rng, bs, crop, boundary_fraction: float = 0.5):
                 break
         xs.append(to_tensor(img))
         ys.append(torch.from_numpy(m.astype(np.float32))[None, None])
-        bands.append(torch.from_numpy(boundary_band(dm, BAND_HALF_WIDTH_PX).astype(np.float32))[None, None])
+        bands.append(torch.from_numpy(edge_band(dm, 2 * BAND_HALF_WIDTH_PX).astype(np.float32))[None, None])
     return torch.cat(xs), torch.cat(ys), torch.cat(bands)
 
 
@@ -158,7 +149,6 @@ def crossing_f1(nerves: np.ndarray, s: data.Sample, tol_px: float = 10.0) -> tup
     dermis, against its true crossings (synthetic list, or the rule applied to the true masks):
     how well a nerve map serves the crossing count, independent of the dermis network."""
     from biopsy import metrics
-    from biopsy.boundary import edge_band
     from biopsy.crossings import find_crossings
     band = edge_band(s.dermis)
     truth = s.crossings if s.crossings is not None else find_crossings(s.nerves, band, s.dermis).points
@@ -174,7 +164,7 @@ def _val_hed(model, val) -> tuple[float, float, float]:
     for s in val:
         fused, _ = model(to_tensor(s.image))
         t = torch.from_numpy(s.nerves.astype(np.float32))[None, None]
-        band = torch.from_numpy(boundary_band(s.dermis, BAND_HALF_WIDTH_PX).astype(np.float32))[None, None]
+        band = torch.from_numpy(edge_band(s.dermis, 2 * BAND_HALF_WIDTH_PX).astype(np.float32))[None, None]
         losses.append(float(dice_loss(fused, t) + BAND_WEIGHT * band_dice_loss(fused, t, band)))
         maps.append(torch.sigmoid(fused)[0, 0].numpy())
     model.train()

@@ -108,12 +108,12 @@ def test_band_dice_only_sees_the_boundary_band_and_crossing_f1_uses_true_dermis(
     erased at the edge; crossing_f1 finds the drawn crossings with the true dermis."""
     import torch
     from biopsy.data import Sample
-    from biopsy.train import band_dice_loss, boundary_band, crossing_f1
+    from biopsy.train import band_dice_loss, crossing_f1
     d = wavy_dermis()
     yb = lambda x: int(round(100 + 12 * np.sin(x / 25.0)))  # noqa: E731
     crossing = [((x, yb(x) + 40), (x + 6, yb(x) - 30)) for x in (30, 110, 190)]
     nerves = draw(d, crossing + [((250, 190), (300, 190))])  # + a deep dermal fibre
-    band = boundary_band(d, 10.0)
+    band = edge_band(d, 20.0)   # within 10 px of the edge, as the training band
     assert band.any() and not band[190].any()
     t = torch.from_numpy(nerves.astype(np.float32))[None, None]
     b = torch.from_numpy(band.astype(np.float32))[None, None]
