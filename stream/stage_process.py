@@ -42,6 +42,32 @@ from stream.sockets import make_socket
 
 log = logging.getLogger(__name__)
 
+HEALTH_WINDOW_S = 10.0   # latency percentiles and recent drop counts cover the last this many seconds:
+#                          a clinician reads the header as "now", so a start-up transient (first keyframe,
+#                          browser starting) must not stay in it for minutes
+
+
+def recent_values(samples, since: float) -> np.ndarray:
+    """Values of ``(t, value)`` samples with ``t >= since`` (``[nan]`` if none)."""
+    vals = [v for t, v in samples if t >= since]
+    return np.array(vals, dtype=float) if vals else np.array([np.nan])
+
+
+def recent_increase(history: collections.deque, now: float, totals: dict, window_s: float) -> dict:
+    """Record ``totals`` (monotonic counters) at ``now`` in ``history`` and return how much each
+    grew over the last ``window_s`` s (since the newest record at least that old, or the first
+    record while the history is shorter; a counter that went down, e.g. a restarted grabber,
+    counts from zero)."""
+    history.append((now, dict(totals)))
+    while len(history) > 1 and history[1][0] <= now - window_s:
+        history.popleft()
+    old = history[0][1]
+    out = {}
+    for k, v in totals.items():
+        before = old.get(k, 0)
+        out[k] = int(v - before) if v >= before else int(v)
+    return out
+
 
 @dataclass
 class StreamSlot:
@@ -53,8 +79,10 @@ class StreamSlot:
     last_seq: int = -1
     last_t_capture: float = 0.0
     last_rx: float = field(default_factory=time.monotonic)
-    latencies_ms: collections.deque = field(default_factory=lambda: collections.deque(maxlen=400))
-    proc_ms: collections.deque = field(default_factory=lambda: collections.deque(maxlen=400))
+    # (monotonic time s, ms) per accepted frame; only the last HEALTH_WINDOW_S are reported
+    latencies_ms: collections.deque = field(default_factory=lambda: collections.deque(maxlen=4000))
+    proc_ms: collections.deque = field(default_factory=lambda: collections.deque(maxlen=4000))
+    drop_history: collections.deque = field(default_factory=lambda: collections.deque(maxlen=256))
     gaps: list = field(default_factory=list)
     open_gap: dict | None = None
     fps_in: float = 0.0
@@ -170,8 +198,9 @@ class StageProcess:
         t0 = time.perf_counter()
         slot.stage.process(frame)
         slot.last_image = img
-        slot.proc_ms.append((time.perf_counter() - t0) * 1000)
-        slot.latencies_ms.append((time.time() - msg.t) * 1000)
+        t_done = time.monotonic()
+        slot.proc_ms.append((t_done, (time.perf_counter() - t0) * 1000))
+        slot.latencies_ms.append((t_done, (time.time() - msg.t) * 1000))
         slot.frames += 1
         slot.last_seq, slot.last_t_capture, slot.last_rx = msg.seq, msg.t, now
         slot._n += 1
@@ -185,18 +214,27 @@ class StageProcess:
                                  "t_detected": time.time()}
                 log.warning("stream %s: no signal", name)
 
-    def health(self, name: str, slot: StreamSlot) -> dict:
-        lat = np.array(slot.latencies_ms) if slot.latencies_ms else np.array([np.nan])
-        proc = np.array(slot.proc_ms) if slot.proc_ms else np.array([np.nan])
+    def health(self, name: str, slot: StreamSlot, now: float | None = None) -> dict:
+        """Stream health for the dashboard. Latency (capture → processed, ms) and processing-time
+        percentiles cover the last ``HEALTH_WINDOW_S`` s; drop counters are totals since start plus
+        ``*_recent`` counts over the same window."""
+        now = time.monotonic() if now is None else now
+        lat = recent_values(slot.latencies_ms, now - HEALTH_WINDOW_S)
+        proc = recent_values(slot.proc_ms, now - HEALTH_WINDOW_S)
         st = self.rx.stats.streams.get(name)
+        sender = st.last_heartbeat if st else {}
+        totals = {"grabber": int(sender.get("drops") or 0), "upstream": st.missing if st else 0,
+                  "stage": int(self.rx.stats.local_drops)}
+        recent = recent_increase(slot.drop_history, now, totals, HEALTH_WINDOW_S)
         return {
             "stream": name, "signal": slot.open_gap is None,
             "status": "no signal" if slot.open_gap is not None else "live",
             "frames": slot.frames, "fps_in": round(slot.fps_in, 2),
             "latency_ms_p50": _r(np.nanpercentile(lat, 50)), "latency_ms_p99": _r(np.nanpercentile(lat, 99)),
             "process_ms_p50": _r(np.nanpercentile(proc, 50)), "process_ms_p99": _r(np.nanpercentile(proc, 99)),
+            "window_s": HEALTH_WINDOW_S, "drops_recent": recent,
             "upstream_missing": st.missing if st else 0, "stage_drops": self.rx.stats.local_drops,
-            "sender": (st.last_heartbeat if st else {}), "malformed": self.rx.stats.malformed,
+            "sender": sender, "malformed": self.rx.stats.malformed,
             "gaps": slot.gaps[-20:], "n_gaps": len(slot.gaps), "queue": self.rx.pending(),
             "um_per_px": self.cfg.device.um_per_px, "calibrated": self.cfg.device.calibrated,
         }

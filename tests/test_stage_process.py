@@ -7,6 +7,7 @@ import threading
 import time
 
 import cv2
+import numpy as np
 import pytest
 
 from nailfold.config import load_config
@@ -114,3 +115,23 @@ def test_publish_with_many_capillaries_stays_within_the_wire_limits():
     sp.publish()
     m = wire.decode(sent[0])
     assert len(m.blobs) == wire.MAX_BLOBS and "frame" in m.blobs
+
+
+def test_health_figures_cover_the_recent_window_only():
+    """A start-up transient (seconds of latency while the first keyframe runs) must leave the
+    header once it is older than HEALTH_WINDOW_S; drops are reported as recent and total."""
+    import collections
+    from stream.stage_process import HEALTH_WINDOW_S, recent_increase, recent_values
+    samples = collections.deque([(0.0 + 0.05 * i, 3000.0) for i in range(100)])      # 0–5 s: 3 s latency
+    samples.extend((5.0 + 0.05 * i, 6.0 + (i % 3)) for i in range(600))                # 5–35 s: 6–8 ms
+    now = 35.0
+    assert np.nanpercentile(recent_values(samples, now - HEALTH_WINDOW_S), 99) < 10.0
+    assert np.nanpercentile(recent_values(samples, 0.0), 99) == 3000.0
+    assert np.isnan(recent_values(samples, 100.0)).all()
+    hist = collections.deque()
+    assert recent_increase(hist, 0.0, {"grabber": 13}, HEALTH_WINDOW_S) == {"grabber": 0}
+    assert recent_increase(hist, 5.0, {"grabber": 15}, HEALTH_WINDOW_S) == {"grabber": 2}
+    for t in np.arange(5.5, 30.0, 0.5):
+        recent_increase(hist, float(t), {"grabber": 15}, HEALTH_WINDOW_S)
+    assert recent_increase(hist, 30.0, {"grabber": 16}, HEALTH_WINDOW_S) == {"grabber": 1}
+    assert recent_increase(hist, 30.5, {"grabber": 2}, HEALTH_WINDOW_S) == {"grabber": 2}   # grabber restarted

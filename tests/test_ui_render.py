@@ -63,3 +63,11 @@ def test_upload_checks(tmp_path):
     empty.write_bytes(b"")
     with pytest.raises(NailfoldError, match="empty"):
         check_upload(str(empty), (".mp4",), 1)
+
+
+def test_health_header_says_its_window_and_shows_recent_and_total_drops():
+    md = render.health_markdown({"signal": True, "window_s": 10.0, "latency_ms_p50": 6.3, "latency_ms_p99": 13.9,
+                                 "drops_recent": {"grabber": 0, "upstream": 0, "stage": 0},
+                                 "sender": {"drops": 13}, "upstream_missing": 2, "stage_drops": 0}, age_s=0.1)
+    assert "latency (last 10 s) p50 6.3 ms" in md
+    assert "drops (last 10 s): grabber 0" in md and "since start 13 / 2 / 0" in md

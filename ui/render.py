@@ -149,10 +149,15 @@ def health_markdown(health: dict | None, *, age_s: float, source: str = "") -> s
     calib = f"{um:g} µm/px" if um else "**uncalibrated** (px, px/frame)"
     sender = health.get("sender") or {}
     rec = sender.get("recording")
+    win = health.get("window_s")
+    window = f" (last {win:g} s)" if win else ""
+    recent = health.get("drops_recent") or {"grabber": sender.get("drops"), "upstream": health.get("upstream_missing"),
+                                            "stage": health.get("stage_drops")}
     return (f"{status} · stream `{health.get('stream', '?')}` {('· ' + source) if source else ''}\n\n"
-            f"fps in **{fmt(health.get('fps_in'), nd=1)}** · latency p50 {fmt(health.get('latency_ms_p50'), 'ms', 1)}"
-            f" / p99 {fmt(health.get('latency_ms_p99'), 'ms', 1)} · drops: grabber {fmt(sender.get('drops'))},"
-            f" upstream {fmt(health.get('upstream_missing'))}, stage {fmt(health.get('stage_drops'))}"
+            f"fps in **{fmt(health.get('fps_in'), nd=1)}** · latency{window} p50 {fmt(health.get('latency_ms_p50'), 'ms', 1)}"
+            f" / p99 {fmt(health.get('latency_ms_p99'), 'ms', 1)} · drops{window}: grabber {fmt(recent.get('grabber'))},"
+            f" upstream {fmt(recent.get('upstream'))}, stage {fmt(recent.get('stage'))}"
+            f" (since start {fmt(sender.get('drops'))} / {fmt(health.get('upstream_missing'))} / {fmt(health.get('stage_drops'))})"
             f" · gaps {fmt(health.get('n_gaps'))} · stabilization confidence {fmt(stab.get('confidence'), nd=2)}"
             f" · calibration: {calib}" + (f" · **recording** `{rec}`" if rec else ""))
 
