@@ -395,6 +395,8 @@ class WindowAnalyzer:
     #                                  SD; "rows": straight-line sum vs its speed's spread
     credible_quality: float = 0.35   # below this profile quality AND below ``credible_corr`` row
     credible_corr: float = 0.25      # correlation a gated window is not trusted (see ``analyze``)
+    agree_corr: float = 0.12         # ... unless the row correlation is at least this and its speed
+    agree_ratio: float = 1.2         # agrees with the Radon speed within this ratio (same direction)
     material_min_quality: float = 0.7   # profile quality above which the window speed is the
     #                                     material displacement (see :func:`profile_quality`)
     event_sep_px: float = 8.0        # events closer than this along the blood column (px) are one
@@ -469,6 +471,7 @@ class WindowAnalyzer:
         ke = self._smooth(k)
         res.local_speeds = self._local_speeds(k, fine, v0, t_lo, t_hi)
         z = None
+        stat = self.event_stat
         if res.local_speeds:
             res.speed_px_per_frame = float(np.median(res.local_speeds))
         if not res.local_speeds or self.event_stat != "material":
@@ -480,6 +483,12 @@ class WindowAnalyzer:
                 vf, _, _ = radon.texture_speed(z, valid, fine)
                 res.speed_px_per_frame = vf if math.isfinite(vf) else v0
         if self.event_stat == "material":
+            if (res.local_speeds and xc.confidence < self.credible_corr and self._agree(xc, v0)
+                    and not self._same_speed(float(np.median(res.local_speeds)), v0)):
+                # weakly correlated texture: sub-window speeds scatter; when they disagree with
+                # the two whole-window estimates that agree with each other, take the row
+                # correlation (an average over the whole window, so pulsation averages out)
+                res.speed_px_per_frame = xc.speed_px_per_frame
             # bright objects followed along their own (pulsating) path: Lagrangian material profile
             track = speed_track(k, res.speed_px_per_frame, self.v_hi)
             prof = material_profile(ke, track)
@@ -490,28 +499,41 @@ class WindowAnalyzer:
                 res.material_speed = float((X[-1] - X[0]) / (X.size - 1))
                 res.speed_px_per_frame = res.material_speed
             if res.material_quality < self.credible_quality and xc.confidence < self.credible_corr:
-                # neither the registered blood column nor the raw rows show texture that moves
-                # coherently: what passed the Radon gate is structure that is not carried by the
-                # flow (compression blocks or noise fixed to the sensor, seen through the camera's
-                # jitter; measured on JPEG-40 clips: static vessels read 260–2000 µm/s). No flow
-                # verdict and no events from this window.
-                res.gated, res.speed_px_per_frame, res.local_speeds = False, float("nan"), []
-                res.stopped = stopped_flow(np.asarray(raw, np.float32))
-                if res.stopped:
-                    res.speed_px_per_frame = 0.0
+                if not self._agree(xc, v0):
+                    # neither the registered blood column nor the raw rows show texture that moves
+                    # coherently: what passed the Radon gate is structure that is not carried by
+                    # the flow (compression blocks or noise fixed to the sensor, seen through the
+                    # camera's jitter; measured on JPEG-40 clips: static vessels read 260–2000
+                    # µm/s). No flow verdict and no events from this window.
+                    res.gated, res.speed_px_per_frame, res.local_speeds = False, float("nan"), []
+                    res.stopped = stopped_flow(np.asarray(raw, np.float32))
+                    if res.stopped:
+                        res.speed_px_per_frame = 0.0
+                    return res
+                # ... but two independent estimators agree on the speed: the row correlation
+                # (weak, yet well above that of sensor-fixed structure, ≈ 0.05) and the Radon
+                # direction. Fast flow (≥ 40 px/frame) in a tortuous loop decorrelates the fine
+                # red-cell texture between frames, but the blood still moves as one. The
+                # registered column is unreliable, so events come from straight lines (the
+                # "rows" statistic: a plasma gap crosses the loop in a few frames, too fast for
+                # the pulsation to bend its line).
+                stat = "rows"
+            else:
+                ev_k, ev_prof = ke, prof
+                if self.log_intensity:
+                    # the same registered blood column (X), read in log grey levels
+                    ev_k = self._log_kymograph(raw, background)
+                    ev_prof = (prof[0], *_profile_from_x(ev_k, prof[0], 1.0))
+                ev_sd = radon.robust_sd(ev_k[::2, ::2].ravel()) or 1.0
+                for e in material_events(ev_k, ev_sd, self.anchor, track, self.event_mean_threshold,
+                                         self.event_sep_px, profile=ev_prof):
+                    if t_lo <= e.t_frame < t_hi and 0.5 <= e.t_frame <= self.n_frames - 1.5:
+                        res.events.append(radon.LineEvent(start_frame + e.t_frame, e.speed_px_per_frame, e.strength))
                 return res
-            ev_k, ev_prof = ke, prof
-            if self.log_intensity:
-                # the same registered blood column (X), read in log grey levels
-                ev_k = self._log_kymograph(raw, background)
-                ev_prof = (prof[0], *_profile_from_x(ev_k, prof[0], 1.0))
-            ev_sd = radon.robust_sd(ev_k[::2, ::2].ravel()) or 1.0
-            for e in material_events(ev_k, ev_sd, self.anchor, track, self.event_mean_threshold,
-                                     self.event_sep_px, profile=ev_prof):
-                if t_lo <= e.t_frame < t_hi and 0.5 <= e.t_frame <= self.n_frames - 1.5:
-                    res.events.append(radon.LineEvent(start_frame + e.t_frame, e.speed_px_per_frame, e.strength))
-            return res
-        if self.event_stat == "mean":
+        if z is None:
+            grid, z, cnt = radon.row_sinogram(ke, self.anchor, fine, g_lo, g_hi, step)
+            valid = cnt >= 4
+        if stat == "mean":
             # mean brightness along the line in robust SDs of the (smoothed) kymograph: a plasma gap
             # is bright in every sample of its line, coherent red-cell texture is not
             sd_e = radon.robust_sd(ke[::2, ::2].ravel()) or 1.0
@@ -544,6 +566,16 @@ class WindowAnalyzer:
             if t_lo <= e.t_frame < t_hi and 0.5 <= e.t_frame <= self.n_frames - 1.5:
                 res.events.append(radon.LineEvent(start_frame + e.t_frame, e.speed_px_per_frame, e.strength))
         return res
+
+    def _agree(self, xc: XcorrSpeed, v0: float) -> bool:
+        """Row-correlation speed ``xc`` (correlation ≥ ``agree_corr``) and Radon speed ``v0`` agree."""
+        return xc.confidence >= self.agree_corr and self._same_speed(xc.speed_px_per_frame, v0)
+
+    def _same_speed(self, a: float, b: float) -> bool:
+        """Same direction and magnitude ratio within ``agree_ratio``."""
+        if not (math.isfinite(a) and math.isfinite(b)) or a * b <= 0:
+            return False
+        return 1.0 / self.agree_ratio <= abs(a) / abs(b) <= self.agree_ratio
 
     def _log_kymograph(self, raw: np.ndarray, background: np.ndarray) -> np.ndarray:
         """Destriped log grey level of a window (∝ −absorbance, linear in the red-cell density by
