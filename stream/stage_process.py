@@ -230,8 +230,8 @@ class StageProcess:
             "stream": name, "signal": slot.open_gap is None,
             "status": "no signal" if slot.open_gap is not None else "live",
             "frames": slot.frames, "fps_in": round(slot.fps_in, 2),
-            "latency_ms_p50": _r(np.nanpercentile(lat, 50)), "latency_ms_p99": _r(np.nanpercentile(lat, 99)),
-            "process_ms_p50": _r(np.nanpercentile(proc, 50)), "process_ms_p99": _r(np.nanpercentile(proc, 99)),
+            "latency_ms_p50": _pct(lat, 50), "latency_ms_p99": _pct(lat, 99),
+            "process_ms_p50": _pct(proc, 50), "process_ms_p99": _pct(proc, 99),
             "window_s": HEALTH_WINDOW_S, "drops_recent": recent,
             "upstream_missing": st.missing if st else 0, "stage_drops": self.rx.stats.local_drops,
             "sender": sender, "malformed": self.rx.stats.malformed,
@@ -333,6 +333,12 @@ class StageProcess:
 
 def _r(x: float) -> float | None:
     return None if not np.isfinite(x) else round(float(x), 2)
+
+
+def _pct(values: np.ndarray, q: float) -> float | None:
+    """``q``-th percentile of the finite values (None when there are none), rounded."""
+    v = values[np.isfinite(values)]
+    return _r(np.percentile(v, q)) if v.size else None
 
 
 # ---- `nailfold stage` -----------------------------------------------------------------------
