@@ -344,12 +344,15 @@ def match_ids(previous: list[Capillary], current: list[Capillary], next_id: int,
     return next_id
 
 
-def self_approaches(centerline: np.ndarray, near_px: float = 3.0, min_loop_px: float = 24.0) -> list[tuple[int, int]]:
+def self_approaches(centerline: np.ndarray, near_px: float = 3.0, min_loop_px: float = 24.0,
+                    run_gap_px: int = 8) -> list[tuple[int, int]]:
     """Places where a 1-px-spaced centerline ``(N, 2)`` passes back over itself (limbs crossing
     or touching: the skeleton has a junction there). Each is a run of points ``i0..i1`` that the
     path passes again, backwards, at ``j1..j0`` (within ``near_px``, ``j1 − i1 ≥ min_loop_px``).
-    Returns ``[(i1, j1), …]``: the section strictly between them is the part of the loop that a
-    trace may have entered from the wrong side (see :func:`reverse_section`)."""
+    Returns ``[(i1, j1), …]`` sorted by ``i1`` (outermost first; runs of ``i`` broken by more
+    than ``run_gap_px`` points are separate places): the section strictly between them is the
+    part of the loop that a trace may have entered from the wrong side (see
+    :func:`reverse_section`, :func:`reverse_sections`)."""
     from scipy.spatial import cKDTree
     p = np.asarray(centerline, np.float64)
     if len(p) < int(min_loop_px) + 2:
@@ -362,11 +365,15 @@ def self_approaches(centerline: np.ndarray, near_px: float = 3.0, min_loop_px: f
     key = pairs[:, 0] + pairs[:, 1]            # along a run i rises while j falls: i + j ≈ const
     for kv in np.unique(key):
         sel = pairs[np.abs(key - kv) <= 2]
-        i1 = int(sel[:, 0].max())
-        j1 = int(kv - i1)
-        if j1 - i1 >= min_loop_px and not any(abs(i1 - a) <= 6 and abs(j1 - b) <= 12 for a, b in out):
-            out.append((i1, j1))
-    return out
+        # one key can hold several runs: a loop symmetric about its apex has i + j ≈ 2 × apex
+        # at every place where its limbs cross or touch (double crossings, twisted limbs)
+        iu = np.unique(sel[:, 0])
+        for run_end in iu[np.r_[np.diff(iu) > run_gap_px, True]]:
+            i1 = int(run_end)
+            j1 = int(kv - i1)
+            if j1 - i1 >= min_loop_px and not any(abs(i1 - a) <= 6 and abs(j1 - b) <= 12 for a, b in out):
+                out.append((i1, j1))
+    return sorted(out)
 
 
 def reverse_section(n: int, i1: int, j1: int) -> np.ndarray:
@@ -374,4 +381,19 @@ def reverse_section(n: int, i1: int, j1: int) -> np.ndarray:
     path then leaves the junction at ``i1`` into the other side of the loop."""
     order = np.arange(n)
     order[i1 + 1:j1] = order[i1 + 1:j1][::-1].copy()
+    return order
+
+
+def reverse_sections(n: int, sections: list[tuple[int, int]]) -> np.ndarray:
+    """Index order of ``n`` centerline points with several sections reversed one after the other
+    (each ``(i1, j1)`` in original indices, as :func:`self_approaches` gives them): the points of
+    a section are found where the earlier reversals put them, and that block is reversed."""
+    order = np.arange(n)
+    for i1, j1 in sections:
+        if j1 - i1 < 2:
+            continue
+        pos = np.flatnonzero((order > i1) & (order < j1))
+        lo, hi = int(pos.min()), int(pos.max())
+        if hi - lo + 1 == pos.size:      # nested or disjoint sections stay contiguous blocks
+            order[lo:hi + 1] = order[lo:hi + 1][::-1].copy()
     return order

@@ -274,6 +274,7 @@ def _unit_spacing(c: Capillary) -> Capillary:
 
 
 CROSSING_MIN_GAIN = 0.05    # texture coherence a re-routed path must add to be taken
+CROSSING_MAX_PLACES = 3     # crossing / touching places tried (every subset of them: ≤ 7 paths)
 
 
 def _coherence(c: Capillary, frames: list) -> float:
@@ -288,21 +289,26 @@ def _coherence(c: Capillary, frames: list) -> float:
 def _through_crossings(c: Capillary, frames: list) -> Capillary:
     """Where the centerline passes back over itself (crossing or touching limbs) the skeleton
     trace may have turned at the junction instead of following the vessel through it, so that
-    part of the loop runs against the flow in the kymograph. Each such section is tried reversed
-    (:func:`stream.capillaries.reverse_section`); the path whose kymograph over the recent
+    part of the loop runs against the flow in the kymograph. Each such section, and each
+    combination of them (a double crossing can be mis-traced at either junction or both), is tried
+    reversed (:func:`stream.capillaries.reverse_sections`); the path whose kymograph over the recent
     ``frames`` has the most coherent moving texture is kept (a re-route must gain
     ``CROSSING_MIN_GAIN``). Apex position and widths follow the points."""
     if len(frames) < 8:
         return c
-    from stream.capillaries import reverse_section, self_approaches
-    cands = self_approaches(c.centerline)[:4]
+    from itertools import combinations
+
+    from stream.capillaries import reverse_sections, self_approaches
+    cands = self_approaches(c.centerline)[:CROSSING_MAX_PLACES]
     if not cands:
         return c
     best, best_score = c, _coherence(c, frames)
     base = best_score
     n = len(c.centerline)
-    for i1, j1 in cands:
-        order = reverse_section(n, i1, j1)
+    # a loop whose limbs cross twice may have been traced wrongly at either junction or both
+    subsets = [sub for r in range(1, len(cands) + 1) for sub in combinations(cands, r)]
+    for sub in subsets:
+        order = reverse_sections(n, list(sub))
         ai = int(np.flatnonzero(order == c.apex_index)[0])
         alt = dataclasses.replace(c, centerline=np.ascontiguousarray(c.centerline[order]),
                                   width_px=np.ascontiguousarray(np.asarray(c.width_px)[order]), apex_index=ai)
