@@ -20,7 +20,7 @@ Work split (for a live process with a second thread):
   ``match_ids``; new capillaries' kymographs are back-filled from the recent frames; while the set
   of capillaries stays the same the interval doubles, up to 8×, and returns to the base on any
   change; where a new centerline passes back over itself — crossing or touching limbs — the
-  variant that goes straight through the junction is kept when its kymograph over the recent
+  variant that goes straight through the junction(s) is kept when its kymograph over the recent
   frames is more coherent, see :func:`_through_crossings`), and rolling
   ``stage.window_s`` / ``stage.hop_s`` windows (:mod:`stream.flow`; a window's speed is the net
   displacement of the registered blood column when the material profile is good, else Radon /
