@@ -210,11 +210,23 @@ def speed_track(k: np.ndarray, v0: float, v_max: float, step: int = 1, band: flo
         return np.full(t, float(v0))
     rows = np.array([c for c, _ in track])
     vals = np.array([v for _, v in track])
-    med = np.array([np.median(vals[max(0, i - 2):i + 3]) for i in range(len(vals))])
+    med = _running_median5(vals)
     ok = np.abs(vals - med) <= outlier * np.abs(med)
     if ok.sum() >= 2:
         rows, vals = rows[ok], vals[ok]
     return np.interp(np.arange(t, dtype=np.float64), rows, vals)
+
+
+def _running_median5(vals: np.ndarray) -> np.ndarray:
+    """``median(vals[max(0, i − 2):i + 3])`` for every i (windows truncated at the ends)."""
+    n = len(vals)
+    if n < 5:
+        return np.array([np.median(vals[max(0, i - 2):i + 3]) for i in range(n)])
+    out = np.empty(n, np.float64)
+    out[2:n - 2] = np.median(np.lib.stride_tricks.sliding_window_view(vals, 5), axis=1)
+    for i in (0, 1, n - 2, n - 1):
+        out[i] = np.median(vals[max(0, i - 2):i + 3])
+    return out
 
 
 def _profile_from_x(ke: np.ndarray, X: np.ndarray, bin_px: float) -> tuple[float, np.ndarray, np.ndarray]:
