@@ -201,3 +201,27 @@ def test_fast_flow_whose_texture_decorrelates_is_still_measured():
         strict = _analyzer(*k.shape, k.shape[1] / 2.0)
         strict.agree_corr = 1.0                                  # without the agreement rule
         assert not strict.analyze(k, np.zeros(k.shape[1], np.float32), 0).gated
+
+
+def test_stopped_flow_under_noise_stronger_than_the_texture():
+    """A stopped column whose red-cell texture is weaker than the per-frame noise is still
+    stopped (its texture repeats in both halves of the window); moving texture, noise alone, or
+    static structure under strong moving texture are not."""
+    from stream.flow import stopped_flow
+    t_n, n = 80, 360
+    for seed in range(3):
+        rng = np.random.default_rng(seed)
+        tex = gaussian_filter1d(rng.standard_normal(n + 400), 2.5)
+        tex /= tex.std()
+        noise = rng.standard_normal((t_n, n))
+        # texture fine detail (minus its 9-px running mean) SD ≈ 0.85 grey levels, noise SD 1.2
+        stopped = 100 + 2.5 * tex[None, :n] + 1.2 * noise
+        assert stopped_flow(stopped.astype(np.float32)), seed
+        x = np.arange(n)[None, :] + 3.0 * np.arange(t_n)[:, None]           # 3 px/frame
+        moving = 100 + 2.5 * np.interp(x, np.arange(n + 400), tex) + 1.2 * noise
+        assert not stopped_flow(moving.astype(np.float32)), seed
+        assert not stopped_flow((100 + 1.2 * noise).astype(np.float32)), seed
+        static = gaussian_filter1d(rng.standard_normal(n), 2.5)
+        static /= static.std()
+        structure = 100 + 1.5 * static[None, :] + 2.5 * np.interp(x, np.arange(n + 400), tex) + noise
+        assert not stopped_flow(structure.astype(np.float32)), seed
