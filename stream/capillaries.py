@@ -379,9 +379,7 @@ def self_approaches(centerline: np.ndarray, near_px: float = 3.0, min_loop_px: f
 def reverse_section(n: int, i1: int, j1: int) -> np.ndarray:
     """Index order of ``n`` centerline points with the section ``i1+1 .. j1−1`` reversed: the
     path then leaves the junction at ``i1`` into the other side of the loop."""
-    order = np.arange(n)
-    order[i1 + 1:j1] = order[i1 + 1:j1][::-1].copy()
-    return order
+    return reverse_sections(n, [(i1, j1)])
 
 
 def reverse_sections(n: int, sections: list[tuple[int, int]]) -> np.ndarray:

@@ -517,7 +517,7 @@ class WindowAnalyzer:
                 res.speed_px_per_frame = vf if math.isfinite(vf) else v0
         if self.event_stat == "material":
             if (res.local_speeds and xc.confidence < self.credible_corr and self._agree(xc, v0)
-                    and not self._same_speed(float(np.median(res.local_speeds)), v0)):
+                    and not self._same_speed(res.speed_px_per_frame, v0)):   # = median of local_speeds
                 # weakly correlated texture: sub-window speeds scatter; when they disagree with
                 # the two whole-window estimates that agree with each other, take the row
                 # correlation (an average over the whole window, so pulsation averages out)
