@@ -48,9 +48,8 @@ HEALTH_WINDOW_S = 10.0   # latency percentiles and recent drop counts cover the 
 
 
 def recent_values(samples, since: float) -> np.ndarray:
-    """Values of ``(t, value)`` samples with ``t >= since`` (``[nan]`` if none)."""
-    vals = [v for t, v in samples if t >= since]
-    return np.array(vals, dtype=float) if vals else np.array([np.nan])
+    """Values of ``(t, value)`` samples with ``t >= since`` (empty if none)."""
+    return np.array([v for t, v in samples if t >= since], dtype=float)
 
 
 def recent_increase(history: collections.deque, now: float, totals: dict, window_s: float) -> dict:
