@@ -440,6 +440,8 @@ class WindowAnalyzer:
     transit_frac: float = 0.5        # time-resolved speeds use sub-windows this × the transit time
     log_intensity: bool = True       # material events in log grey level (∝ −absorbance): gap contrast in
     #                                  units of the red-cell density, the same for dark and pale vessels
+    stopped_noisy_ratio: float = 2.0  # :func:`stopped_flow`'s noisy-camera branch (0 = strict rule only;
+    #                                   the stage uses 0 for out-of-focus loops: see ``_stopped``)
 
     def __post_init__(self):
         self.coarse_speeds = radon.speed_grid(self.v_lo, self.v_hi, self.coarse_ratio)
@@ -463,6 +465,14 @@ class WindowAnalyzer:
             acc += var
         self._null = np.where(acc > 0, acc / 6, np.inf)
         self._dof = radon.independent_lines(self.coarse_speeds, self.n_frames)
+
+    def _stopped(self, raw: np.ndarray) -> bool:
+        """:func:`stopped_flow` of a window that shows no coherent motion. The noisy-camera branch
+        (reproducible fine detail in both half-window means) is off when ``stopped_noisy_ratio`` is
+        0: an out-of-focus vessel that flows can still show reproducible static structure (its
+        walls, the tissue behind it) while blur removes the moving texture, so a "stopped" verdict
+        there needs the strict rule."""
+        return stopped_flow(np.asarray(raw, np.float32), noisy_ratio_max=self.stopped_noisy_ratio)
 
     def _bin(self, k: np.ndarray) -> np.ndarray:
         if self._dec == 1:
@@ -488,7 +498,7 @@ class WindowAnalyzer:
         # significance of the peak given how many independent lines that speed has
         signif = (contrast - 1.0) / math.sqrt(2.0 / self._dof[i0]) if math.isfinite(v0) else 0.0
         if not (contrast >= self.gate and signif >= self.gate_sigma and math.isfinite(v0)):
-            res.stopped = stopped_flow(np.asarray(raw, np.float32))
+            res.stopped = self._stopped(raw)
             if res.stopped:
                 res.speed_px_per_frame = 0.0
             return res
@@ -539,7 +549,7 @@ class WindowAnalyzer:
                     # camera's jitter; measured on JPEG-40 clips: static vessels read 260–2000
                     # µm/s). No flow verdict and no events from this window.
                     res.gated, res.speed_px_per_frame, res.local_speeds = False, float("nan"), []
-                    res.stopped = stopped_flow(np.asarray(raw, np.float32))
+                    res.stopped = self._stopped(raw)
                     if res.stopped:
                         res.speed_px_per_frame = 0.0
                     return res

@@ -227,6 +227,8 @@ EVENT_MEAN_THRESHOLD = 3.4   # mean brightness along the cell's path in robust S
 #                              kymograph; chosen on dev seeds 301/303-306 (count error +13, -11, +10, -21,
 #                              +15 %; was +22, -4, -48, -62, +19 % at 4.2 on grey levels)
 EVENT_ROW_THRESHOLD = 0.0
+NOISY_STOPPED_RATIO = 2.0    # stream.flow.stopped_flow's noisy-camera branch, for CLEAR loops only: an
+#                              out-of-focus (BLURRED) loop is called stopped by the strict rule alone
 EVENT_THRESHOLD = 6.0        # robust z of a bright line against its speed's background
 EVENT_SIZE_UM = 4.0          # σ of the along-vessel smoothing for the event search (a plasma gap / WBC
 EVENT_SIZE_PX = 3.0          # is ~10 µm); in px when uncalibrated
@@ -500,7 +502,8 @@ class AnalysisStage:
         return (("n_frames", n), ("n_px", npx), ("anchor", tr.anchor), ("v_lo", lo), ("v_hi", hi),
                 ("event_threshold", EVENT_THRESHOLD), ("event_smooth_px", smooth), ("event_stat", EVENT_STAT),
                 ("event_mean_threshold", EVENT_MEAN_THRESHOLD), ("event_row_threshold", EVENT_ROW_THRESHOLD),
-                ("event_sep_px", 2.5 * smooth))
+                ("event_sep_px", 2.5 * smooth),
+                ("stopped_noisy_ratio", NOISY_STOPPED_RATIO if tr.cap.label == CLEAR else 0.0))
 
     def _analyzer(self, tr: _Track, n: int) -> flow.WindowAnalyzer:
         a = tr.analyzers.get(n)

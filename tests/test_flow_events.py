@@ -225,3 +225,29 @@ def test_stopped_flow_under_noise_stronger_than_the_texture():
         static /= static.std()
         structure = 100 + 1.5 * static[None, :] + 2.5 * np.interp(x, np.arange(n + 400), tex) + noise
         assert not stopped_flow(structure.astype(np.float32)), seed
+
+
+def test_out_of_focus_loops_are_called_stopped_by_the_strict_rule_only():
+    """The noisy-camera stopped branch is off for BLURRED loops: a blurred vessel that flows can
+    keep reproducible static detail while its moving texture is lost, so a noisy window there
+    stays indeterminate (NaN), while a CLEAR loop's window reads 0."""
+    from stream.capillary import BLURRED, CLEAR
+    from stream.flow import WindowAnalyzer
+    from stream.stage import NOISY_STOPPED_RATIO
+    t_n, n = 80, 360
+    rng = np.random.default_rng(7)
+    tex = gaussian_filter1d(rng.standard_normal(n), 2.5)
+    tex /= tex.std()
+    raw = (100 + 2.5 * tex[None, :] + 1.2 * rng.standard_normal((t_n, n))).astype(np.float32)
+    background = raw.mean(axis=0)
+    verdicts = {}
+    for label, ratio in ((CLEAR, NOISY_STOPPED_RATIO), (BLURRED, 0.0)):
+        a = WindowAnalyzer(n_frames=t_n, n_px=n, anchor=n / 2, v_lo=0.5, v_hi=40.0, stopped_noisy_ratio=ratio)
+        res = a.analyze(raw, background, 0)
+        verdicts[label] = (res.stopped, res.speed_px_per_frame)
+    assert verdicts[CLEAR][0] and verdicts[CLEAR][1] == 0.0
+    assert not verdicts[BLURRED][0] and np.isnan(verdicts[BLURRED][1])
+    # and the strict rule still calls a clean stopped window stopped whatever the label
+    clean = (100 + 2.5 * tex[None, :] + 0.3 * rng.standard_normal((t_n, n))).astype(np.float32)
+    a0 = WindowAnalyzer(n_frames=t_n, n_px=n, anchor=n / 2, v_lo=0.5, v_hi=40.0, stopped_noisy_ratio=0.0)
+    assert a0.analyze(clean, clean.mean(axis=0), 0).stopped

@@ -363,3 +363,22 @@ def test_speed_is_null_when_most_windows_see_neither_flow_nor_stasis():
     still.events = []
     sp = st._speeds(still)
     assert sp["v"] == 0.0 and sp["state"] == "stopped"
+
+
+def test_blurred_loops_get_the_strict_stopped_rule_only():
+    """Windows of loops segmented as out of focus (BLURRED) are analysed without the noisy-camera
+    stopped branch; CLEAR loops keep it (see stream.flow.WindowAnalyzer._stopped)."""
+    from scipy import ndimage
+
+    from stream.capillary import BLURRED, CLEAR
+    from stream.stage import NOISY_STOPPED_RATIO
+    cfg = load_config().with_overrides(um_per_px=1.2, fps=20.0)
+    scope = ToyScope(seed=11)
+    mask = scope.label_mask().copy()
+    comp, n = ndimage.label(mask > 0)
+    assert n >= 2
+    mask[comp == 1] = BLURRED
+    stage, _ = run_stage(scope, 40, cfg, segmenter=TruthSegmenter(mask))
+    ratios = {tr.cap.label: dict(stage._analyzer_spec(tr, stage.window))["stopped_noisy_ratio"]
+              for tr in stage.tracks.values()}
+    assert ratios == {BLURRED: 0.0, CLEAR: NOISY_STOPPED_RATIO}
