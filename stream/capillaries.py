@@ -169,7 +169,15 @@ def loop_paths(skel: np.ndarray, max_len: float = np.inf, near_px: float = 15.0)
             info["single_limb"] = True
             order = path_a
         else:
-            order = path_a + path_b[1:]
+            # a spur at the top (a blob attached above the apex, e.g. a haemorrhage segmented as
+            # vessel) makes the top-most point a spur tip: both limbs start down the same spur.
+            # Cut the shared part so the path turns where the limbs meet
+            m = 1
+            while m < min(len(path_a), len(path_b)) - 1 and path_b[m] == path_a[-1 - m]:
+                m += 1
+            if m > 1:
+                info["apex_spur_px"] = int(m - 1)
+            order = path_a[:len(path_a) - m + 1] + path_b[m:]
         # claim the path and every skeleton pixel within near_px of it (parallel branches of
         # touching limbs, the inner arch of a crossing): they cannot start another loop
         dn = dijkstra(g, indices=order, min_only=True, limit=near_px)
@@ -350,7 +358,8 @@ def self_approaches(centerline: np.ndarray, near_px: float = 3.0, min_loop_px: f
     or touching: the skeleton has a junction there). Each is a run of points ``i0..i1`` that the
     path passes again, backwards, at ``j1..j0`` (within ``near_px``, ``j1 − i1 ≥ min_loop_px``).
     Returns ``[(i1, j1), …]`` sorted by ``i1`` (outermost first; runs of ``i`` broken by more
-    than ``run_gap_px`` points are separate places): the section strictly between them is the
+    than ``run_gap_px`` points are separate places; a run gives its inner end and, if different,
+    its closest approach — limbs that cross and then run side by side): the section strictly between them is the
     part of the loop that a trace may have entered from the wrong side (see
     :func:`reverse_section`, :func:`reverse_sections`)."""
     from scipy.spatial import cKDTree
@@ -362,17 +371,28 @@ def self_approaches(centerline: np.ndarray, near_px: float = 3.0, min_loop_px: f
         return []
     pairs = pairs[pairs[:, 1] - pairs[:, 0] >= min_loop_px]
     out: list[tuple[int, int]] = []
+
+    def add(i1: int, j1: int) -> None:
+        if j1 - i1 >= min_loop_px and not any(abs(i1 - a) <= 6 and abs(j1 - b) <= 12 for a, b in out):
+            out.append((i1, j1))
+
+    dist = np.sqrt(((p[pairs[:, 0]] - p[pairs[:, 1]]) ** 2).sum(1))
     key = pairs[:, 0] + pairs[:, 1]            # along a run i rises while j falls: i + j ≈ const
     for kv in np.unique(key):
-        sel = pairs[np.abs(key - kv) <= 2]
+        near = np.abs(key - kv) <= 2
+        sel, sel_d = pairs[near], dist[near]
         # one key can hold several runs: a loop symmetric about its apex has i + j ≈ 2 × apex
         # at every place where its limbs cross or touch (double crossings, twisted limbs)
         iu = np.unique(sel[:, 0])
-        for run_end in iu[np.r_[np.diff(iu) > run_gap_px, True]]:
-            i1 = int(run_end)
-            j1 = int(kv - i1)
-            if j1 - i1 >= min_loop_px and not any(abs(i1 - a) <= 6 and abs(j1 - b) <= 12 for a, b in out):
-                out.append((i1, j1))
+        ends = iu[np.r_[np.diff(iu) > run_gap_px, True]]
+        starts = iu[np.r_[True, np.diff(iu) > run_gap_px]]
+        for run_start, run_end in zip(starts, ends):
+            add(int(run_end), int(kv - run_end))
+            # limbs that cross and then run side by side: the trace may have turned where they
+            # actually cross (closest approach) rather than where they part
+            in_run = (sel[:, 0] >= run_start) & (sel[:, 0] <= run_end)
+            k = int(np.argmin(np.where(in_run, sel_d, np.inf)))
+            add(int(sel[k, 0]), int(sel[k, 1]))
     return sorted(out)
 
 

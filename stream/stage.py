@@ -276,7 +276,7 @@ def _unit_spacing(c: Capillary) -> Capillary:
 
 
 CROSSING_MIN_GAIN = 0.05    # texture coherence a re-routed path must add to be taken
-CROSSING_MAX_PLACES = 3     # crossing / touching places tried (every subset of them: ≤ 7 paths)
+CROSSING_MAX_PLACES = 4     # crossing / touching places tried (every subset of them: ≤ 15 paths)
 
 
 def _coherence(c: Capillary, frames: list) -> float:

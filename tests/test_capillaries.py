@@ -187,3 +187,71 @@ def test_a_loop_mis_traced_at_both_junctions_of_a_double_crossing_is_re_routed()
         back = [(np.diff(tree.query(path)[1]) < 0).mean() for path in (fixed.centerline, wrong)]
         assert back[0] < 0.08 and back[1] > 0.15, (wrong_at, back)
     assert not _through_crossings(cap(true), frames).extra.get("rerouted_crossing")
+
+
+def _cross_then_touch_loop():
+    """Limbs that cross at y = 250 (shallow angle) and then run side by side 2.4 px apart up to
+    y = 215 before they part into the apex arc (y ≈ 120); 1 px samples, left foot first."""
+    from stream.kymograph import resample_polyline
+    y = np.linspace(320.0, 140.0, 1800)
+    f = np.where(y > 250, (y - 250) * 0.35, np.where(y > 215, -1.2 * np.clip((250 - y) / 4, 0, 1),
+                                                     -1.2 - (215 - y) * 0.45))
+    xl, xr = 200.0 + f, 200.0 - f
+    r = (xr[-1] - xl[-1]) / 2.0
+    a = np.linspace(np.pi, 0.0, 300)
+    arc = np.stack([200.0 + r * np.cos(a), 140.0 - r * np.sin(a)], 1)
+    pts = np.concatenate([np.stack([xl, y], 1), arc[1:-1], np.stack([xr, y], 1)[::-1]])
+    return resample_polyline(pts, 1.0).astype(np.float64)
+
+
+def test_a_trace_that_turned_where_limbs_cross_before_running_side_by_side_is_re_routed():
+    """The skeleton of limbs that cross and then touch has its junction anywhere along the touching
+    stretch; the trace may turn where they actually cross. That place (closest approach) is a
+    candidate beside the end of the stretch, and the loop is re-routed through it."""
+    from scipy.spatial import cKDTree
+
+    from stream.capillaries import reverse_sections, self_approaches
+    from stream.capillary import Capillary
+    from stream.stage import _through_crossings
+    true = _cross_then_touch_loop()
+    n = len(true)
+    d = np.linalg.norm(true[:, None, :] - true[None, :, :], axis=2) + np.tri(n, k=40) * 1e9
+    near = np.abs(true[:, 1] - 250.0) < 3
+    dd = np.where(near[:, None] & near[None, :], d, 1e9)
+    ic, jc = (int(v) for v in np.unravel_index(np.argmin(dd), dd.shape))
+    assert dd[ic, jc] < 1.0
+    wrong = true[reverse_sections(n, [(ic, jc)])]
+    found = self_approaches(wrong)
+    assert any(abs(i1 - ic) <= 4 and abs(j1 - jc) <= 8 for i1, j1 in found), (found, (ic, jc))
+    frames = _frames_along(true, v=6.0)
+
+    def cap(path):
+        ai = int(np.argmin(path[:, 1]))
+        return Capillary(path.astype(np.float32), (float(path[ai, 0]), float(path[ai, 1])), ai,
+                         np.full(len(path), 6.0, np.float32), (0, 0, 400, 420), np.ones((420, 400), bool))
+    fixed = _through_crossings(cap(wrong), frames)
+    assert fixed.extra.get("rerouted_crossing")
+    tree = cKDTree(true)
+    back = [(np.diff(tree.query(path)[1]) < 0).mean() for path in (fixed.centerline, wrong)]
+    assert back[0] < 0.08 and back[1] > 0.15, back
+
+
+def test_a_blob_above_the_apex_does_not_become_the_apex():
+    """A haemorrhage segmented as vessel and touching the apex gives the skeleton a spur whose tip
+    is the top-most point: both limbs would start down the same spur (an out-and-back excursion
+    in the kymograph, and an apex where no blood passes). The spur is cut at the junction."""
+    clean = extract_capillaries(loop_labels(y_apex=60))[0]
+    lab = loop_labels(y_apex=60)
+    cv2.circle(lab, (100, 40), 11, CLEAR, -1)          # blob above the apex (apex arc top at y ≈ 62)
+    cv2.line(lab, (100, 50), (100, 62), CLEAR, 5)     # joined by a neck
+    caps = extract_capillaries(lab)
+    assert len(caps) == 1
+    c = caps[0]
+    assert c.extra.get("apex_spur_px", 0) > 0
+    cl = c.centerline
+    # no out-and-back: points 3–8 samples either side of the apex are ≥ 4 px apart
+    ai = c.apex_index
+    gap = [np.linalg.norm(cl[ai - m] - cl[ai + m]) for m in range(3, 9)]
+    assert min(gap) >= 4.0, gap
+    assert abs(c.apex[1] - clean.apex[1]) < 6 and abs(c.apex[0] - clean.apex[0]) < 4
+    assert c.length_px == pytest.approx(clean.length_px, rel=0.08)
