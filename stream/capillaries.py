@@ -1,7 +1,8 @@
 """Capillary instances from a label mask: skeleton → ordered centerline → :class:`Capillary`.
 
 In:  ``labels`` uint8 (H, W) with 0 background / 1 clear / 2 blurred / 3 haemorrhage
-     (:mod:`stream.capillary`); optional image (unused for geometry, kept for callers).
+     (:mod:`stream.capillary`); optional image (gray or BGR, same size; only used to split limbs
+     the segmentation fused into one band, see :func:`_split_fused_limbs`).
 Out: ``list[Capillary]`` — one per connected component of CLEAR ∪ BLURRED pixels (label = the
      component's majority label) whose centerline is at least ``min_length_px`` long.
 
@@ -25,7 +26,9 @@ images) are split: every local y-minimum of the skeleton not already within ~15 
 loop starts a new loop, whose limbs are searched within ``max_limb_px`` of its apex; each loop
 then owns the component pixels within ~1.5 local radii of its path (``extra["merged_component"]``).
 Ends of the skeleton are counted in ``extra["n_ends"]``; a single-limb instance (only one
-end besides the apex, e.g. limbs fused by blur) records ``extra["single_limb"] = True``.
+end besides the apex, e.g. limbs fused by blur) records ``extra["single_limb"] = True``; given
+the image, such a band is split into its two darker lumens when that yields a two-limb loop
+(``extra["fused_limbs_split"]``).
 
 :func:`match_ids` keeps ids stable between keyframes by one-to-one mask overlap (IoU).
 """
@@ -284,6 +287,42 @@ def _instances(mask: np.ndarray, x0: int, y0: int, labels_sub: np.ndarray, min_l
     return caps
 
 
+def _split_fused_limbs(cap: Capillary, mask: np.ndarray, gray: np.ndarray, x0: int, y0: int,
+                       labels_sub: np.ndarray, min_length_px: float, prune_px: float,
+                       max_limb_px: float) -> list[Capillary]:
+    """A loop whose limbs run so close that the segmentation fused them into one band traces as a
+    single limb (its kymograph would mix two opposite flows). Inside the band the two lumens are
+    darker than the tissue between them (``gray``: the image crop, vessels dark): keep the band
+    pixels darker than their local mean (normalized Gaussian, σ = half the band width) and trace
+    again. The split is kept only if it gives one loop with two limbs at least 1.5× as long as
+    the single-limb trace; else ``[cap]``."""
+    half = float(np.nanmedian(cap.width_px)) / 2.0 if len(cap.width_px) else 0.0
+    if not np.isfinite(half) or half < 3.0:
+        return [cap]
+    m = mask.astype(np.float32)
+    g = cv2.GaussianBlur(gray, (0, 0), 1.0)
+    sigma = max(2.0, half)
+    num = cv2.GaussianBlur(g * m, (0, 0), sigma)
+    den = cv2.GaussianBlur(m, (0, 0), sigma)
+    local = num / np.maximum(den, 1e-6)
+    lumen = mask & (g < local)
+    lumen = cv2.morphologyEx(lumen.astype(np.uint8), cv2.MORPH_OPEN, np.ones((2, 2), np.uint8)).astype(bool)
+    n, cc = cv2.connectedComponents(lumen.astype(np.uint8), connectivity=8)
+    if n < 2:
+        return [cap]
+    big = 1 + int(np.argmax(np.bincount(cc.ravel())[1:]))
+    split = _instances(cc == big, x0, y0, labels_sub, min_length_px, prune_px, max_limb_px)
+    if len(split) != 1 or split[0].extra.get("single_limb") or split[0].length_px < 1.5 * cap.length_px:
+        return [cap]
+    out = split[0]
+    # the instance keeps the whole fused band as its own pixels (for overlap matching / morphology)
+    out.mask, out.bbox = cap.mask, cap.bbox
+    out.extra = dict(out.extra, fused_limbs_split=True)
+    log.debug("capillary at (%.0f, %.0f): fused limbs split by intensity (%.0f → %.0f px)",
+              out.apex[0], out.apex[1], cap.length_px, out.length_px)
+    return [out]
+
+
 def extract_capillaries(labels: np.ndarray, image: np.ndarray | None = None, *, min_length_px: float = 40,
                         prune_px: float = 10, max_limb_px: float = 350.0) -> list[Capillary]:
     """Capillary loops of a label mask (see module docstring), sorted by apex x.
@@ -294,6 +333,12 @@ def extract_capillaries(labels: np.ndarray, image: np.ndarray | None = None, *, 
     labels = np.asarray(labels)
     if labels.ndim != 2:
         raise ValueError(f"labels must be 2-D, got shape {labels.shape}")
+    gray = None
+    if image is not None:
+        im = np.asarray(image)
+        im = im[:, :, 1] if im.ndim == 3 and im.shape[2] >= 3 else (im[:, :, 0] if im.ndim == 3 else im)
+        if im.shape == labels.shape:
+            gray = im.astype(np.float32)
     vessel = ((labels == CLEAR) | (labels == BLURRED)).astype(np.uint8)
     n, cc, stats, _ = cv2.connectedComponentsWithStats(vessel, connectivity=8)
     caps: list[Capillary] = []
@@ -302,7 +347,11 @@ def extract_capillaries(labels: np.ndarray, image: np.ndarray | None = None, *, 
         if max(w, h) < min_length_px / 3 or area < 10:
             continue
         sub = cc[y:y + h, x:x + w] == i
-        caps.extend(_instances(sub, int(x), int(y), labels[y:y + h, x:x + w], min_length_px, prune_px, max_limb_px))
+        found = _instances(sub, int(x), int(y), labels[y:y + h, x:x + w], min_length_px, prune_px, max_limb_px)
+        if gray is not None and len(found) == 1 and found[0].extra.get("single_limb"):
+            found = _split_fused_limbs(found[0], sub, gray[y:y + h, x:x + w], int(x), int(y),
+                                       labels[y:y + h, x:x + w], min_length_px, prune_px, max_limb_px)
+        caps.extend(found)
     # a loop split across two touching components can yield the same apex twice: keep the longer
     caps.sort(key=lambda c: -c.length_px)
     kept: list[Capillary] = []

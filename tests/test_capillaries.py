@@ -255,3 +255,27 @@ def test_a_blob_above_the_apex_does_not_become_the_apex():
     assert min(gap) >= 4.0, gap
     assert abs(c.apex[1] - clean.apex[1]) < 6 and abs(c.apex[0] - clean.apex[0]) < 4
     assert c.length_px == pytest.approx(clean.length_px, rel=0.08)
+
+
+def test_limbs_fused_by_the_segmentation_are_split_by_the_image():
+    """A narrow loop whose limbs the segmentation fused into one band traces as a single limb;
+    with the image (two dark lumens, lighter tissue between) it is traced as a two-limb loop
+    of the right length. A band that really is one vessel is left alone."""
+    img = np.full((260, 400), 180, np.uint8)
+    lumen = loop_labels(sep=10, width=5)             # true lumens: limbs 10 px apart, 5 px wide
+    img[lumen > 0] = 95
+    img = cv2.GaussianBlur(img, (0, 0), 1.0)
+    band = cv2.dilate(lumen, np.ones((7, 7), np.uint8))   # the segmentation fuses them
+    band = cv2.morphologyEx(band, cv2.MORPH_CLOSE, np.ones((9, 9), np.uint8))
+    fused = extract_capillaries(band)
+    assert len(fused) == 1 and fused[0].extra.get("single_limb")
+    split = extract_capillaries(band, img)
+    assert len(split) == 1 and split[0].extra.get("fused_limbs_split")
+    true = extract_capillaries(lumen)[0]
+    assert split[0].length_px == pytest.approx(true.length_px, rel=0.1)
+    assert abs(split[0].apex[1] - true.apex[1]) < 4
+    # one straight dark vessel inside the same band: nothing to split
+    solid = np.full((260, 400), 180, np.uint8)
+    solid[band > 0] = 95
+    one = extract_capillaries(band, cv2.GaussianBlur(solid, (0, 0), 1.0))
+    assert len(one) == 1 and not one[0].extra.get("fused_limbs_split")
