@@ -210,11 +210,12 @@ def test_gap_in_sequence_is_recorded():
 
 
 # ----------------------------------------------------------------------------- the project simulator
-def match_truth(truth_caps: list, reported: list, tol_px: float = 5.0, min_frac: float = 0.6) -> list:
+def match_truth(truth_caps: list, reported: list, tol_px: float = 5.0, min_frac: float = 0.6,
+                apex_px: float = 15.0) -> list:
     """For each truth capillary the reported one that traces the same vessel, or None: both the
     share of the truth centerline within ``tol_px`` of the reported one and the share of the
     reported within ``tol_px`` of the truth must be ≥ ``min_frac``; one-to-one, greedy by the
-    smaller share. (An apex-distance rule misses bushy loops whose top-most point is another top
+    smaller share; a truth loop left over takes the nearest free reported apex within ``apex_px``. (An apex-distance rule misses bushy loops whose top-most point is another top
     of the same loop, and loops whose reported apex moved along the arc.)"""
     from scipy.spatial import cKDTree
     scores = []
@@ -235,6 +236,16 @@ def match_truth(truth_caps: list, reported: list, tol_px: float = 5.0, min_frac:
     used: set = set()
     for _, i, j in sorted(scores, reverse=True):
         if out[i] is None and j not in used:
+            out[i] = reported[j]
+            used.add(j)
+    # a loop reported with a wrong trace still counts (as it would for the clinician): the
+    # nearest unused reported apex within ``apex_px``
+    for i, tc in enumerate(truth_caps):
+        if out[i] is not None:
+            continue
+        free = [(math.dist(c.apex_px, tc["apex_px"]), j) for j, c in enumerate(reported) if j not in used]
+        if free and min(free)[0] <= apex_px:
+            j = min(free)[1]
             out[i] = reported[j]
             used.add(j)
     return out
