@@ -138,3 +138,39 @@ def test_dermisnet_image_norm_is_gain_invariant():
         assert torch.allclose(net(x), net(x * 0.6 + 0.1), atol=1e-2)
     with pytest.raises(ValueError):
         DermisNet(input_norm="nope")
+
+
+def test_skeleton_recall_loss_weighs_fibres_by_length_not_area():
+    """A missed 1-px fibre costs as much of the skeleton recall as a missed 5-px fibre of the same
+    length (Dice charges it a fifth); an empty skeleton gives 0, perfect recall ≈ 0."""
+    import torch
+
+    from biopsy.train import dice_loss, skeleton_recall_loss, skeleton_tube
+    m = np.zeros((64, 96), bool)
+    m[10:54, 20] = True                 # thin fibre
+    m[10:54, 60:65] = True              # thick fibre
+    tube = skeleton_tube(m)
+    assert tube[30, 19:22].all() and tube[30, 61:64].all() and not tube[30, 60 - 2]
+    t = torch.from_numpy(tube.astype(np.float32))[None, None]
+    y = torch.from_numpy(m.astype(np.float32))[None, None]
+
+    def logits(mask):
+        return torch.from_numpy(np.where(mask, 20.0, -20.0).astype(np.float32))[None, None]
+    full = m | tube                     # a prediction that covers every fibre and its tube
+    miss_thin, miss_thick = full.copy(), full.copy()
+    miss_thin[:, 15:26] = False
+    miss_thick[:, 55:70] = False
+    sr_thin, sr_thick = float(skeleton_recall_loss(logits(miss_thin), t)), float(skeleton_recall_loss(logits(miss_thick), t))
+    assert abs(sr_thin - sr_thick) < 0.1 and sr_thin > 0.3
+    assert float(dice_loss(logits(miss_thin), y)) < 0.5 * float(dice_loss(logits(miss_thick), y))
+    assert float(skeleton_recall_loss(logits(full), t)) < 1e-3
+    assert float(skeleton_recall_loss(logits(m), torch.zeros_like(t))) == 0.0
+
+
+def test_hed_training_smoke_with_the_skeleton_term(tmp_path, monkeypatch):
+    from biopsy import train as T
+    monkeypatch.setitem(T.DEFAULTS, "hed", {**T.DEFAULTS["hed"], "pool": 2, "shape": (160, 200), "crop": 96})
+    out = tmp_path / "hed.pt"
+    ns = argparse.Namespace(data="synthetic", steps=2, batch_size=2, lr=None, out=str(out), seed=1, epochs=None,
+                            workers=None, skeleton_weight=1.0)
+    assert train("hed", ns) == 0 and out.exists()
