@@ -45,6 +45,7 @@ from scipy.sparse.csgraph import dijkstra
 from skimage.morphology import skeletonize
 
 from stream.capillary import BLURRED, CLEAR, Capillary
+from stream.frames import to_gray
 
 log = logging.getLogger(__name__)
 
@@ -335,10 +336,12 @@ def extract_capillaries(labels: np.ndarray, image: np.ndarray | None = None, *, 
         raise ValueError(f"labels must be 2-D, got shape {labels.shape}")
     gray = None
     if image is not None:
-        im = np.asarray(image)
-        im = im[:, :, 1] if im.ndim == 3 and im.shape[2] >= 3 else (im[:, :, 0] if im.ndim == 3 else im)
-        if im.shape == labels.shape:
-            gray = im.astype(np.float32)
+        try:
+            gray = to_gray(np.asarray(image))
+        except ValueError:   # the image only refines fused limbs: an unusable one is not an error
+            gray = None
+        if gray is not None and gray.shape != labels.shape:
+            gray = None
     vessel = ((labels == CLEAR) | (labels == BLURRED)).astype(np.uint8)
     n, cc, stats, _ = cv2.connectedComponentsWithStats(vessel, connectivity=8)
     caps: list[Capillary] = []
@@ -349,7 +352,7 @@ def extract_capillaries(labels: np.ndarray, image: np.ndarray | None = None, *, 
         sub = cc[y:y + h, x:x + w] == i
         found = _instances(sub, int(x), int(y), labels[y:y + h, x:x + w], min_length_px, prune_px, max_limb_px)
         if gray is not None and len(found) == 1 and found[0].extra.get("single_limb"):
-            found = _split_fused_limbs(found[0], sub, gray[y:y + h, x:x + w], int(x), int(y),
+            found = _split_fused_limbs(found[0], sub, gray[y:y + h, x:x + w].astype(np.float32), int(x), int(y),
                                        labels[y:y + h, x:x + w], min_length_px, prune_px, max_limb_px)
         caps.extend(found)
     # a loop split across two touching components can yield the same apex twice: keep the longer

@@ -107,9 +107,16 @@ def _frames_along(path, n_frames=20, v=9.0, shape=(420, 400), seed=0):
     return out
 
 
+def _path_capillary(path: np.ndarray, width_px: float = 8.0):
+    """A Capillary along ``path`` (apex = its top-most point) in a 400×420 frame."""
+    from stream.capillary import Capillary
+    ai = int(np.argmin(path[:, 1]))
+    return Capillary(path.astype(np.float32), (float(path[ai, 0]), float(path[ai, 1])), ai,
+                     np.full(len(path), width_px, np.float32), (0, 0, 400, 420), np.ones((420, 400), bool))
+
+
 def test_self_approaches_and_rerouting_through_a_crossing():
     from stream.capillaries import reverse_section, self_approaches
-    from stream.capillary import Capillary
     from stream.stage import _through_crossings
     true = _alpha_loop()
     n = len(true)
@@ -120,10 +127,7 @@ def test_self_approaches_and_rerouting_through_a_crossing():
     assert any(abs(i1 - ic) <= 4 and abs(j1 - jc) <= 8 for i1, j1 in self_approaches(wrong))
     frames = _frames_along(true)
 
-    def cap(path):
-        ai = int(np.argmin(path[:, 1]))
-        return Capillary(path.astype(np.float32), (float(path[ai, 0]), float(path[ai, 1])), ai,
-                         np.full(len(path), 8.0, np.float32), (0, 0, 400, 420), np.ones((420, 400), bool))
+    cap = _path_capillary
     fixed = _through_crossings(cap(wrong), frames)
     assert fixed.extra.get("rerouted_crossing")
     # the re-routed path follows the vessel: it matches the true path point by point (up to the
@@ -153,7 +157,6 @@ def test_a_loop_mis_traced_at_both_junctions_of_a_double_crossing_is_re_routed()
     from scipy.spatial import cKDTree
 
     from stream.capillaries import reverse_sections, self_approaches
-    from stream.capillary import Capillary
     from stream.stage import _through_crossings
     true = _double_crossing_loop()
     n = len(true)
@@ -169,10 +172,7 @@ def test_a_loop_mis_traced_at_both_junctions_of_a_double_crossing_is_re_routed()
     assert abs(sum(places[0]) - sum(places[1])) <= 4
     frames = _frames_along(true, v=6.0)
 
-    def cap(path):
-        ai = int(np.argmin(path[:, 1]))
-        return Capillary(path.astype(np.float32), (float(path[ai, 0]), float(path[ai, 1])), ai,
-                         np.full(len(path), 8.0, np.float32), (0, 0, 400, 420), np.ones((420, 400), bool))
+    cap = _path_capillary
     for wrong_at in ([places[0]], [places[1]], places):
         wrong = true[reverse_sections(n, wrong_at)]
         found = self_approaches(wrong)
@@ -211,7 +211,6 @@ def test_a_trace_that_turned_where_limbs_cross_before_running_side_by_side_is_re
     from scipy.spatial import cKDTree
 
     from stream.capillaries import reverse_sections, self_approaches
-    from stream.capillary import Capillary
     from stream.stage import _through_crossings
     true = _cross_then_touch_loop()
     n = len(true)
@@ -226,9 +225,7 @@ def test_a_trace_that_turned_where_limbs_cross_before_running_side_by_side_is_re
     frames = _frames_along(true, v=6.0)
 
     def cap(path):
-        ai = int(np.argmin(path[:, 1]))
-        return Capillary(path.astype(np.float32), (float(path[ai, 0]), float(path[ai, 1])), ai,
-                         np.full(len(path), 6.0, np.float32), (0, 0, 400, 420), np.ones((420, 400), bool))
+        return _path_capillary(path, width_px=6.0)
     fixed = _through_crossings(cap(wrong), frames)
     assert fixed.extra.get("rerouted_crossing")
     tree = cKDTree(true)
