@@ -12,6 +12,11 @@ Sampling uses ``cv2.remap`` on precomputed maps (``n_across`` points on the loca
 so frames are never warped as a whole. :class:`KymographBank` samples all capillaries with a
 single remap per frame. :func:`destripe` removes static banding (per-position temporal mean) and
 per-row brightness flicker.
+
+Samples that the camera motion carries outside the frame (a loop at the edge of the field of
+view) are not image data: :func:`in_view` flags them, :class:`KymographBuffer` keeps that flag
+per sample, and :func:`fill_out_of_view` replaces them with the column's in-view mean (zero after
+destriping), so border-replicated pixels never pose as moving texture.
 """
 from __future__ import annotations
 
@@ -72,6 +77,37 @@ def sample_row(gray: np.ndarray, maps: tuple[np.ndarray, np.ndarray], dx: float 
     return v.astype(np.float32).mean(axis=0)
 
 
+def in_view(maps: tuple[np.ndarray, np.ndarray], shape: tuple[int, ...], dx: float = 0.0,
+            dy: float = 0.0) -> np.ndarray:
+    """``(N,)`` bool: every across-sample of each centerline point lies inside a frame of
+    ``shape`` ``(H, W, …)`` once shifted by ``(dx, dy)`` px (the interpolation support included)."""
+    mx, my = maps
+    h, w = shape[:2]
+    x = mx + np.float32(dx)
+    y = my + np.float32(dy)
+    return ((x >= 0) & (x <= w - 1) & (y >= 0) & (y <= h - 1)).all(axis=0)
+
+
+def column_mean(rows: np.ndarray, view: np.ndarray | None = None) -> np.ndarray:
+    """Per-column mean ``(N,)`` of ``(T, N)`` kymograph rows over the in-view samples ``view``
+    ``(T, N)`` bool; a column never in view gets the mean of all in-view samples (0 if none)."""
+    r = np.asarray(rows, np.float32)
+    if view is None or bool(np.all(view)):
+        return r.mean(axis=0) if len(r) else np.zeros(r.shape[1], np.float32)
+    v = np.asarray(view, bool)
+    cnt = v.sum(axis=0)
+    tot = np.where(v, r, 0.0).sum(axis=0, dtype=np.float64)
+    overall = float(tot.sum() / cnt.sum()) if cnt.sum() else 0.0
+    return np.where(cnt > 0, tot / np.maximum(cnt, 1), overall).astype(np.float32)
+
+
+def fill_out_of_view(rows: np.ndarray, view: np.ndarray | None, background: np.ndarray) -> np.ndarray:
+    """``rows`` with the samples not in ``view`` replaced by ``background`` (per column)."""
+    if view is None or bool(np.all(view)):
+        return rows
+    return np.where(view, rows, np.asarray(background, np.float32)[None, :]).astype(np.float32)
+
+
 def destripe(kymo: np.ndarray) -> np.ndarray:
     """Remove static banding (per-column temporal mean) and per-row mean; float32, zero mean."""
     k = np.asarray(kymo, np.float32)
@@ -98,16 +134,30 @@ class KymographBuffer:
         self.length = int(length)
         self.capacity = max(1, int(capacity))
         self._rows = np.zeros((self.capacity, self.length), np.float32)
+        self._view = np.ones((self.capacity, self.length), bool)
         self._frame = np.full(self.capacity, -1, np.int64)
         self.count = 0          # rows appended since creation
         self.last_frame = -1
+        self.samples_out_of_view = 0   # samples appended outside the frame (see :func:`in_view`)
 
-    def append(self, row: np.ndarray, frame_no: int) -> None:
+    def append(self, row: np.ndarray, frame_no: int, view: np.ndarray | None = None) -> None:
+        """Append one row; ``view`` ``(N,)`` bool marks the samples inside the frame (all if None)."""
         i = self.count % self.capacity
         self._rows[i] = row
+        if view is None:
+            self._view[i] = True
+        else:
+            self._view[i] = view
+            self.samples_out_of_view += int(self.length - np.count_nonzero(view))
         self._frame[i] = frame_no
         self.count += 1
         self.last_frame = int(frame_no)
+
+    @property
+    def out_of_view_fraction(self) -> float:
+        """Share of all samples appended so far that fell outside the frame (0..1)."""
+        n = self.count * self.length
+        return self.samples_out_of_view / n if n else 0.0
 
     @property
     def first_frame(self) -> int:
@@ -136,12 +186,32 @@ class KymographBuffer:
             out[~valid] = out[valid].mean(axis=0)
         return out, valid
 
+    def window_view(self, start_frame: int, n_frames: int) -> np.ndarray:
+        """In-view flags ``(n, N)`` bool of :meth:`window`'s rows (rows not held: True, they are
+        already filled with the column mean)."""
+        out = np.ones((n_frames, self.length), bool)
+        held = min(self.count, self.capacity)
+        if held == 0:
+            return out
+        idx = np.arange(self.count - held, self.count) % self.capacity
+        fr = self._frame[idx]
+        sel = (fr >= start_frame) & (fr < start_frame + n_frames)
+        out[fr[sel] - start_frame] = self._view[idx[sel]]
+        return out
+
     def latest(self, n: int | None = None) -> np.ndarray:
         """The newest ``n`` rows (all held rows by default) in time order, ``(n, N)`` float32."""
         held = min(self.count, self.capacity)
         n = held if n is None else min(n, held)
         idx = np.arange(self.count - n, self.count) % self.capacity
         return self._rows[idx].copy()
+
+    def latest_view(self, n: int | None = None) -> np.ndarray:
+        """In-view flags ``(n, N)`` bool of :meth:`latest`'s rows."""
+        held = min(self.count, self.capacity)
+        n = held if n is None else min(n, held)
+        idx = np.arange(self.count - n, self.count) % self.capacity
+        return self._view[idx].copy()
 
 
 @dataclass
@@ -196,3 +266,17 @@ class KymographBank:
             return {}
         row = sample_row(gray, (self._mx, self._my), dx, dy)
         return {k: row[e.start:e.start + e.length] for k, e in self._entries.items()}
+
+    def in_view(self, shape: tuple[int, ...], dx: float = 0.0, dy: float = 0.0) -> dict[int, np.ndarray | None]:
+        """``{key: (N,) bool}`` of :func:`in_view` for every capillary; ``None`` for a capillary
+        entirely in view (the common case: no per-sample flags to store)."""
+        if not self._entries:
+            return {}
+        v = in_view((self._mx, self._my), shape, dx, dy)
+        if v.all():
+            return {k: None for k in self._entries}
+        out = {}
+        for k, e in self._entries.items():
+            seg = v[e.start:e.start + e.length]
+            out[k] = None if seg.all() else seg
+        return out

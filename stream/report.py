@@ -112,6 +112,8 @@ class CapillaryFlow:
     wbc_count: int = 0
     wbc_per_min: float | None = None
     wbc_events: list[WbcEvent] = field(default_factory=list)
+    out_of_view_frac: float = 0.0       # share of its kymograph samples the camera motion carried outside
+    #                                     the frame (a loop at the edge of the field of view): not analyzed
 
 
 @dataclass

@@ -53,8 +53,8 @@ from nailfold.config import Config
 from stream import flow
 from stream.capillary import BLURRED, CLEAR, LABEL_NAMES, Capillary
 from stream.frames import Frame, to_gray
-from stream.kymograph import (KymographBank, KymographBuffer, destripe, resample_polyline, sample_row,
-                              sampling_maps, to_uint8)
+from stream.kymograph import (KymographBank, KymographBuffer, column_mean, destripe, fill_out_of_view, in_view,
+                              resample_polyline, sample_row, sampling_maps, to_uint8)
 from stream.radon import LineEvent
 from stream.report import CapillaryFlow, VideoReport, WbcEvent
 from stream.stabilize import Stabilizer, warp_to_reference
@@ -236,6 +236,7 @@ TEXTURE_MIN_CORR = 0.25      # whole-window row correlation below which a window
 EVENT_MIN_SEP_FRAMES = 3.0   # events closer than this are one event
 SIDELOBE_FRAMES = 6.0        # a much weaker event this close to a strong one is its side lobe
 SIDELOBE_RATIO = 0.5
+OUT_OF_VIEW_WARN = 0.02      # a capillary with this share of its samples outside the frame gets a warning
 MIN_VERDICT_FRACTION = 0.5   # below this share of windows with flow seen or flow stopped, no speed
 
 
@@ -428,8 +429,9 @@ class AnalysisStage:
             self._frame_no += step
             fno = self._frame_no
             rows = self.bank.sample(gray, est.dx, est.dy)
+            views = self.bank.in_view(gray.shape, est.dx, est.dy)
             for cid, row in rows.items():
-                self.tracks[cid].buffer.append(row, fno)
+                self.tracks[cid].buffer.append(row, fno, views.get(cid))
             self._history.append((fno, gray, est.dx, est.dy))
             self._latest = (gray, est.dx, est.dy)
             self.shifts.append((est.dx, est.dy, est.confidence))
@@ -515,7 +517,10 @@ class AnalysisStage:
     def _run_window(self, tr: _Track, start: int, n: int, own_hi: int) -> None:
         with self._lock:
             raw, valid = tr.buffer.window(start, n)
-            background = tr.buffer.latest().mean(axis=0)
+            # static per-column mean over the samples inside the frame; samples the camera motion
+            # carried outside it take that mean (no texture) instead of border-replicated pixels
+            background = column_mean(tr.buffer.latest(), tr.buffer.latest_view())
+            raw = fill_out_of_view(raw, tr.buffer.window_view(start, n), background)
             own_lo = max(tr.owned_until, start)
             tr.owned_until = max(tr.owned_until, own_hi)
         if valid.mean() < 0.5:
@@ -602,7 +607,8 @@ class AnalysisStage:
         cap_rows = max(self.window * 2, int(round(10 * self.fps)))
         buf = KymographBuffer(n, cap_rows)
         for fno, g, dx, dy in hist:
-            buf.append(sample_row(g, maps, dx, dy), fno)
+            view = in_view(maps, g.shape, dx, dy)
+            buf.append(sample_row(g, maps, dx, dy), fno, None if view.all() else view)
         first = hist[0][0] if hist else self._frame_no + 1
         self.tracks[c.id] = _Track(c, buf, first, first, first, maps)
 
@@ -721,7 +727,8 @@ class AnalysisStage:
             if tr is None or tr.buffer.count == 0:
                 return None
             k = tr.buffer.latest()
-        return to_uint8(destripe(k))
+            view = tr.buffer.latest_view()
+        return to_uint8(destripe(fill_out_of_view(k, view, column_mean(k, view))))
 
     def stabilized_frame(self) -> np.ndarray | None:
         """Latest frame warped into reference (first-frame) coordinates, uint8 gray."""
@@ -802,10 +809,17 @@ class AnalysisStage:
                 flow_state=sp["state"],
                 observed_s=obs, wbc_count=len(evs),
                 wbc_per_min=(len(evs) / obs * 60.0) if obs > 0 else None,
+                out_of_view_frac=float(tr.buffer.out_of_view_fraction),
                 wbc_events=[WbcEvent(t_s=e.t_frame / self.fps, speed_um_s=self._um(abs(e.speed_px_per_frame)),
                                      speed_px_per_frame=abs(e.speed_px_per_frame), strength=e.strength)
                             for e in evs])
             rep.capillaries.append(cf)
+        edge = [c for c in rep.capillaries if c.out_of_view_frac >= OUT_OF_VIEW_WARN]
+        if edge:
+            rep.warnings.append(
+                f"capillaries {', '.join(str(c.id) for c in edge)} lie partly outside the field of view "
+                f"during the recording (up to {100 * max(c.out_of_view_frac for c in edge):.0f} % of their "
+                "samples, see out_of_view_frac): their WBC counts can be low")
         return rep
 
 

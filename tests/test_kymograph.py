@@ -4,8 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from stream.kymograph import (KymographBank, KymographBuffer, destripe, resample_polyline, sample_row,
-                              sampling_maps)
+from stream.kymograph import (KymographBank, KymographBuffer, column_mean, destripe, fill_out_of_view, in_view,
+                              resample_polyline, sample_row, sampling_maps)
 
 
 def test_resample_polyline_unit_spacing():
@@ -64,6 +64,45 @@ def test_buffer_window_with_missing_frames():
     assert valid.tolist() == [True, False, True, True, True, True]
     assert k[0, 0] == 2 and k[2, 0] == 4 and k[1, 0] == pytest.approx(np.mean([2, 4, 5, 6, 7]))
     assert buf.latest(3)[:, 0].tolist() == [5, 6, 7]
+
+
+def test_samples_carried_outside_the_frame_are_flagged():
+    # a vertical centerline 2 px from the left edge, sampled 5 across a 6-px vessel (±1.8 px)
+    cl = np.stack([np.full(50, 2.0), np.arange(100, 150.0)], 1)
+    maps = sampling_maps(cl, 6.0)
+    assert in_view(maps, (768, 1024)).all()
+    assert not in_view(maps, (768, 1024), dx=-1.0).any()            # content moved left: x − 1.8 − 1 < 0
+    v = in_view(maps, (120, 1024), dy=0.0)                          # frame only 120 rows high
+    assert v[:20].all() and not v[20:].any()
+    bank = KymographBank()
+    bank.add(1, cl, 6.0)
+    bank.add(2, np.stack([np.arange(400, 450.0), np.full(50, 300.0)], 1), 6.0)
+    views = bank.in_view((768, 1024), dx=-1.0)
+    assert views[2] is None and views[1] is not None and not views[1].any()   # None = all in view
+
+
+def test_out_of_view_samples_take_the_column_mean_and_vanish_after_destriping():
+    rng = np.random.default_rng(0)
+    buf = KymographBuffer(8, capacity=40)
+    view = np.ones((30, 8), bool)
+    view[10:20, :3] = False                    # columns 0–2 outside the frame for 10 frames
+    for f in range(30):
+        row = 100 + rng.normal(0, 1, 8).astype(np.float32)
+        row[~view[f]] = 255.0                  # border-replicated garbage
+        buf.append(row, f, None if view[f].all() else view[f])
+    assert buf.out_of_view_fraction == pytest.approx(30 / 240)
+    np.testing.assert_array_equal(buf.window_view(5, 10), view[5:15])
+    np.testing.assert_array_equal(buf.latest_view(), view)
+    bg = column_mean(buf.latest(), buf.latest_view())
+    assert np.all(np.abs(bg - 100) < 1.5)      # the garbage does not enter the static mean
+    k, _ = buf.window(5, 10)
+    filled = fill_out_of_view(k, buf.window_view(5, 10), bg)
+    np.testing.assert_array_equal(filled[5:, :3], np.broadcast_to(bg[:3], (5, 3)))
+    np.testing.assert_array_equal(filled[:5], k[:5])
+    assert fill_out_of_view(k, None, bg) is k
+    never = np.zeros((4, 3), bool)
+    never[:, 1:] = True
+    assert column_mean(np.array([[9.0, 1, 3]] * 4), never).tolist() == [2.0, 1.0, 3.0]
 
 
 def test_destripe_removes_static_banding_and_flicker():

@@ -209,6 +209,37 @@ def test_gap_in_sequence_is_recorded():
     assert rep.capillaries[0].flow_speed_px_per_frame == pytest.approx(5.0, rel=0.05)
 
 
+class CroppedScope:
+    """A :class:`ToyScope` whose frames lose their left ``cut`` columns: the first loop's left limb
+    runs ~2 px from the frame edge and the tremor carries it out of view and back."""
+
+    def __init__(self, scope: ToyScope, cut: int):
+        self.scope, self.cut, self.fps, self.loops = scope, cut, scope.fps, scope.loops
+
+    def frame(self, i):
+        return np.ascontiguousarray(self.scope.frame(i)[:, self.cut:])
+
+    def shift(self, i):
+        return self.scope.shift(i)
+
+    def label_mask(self):
+        return np.ascontiguousarray(self.scope.label_mask()[:, self.cut:])
+
+
+def test_a_loop_at_the_frame_edge_is_flagged_and_its_flow_still_measured():
+    cfg = load_config().with_overrides(um_per_px=1.2, fps=20.0)
+    scope = CroppedScope(ToyScope(speeds=(8.0, 12.0), seed=5, jitter=4.0), cut=58)
+    _, rep = run_stage(scope, 160, cfg)
+    caps = sorted(rep.capillaries, key=lambda c: c.apex_px[0])
+    edge, inner = caps[0], caps[-1]
+    assert min(x for x, _ in edge.centerline_px) < 6
+    assert 0.01 < edge.out_of_view_frac < 0.5 and inner.out_of_view_frac == 0.0
+    assert any("outside the field of view" in w and str(edge.id) in w for w in rep.warnings)
+    assert edge.flow_speed_px_per_frame == pytest.approx(8.0, rel=0.05)
+    assert inner.flow_speed_px_per_frame == pytest.approx(12.0, rel=0.05)
+    assert "out_of_view_frac" in rep.to_dict()["capillaries"][0]
+
+
 # ----------------------------------------------------------------------------- the project simulator
 def match_truth(truth_caps: list, reported: list, tol_px: float = 5.0, min_frac: float = 0.6,
                 apex_px: float = 15.0) -> list:
