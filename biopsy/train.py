@@ -52,7 +52,7 @@ BAND_HALF_WIDTH_PX = 10.0
 # HED: skeleton recall term (Kirchhoff et al., ECCV 2024): 1 − Σ P·S / Σ S with S the true nerve
 # skeleton dilated to a 3-px tube. Dice weighs a fibre by its area, so a 1-px fibre counts a third of
 # a 3-px one per length although each crossing counts once; the skeleton weighs fibres by length.
-SKELETON_WEIGHT = 0.0
+SKELETON_WEIGHT = 1.0   # the shipped HED's last fine-tune (docs/biopsy.md); 0 = off
 DEFAULTS = {
     "hed": {"steps": 1500, "batch_size": 4, "lr": 1e-3, "crop": 192, "pool": 80, "shape": (480, 640)},
     # dermis: full 1600×1200 fields (context: background → epidermis → dermis), 192-px crops at 1/4
