@@ -688,6 +688,7 @@ class AnalysisStage:
                     "stopped": bool(sp["stopped"] and not sp["gated"]), "flow_state": sp["state"],
                     "wbc_count": len(tr.events),
                     "wbc_per_min": _r(len(tr.events) / obs * 60.0) if obs > 0 else None,
+                    "out_of_view_frac": _r(tr.buffer.out_of_view_fraction),
                     "recent_events": [{"t_s": _r(e.t_frame / self.fps), "speed_um_s": _r(self._um(abs(e.speed_px_per_frame))),
                                        "speed_px_per_frame": _r(abs(e.speed_px_per_frame)), "strength": _r(e.strength)}
                                       for e in recent],

@@ -229,7 +229,7 @@ class CroppedScope:
 def test_a_loop_at_the_frame_edge_is_flagged_and_its_flow_still_measured():
     cfg = load_config().with_overrides(um_per_px=1.2, fps=20.0)
     scope = CroppedScope(ToyScope(speeds=(8.0, 12.0), seed=5, jitter=4.0), cut=58)
-    _, rep = run_stage(scope, 160, cfg)
+    stage, rep = run_stage(scope, 160, cfg)
     caps = sorted(rep.capillaries, key=lambda c: c.apex_px[0])
     edge, inner = caps[0], caps[-1]
     assert min(x for x, _ in edge.centerline_px) < 6
@@ -238,6 +238,8 @@ def test_a_loop_at_the_frame_edge_is_flagged_and_its_flow_still_measured():
     assert edge.flow_speed_px_per_frame == pytest.approx(8.0, rel=0.05)
     assert inner.flow_speed_px_per_frame == pytest.approx(12.0, rel=0.05)
     assert "out_of_view_frac" in rep.to_dict()["capillaries"][0]
+    live = {c["id"]: c["out_of_view_frac"] for c in stage.snapshot()["capillaries"]}   # the dashboard's view
+    assert live[edge.id] == pytest.approx(edge.out_of_view_frac, abs=1e-3) and live[inner.id] == 0.0
 
 
 # ----------------------------------------------------------------------------- the project simulator

@@ -71,3 +71,12 @@ def test_health_header_says_its_window_and_shows_recent_and_total_drops():
                                  "sender": {"drops": 13}, "upstream_missing": 2, "stage_drops": 0}, age_s=0.1)
     assert "latency (last 10 s) p50 6.3 ms" in md
     assert "drops (last 10 s): grabber 0" in md and "since start 13 / 2 / 0" in md
+
+
+def test_capillary_panel_warns_when_the_loop_is_partly_out_of_view():
+    cap = dict(SNAP["capillaries"][0])
+    assert "out of view" not in render.capillary_markdown(cap, True)
+    cap["out_of_view_frac"] = 0.01
+    assert "out of view" not in render.capillary_markdown(cap, True)
+    cap["out_of_view_frac"] = 0.164
+    assert "partly out of view** (16 % of its samples)" in render.capillary_markdown(cap, True)

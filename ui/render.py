@@ -169,7 +169,17 @@ def capillary_markdown(cap: dict | None, calibrated: bool) -> str:
     return (f"### Capillary {cap.get('id')}\n"
             f"flow speed **{speed_text(cap, calibrated)}** (confidence {fmt(cap.get('speed_confidence'), nd=2)}) · "
             f"WBC **{fmt(cap.get('wbc_per_min'), '/min', 1)}** ({fmt(cap.get('wbc_count'))} events) · "
-            f"class {cap_class(cap) or '–'}" + (" · flags: " + ", ".join(m.get("flags", [])) if m.get("flags") else ""))
+            f"class {cap_class(cap) or '–'}" + (" · flags: " + ", ".join(m.get("flags", [])) if m.get("flags") else "")
+            + out_of_view_text(cap))
+
+
+def out_of_view_text(cap: dict) -> str:
+    """Warning for a loop the camera motion carries partly outside the frame (``out_of_view_frac``
+    ≥ 2 %, as in the video report): its samples there are not analyzed, counts can be low."""
+    f = cap.get("out_of_view_frac")
+    if f is None or not f >= 0.02:
+        return ""
+    return f" · **partly out of view** ({100 * f:.0f} % of its samples): WBC count can be low"
 
 
 MORPH_COLUMNS = ["id", "class", "apical", "arterial", "venous", "length", "speed", "WBC/min", "flags"]
