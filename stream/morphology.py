@@ -280,8 +280,10 @@ def section_profile(gray: np.ndarray, occupied: np.ndarray | None, points: np.nd
                     if len(back):
                         cut[i] = tt[out[0] + back[0]] - 1.0
             lims[side] = float(np.median(cut))
-    with np.errstate(all="ignore"):
-        prof = np.nanmedian(v, axis=0) if np.isfinite(v).any() else np.full(len(t), np.nan)
+    prof = np.full(len(t), np.nan)
+    seen = np.isfinite(v).any(axis=0)          # offsets sampled by at least one section
+    if seen.any():
+        prof[seen] = np.nanmedian(v[:, seen], axis=0)
     keep = (t <= lims[0]) & (t >= -lims[1])
     return t[keep], prof[keep]
 
