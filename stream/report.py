@@ -65,6 +65,7 @@ from nailfold.io import atomic_write_text
 
 SCHEMA = "nailfold.video-report/1"
 SET_SCHEMA = "nailfold.video-report-set/1"
+OUT_OF_VIEW_WARN = 0.02   # a capillary with this share of its samples outside the frame gets a warning
 
 
 def _clean(x: Any) -> Any:

@@ -56,7 +56,7 @@ from stream.frames import Frame, to_gray
 from stream.kymograph import (KymographBank, KymographBuffer, column_mean, destripe, fill_out_of_view, in_view,
                               resample_polyline, sample_row, sampling_maps, to_uint8)
 from stream.radon import LineEvent
-from stream.report import CapillaryFlow, VideoReport, WbcEvent
+from stream.report import OUT_OF_VIEW_WARN, CapillaryFlow, VideoReport, WbcEvent
 from stream.stabilize import Stabilizer, warp_to_reference
 
 log = logging.getLogger(__name__)
@@ -236,7 +236,6 @@ TEXTURE_MIN_CORR = 0.25      # whole-window row correlation below which a window
 EVENT_MIN_SEP_FRAMES = 3.0   # events closer than this are one event
 SIDELOBE_FRAMES = 6.0        # a much weaker event this close to a strong one is its side lobe
 SIDELOBE_RATIO = 0.5
-OUT_OF_VIEW_WARN = 0.02      # a capillary with this share of its samples outside the frame gets a warning
 MIN_VERDICT_FRACTION = 0.5   # below this share of windows with flow seen or flow stopped, no speed
 
 

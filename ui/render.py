@@ -12,6 +12,8 @@ from typing import Any
 import cv2
 import numpy as np
 
+from stream.report import OUT_OF_VIEW_WARN
+
 # BGR colours per morphology class (overlay) — normal green, abnormal warm colours.
 CLASS_COLORS = {
     "normal": (80, 200, 80), "tortuous": (0, 200, 255), "crossing": (255, 160, 0), "enlarged": (0, 140, 255),
@@ -175,9 +177,9 @@ def capillary_markdown(cap: dict | None, calibrated: bool) -> str:
 
 def out_of_view_text(cap: dict) -> str:
     """Warning for a loop the camera motion carries partly outside the frame (``out_of_view_frac``
-    ≥ 2 %, as in the video report): its samples there are not analyzed, counts can be low."""
+    ≥ ``OUT_OF_VIEW_WARN``, as in the video report): its samples there are not analyzed, counts can be low."""
     f = cap.get("out_of_view_frac")
-    if f is None or not f >= 0.02:
+    if f is None or not f >= OUT_OF_VIEW_WARN:
         return ""
     return f" · **partly out of view** ({100 * f:.0f} % of its samples): WBC count can be low"
 
