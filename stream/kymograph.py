@@ -144,10 +144,8 @@ class KymographBuffer:
         """Append one row; ``view`` ``(N,)`` bool marks the samples inside the frame (all if None)."""
         i = self.count % self.capacity
         self._rows[i] = row
-        if view is None:
-            self._view[i] = True
-        else:
-            self._view[i] = view
+        self._view[i] = True if view is None else view
+        if view is not None:
             self.samples_out_of_view += int(self.length - np.count_nonzero(view))
         self._frame[i] = frame_no
         self.count += 1
@@ -167,20 +165,27 @@ class KymographBuffer:
         i = 0 if self.count <= self.capacity else self.count % self.capacity
         return int(self._frame[i])
 
+    def _newest(self, n: int | None = None) -> np.ndarray:
+        """Ring indices of the newest ``n`` held rows (all by default), oldest first."""
+        held = min(self.count, self.capacity)
+        n = held if n is None else min(n, held)
+        return np.arange(self.count - n, self.count) % self.capacity
+
+    def _in_window(self, start_frame: int, n_frames: int) -> tuple[np.ndarray, np.ndarray]:
+        """(ring indices, window rows) of the held rows of frames ``start_frame .. +n_frames-1``."""
+        idx = self._newest()
+        fr = self._frame[idx]
+        sel = (fr >= start_frame) & (fr < start_frame + n_frames)
+        return idx[sel], fr[sel] - start_frame
+
     def window(self, start_frame: int, n_frames: int) -> tuple[np.ndarray, np.ndarray]:
         """Rows for frames ``start_frame .. start_frame+n_frames-1`` → ``(kymo (n, N), valid (n,))``.
         Frames not held (dropped / before the capillary existed) are rows of the column mean,
         i.e. zero after :func:`destripe`, with ``valid`` False."""
         out = np.zeros((n_frames, self.length), np.float32)
         valid = np.zeros(n_frames, bool)
-        held = min(self.count, self.capacity)
-        if held == 0:
-            return out, valid
-        idx = np.arange(self.count - held, self.count) % self.capacity
-        fr = self._frame[idx]
-        sel = (fr >= start_frame) & (fr < start_frame + n_frames)
-        pos = fr[sel] - start_frame
-        out[pos] = self._rows[idx[sel]]
+        src, pos = self._in_window(start_frame, n_frames)
+        out[pos] = self._rows[src]
         valid[pos] = True
         if valid.any() and not valid.all():
             out[~valid] = out[valid].mean(axis=0)
@@ -190,29 +195,17 @@ class KymographBuffer:
         """In-view flags ``(n, N)`` bool of :meth:`window`'s rows (rows not held: True, they are
         already filled with the column mean)."""
         out = np.ones((n_frames, self.length), bool)
-        held = min(self.count, self.capacity)
-        if held == 0:
-            return out
-        idx = np.arange(self.count - held, self.count) % self.capacity
-        fr = self._frame[idx]
-        sel = (fr >= start_frame) & (fr < start_frame + n_frames)
-        out[fr[sel] - start_frame] = self._view[idx[sel]]
+        src, pos = self._in_window(start_frame, n_frames)
+        out[pos] = self._view[src]
         return out
 
     def latest(self, n: int | None = None) -> np.ndarray:
         """The newest ``n`` rows (all held rows by default) in time order, ``(n, N)`` float32."""
-        held = min(self.count, self.capacity)
-        n = held if n is None else min(n, held)
-        idx = np.arange(self.count - n, self.count) % self.capacity
-        return self._rows[idx].copy()
+        return self._rows[self._newest(n)]
 
     def latest_view(self, n: int | None = None) -> np.ndarray:
         """In-view flags ``(n, N)`` bool of :meth:`latest`'s rows."""
-        held = min(self.count, self.capacity)
-        n = held if n is None else min(n, held)
-        idx = np.arange(self.count - n, self.count) % self.capacity
-        return self._view[idx].copy()
-
+        return self._view[self._newest(n)]
 
 @dataclass
 class _Entry:

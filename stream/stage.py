@@ -606,8 +606,7 @@ class AnalysisStage:
         cap_rows = max(self.window * 2, int(round(10 * self.fps)))
         buf = KymographBuffer(n, cap_rows)
         for fno, g, dx, dy in hist:
-            view = in_view(maps, g.shape, dx, dy)
-            buf.append(sample_row(g, maps, dx, dy), fno, None if view.all() else view)
+            buf.append(sample_row(g, maps, dx, dy), fno, in_view(maps, g.shape, dx, dy))
         first = hist[0][0] if hist else self._frame_no + 1
         self.tracks[c.id] = _Track(c, buf, first, first, first, maps)
 
