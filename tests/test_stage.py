@@ -440,6 +440,32 @@ def test_speed_is_null_when_most_windows_see_neither_flow_nor_stasis():
     assert sp["v"] == 0.0 and sp["state"] == "stopped"
 
 
+def test_a_confident_row_correlation_replaces_a_radon_maximum_window_speed():
+    """A window whose blood column did not register (no material speed) and whose flow is too
+    slow for sub-window speeds reports a Radon maximum, a mode finder biased by pulsation; when
+    its rows correlate well (≥ XCORR_TRUST_CORR) and in the same direction, the vessel's speed
+    comes from the row correlation. A registered column still wins, and a weak or opposite
+    correlation leaves the Radon speed."""
+    from stream import flow
+    from stream.stage import XCORR_TRUST_CORR
+    st = AnalysisStage(load_config().with_overrides(um_per_px=1.2, fps=20.0), segmenter=TruthSegmenter(np.zeros((8, 8), np.uint8)), fps=20.0)
+
+    class T:  # the parts of a track _speeds reads
+        pass
+
+    def speed(radon_v, xc_v, xc_conf, material=float("nan")):
+        t = T()
+        t.events = []
+        t.windows = [flow.WindowResult(0, 80, radon_v, 30.0, flow.XcorrSpeed(xc_v, xc_conf, 8), gated=True,
+                                       material_speed=material) for _ in range(6)]
+        return st._speeds(t)["v"]
+    hi, lo = min(1.0, XCORR_TRUST_CORR + 0.2), XCORR_TRUST_CORR - 0.2
+    assert speed(-9.0, -10.0, hi) == pytest.approx(10.0)
+    assert speed(-9.0, -10.0, lo) == pytest.approx(9.0)
+    assert speed(-9.0, 10.0, hi) == pytest.approx(9.0)
+    assert speed(-9.0, -10.0, hi, material=-9.5) == pytest.approx(9.5)
+
+
 def test_blurred_loops_get_the_strict_stopped_rule_only():
     """Windows of loops segmented as out of focus (BLURRED) are analysed without the noisy-camera
     stopped branch; CLEAR loops keep it (see stream.flow.WindowAnalyzer._stopped)."""
