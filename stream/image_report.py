@@ -12,6 +12,8 @@ JSON layout (units in key names; ``null`` = not measurable, with a ``*_reason`` 
           "um_per_px": …, "calibrated": …, "warnings": ["uncalibrated: …", …],
           "capillaries": [{
               "id": 0, "class": "clear" | "blurred", "shape_class": null | "…",
+              "edge_blur_px": σ | null,          # edge blur of the section fits, px at 1024-px width
+              "focus_source": "edge_blur" | "segmentation",   # what decided "class"
               "flags": {"tortuous", "crossing", "enlarged", "giant", "blurred", "haemorrhage_near",
                         ["width_disagreement"]},            # enlarged/giant null when uncalibrated
               "arterial_side": "left" | "right", "arterial_side_source": "…",
@@ -85,6 +87,7 @@ def capillary_record(morph, cap, in_row: bool, keypoints: dict | None = None) ->
     d = morph.to_dict()
     rec = {
         "id": d["id"], "class": d["label"], "shape_class": d["shape_class"], "flags": d["flags"],
+        "edge_blur_px": d["edge_blur_px"], "focus_source": d["focus_source"],
         "arterial_side": d["arterial_side"], "arterial_side_source": d["arterial_side_source"],
     }
     for k in ("arterial_width", "venous_width", "apical_width", "height", "arc_length"):

@@ -319,3 +319,25 @@ def test_shape_flags_combine_classifier_and_geometry():
     cap, labels = one_cap(tube_mask((260, 220), hairpin(cross=True, sep=30), np.full(9000, 9.0)))
     m = measure_capillary(cap, labels, shape_probs={"normal": 0.05, "tortuous": 0.9, "crossing": 0.05})
     assert m.flags["tortuous"] is True and m.flags["crossing"] is False and m.shape_class == "tortuous"
+
+
+def test_focus_comes_from_the_measured_edge_blur_not_the_segmentation_label():
+    """A loop's clear/blurred class is its fitted edge blur σ (px at 1024-px width) against
+    FOCUS_BLUR_MAX_PX, whatever label the segmenter gave it; without the image (nothing to fit)
+    the segmentation label decides."""
+    from stream.morphology import FOCUS_BLUR_MAX_PX
+    pts = hairpin(sep=30.0)
+    widths = np.full(len(pts), 11.0)
+    shape = (260, 1024)                                   # a full-width frame: σ needs no rescaling
+    mask = tube_mask(shape, pts, widths)
+    for blur, seg_label, expect in ((0.8, BLURRED, "clear"), (2.8, CLEAR, "blurred")):
+        img = _render_vessel_image(pts, widths, shape, k=0.8, blur=blur)
+        cap, labels = one_cap(mask)
+        cap.label = seg_label
+        m = measure_capillary(cap, labels * seg_label, um_per_px=None, ranges=RANGES, image=img)
+        assert m.focus_source == "edge_blur" and m.label == expect and m.flags["blurred"] == (expect == "blurred")
+        assert m.edge_blur_px == pytest.approx(blur, abs=0.35), (blur, m.edge_blur_px)
+        assert (m.edge_blur_px > FOCUS_BLUR_MAX_PX) == (expect == "blurred")
+        m0 = measure_capillary(cap, labels * seg_label, um_per_px=None, ranges=RANGES)
+        assert m0.focus_source == "segmentation" and m0.edge_blur_px is None
+        assert m0.label == ("blurred" if seg_label == BLURRED else "clear")
