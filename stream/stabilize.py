@@ -128,7 +128,10 @@ class Stabilizer:
         self._ref_full: np.ndarray | None = None
         self._static: np.ndarray | None = None
         self._tmask: np.ndarray | None = None
-        self._ecc_criteria = (cv2.TERM_CRITERIA_EPS | cv2.TERM_CRITERIA_COUNT, 20, 1e-4)
+        # ECC stops when an update moves the shift by < 0.01 px (or after 20 iterations): 1e-4
+        # took ~2× the time for the same residual (synthetic, 5 px tremor, 120 frames: median
+        # 0.164 vs 0.166 px, p95 0.458 vs 0.475 px; 3.9–4.8 vs 7.3–8.8 ms per frame)
+        self._ecc_criteria = (cv2.TERM_CRITERIA_EPS | cv2.TERM_CRITERIA_COUNT, 20, 1e-2)
         self.ecc_blur = 5   # Gaussian pre-filter of the ECC stage (px, odd): suppresses pixel noise patterns
 
     # ----------------------------------------------------------------- reference handling
