@@ -35,6 +35,7 @@ import math
 from dataclasses import dataclass, field
 
 import numpy as np
+import scipy.fft
 from scipy.ndimage import gaussian_filter1d, maximum_filter1d
 
 from stream import radon
@@ -76,62 +77,102 @@ class XcorrSpeed:
     lag_frames: int
 
 
-def xcorr_speed(kymo: np.ndarray, max_speed: float, max_lag: int = 16) -> XcorrSpeed:
+XCORR_LAGS = (1, 2, 3, 4, 6, 8, 12, 16)   # frames between correlated rows (xcorr_speed)
+
+
+class RowSpectra:
+    """FFTs along distance of the rows of one kymograph, zero-padded to ``nfft ≥ 2N`` (a fast
+    FFT length), so that circular correlations of rows equal the linear ones for every
+    displacement |d| < N; with the per-bin signed displacement ``d``, the number of overlapping
+    columns at each displacement and the rows' energies. Shared by :func:`xcorr_speed` and
+    :func:`local_xcorr_track` when they analyse the same kymograph (the running sums of the
+    lag-``L`` cross-power spectra are cached per lag)."""
+
+    def __init__(self, kymo: np.ndarray):
+        k = np.asarray(kymo, np.float64)
+        n = k.shape[1]
+        self.n = n
+        self.nfft = int(scipy.fft.next_fast_len(2 * n, real=True))
+        self.f = scipy.fft.rfft(k, self.nfft, axis=1)
+        self.d = np.fft.fftfreq(self.nfft, 1.0 / self.nfft).astype(np.int64)
+        self.overlap = np.maximum(n - np.abs(self.d), 1)
+        self.energy = np.einsum("ij,ij->i", k, k)
+        self._csum: dict[int, np.ndarray] = {}
+
+    def pair_cumsum(self, lag: int) -> np.ndarray:
+        """``C[s] = Σ_{t<s} conj(F_t)·F_{t+lag}`` for s = 0 … T − lag ((T − lag + 1, nf) complex)."""
+        c = self._csum.get(lag)
+        if c is None:
+            f = self.f
+            pair = np.conj(f[:-lag]) * f[lag:]
+            c = np.empty((pair.shape[0] + 1, pair.shape[1]), pair.dtype)
+            c[0] = 0
+            np.cumsum(pair, axis=0, out=c[1:])
+            self._csum[lag] = c
+        return c
+
+
+def _parabolic(c: np.ndarray, j: np.ndarray, ok0: np.ndarray | bool = True) -> np.ndarray:
+    """Sub-bin offset (−0.5…0.5) of the peaks ``c[r, j[r]]`` of each row from a parabola through
+    the bin and its circular neighbours; 0 where the parabola does not open downwards or
+    ``ok0`` is False."""
+    m = c.shape[1]
+    r = np.arange(c.shape[0])
+    y0, y1, y2 = c[r, (j - 1) % m], c[r, j], c[r, (j + 1) % m]
+    den = y0 - 2 * y1 + y2
+    good = (den < 0) & ok0
+    return np.where(good, np.clip(0.5 * (y0 - y2) / np.where(good, den, -1.0), -0.5, 0.5), 0.0)
+
+
+def xcorr_speed(kymo: np.ndarray, max_speed: float, max_lag: int = 16,
+                spectra: RowSpectra | None = None) -> XcorrSpeed:
     """Speed of the texture moving along a destriped kymograph by correlating rows ``L`` frames
     apart (FFT along distance): the displacement ``d`` of the correlation peak gives ``v = d / L``.
 
     Several lags are tried (1, 2, 3, 4, 6, 8, 12, 16 frames, displacements up to N/2); the
     estimate comes from the longest lag whose peak correlation is ≥ 60 % of the best one
-    (longer lags give finer speed resolution, until the texture decorrelates)."""
+    (longer lags give finer speed resolution, until the texture decorrelates). ``spectra``
+    (:class:`RowSpectra` of the same kymograph with its row means removed) saves the FFT; the
+    result does not depend on the kymograph's scale."""
     k = np.asarray(kymo, np.float64)
     t, n = k.shape
     if t < 3 or n < 8 or not np.any(k):
         return XcorrSpeed(float("nan"), 0.0, 0)
-    k = k - k.mean(axis=1, keepdims=True)
-    nfft = 1 << int(math.ceil(math.log2(2 * n)))
-    f = np.fft.rfft(k, nfft, axis=1)
-    power = float((k ** 2).sum(axis=1).mean()) / n
+    if spectra is None:
+        spectra = RowSpectra(k - k.mean(axis=1, keepdims=True))
+    f, nfft, d, overlap = spectra.f, spectra.nfft, spectra.d, spectra.overlap
+    power = float(spectra.energy.sum()) / (t * n)   # mean row energy per px (rows zero-mean)
     if power <= 0:
         return XcorrSpeed(float("nan"), 0.0, 0)
-    d = np.fft.fftfreq(nfft, 1.0 / nfft).astype(int)       # signed displacement of each bin
-    overlap = np.maximum(n - np.abs(d), 1)
-    results = []
-    for lag in (1, 2, 3, 4, 6, 8, 12, 16):
-        if lag > min(max_lag, t - 2):
-            break
-        lim = min(n // 2, int(math.ceil(max_speed * lag)) + 2)
-        p = (np.conj(f[:-lag]) * f[lag:]).sum(axis=0)
-        c = np.fft.irfft(p, nfft) / (overlap * (t - lag) * power)
-        ok = np.abs(d) <= lim
-        if not ok.any():
-            continue
-        cc = np.where(ok, c, -np.inf)
-        i = int(np.argmax(cc))
-        peak = float(c[i])
-        off = 0.0
-        i0, i2 = (i - 1) % nfft, (i + 1) % nfft
-        if ok[i0] and ok[i2]:
-            den = c[i0] - 2 * c[i] + c[i2]
-            if den < 0:
-                off = float(np.clip(0.5 * (c[i0] - c[i2]) / den, -0.5, 0.5))
-        results.append((lag, (d[i] + off) / lag, peak))
-    if not results:
+    lags = np.array([lag for lag in XCORR_LAGS if lag <= min(max_lag, t - 2)], np.int64)
+    if lags.size == 0:
         return XcorrSpeed(float("nan"), 0.0, 0)
-    best = max(r[2] for r in results)
+    fc = np.conj(f)
+    p = np.stack([np.einsum("ij,ij->j", fc[:-lag], f[lag:]) for lag in lags])
+    c = scipy.fft.irfft(p, nfft, axis=1) / (overlap[None, :] * (t - lags)[:, None] * power)
+    lim = np.minimum(n // 2, np.ceil(max_speed * lags).astype(np.int64) + 2)
+    ok = np.abs(d)[None, :] <= lim[:, None]
+    i = np.argmax(np.where(ok, c, -np.inf), axis=1)
+    r = np.arange(lags.size)
+    peak = c[r, i]
+    off = _parabolic(c, i, ok[r, (i - 1) % nfft] & ok[r, (i + 1) % nfft])
+    v = (d[i] + off) / lags
+    best = float(peak.max())
     if best <= 0:
         return XcorrSpeed(float("nan"), 0.0, 0)
-    good = [r for r in results if r[2] >= 0.6 * best]
-    lag, v, peak = good[-1]
-    return XcorrSpeed(float(v), float(max(0.0, min(1.0, best))), int(lag))
+    g = int(np.flatnonzero(peak >= 0.6 * best)[-1])
+    return XcorrSpeed(float(v[g]), float(max(0.0, min(1.0, best))), int(lags[g]))
 
 
 def local_xcorr_track(k: np.ndarray, starts: list[int], length: int, v_min: float, v_max: float,
-                      sign: float, min_z: float = 4.0, min_rho: float = 0.2) -> list[tuple[float, float]]:
+                      sign: float, min_z: float = 4.0, min_rho: float = 0.2,
+                      spectra: RowSpectra | None = None) -> list[tuple[float, float]]:
     """Speed (px/frame, signed) in each sub-window ``k[s:s+length]`` of a destriped kymograph from
     the cross-correlation of rows ``L`` frames apart (L chosen so the displacement is about a
     third of the kymograph), searched within ``[v_min, v_max]`` in direction ``sign``. A sub-window
     whose correlation peak is not ≥ ``min_z`` robust SDs above the rest of the search range, or
-    whose normalized row correlation is < ``min_rho``, gives no estimate.
+    whose normalized row correlation is < ``min_rho``, gives no estimate. ``spectra``
+    (:class:`RowSpectra` of ``k``) saves the FFTs.
 
     Returns ``[(centre_row, speed), …]`` for the sub-windows that gave an estimate (centre_row is
     the fractional row at the middle of the sub-window)."""
@@ -141,24 +182,20 @@ def local_xcorr_track(k: np.ndarray, starts: list[int], length: int, v_min: floa
     lag = int(max(1, min(length - 2, round(n / (3.0 * vmid)))))
     if lag < 1 or length <= lag or n < 16:
         return []
-    nfft = 1 << int(math.ceil(math.log2(2 * n)))
-    f = np.fft.rfft(k, nfft, axis=1)
-    pair = np.conj(f[:-lag]) * f[lag:]                      # (t - lag, nf)
-    csum = np.concatenate([np.zeros((1, pair.shape[1]), pair.dtype), np.cumsum(pair, axis=0)])
-    d = np.fft.fftfreq(nfft, 1.0 / nfft)
-    overlap = np.maximum(n - np.abs(d), 1)
+    sp = spectra if spectra is not None else RowSpectra(k)
+    nfft, d = sp.nfft, sp.d
     dlo, dhi = v_min * lag, min(v_max * lag, n * 0.75)
-    rng = (sign * d >= dlo) & (sign * d <= dhi)
-    if rng.sum() < 3:
+    ridx = np.flatnonzero((sign * d >= dlo) & (sign * d <= dhi))
+    if ridx.size < 3:
         return []
-    energy = (k ** 2).sum(axis=1)
-    pe = np.concatenate([[0.0], np.cumsum(np.sqrt(energy[:-lag] * energy[lag:]))])
     s0s = np.asarray([s0 for s0 in starts if min(s0 + length - lag, t - lag) > s0], np.int64)
     if s0s.size == 0:
         return []
     s1s = np.minimum(s0s + length - lag, t - lag)
-    cs = np.fft.irfft(csum[s1s] - csum[s0s], nfft, axis=1) / overlap[None, :]   # (starts, nfft)
-    ridx = np.flatnonzero(rng)
+    csum = sp.pair_cumsum(lag)
+    cs = scipy.fft.irfft(csum[s1s] - csum[s0s], nfft, axis=1) / sp.overlap[None, :]   # (starts, nfft)
+    energy = sp.energy
+    pe = np.concatenate([[0.0], np.cumsum(np.sqrt(energy[:-lag] * energy[lag:]))])
     cr = cs[:, ridx]
     i = np.argmax(cr, axis=1)
     rows = np.arange(s0s.size)
@@ -168,34 +205,33 @@ def local_xcorr_track(k: np.ndarray, starts: list[int], length: int, v_min: floa
     norm = (pe[s1s] - pe[s0s]) / n
     ok = (sd > 0) & ((peak - med) / np.where(sd > 0, sd, 1.0) >= min_z) & (norm > 0)
     ok &= peak / np.where(norm > 0, norm, 1.0) >= min_rho   # correlation of the rows, 0..1: texture must be seen
-    out = []
-    for r in np.flatnonzero(ok):
-        c = cs[r]
-        j = ridx[i[r]]
-        off = 0.0
-        j0, j2 = (j - 1) % nfft, (j + 1) % nfft
-        den = c[j0] - 2 * c[j] + c[j2]
-        if den < 0:
-            off = float(np.clip(0.5 * (c[j0] - c[j2]) / den, -0.5, 0.5))
-        out.append((s0s[r] + (s1s[r] + lag - 1 - s0s[r]) / 2.0, float((d[j] + off) / lag)))
-    return out
+    r = np.flatnonzero(ok)
+    if r.size == 0:
+        return []
+    j = ridx[i[r]]
+    v = (d[j] + _parabolic(cs[r], j)) / lag
+    centre = s0s[r] + (s1s[r] + lag - 1 - s0s[r]) / 2.0
+    return list(zip(centre.tolist(), v.tolist()))
 
 
 def local_xcorr_speeds(k: np.ndarray, starts: list[int], length: int, v_min: float, v_max: float,
-                       sign: float, min_z: float = 4.0, min_rho: float = 0.2) -> list[float]:
+                       sign: float, min_z: float = 4.0, min_rho: float = 0.2,
+                       spectra: RowSpectra | None = None) -> list[float]:
     """The speeds of :func:`local_xcorr_track` without their positions."""
-    return [v for _, v in local_xcorr_track(k, starts, length, v_min, v_max, sign, min_z, min_rho)]
+    return [v for _, v in local_xcorr_track(k, starts, length, v_min, v_max, sign, min_z, min_rho, spectra)]
 
 
 def speed_track(k: np.ndarray, v0: float, v_max: float, step: int = 1, band: float = 1.6,
-                outlier: float = 0.6, max_len: int = 8) -> np.ndarray:
+                outlier: float = 0.6, max_len: int = 8,
+                spectra: RowSpectra | None = None) -> np.ndarray:
     """Per-row speed (px/frame, signed like ``v0``) through a destriped, normalized kymograph
     window ``k`` (T, N): :func:`local_xcorr_track` on sub-windows of half a transit time, 6 to
     ``max_len`` frames (short enough to follow a heartbeat at 20 fps), every ``step`` rows, searched within ``[|v0|/band, band·|v0|]``; estimates more
     than ``outlier`` (fraction) from their neighbours' median are dropped (loose: the speed may
     change by tens of % within a few frames of the cardiac cycle), the rest interpolated
     linearly over the rows. Fewer than two estimates → ``v0`` everywhere. Follows pulsatile flow
-    within the cardiac cycle, which a single straight line cannot."""
+    within the cardiac cycle, which a single straight line cannot. ``spectra``:
+    :class:`RowSpectra` of ``k`` (saves the FFTs)."""
     t, n = k.shape
     av = abs(float(v0))
     if not math.isfinite(av) or av <= 0:
@@ -205,7 +241,7 @@ def speed_track(k: np.ndarray, v0: float, v_max: float, step: int = 1, band: flo
         return np.full(t, float(v0))
     starts = list(range(0, t - length + 1, max(1, step)))
     track = local_xcorr_track(k, starts, length, av / band, min(av * band, v_max), math.copysign(1.0, v0),
-                              min_z=3.0, min_rho=0.15)
+                              min_z=3.0, min_rho=0.15, spectra=spectra)
     if len(track) < 2:
         return np.full(t, float(v0))
     rows = np.array([c for c, _ in track])
@@ -229,22 +265,54 @@ def _running_median5(vals: np.ndarray) -> np.ndarray:
     return out
 
 
+def _material_span(X: np.ndarray, m0: float, nb: int, bin_px: float, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """For every material bin ``b`` (coordinate ``m0 + b·bin_px``) of a kymograph with ``n``
+    columns and per-row displacement ``X``: how many rows see it inside the kymograph
+    (``0 ≤ m + X(t) ≤ n − 1``) and the distance it covers there (largest − smallest ``X(t)``
+    among those rows; 0 if none). O((T + nb) log T) with the rows sorted by displacement."""
+    xs = np.sort(np.asarray(X, np.float64))
+    mb = m0 + bin_px * np.arange(nb)
+    lo = np.searchsorted(xs, -mb, side="left")               # first row with m + X ≥ 0
+    hi = np.searchsorted(xs, (n - 1) - mb, side="right")     # past the last row with m + X ≤ n − 1
+    rows = np.maximum(hi - lo, 0)
+    seen = rows > 0
+    cover = np.where(seen, xs[np.clip(hi - 1, 0, xs.size - 1)] - xs[np.clip(lo, 0, xs.size - 1)], 0.0)
+    return rows.astype(np.float64), cover
+
+
 def _profile_from_x(ke: np.ndarray, X: np.ndarray, bin_px: float) -> tuple[float, np.ndarray, np.ndarray]:
     t, n = ke.shape
-    m = np.arange(n, dtype=np.float64)[None, :] - X[:, None]
-    m0 = float(m.min())
-    idx = (m - m0) / bin_px
-    i0 = np.floor(idx).astype(np.int64)
-    fr = idx - i0
-    nb = int(i0.max()) + 2
+    X = np.asarray(X, np.float64)
+    m0 = -float(X.max())                 # smallest material coordinate: column 0 at the largest X
     w = np.asarray(ke, np.float64)
-    a, b = i0.ravel(), i0.ravel() + 1
-    s = np.bincount(a, ((1 - fr) * w).ravel(), nb) + np.bincount(b, (fr * w).ravel(), nb)
-    c = np.bincount(a, (1 - fr).ravel(), nb) + np.bincount(b, fr.ravel(), nb)
+    if bin_px == 1.0:
+        # every row's samples fall on consecutive bins with one fractional offset
+        u = -X - m0
+        off = np.floor(u)
+        fr1 = u - off
+        i0 = off.astype(np.int64)[:, None] + np.arange(n, dtype=np.int64)[None, :]
+        nb = int(off.max()) + n + 1
+        fr = fr1[:, None]
+        # sample weights per bin by running sums: row t adds (1 − fr) on [off, off + n) and fr on
+        # [off + 1, off + n + 1)
+        o = off.astype(np.int64)
+        g = 1.0 - fr1
+        diff = np.bincount(np.concatenate([o, o + n, o + 1, o + n + 1]),
+                           np.concatenate([g, -g, fr1, -fr1]), nb + 1)
+        c = np.cumsum(diff)[:nb]
+        c[np.abs(c) < 1e-9] = 0.0
+    else:
+        idx = (np.arange(n, dtype=np.float64)[None, :] - X[:, None] - m0) / bin_px
+        i0 = np.floor(idx).astype(np.int64)
+        fr = idx - i0
+        nb = int(i0.max()) + 2
+        a = i0.ravel()
+        c = np.bincount(a, (1 - fr).ravel(), nb) + np.bincount(a + 1, fr.ravel(), nb)
+    a = i0.ravel()
+    s = np.bincount(a, ((1 - fr) * w).ravel(), nb)
+    s[1:] += np.bincount(a, (fr * w).ravel(), nb - 1)[:nb - 1]
     prof = np.where(c > 1e-6, s / np.maximum(c, 1e-6), 0.0)
-    mb = m0 + bin_px * np.arange(nb)
-    pos = mb[None, :] + X[:, None]
-    rows = ((pos >= 0) & (pos <= n - 1)).sum(axis=0).astype(np.float64)
+    rows, _ = _material_span(X, m0, nb, bin_px, n)
     rows[c <= 1e-6] = 0.0          # no sample landed in this bin (bin finer than the sampling)
     return m0, prof, rows
 
@@ -262,10 +330,8 @@ def _refine_x(ke: np.ndarray, X: np.ndarray, m0: float, prof: np.ndarray, bin_px
     ce = np.arange(-S, n + S, dtype=np.float64)
     tpl = np.interp(ce[None, :] - X[:, None], grid, p, left=0.0, right=0.0)
     shifts = np.arange(-S, S + 1, dtype=np.float64)
-    score = np.empty((shifts.size, t))
-    for i, dx in enumerate(shifts):          # row shifted by dx: profile at c - X - dx
-        o = S - int(dx)
-        score[i] = np.einsum("ij,ij->i", kr, tpl[:, o:o + n])
+    # row shifted by dx: profile at c - X - dx, i.e. template columns o + c with o = S - dx
+    score = np.einsum("tc,toc->ot", kr, np.lib.stride_tricks.sliding_window_view(tpl, n, axis=1))[::-1]
     j = np.argmax(score, axis=0)
     corr = shifts[j].astype(np.float64)
     inner = (j > 0) & (j < shifts.size - 1)
@@ -335,10 +401,7 @@ def material_events(ke: np.ndarray, sd: float, anchor: float, d: np.ndarray, thr
     # complete paths only: the material crossed ≥ min_fill of the kymograph's length inside the
     # window, or stayed in it for ≥ min_fill of the window (slow flow). A fixed share of the
     # longest path would drop cells that pass in the fast phase of a pulsating flow.
-    pos = (m0 + bin_px * np.arange(prof.size))[None, :] + X[:, None]
-    inside = (pos >= 0) & (pos <= n - 1)
-    cover = np.where(inside, pos, -np.inf).max(axis=0) - np.where(inside, pos, np.inf).min(axis=0)
-    cover = np.where(inside.any(axis=0), cover, 0.0)
+    _, cover = _material_span(X, m0, prof.size, bin_px, n)
     full = (rows >= min_rows) & ((cover >= min_fill * (n - 1)) | (rows >= min_fill * t))
     stat = np.where(full, prof / max(sd, 1e-9), -np.inf)
     sep = max(1, int(round(min_sep_px / bin_px)))
@@ -486,10 +549,11 @@ class WindowAnalyzer:
         k = np.asarray(raw, np.float32) - np.asarray(background, np.float32)[None, :]
         k = k - k.mean(axis=1, keepdims=True)
         sd = float(k.std())
-        xc = xcorr_speed(k, self.v_hi)
         if sd <= 1e-6:
-            return WindowResult(start_frame, self.n_frames, float("nan"), 0.0, xc)
+            return WindowResult(start_frame, self.n_frames, float("nan"), 0.0, xcorr_speed(k, self.v_hi))
         k = k / sd
+        spectra = RowSpectra(k)         # shared by the row correlations below
+        xc = xcorr_speed(k, self.v_hi, spectra=spectra)
         sino = self._coarse.sinogram(self._bin(k))
         v0, contrast, var = radon.texture_speed(sino, self._coarse.valid, self.coarse_speeds, null=self._null,
                                                 dof=self._dof)
@@ -512,7 +576,7 @@ class WindowAnalyzer:
         g_lo, g_hi = max(0.0, t_lo - margin), min(float(self.n_frames), t_hi + margin)
         step = 0.5
         ke = self._smooth(k)
-        res.local_speeds = self._local_speeds(k, fine, v0, t_lo, t_hi)
+        res.local_speeds = self._local_speeds(k, fine, v0, t_lo, t_hi, spectra)
         z = None
         stat = self.event_stat
         if res.local_speeds:
@@ -533,7 +597,7 @@ class WindowAnalyzer:
                 # correlation (an average over the whole window, so pulsation averages out)
                 res.speed_px_per_frame = xc.speed_px_per_frame
             # bright objects followed along their own (pulsating) path: Lagrangian material profile
-            track = speed_track(k, res.speed_px_per_frame, self.v_hi)
+            track = speed_track(k, res.speed_px_per_frame, self.v_hi, spectra=spectra)
             prof = material_profile(ke, track)
             res.material_quality = profile_quality(ke, prof[2], prof[3])
             X = prof[0]
@@ -634,7 +698,8 @@ class WindowAnalyzer:
         """Gaussian smoothing along the vessel (σ = ``event_smooth_px``) to the size of a cell."""
         return gaussian_filter1d(k, self.event_smooth_px, axis=1, mode="nearest") if self.event_smooth_px > 0 else k
 
-    def _local_speeds(self, k: np.ndarray, speeds: np.ndarray, v0: float, t_lo: float, t_hi: float) -> list[float]:
+    def _local_speeds(self, k: np.ndarray, speeds: np.ndarray, v0: float, t_lo: float, t_hi: float,
+                      spectra: RowSpectra | None = None) -> list[float]:
         """Time-resolved speeds over the owned span when the flow crosses the kymograph in less
         than half the window (fast flow): :func:`local_xcorr_speeds` on sub-windows of
         ``transit_frac`` × the transit time (≥ 8 frames), half-overlapping, displacement searched
@@ -653,7 +718,7 @@ class WindowAnalyzer:
         starts = sorted({min(max(0, r - ts // 2), self.n_frames - ts)
                          for r in range(lo, max(lo + 1, hi), max(1, ts // 2))})
         vmin, vmax = abs(v0) / 2.0, min(abs(v0) * 2.0, self.v_hi)
-        return local_xcorr_speeds(k, starts, ts, vmin, vmax, math.copysign(1.0, v0))
+        return local_xcorr_speeds(k, starts, ts, vmin, vmax, math.copysign(1.0, v0), spectra=spectra)
 
     def _cross(self, a: radon.LineEvent, b: radon.LineEvent, inset: float = 4.0) -> bool:
         """Do the two event lines intersect inside the window? Cells in single file cannot overtake

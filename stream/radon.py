@@ -54,46 +54,58 @@ def max_resolvable_speed(n_px: int, min_frames: float = 2.0) -> float:
     return max(1.0, n_px / min_frames)
 
 
-def _shear(img: np.ndarray, v: float, anchor: float) -> tuple[np.ndarray, int]:
-    """Sheared image whose ``axis``-sums are the line sums for crossing frames j = 0..T-1."""
-    t, n = img.shape
+def _shear_matrix(v: float, anchor: float) -> tuple[np.ndarray, int]:
+    """Inverse-map matrix of the shear whose ``axis``-sums are the line sums at speed ``v`` for
+    crossing frames j = 0..T-1: for |v| ≤ 1 dst(row=t, col=j) = src(x = anchor + v (t − j), y = t)
+    (output T × T, line sum = column sum, axis 0); for |v| > 1 dst(row=j, col=s) =
+    src(x = s, y = j + (s − anchor) / v) (output T × N, line sum = row sum, axis 1)."""
     if abs(v) <= 1.0:
-        # dst(row=t, col=j) = src(x = anchor + v (t - j), y = t); line sum = column sum
-        m = np.float32([[-v, v, anchor], [0, 1, 0]])
-        return cv2.warpAffine(img, m, (t, t), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
-                              borderMode=cv2.BORDER_CONSTANT, borderValue=0), 0
-    # dst(row=j, col=s) = src(x = s, y = j + (s - anchor) / v); line sum = row sum
-    m = np.float32([[1, 0, 0], [1.0 / v, 1, -anchor / v]])
-    return cv2.warpAffine(img, m, (n, t), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
-                          borderMode=cv2.BORDER_CONSTANT, borderValue=0), 1
+        return np.float32([[-v, v, anchor], [0, 1, 0]]), 0
+    return np.float32([[1, 0, 0], [1.0 / v, 1, -anchor / v]]), 1
 
 
 class ShearRadon:
-    """Shear-and-sum Radon transform for a fixed window shape and speed set (sample counts cached)."""
+    """Shear-and-sum Radon transform for a fixed window shape and speed set (sample counts and the
+    shear matrices cached; the shears of all speeds are written into two preallocated stacks —
+    slow speeds sampled once per row, fast ones once per column — and summed in one call each)."""
 
     def __init__(self, shape: tuple[int, int], speeds: np.ndarray, anchor: float, min_samples: int = 4):
         self.shape = (int(shape[0]), int(shape[1]))
         self.speeds = np.asarray(speeds, np.float64)
         self.anchor = float(anchor)
-        ones = np.ones(self.shape, np.float32)
-        cnt = np.empty((len(self.speeds), self.shape[0]), np.float32)
-        for i, v in enumerate(self.speeds):
-            s, ax = _shear(ones, v, self.anchor)
-            cnt[i] = s.sum(axis=ax)
-        self.count = cnt
+        t, n = self.shape
+        self._slow = np.flatnonzero(np.abs(self.speeds) <= 1.0)
+        self._fast = np.flatnonzero(np.abs(self.speeds) > 1.0)
+        self._mats = [_shear_matrix(v, self.anchor)[0] for v in self.speeds]
+        self._buf_slow = np.empty((self._slow.size, t, t), np.float32)
+        self._buf_fast = np.empty((self._fast.size, t, n), np.float32)
+        self.count = self._sums(np.ones(self.shape, np.float32))
+        cnt = self.count
         self.valid = cnt >= min_samples
         self._norm = np.where(self.valid, 1.0 / np.sqrt(np.maximum(cnt, 1e-6)), 0.0).astype(np.float32)
+
+    def _sums(self, k: np.ndarray) -> np.ndarray:
+        t, n = self.shape
+        out = np.empty((len(self.speeds), t), np.float32)
+        flags, border = cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP, cv2.BORDER_CONSTANT
+        for b, i in enumerate(self._slow):
+            cv2.warpAffine(k, self._mats[i], (t, t), dst=self._buf_slow[b], flags=flags, borderMode=border,
+                           borderValue=0)
+        for b, i in enumerate(self._fast):
+            cv2.warpAffine(k, self._mats[i], (n, t), dst=self._buf_fast[b], flags=flags, borderMode=border,
+                           borderValue=0)
+        if self._slow.size:
+            out[self._slow] = self._buf_slow.sum(axis=1)
+        if self._fast.size:
+            out[self._fast] = self._buf_fast.sum(axis=2)
+        return out
 
     def sinogram(self, kymo: np.ndarray) -> np.ndarray:
         """``(len(speeds), T)`` float32 line-sum z-scores (0 where a line has too few samples)."""
         k = np.ascontiguousarray(kymo, np.float32)
         if k.shape != self.shape:
             raise ValueError(f"window shape {k.shape} != {self.shape}")
-        out = np.empty((len(self.speeds), self.shape[0]), np.float32)
-        for i, v in enumerate(self.speeds):
-            s, ax = _shear(k, v, self.anchor)
-            out[i] = s.sum(axis=ax)
-        return out * self._norm
+        return self._sums(k) * self._norm
 
 
 def _row_shear(img: np.ndarray, v: float, anchor: float, tau0: float, step_px: float, k: int) -> np.ndarray:
