@@ -38,7 +38,7 @@ import numpy as np
 import scipy.fft
 from scipy.ndimage import gaussian_filter1d, maximum_filter1d
 
-from stream import radon
+from stream import kernels, radon
 
 log = logging.getLogger(__name__)
 
@@ -89,14 +89,14 @@ class RowSpectra:
     lag-``L`` cross-power spectra are cached per lag)."""
 
     def __init__(self, kymo: np.ndarray):
-        k = np.asarray(kymo, np.float64)
+        k = np.asarray(kymo, np.float32)
         n = k.shape[1]
         self.n = n
         self.nfft = int(scipy.fft.next_fast_len(2 * n, real=True))
         self.f = scipy.fft.rfft(k, self.nfft, axis=1)
         self.d = np.fft.fftfreq(self.nfft, 1.0 / self.nfft).astype(np.int64)
         self.overlap = np.maximum(n - np.abs(self.d), 1)
-        self.energy = np.einsum("ij,ij->i", k, k)
+        self.energy = np.einsum("ij,ij->i", k, k, dtype=np.float64)
         self._csum: dict[int, np.ndarray] = {}
 
     def pair_cumsum(self, lag: int) -> np.ndarray:
@@ -265,13 +265,13 @@ def _running_median5(vals: np.ndarray) -> np.ndarray:
     return out
 
 
-def _material_span(X: np.ndarray, m0: float, nb: int, bin_px: float, n: int) -> tuple[np.ndarray, np.ndarray]:
-    """For every material bin ``b`` (coordinate ``m0 + b·bin_px``) of a kymograph with ``n``
+def _material_span(X: np.ndarray, m0: float, nb: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """For every 1-px material bin ``b`` (coordinate ``m0 + b``) of a kymograph with ``n``
     columns and per-row displacement ``X``: how many rows see it inside the kymograph
     (``0 ≤ m + X(t) ≤ n − 1``) and the distance it covers there (largest − smallest ``X(t)``
     among those rows; 0 if none). O((T + nb) log T) with the rows sorted by displacement."""
     xs = np.sort(np.asarray(X, np.float64))
-    mb = m0 + bin_px * np.arange(nb)
+    mb = m0 + np.arange(nb)
     lo = np.searchsorted(xs, -mb, side="left")               # first row with m + X ≥ 0
     hi = np.searchsorted(xs, (n - 1) - mb, side="right")     # past the last row with m + X ≤ n − 1
     rows = np.maximum(hi - lo, 0)
@@ -280,58 +280,27 @@ def _material_span(X: np.ndarray, m0: float, nb: int, bin_px: float, n: int) -> 
     return rows.astype(np.float64), cover
 
 
-def _profile_from_x(ke: np.ndarray, X: np.ndarray, bin_px: float) -> tuple[float, np.ndarray, np.ndarray]:
-    t, n = ke.shape
-    X = np.asarray(X, np.float64)
-    m0 = -float(X.max())                 # smallest material coordinate: column 0 at the largest X
-    w = np.asarray(ke, np.float64)
-    if bin_px == 1.0:
-        # every row's samples fall on consecutive bins with one fractional offset
-        u = -X - m0
-        off = np.floor(u)
-        fr1 = u - off
-        i0 = off.astype(np.int64)[:, None] + np.arange(n, dtype=np.int64)[None, :]
-        nb = int(off.max()) + n + 1
-        fr = fr1[:, None]
-        # sample weights per bin by running sums: row t adds (1 − fr) on [off, off + n) and fr on
-        # [off + 1, off + n + 1)
-        o = off.astype(np.int64)
-        g = 1.0 - fr1
-        diff = np.bincount(np.concatenate([o, o + n, o + 1, o + n + 1]),
-                           np.concatenate([g, -g, fr1, -fr1]), nb + 1)
-        c = np.cumsum(diff)[:nb]
-        c[np.abs(c) < 1e-9] = 0.0
-    else:
-        idx = (np.arange(n, dtype=np.float64)[None, :] - X[:, None] - m0) / bin_px
-        i0 = np.floor(idx).astype(np.int64)
-        fr = idx - i0
-        nb = int(i0.max()) + 2
-        a = i0.ravel()
-        c = np.bincount(a, (1 - fr).ravel(), nb) + np.bincount(a + 1, fr.ravel(), nb)
-    a = i0.ravel()
-    s = np.bincount(a, ((1 - fr) * w).ravel(), nb)
-    s[1:] += np.bincount(a, (fr * w).ravel(), nb - 1)[:nb - 1]
+def _profile_from_x(ke: np.ndarray, X: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
+    """``(m0, profile, rows)`` of :func:`material_profile` for a given displacement ``X``."""
+    X = np.ascontiguousarray(X, np.float64)
+    m0, s, c = kernels.material_bins(np.ascontiguousarray(ke, np.float64), X)
     prof = np.where(c > 1e-6, s / np.maximum(c, 1e-6), 0.0)
-    rows, _ = _material_span(X, m0, nb, bin_px, n)
+    rows, _ = _material_span(X, m0, c.size, ke.shape[1])
     rows[c <= 1e-6] = 0.0          # no sample landed in this bin (bin finer than the sampling)
     return m0, prof, rows
 
 
-def _refine_x(ke: np.ndarray, X: np.ndarray, m0: float, prof: np.ndarray, bin_px: float,
-              search_px: int, smooth_frames: float) -> np.ndarray:
+def _refine_x(ke: np.ndarray, X: np.ndarray, m0: float, prof: np.ndarray, search_px: int,
+              smooth_frames: float) -> np.ndarray:
     """Per-row displacement correction: the shift (within ±``search_px``, parabolic sub-px) that
     best matches each row to the material profile, lightly smoothed over time."""
-    t, n = ke.shape
-    grid = m0 + bin_px * np.arange(prof.size)
+    t = ke.shape[0]
     p = prof - prof.mean()
     kr = ke - ke.mean(axis=1, keepdims=True)
     S = int(search_px)
-    # template of every row over columns -S .. n-1+S: tpl[t, S + c] = profile at material c - X(t)
-    ce = np.arange(-S, n + S, dtype=np.float64)
-    tpl = np.interp(ce[None, :] - X[:, None], grid, p, left=0.0, right=0.0)
     shifts = np.arange(-S, S + 1, dtype=np.float64)
-    # row shifted by dx: profile at c - X - dx, i.e. template columns o + c with o = S - dx
-    score = np.einsum("tc,toc->ot", kr, np.lib.stride_tricks.sliding_window_view(tpl, n, axis=1))[::-1]
+    score = kernels.shift_scores(np.ascontiguousarray(kr, np.float64), p, np.ascontiguousarray(X, np.float64),
+                                 float(m0), S)
     j = np.argmax(score, axis=0)
     corr = shifts[j].astype(np.float64)
     inner = (j > 0) & (j < shifts.size - 1)
@@ -345,8 +314,8 @@ def _refine_x(ke: np.ndarray, X: np.ndarray, m0: float, prof: np.ndarray, bin_px
     return X + corr
 
 
-def material_profile(ke: np.ndarray, d: np.ndarray, bin_px: float = 1.0, refine: int = 2,
-                     search_px: int = 6, smooth_frames: float = 1.0) -> tuple[np.ndarray, float, np.ndarray, np.ndarray]:
+def material_profile(ke: np.ndarray, d: np.ndarray, refine: int = 2, search_px: int = 6,
+                     smooth_frames: float = 1.0) -> tuple[np.ndarray, float, np.ndarray, np.ndarray]:
     """Lagrangian view of a kymograph window: every sample ``ke[t, c]`` belongs to the blood at
     material coordinate ``m = c − X(t)``, where ``X`` is the displacement (px) integrated from the
     per-row speeds ``d`` (px/frame, trapezoid rule, ``X(0) = 0``). Anything carried by the flow —
@@ -356,15 +325,15 @@ def material_profile(ke: np.ndarray, d: np.ndarray, bin_px: float = 1.0, refine:
     an imperfect speed track accumulates over a transit.
 
     Returns ``(X (T,), m0, profile, rows)``: ``profile[b]`` is the mean of the samples whose
-    material coordinate falls in bin ``b`` (``m = m0 + b·bin_px``, linear binning) and ``rows[b]``
+    material coordinate falls in 1-px bin ``b`` (``m = m0 + b``, linear binning) and ``rows[b]``
     how many frames saw that material inside the kymograph (0 for bins no sample reached)."""
     d = np.asarray(d, np.float64)
     X = np.concatenate([[0.0], np.cumsum(0.5 * (d[1:] + d[:-1]))])
-    m0, prof, rows = _profile_from_x(ke, X, bin_px)
+    m0, prof, rows = _profile_from_x(ke, X)
     for _ in range(max(0, int(refine))):
-        X = _refine_x(ke, X, m0, prof, bin_px, search_px, smooth_frames)
+        X = _refine_x(ke, X, m0, prof, search_px, smooth_frames)
         X = X - X[0]
-        m0, prof, rows = _profile_from_x(ke, X, bin_px)
+        m0, prof, rows = _profile_from_x(ke, X)
     return X, m0, prof, rows
 
 
@@ -383,7 +352,7 @@ def profile_quality(ke: np.ndarray, prof: np.ndarray, rows: np.ndarray, min_rows
 
 def material_events(ke: np.ndarray, sd: float, anchor: float, d: np.ndarray, threshold: float,
                     min_sep_px: float, min_fill: float = 0.75, min_rows: int = 3,
-                    bin_px: float = 1.0, profile: tuple | None = None) -> list[radon.LineEvent]:
+                    profile: tuple | None = None) -> list[radon.LineEvent]:
     """Bright objects carried by the flow (plasma gaps / white cells) in a kymograph window.
 
     ``ke`` (T, N) destriped kymograph smoothed along the vessel to the size of a cell, ``sd`` its
@@ -395,16 +364,16 @@ def material_events(ke: np.ndarray, sd: float, anchor: float, d: np.ndarray, thr
     Its time is when that material crosses ``anchor`` (fractional row), its speed ``d`` there,
     its strength the mean brightness (SDs)."""
     t, n = ke.shape
-    X, m0, prof, rows = profile if profile is not None else material_profile(ke, d, bin_px)
+    X, m0, prof, rows = profile if profile is not None else material_profile(ke, d)
     if not np.any(rows > 0):
         return []
     # complete paths only: the material crossed ≥ min_fill of the kymograph's length inside the
     # window, or stayed in it for ≥ min_fill of the window (slow flow). A fixed share of the
     # longest path would drop cells that pass in the fast phase of a pulsating flow.
-    _, cover = _material_span(X, m0, prof.size, bin_px, n)
+    _, cover = _material_span(X, m0, prof.size, n)
     full = (rows >= min_rows) & ((cover >= min_fill * (n - 1)) | (rows >= min_fill * t))
     stat = np.where(full, prof / max(sd, 1e-9), -np.inf)
-    sep = max(1, int(round(min_sep_px / bin_px)))
+    sep = max(1, int(round(min_sep_px)))
     peaks = np.flatnonzero((stat >= threshold) & (stat == maximum_filter1d(stat, 2 * sep + 1, mode="constant",
                                                                            cval=-np.inf)))
     forward = X[-1] >= X[0]
@@ -412,7 +381,7 @@ def material_events(ke: np.ndarray, sd: float, anchor: float, d: np.ndarray, thr
     vx = np.gradient(X) if t > 1 else np.asarray(d, np.float64)
     out = []
     for p in peaks:
-        target = anchor - (m0 + p * bin_px)            # X(t) at which this material is at the anchor
+        target = anchor - (m0 + p)                     # X(t) at which this material is at the anchor
         if not (min(X[0], X[-1]) <= target <= max(X[0], X[-1])):
             continue
         tf = float(np.interp(target, X, rowsi) if forward else np.interp(-target, -X, rowsi))
@@ -538,9 +507,14 @@ class WindowAnalyzer:
         return stopped_flow(np.asarray(raw, np.float32), noisy_ratio_max=self.stopped_noisy_ratio)
 
     def _bin(self, k: np.ndarray) -> np.ndarray:
+        """Mean of every ``coarse_decimate`` adjacent columns (the coarse pass's kymograph)."""
         if self._dec == 1:
             return k
-        return np.ascontiguousarray(k[:, :self._nc * self._dec].reshape(k.shape[0], self._nc, self._dec).mean(axis=2))
+        d, nc = self._dec, self._nc
+        acc = k[:, 0:nc * d:d].astype(np.float64)
+        for i in range(1, d):
+            acc += k[:, i:nc * d:d]
+        return acc / d
 
     def analyze(self, raw: np.ndarray, background: np.ndarray, start_frame: int,
                 own: tuple[float, float] | None = None) -> WindowResult:
@@ -630,7 +604,7 @@ class WindowAnalyzer:
                 if self.log_intensity:
                     # the same registered blood column (X), read in log grey levels
                     ev_k = self._log_kymograph(raw, background)
-                    ev_prof = (prof[0], *_profile_from_x(ev_k, prof[0], 1.0))
+                    ev_prof = (prof[0], *_profile_from_x(ev_k, prof[0]))
                 ev_sd = radon.robust_sd(ev_k[::2, ::2].ravel()) or 1.0
                 for e in material_events(ev_k, ev_sd, self.anchor, track, self.event_mean_threshold,
                                          self.event_sep_px, profile=ev_prof):

@@ -12,9 +12,11 @@ Out: a sinogram ``score[m, j]`` = sum along the line ``s = anchor + v_m (t - j)`
      - :func:`detect_events`: bright lines standing out of their own speed's background
        (plasma gaps / white cells) → :class:`LineEvent` (crossing frame, speed, strength).
 
-Each shear is one ``cv2.warpAffine``: for |v| ≤ 1 px/frame the line is sampled once per row
-(output ``T × T``); for |v| > 1 once per column (output ``T × N``), so every sample is distinct
-and the work per speed is at most ``T × max(T, N)``. A line must have at least
+A line with |v| ≤ 1 px/frame is sampled once per row, a faster one once per column, so every
+sample is distinct; samples are linearly interpolated. The coarse sinogram
+(:class:`ShearRadon`) sums lines with prefix sums (:func:`stream.kernels.line_sums`), the
+fine one (:func:`row_sinogram`) sample by sample (:func:`stream.kernels.row_line_scores`);
+both are compiled loops. A line must have at least
 ``min_samples`` samples inside the window to score. Recoverable speeds are bounded above by the
 kymograph length: a line must span ≥ 2 frames, i.e. ``|v| ≤ N / 2`` px/frame
 (:func:`max_resolvable_speed`); near that limit the texture speed (row cross-correlation) is still
@@ -25,9 +27,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import cv2
 import numpy as np
 from scipy.ndimage import maximum_filter
+
+from stream import kernels
 
 
 @dataclass(frozen=True)
@@ -54,67 +57,26 @@ def max_resolvable_speed(n_px: int, min_frames: float = 2.0) -> float:
     return max(1.0, n_px / min_frames)
 
 
-def _shear_matrix(v: float, anchor: float) -> tuple[np.ndarray, int]:
-    """Inverse-map matrix of the shear whose ``axis``-sums are the line sums at speed ``v`` for
-    crossing frames j = 0..T-1: for |v| ≤ 1 dst(row=t, col=j) = src(x = anchor + v (t − j), y = t)
-    (output T × T, line sum = column sum, axis 0); for |v| > 1 dst(row=j, col=s) =
-    src(x = s, y = j + (s − anchor) / v) (output T × N, line sum = row sum, axis 1)."""
-    if abs(v) <= 1.0:
-        return np.float32([[-v, v, anchor], [0, 1, 0]]), 0
-    return np.float32([[1, 0, 0], [1.0 / v, 1, -anchor / v]]), 1
-
-
 class ShearRadon:
-    """Shear-and-sum Radon transform for a fixed window shape and speed set (sample counts and the
-    shear matrices cached; the shears of all speeds are written into two preallocated stacks —
-    slow speeds sampled once per row, fast ones once per column — and summed in one call each)."""
+    """Shear-and-sum Radon transform for a fixed window shape, speed set and anchor: the line
+    sums of :func:`stream.kernels.line_sums` (prefix sums, work ∝ pixels crossed per line), the
+    sample counts per line (the same sums over an all-ones window) cached."""
 
     def __init__(self, shape: tuple[int, int], speeds: np.ndarray, anchor: float, min_samples: int = 4):
         self.shape = (int(shape[0]), int(shape[1]))
         self.speeds = np.asarray(speeds, np.float64)
         self.anchor = float(anchor)
-        t, n = self.shape
-        self._slow = np.flatnonzero(np.abs(self.speeds) <= 1.0)
-        self._fast = np.flatnonzero(np.abs(self.speeds) > 1.0)
-        self._mats = [_shear_matrix(v, self.anchor)[0] for v in self.speeds]
-        self._buf_slow = np.empty((self._slow.size, t, t), np.float32)
-        self._buf_fast = np.empty((self._fast.size, t, n), np.float32)
-        self.count = self._sums(np.ones(self.shape, np.float32))
-        cnt = self.count
+        cnt = kernels.line_sums(np.ones(self.shape), self.speeds, self.anchor).astype(np.float32)
+        self.count = cnt
         self.valid = cnt >= min_samples
         self._norm = np.where(self.valid, 1.0 / np.sqrt(np.maximum(cnt, 1e-6)), 0.0).astype(np.float32)
 
-    def _sums(self, k: np.ndarray) -> np.ndarray:
-        t, n = self.shape
-        out = np.empty((len(self.speeds), t), np.float32)
-        flags, border = cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP, cv2.BORDER_CONSTANT
-        for b, i in enumerate(self._slow):
-            cv2.warpAffine(k, self._mats[i], (t, t), dst=self._buf_slow[b], flags=flags, borderMode=border,
-                           borderValue=0)
-        for b, i in enumerate(self._fast):
-            cv2.warpAffine(k, self._mats[i], (n, t), dst=self._buf_fast[b], flags=flags, borderMode=border,
-                           borderValue=0)
-        if self._slow.size:
-            out[self._slow] = self._buf_slow.sum(axis=1)
-        if self._fast.size:
-            out[self._fast] = self._buf_fast.sum(axis=2)
-        return out
-
     def sinogram(self, kymo: np.ndarray) -> np.ndarray:
         """``(len(speeds), T)`` float32 line-sum z-scores (0 where a line has too few samples)."""
-        k = np.ascontiguousarray(kymo, np.float32)
+        k = np.asarray(kymo, np.float64)
         if k.shape != self.shape:
             raise ValueError(f"window shape {k.shape} != {self.shape}")
-        return self._sums(k) * self._norm
-
-
-def _row_shear(img: np.ndarray, v: float, anchor: float, tau0: float, step_px: float, k: int) -> np.ndarray:
-    """dst(row=t, col=i) = src(x = anchor + v (t - tau_i), y = t), tau_i = tau0 + i * step_px / |v|."""
-    t, _ = img.shape
-    sg = 1.0 if v >= 0 else -1.0
-    m = np.float32([[-sg * step_px, v, anchor - v * tau0], [0, 1, 0]])
-    return cv2.warpAffine(img, m, (k, t), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
-                          borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+        return kernels.line_sums(np.ascontiguousarray(k), self.speeds, self.anchor).astype(np.float32) * self._norm
 
 
 def row_sinogram(kymo: np.ndarray, anchor: float, speeds: np.ndarray, tau_lo: float, tau_hi: float,
@@ -123,36 +85,15 @@ def row_sinogram(kymo: np.ndarray, anchor: float, speeds: np.ndarray, tau_lo: fl
     structure moves more than its own size between frames (fast flow: time must not be
     interpolated). Lines cross ``anchor`` at ``tau`` on the grid ``arange(tau_lo, tau_hi, step)``
     (frames); internally each speed uses intercepts 1 px apart along the distance axis (i.e.
-    ``1/|v|`` frames) and keeps the maximum within each grid bin.
+    ``1/|v|`` frames) and keeps the maximum within each grid bin
+    (:func:`stream.kernels.row_line_scores`).
 
     Returns ``(tau_grid (K,), score (M, K) z-scores, count (M, K) samples per line)``."""
-    k_img = np.ascontiguousarray(kymo, np.float32)
-    t, n = k_img.shape
+    k_img = np.ascontiguousarray(kymo, np.float64)
     grid = np.arange(tau_lo, tau_hi, step)
-    out = np.zeros((len(speeds), len(grid)), np.float32)
-    cnt = np.zeros((len(speeds), len(grid)), np.float32)
-    for i, v in enumerate(speeds):
-        av = abs(float(v))
-        dtau = min(step, 1.0 / av) if av > 0 else step
-        sub = max(1, int(round(step / dtau)))
-        dtau = step / sub
-        kn = len(grid) * sub
-        tau0 = tau_lo
-        sh = _row_shear(k_img, float(v), anchor, tau0, dtau * av, kn)
-        sums = sh.sum(axis=0)
-        taus = tau0 + dtau * np.arange(kn)
-        if av > 0:
-            e0, e1 = taus + (0 - anchor) / v, taus + (n - 1 - anchor) / v
-            lo, hi = np.maximum(np.minimum(e0, e1), 0), np.minimum(np.maximum(e0, e1), t - 1)
-            c = np.maximum(np.floor(hi) - np.ceil(lo) + 1, 0).astype(np.float32)
-        else:
-            c = np.full(kn, float(t) if 0 <= anchor <= n - 1 else 0.0, np.float32)
-        z = np.where(c > 0, sums / np.sqrt(np.maximum(c, 1)), 0.0)
-        z = z.reshape(len(grid), sub)
-        j = np.argmax(z, axis=1)
-        out[i] = z[np.arange(len(grid)), j]
-        cnt[i] = c.reshape(len(grid), sub)[np.arange(len(grid)), j]
-    return grid, out, cnt
+    score, cnt = kernels.row_line_scores(k_img, np.asarray(speeds, np.float64), float(anchor), float(tau_lo),
+                                         len(grid), float(step))
+    return grid, score.astype(np.float32), cnt.astype(np.float32)
 
 
 def independent_lines(speeds: np.ndarray, n_frames: int) -> np.ndarray:

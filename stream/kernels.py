@@ -1,0 +1,268 @@
+"""Compiled inner loops (numba) of the kymograph window analysis.
+
+The window analysis (:mod:`stream.flow`, :mod:`stream.radon`) spends its time in a few loops over
+every sample of a ``(T, N)`` kymograph window (rows = frames, columns = px along the centerline):
+line sums at many speeds, and the binning and re-registration of the Lagrangian material profile.
+In numpy they need one image warp per speed or ``T × N`` index and weight arrays per pass; here
+they are plain loops, compiled on first use and cached on disk (``cache=True``). Results equal
+the numpy/OpenCV formulations they replace to float rounding (tests compare them).
+
+All inputs are float64 arrays (kymograph values in any unit), speeds in px/frame, positions in
+px (columns) and frames (rows); every function is pure.
+"""
+from __future__ import annotations
+
+import math
+
+import numba
+import numpy as np
+
+
+@numba.njit(cache=True, nogil=True)
+def line_sums(k: np.ndarray, speeds: np.ndarray, anchor: float) -> np.ndarray:
+    """Sums of ``k`` (T, N) along the straight lines ``x = anchor + v (t − j)`` (column x,
+    row t) for every speed ``v`` in ``speeds`` and every crossing frame ``j = 0 … T−1``:
+    ``(len(speeds), T)``. Samples are linearly interpolated between the two nearest pixels and
+    pixels outside the window count 0 — the shear-and-sum of :mod:`stream.radon`: a line with
+    |v| ≤ 1 px/frame is sampled once per row, a faster one once per column.
+
+    Method: within a run of samples that interpolate the same two pixel rows (fast lines) or
+    columns (slow lines) the interpolation weight is linear in the sample index, so the run's
+    contribution comes from prefix sums of ``k`` and of ``index × k`` along that row/column.
+    The runs of a line, relative to its crossing frame, are the same for every ``j``, so each run
+    is added to all lines at once (a contiguous loop over ``j``): the work is the number of
+    rows (columns) a line crosses times T, not its number of samples."""
+    T, N = k.shape
+    V = speeds.shape[0]
+    out = np.zeros((V, T))
+    # prefix sums stored [column, row + T] with zero rows before and after the window (rows
+    # −T … 2T − 1), so that rows outside it contribute nothing without a test:
+    # P0[s, T + r] = Σ_{s' < s} k[r, s'], P1[s, T + r] = Σ_{s' < s} s'·k[r, s']
+    P0 = np.zeros((N + 1, 3 * T))
+    P1 = np.zeros((N + 1, 3 * T))
+    for r in range(T):
+        a0 = 0.0
+        a1 = 0.0
+        for s in range(N):
+            x = k[r, s]
+            a0 += x
+            a1 += s * x
+            P0[s + 1, T + r] = a0
+            P1[s + 1, T + r] = a1
+    # Q0[c, T + t] = Σ_{t' < t} k[t', c] for t = −T … 2T (constant outside 0 … T): sums over a
+    # row range clipped to the window come out of unclipped indices; Q1 likewise with t'·k
+    Q0 = np.zeros((N, 3 * T + 1))
+    Q1 = np.zeros((N, 3 * T + 1))
+    for c in range(N):
+        a0 = 0.0
+        a1 = 0.0
+        for t in range(T):
+            x = k[t, c]
+            a0 += x
+            a1 += t * x
+            Q0[c, T + t + 1] = a0
+            Q1[c, T + t + 1] = a1
+        for t in range(T + 1, 2 * T + 1):
+            Q0[c, T + t] = a0
+            Q1[c, T + t] = a1
+    for i in range(V):
+        v = speeds[i]
+        if abs(v) > 1.0:
+            # sample at column s, row y = j + (s − anchor)/v, between rows r = j + m and r + 1
+            # with weight f = alpha + s/v on the run of columns where floor(y) − j = m
+            iv = 1.0 / v
+            u0 = -anchor * iv
+            u1 = (N - 1 - anchor) * iv
+            m_lo = int(math.floor(min(u0, u1)))
+            m_hi = int(math.floor(max(u0, u1)))
+            for m in range(m_lo, m_hi + 1):
+                if v > 0:
+                    s_lo = int(math.ceil(anchor + v * m))
+                    s_hi = int(math.ceil(anchor + v * (m + 1))) - 1
+                else:
+                    s_lo = int(math.floor(anchor + v * (m + 1))) + 1
+                    s_hi = int(math.floor(anchor + v * m))
+                s_lo = max(s_lo, 0)
+                s_hi = min(s_hi, N - 1)
+                if s_hi < s_lo:
+                    continue
+                alpha = -m - anchor * iv
+                ca, cb = 1.0 - alpha, alpha
+                j0 = max(0, -m - 1)               # rows j + m and j + m + 1 must not both be outside
+                j1 = min(T - 1, T - 1 - m)
+                for j in range(j0, j1 + 1):
+                    r = T + j + m
+                    acc = ca * (P0[s_hi + 1, r] - P0[s_lo, r]) - iv * (P1[s_hi + 1, r] - P1[s_lo, r])
+                    acc += cb * (P0[s_hi + 1, r + 1] - P0[s_lo, r + 1]) + iv * (P1[s_hi + 1, r + 1] - P1[s_lo, r + 1])
+                    out[i, j] += acc
+        elif v != 0.0:
+            # sample at row t = j + tau, column x = anchor + v tau, between columns c and c + 1
+            # with weight g = x − c on the run of rows where floor(x) = c
+            iv = 1.0 / v
+            x0 = anchor - v * (T - 1)
+            x1 = anchor + v * (T - 1)
+            c_lo = max(int(math.floor(min(x0, x1))), -1)
+            c_hi = min(int(math.floor(max(x0, x1))), N - 1)
+            for c in range(c_lo, c_hi + 1):
+                if v > 0:
+                    tau_lo = int(math.ceil((c - anchor) * iv))
+                    tau_hi = int(math.ceil((c + 1 - anchor) * iv)) - 1
+                else:
+                    tau_lo = int(math.floor((c + 1 - anchor) * iv)) + 1
+                    tau_hi = int(math.floor((c - anchor) * iv))
+                tau_lo = max(tau_lo, -(T - 1))
+                tau_hi = min(tau_hi, T - 1)
+                if tau_hi < tau_lo:
+                    continue
+                j0 = max(0, -tau_hi)
+                j1 = min(T - 1, T - 1 - tau_lo)
+                g0 = anchor + v * 0.0 - c            # g = g0 + v (t − j) = (g0 − v j) + v t
+                for j in range(j0, j1 + 1):
+                    lo = T + j + tau_lo
+                    hi = T + j + tau_hi + 1
+                    b = g0 - v * j
+                    acc = 0.0
+                    if c >= 0:
+                        acc += (1.0 - b) * (Q0[c, hi] - Q0[c, lo]) - v * (Q1[c, hi] - Q1[c, lo])
+                    if c + 1 <= N - 1:
+                        acc += b * (Q0[c + 1, hi] - Q0[c + 1, lo]) + v * (Q1[c + 1, hi] - Q1[c + 1, lo])
+                    out[i, j] += acc
+        else:
+            c = int(math.floor(anchor))
+            g = anchor - c
+            tot = 0.0
+            for t in range(T):
+                if 0 <= c <= N - 1:
+                    tot += (1.0 - g) * k[t, c]
+                if 0 <= c + 1 <= N - 1:
+                    tot += g * k[t, c + 1]
+            for j in range(T):
+                out[i, j] = tot
+    return out
+
+
+@numba.njit(cache=True, nogil=True)
+def material_bins(ke: np.ndarray, X: np.ndarray):
+    """Linear binning of a kymograph window's samples by material coordinate.
+
+    Sample ``ke[t, c]`` belongs to material ``m = c − X[t]`` (px); bins are 1 px wide from
+    ``m0 = −max(X)`` (column 0 at the largest displacement). Returns ``(m0, sums, weights)``:
+    per bin the weighted sum of the samples and the sum of their weights (each sample splits
+    between its two nearest bins)."""
+    T, N = ke.shape
+    xmax = X[0]
+    for t in range(T):
+        xmax = max(xmax, X[t])
+    m0 = -xmax
+    umax = 0.0
+    for t in range(T):
+        umax = max(umax, xmax - X[t])
+    nb = int(math.floor(umax)) + N + 1
+    sums = np.zeros(nb)
+    weights = np.zeros(nb)
+    for t in range(T):
+        u = xmax - X[t]
+        off = int(math.floor(u))
+        f = u - off
+        g = 1.0 - f
+        for c in range(N):
+            w = ke[t, c]
+            b = off + c
+            sums[b] += g * w
+            sums[b + 1] += f * w
+            weights[b] += g
+            weights[b + 1] += f
+    return m0, sums, weights
+
+
+@numba.njit(cache=True, nogil=True, fastmath=True)
+def shift_scores(kr: np.ndarray, p: np.ndarray, X: np.ndarray, m0: float, S: int) -> np.ndarray:
+    """Correlation of every row of ``kr`` (T, N) with the material profile ``p`` (bin b at
+    material ``m0 + b`` px) as that row would see it when displaced by ``X[t] + dx``:
+    ``score[dx + S, t] = Σ_c kr[t, c] · p(c − X[t] − dx)`` for ``dx = −S … S`` px, the profile
+    linearly interpolated and 0 outside its bins. Shape ``(2S + 1, T)``."""
+    T, N = kr.shape
+    nb = p.shape[0]
+    L = N + 2 * S
+    score = np.empty((2 * S + 1, T))
+    tpl = np.empty(L)
+    for t in range(T):
+        pos0 = -S - X[t] - m0               # bin position of template column 0 (column −S)
+        i0 = int(math.floor(pos0))
+        f = pos0 - i0
+        for e in range(L):
+            i = i0 + e
+            if i < 0 or i > nb - 1 or (i == nb - 1 and f > 0.0):
+                tpl[e] = 0.0
+            elif i == nb - 1:
+                tpl[e] = p[i]
+            else:
+                tpl[e] = (1.0 - f) * p[i] + f * p[i + 1]
+        for q in range(2 * S + 1):          # shift dx = q − S reads template columns o + c, o = S − dx
+            o = 2 * S - q
+            acc = 0.0
+            for c in range(N):
+                acc += kr[t, c] * tpl[o + c]
+            score[q, t] = acc
+    return score
+
+
+@numba.njit(cache=True, nogil=True)
+def row_line_scores(k: np.ndarray, speeds: np.ndarray, anchor: float, tau_lo: float, n_grid: int,
+                    step: float):
+    """Fine sinogram of :func:`stream.radon.row_sinogram`: for every speed ``v`` (px/frame) and
+    every bin ``g`` of the crossing-time grid ``tau_lo + g·step`` (frames), lines
+    ``x = anchor + v (t − tau)`` sampled once per row ``t`` (linear interpolation along x, 0
+    outside), with intercepts ``tau`` every ``min(step, 1/|v|)`` frames inside the bin; each
+    line's sum divided by √(number of rows on which it lies inside the kymograph) and the
+    largest of these per bin kept. Returns ``(score, count)``, both ``(len(speeds), n_grid)``."""
+    T, N = k.shape
+    M = speeds.shape[0]
+    score = np.zeros((M, n_grid))
+    count = np.zeros((M, n_grid))
+    for i in range(M):
+        v = speeds[i]
+        av = abs(v)
+        dtau = min(step, 1.0 / av) if av > 0 else step
+        sub = max(1, int(round(step / dtau)))
+        dtau = step / sub
+        for g in range(n_grid):
+            best = -np.inf
+            best_c = 0.0
+            for q in range(sub):
+                tau = tau_lo + dtau * (g * sub + q)
+                if av > 0:
+                    e0 = tau + (0 - anchor) / v
+                    e1 = tau + (N - 1 - anchor) / v
+                    lo = max(min(e0, e1), 0.0)
+                    hi = min(max(e0, e1), T - 1.0)
+                    c = max(math.floor(hi) - math.ceil(lo) + 1.0, 0.0)
+                else:
+                    c = float(T) if 0.0 <= anchor <= N - 1 else 0.0
+                # rows on which the line lies inside the kymograph (−1 < x < N)
+                if av > 0:
+                    ta = tau + (-1.0 - anchor) / v
+                    tb = tau + (N - anchor) / v
+                    t0 = max(0, int(math.floor(min(ta, tb))))
+                    t1 = min(T - 1, int(math.ceil(max(ta, tb))))
+                else:
+                    t0 = 0
+                    t1 = T - 1
+                acc = 0.0
+                for t in range(t0, t1 + 1):
+                    x = anchor + v * (t - tau)
+                    if x <= -1.0 or x >= N:
+                        continue
+                    ci = int(math.floor(x))
+                    f = x - ci
+                    if ci >= 0:
+                        acc += (1.0 - f) * k[t, ci]
+                    if ci + 1 <= N - 1:
+                        acc += f * k[t, ci + 1]
+                z = acc / math.sqrt(max(c, 1.0)) if c > 0 else 0.0
+                if z > best:
+                    best = z
+                    best_c = c
+            score[i, g] = best
+            count[i, g] = best_c
+    return score, count
