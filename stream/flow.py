@@ -34,6 +34,7 @@ import logging
 import math
 from dataclasses import dataclass, field
 
+import cv2
 import numpy as np
 import scipy.fft
 from scipy.ndimage import gaussian_filter1d, maximum_filter1d
@@ -41,6 +42,8 @@ from scipy.ndimage import gaussian_filter1d, maximum_filter1d
 from stream import kernels, radon
 
 log = logging.getLogger(__name__)
+
+_ONE = np.ones(1, np.float32)   # identity kernel across rows (cv2.sepFilter2D)
 
 
 def px_per_frame_to_um_s(v: float | None, um_per_px: float | None, fps: float) -> float | None:
@@ -147,8 +150,7 @@ def xcorr_speed(kymo: np.ndarray, max_speed: float, max_lag: int = 16,
     lags = np.array([lag for lag in XCORR_LAGS if lag <= min(max_lag, t - 2)], np.int64)
     if lags.size == 0:
         return XcorrSpeed(float("nan"), 0.0, 0)
-    fc = np.conj(f)
-    p = np.stack([np.einsum("ij,ij->j", fc[:-lag], f[lag:]) for lag in lags])
+    p = kernels.lag_cross_power(f, lags)
     c = scipy.fft.irfft(p, nfft, axis=1) / (overlap[None, :] * (t - lags)[:, None] * power)
     lim = np.minimum(n // 2, np.ceil(max_speed * lags).astype(np.int64) + 2)
     ok = np.abs(d)[None, :] <= lim[:, None]
@@ -476,6 +478,7 @@ class WindowAnalyzer:
     #                                   the stage uses 0 for out-of-focus loops: see ``_stopped``)
 
     def __post_init__(self):
+        self._smooth_kernel: np.ndarray | None = None
         self.coarse_speeds = radon.speed_grid(self.v_lo, self.v_hi, self.coarse_ratio)
         self._dec = max(1, min(self.coarse_decimate, self.n_px // 32))
         self._nc = self.n_px // self._dec
@@ -669,8 +672,18 @@ class WindowAnalyzer:
         return self._smooth(k)
 
     def _smooth(self, k: np.ndarray) -> np.ndarray:
-        """Gaussian smoothing along the vessel (σ = ``event_smooth_px``) to the size of a cell."""
-        return gaussian_filter1d(k, self.event_smooth_px, axis=1, mode="nearest") if self.event_smooth_px > 0 else k
+        """Gaussian smoothing along the vessel (σ = ``event_smooth_px``, kernel truncated at 4 σ,
+        edges replicated — ``scipy.ndimage.gaussian_filter1d``'s kernel, applied by OpenCV in
+        float32) to the size of a cell."""
+        if self.event_smooth_px <= 0:
+            return k
+        if self._smooth_kernel is None:
+            sigma = float(self.event_smooth_px)
+            x = np.arange(-int(4.0 * sigma + 0.5), int(4.0 * sigma + 0.5) + 1, dtype=np.float64)
+            w = np.exp(-0.5 * (x / sigma) ** 2)
+            self._smooth_kernel = (w / w.sum()).astype(np.float32)
+        return cv2.sepFilter2D(np.asarray(k, np.float32), cv2.CV_32F, self._smooth_kernel, _ONE,
+                               borderType=cv2.BORDER_REPLICATE)
 
     def _local_speeds(self, k: np.ndarray, speeds: np.ndarray, v0: float, t_lo: float, t_hi: float,
                       spectra: RowSpectra | None = None) -> list[float]:

@@ -18,7 +18,6 @@ import numba
 import numpy as np
 
 
-@numba.njit(cache=True, nogil=True)
 def line_sums(k: np.ndarray, speeds: np.ndarray, anchor: float) -> np.ndarray:
     """Sums of ``k`` (T, N) along the straight lines ``x = anchor + v (t − j)`` (column x,
     row t) for every speed ``v`` in ``speeds`` and every crossing frame ``j = 0 … T−1``:
@@ -33,38 +32,46 @@ def line_sums(k: np.ndarray, speeds: np.ndarray, anchor: float) -> np.ndarray:
     is added to all lines at once (a contiguous loop over ``j``): the work is the number of
     rows (columns) a line crosses times T, not its number of samples."""
     T, N = k.shape
+    return line_sums_into(k, speeds, anchor, line_sums_workspace(T, N))
+
+
+def line_sums_workspace(T: int, N: int):
+    """Zeroed prefix-sum buffers for :func:`line_sums_into` on (T, N) windows (reusable: the
+    parts it writes are overwritten on every call, the rest stays zero)."""
+    return (np.zeros((N + 1, 3 * T)), np.zeros((N + 1, 3 * T)), np.zeros((N, 3 * T + 1)), np.zeros((N, 3 * T + 1)))
+
+
+@numba.njit(cache=True, nogil=True)
+def line_sums_into(k: np.ndarray, speeds: np.ndarray, anchor: float, work) -> np.ndarray:
+    """:func:`line_sums` with the prefix-sum buffers of :func:`line_sums_workspace` (no
+    allocation of ~1 MB per call)."""
+    T, N = k.shape
     V = speeds.shape[0]
     out = np.zeros((V, T))
+    P0, P1, Q0, Q1 = work
     # prefix sums stored [column, row + T] with zero rows before and after the window (rows
     # −T … 2T − 1), so that rows outside it contribute nothing without a test:
     # P0[s, T + r] = Σ_{s' < s} k[r, s'], P1[s, T + r] = Σ_{s' < s} s'·k[r, s']
-    P0 = np.zeros((N + 1, 3 * T))
-    P1 = np.zeros((N + 1, 3 * T))
-    for r in range(T):
-        a0 = 0.0
-        a1 = 0.0
-        for s in range(N):
-            x = k[r, s]
-            a0 += x
-            a1 += s * x
-            P0[s + 1, T + r] = a0
-            P1[s + 1, T + r] = a1
+    kt = np.ascontiguousarray(k.T)          # (N, T): both prefix sums below run along memory
+    for s in range(N):
+        for r in range(T):
+            x = kt[s, r]
+            P0[s + 1, T + r] = P0[s, T + r] + x
+            P1[s + 1, T + r] = P1[s, T + r] + s * x
     # Q0[c, T + t] = Σ_{t' < t} k[t', c] for t = −T … 2T (constant outside 0 … T): sums over a
     # row range clipped to the window come out of unclipped indices; Q1 likewise with t'·k
-    Q0 = np.zeros((N, 3 * T + 1))
-    Q1 = np.zeros((N, 3 * T + 1))
     for c in range(N):
         a0 = 0.0
         a1 = 0.0
         for t in range(T):
-            x = k[t, c]
+            x = kt[c, t]
             a0 += x
             a1 += t * x
             Q0[c, T + t + 1] = a0
             Q1[c, T + t + 1] = a1
-        for t in range(T + 1, 2 * T + 1):
-            Q0[c, T + t] = a0
-            Q1[c, T + t] = a1
+        for t in range(2 * T + 1, 3 * T + 1):
+            Q0[c, t] = a0
+            Q1[c, t] = a1
     for i in range(V):
         v = speeds[i]
         if abs(v) > 1.0:
@@ -266,3 +273,20 @@ def row_line_scores(k: np.ndarray, speeds: np.ndarray, anchor: float, tau_lo: fl
             score[i, g] = best
             count[i, g] = best_c
     return score, count
+
+
+@numba.njit(cache=True, nogil=True)
+def lag_cross_power(f: np.ndarray, lags: np.ndarray) -> np.ndarray:
+    """``P[l, b] = Σ_t conj(f[t, b]) · f[t + lags[l], b]``: the cross-power spectra of rows
+    ``lags[l]`` frames apart, summed over the window, for row spectra ``f`` (T, nf) complex."""
+    T, nf = f.shape
+    L = lags.shape[0]
+    out = np.zeros((L, nf), np.complex128)
+    for t in range(T):
+        for li in range(L):
+            u = t + lags[li]
+            if u >= T:
+                continue
+            for b in range(nf):
+                out[li, b] += np.conj(f[t, b]) * f[u, b]
+    return out

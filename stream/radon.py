@@ -66,7 +66,8 @@ class ShearRadon:
         self.shape = (int(shape[0]), int(shape[1]))
         self.speeds = np.asarray(speeds, np.float64)
         self.anchor = float(anchor)
-        cnt = kernels.line_sums(np.ones(self.shape), self.speeds, self.anchor).astype(np.float32)
+        self._work = kernels.line_sums_workspace(*self.shape)
+        cnt = kernels.line_sums_into(np.ones(self.shape), self.speeds, self.anchor, self._work).astype(np.float32)
         self.count = cnt
         self.valid = cnt >= min_samples
         self._norm = np.where(self.valid, 1.0 / np.sqrt(np.maximum(cnt, 1e-6)), 0.0).astype(np.float32)
@@ -76,7 +77,8 @@ class ShearRadon:
         k = np.asarray(kymo, np.float64)
         if k.shape != self.shape:
             raise ValueError(f"window shape {k.shape} != {self.shape}")
-        return kernels.line_sums(np.ascontiguousarray(k), self.speeds, self.anchor).astype(np.float32) * self._norm
+        sums = kernels.line_sums_into(np.ascontiguousarray(k), self.speeds, self.anchor, self._work)
+        return sums.astype(np.float32) * self._norm
 
 
 def row_sinogram(kymo: np.ndarray, anchor: float, speeds: np.ndarray, tau_lo: float, tau_hi: float,
