@@ -8,8 +8,8 @@ Usage::
 1. Offline: renders a clip (1024×768, 20 fps) of the synthetic scope (``stream.synthetic`` if
    present, else the tests' toy scope) into an MJPG file, then times (a) decoding alone and
    (b) ``analyze_video`` on it (decode in a reader thread + stage + every keyframe and window) and
-   prints frames/s and the multiple of real time, with the windows in this process and in
-   ``default_workers()`` worker processes (what ``nailfold analyze`` uses).
+   prints frames/s and the multiple of real time, with the windows in this process, in 2 worker
+   processes and in ``default_workers()`` (what ``nailfold analyze`` uses; 0 on 2 cores).
 2. Live: replays decoded frames paced at 20 fps from a producer thread into a 2-slot queue (a full
    queue = dropped frame), ``process()`` in the consumer, ``step_background()`` in a second thread
    (as ``stream.stage_process`` does), and prints per-frame latency (schedule → processed)
@@ -78,7 +78,7 @@ def offline(path: Path, cfg, n: int, fps: float, segmenter) -> None:
     dur = n / fps
     print(f"offline: {n} frames ({dur:.0f} s of video) 1024x768")
     print(f"  decode only      : {k / t_dec:7.1f} fps ({dur / t_dec:5.1f}x real time)")
-    for workers in sorted({0, default_workers()}):
+    for workers in sorted({0, 2, default_workers()}):
         t0 = time.perf_counter()   # includes starting the worker processes
         if workers:
             with window_pool(workers) as pool:

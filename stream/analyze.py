@@ -8,8 +8,8 @@ Out: ``--out report.json`` — schema ``nailfold.video-report/1`` (see :mod:`str
 
 The same :class:`stream.stage.AnalysisStage` as the live stage runs over every frame as fast as
 possible (``step_background`` after every frame, so no keyframe or window is skipped); the Radon
-windows run in ``--workers`` worker processes (default: one per core) and are merged in order, so
-the report does not depend on the worker count.
+windows run in ``--workers`` worker processes (default: one per core beyond two) and are merged in
+order, so the report does not depend on the worker count.
 Unreadable input (missing file, not a video, empty folder) is an :class:`InputError` raised before
 anything is written. Readable but useless input (black, 3 frames, no capillaries, odd size) gives
 a valid report with empty/null fields and a warning.
@@ -43,8 +43,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="segmenter for keyframes (default: models.segmenter from the config)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--workers", type=int, default=None, metavar="N",
-                        help="processes analysing Radon windows beside the main one (default: one per CPU core; "
-                             "0 = all in this process). The report is the same either way")
+                        help="processes analysing Radon windows beside the main one (default: one per CPU core "
+                             "beyond two; 0 = all in this process). The report is the same either way")
 
 
 def _open(path: str | Path, fps: float | None, config: Config):
@@ -98,10 +98,12 @@ def _prefetch(source, depth: int = 8):
 
 
 def default_workers() -> int:
-    """Window worker processes for ``nailfold analyze``: one per core. The main process (decode,
-    stabilization, kymograph rows, keyframes) waits on its reader thread part of the time; on the
-    2-core box 2 workers gave 3.3× real time, 1 worker 2.7×, none 2.5× (20 s, 20 loops)."""
-    return max(1, os.cpu_count() or 1)
+    """Window worker processes for ``nailfold analyze``: one per core beyond two. The main
+    process (decode thread, registration, kymograph rows, keyframes, and the windows it keeps)
+    already uses about 1.4 cores, and a worker costs ~1 s of start-up (imports, compiled-loop
+    loading); on the 2-core box 0, 1 and 2 workers measured the same within noise once the
+    window analysis became compiled (30 s, 20 loops: ~5× real time each)."""
+    return max(0, (os.cpu_count() or 1) - 2)
 
 
 def analyze_video(path: str | Path, config: Config, *, fps: float | None = None, segmenter=None,

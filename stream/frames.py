@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import cv2
 import numpy as np
 
 DEFAULT_WIDTH = 1024
@@ -41,7 +42,7 @@ def to_gray(image: np.ndarray) -> np.ndarray:
     if image.ndim == 2:
         return image
     if image.ndim == 3 and image.shape[2] in (3, 4):
-        return np.ascontiguousarray(image[:, :, 1])
+        return cv2.extractChannel(image, 1)
     if image.ndim == 3 and image.shape[2] == 1:
         return image[:, :, 0]
     raise ValueError(f"unsupported image shape {image.shape}")

@@ -255,8 +255,27 @@ def row_line_scores(k: np.ndarray, speeds: np.ndarray, anchor: float, tau_lo: fl
                 else:
                     t0 = 0
                     t1 = T - 1
+                # rows whose two neighbouring pixels are both inside (0 ≤ x ≤ N − 2) need no test
+                if av > 0:
+                    ua = tau + (0.0 - anchor) / v
+                    ub = tau + (N - 2.0 - anchor) / v
+                    ta = max(t0, int(math.ceil(min(ua, ub))))
+                    tb = min(t1, int(math.floor(max(ua, ub))))
+                else:
+                    ta, tb = t0, t1
+                    if not (0.0 <= anchor <= N - 2.0):
+                        ta, tb = t1 + 1, t1
+                if tb < ta:
+                    ta, tb = t1 + 1, t1
                 acc = 0.0
+                for t in range(ta, tb + 1):
+                    x = anchor + v * (t - tau)
+                    ci = min(max(int(x), 0), N - 2)
+                    f = x - ci
+                    acc += (1.0 - f) * k[t, ci] + f * k[t, ci + 1]
                 for t in range(t0, t1 + 1):
+                    if ta <= t <= tb:
+                        continue
                     x = anchor + v * (t - tau)
                     if x <= -1.0 or x >= N:
                         continue

@@ -249,7 +249,7 @@ class Stabilizer:
                 log.warning("frame shape changed %s -> %s: stabilizer reset", self.shape, gray.shape)
             return self.reset(gray)
         small = self._small(gray)
-        if float(small.std()) < 1e-3:   # blank frame: nothing to register
+        if float(cv2.meanStdDev(small)[1][0, 0]) < 1e-3:   # blank frame: nothing to register
             return ShiftEstimate(self._prev_shift[0], self._prev_shift[1], 0.0, chained=True)
         dx, dy, conf = self._match(self._ref_small, self._template, gray, small)
         chained = False
