@@ -96,3 +96,12 @@ def test_row_line_scores_keep_the_best_intercept_per_bin():
     i, g = np.unravel_index(np.argmax(score), score.shape)
     assert i == 1 and abs(grid[g] - tau) <= 0.5
     assert cnt[i, g] == 40           # the line stays inside the kymograph on all 40 rows
+
+
+def test_lag_cross_power_equals_numpy():
+    rng = np.random.default_rng(3)
+    f = (rng.standard_normal((25, 17)) + 1j * rng.standard_normal((25, 17))).astype(np.complex64)
+    lags = np.array([1, 2, 4, 8, 16], np.int64)
+    got = kernels.lag_cross_power(f, lags)
+    for row, lag in zip(got, lags):
+        assert np.allclose(row, (np.conj(f[:-lag]) * f[lag:]).sum(axis=0), rtol=1e-5, atol=1e-4)
