@@ -68,23 +68,34 @@ def sampling_maps(centerline: np.ndarray, width_px: np.ndarray | float, n_across
     return mx.astype(np.float32), my.astype(np.float32)
 
 
-def sample_row(gray: np.ndarray, maps: tuple[np.ndarray, np.ndarray], dx: float = 0.0,
-               dy: float = 0.0) -> np.ndarray:
-    """One kymograph row ``(N,)`` float32 from ``gray`` (uint8/float) shifted by ``(dx, dy)``."""
+def frame_maps(maps: tuple[np.ndarray, np.ndarray], shape: tuple[int, ...], dx: float = 0.0, dy: float = 0.0,
+               angle: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+    """Sampling maps (reference coordinates) moved into the coordinates of a frame of ``shape``
+    whose content has the pose ``(dx, dy, angle)`` (:func:`stream.stabilize.pose_matrix`)."""
     mx, my = maps
-    v = cv2.remap(gray, mx + np.float32(dx), my + np.float32(dy), cv2.INTER_LINEAR,
-                  borderMode=cv2.BORDER_REPLICATE)
+    if angle == 0.0:
+        return mx + np.float32(dx), my + np.float32(dy)
+    from stream.stabilize import pose_matrix
+    m = pose_matrix(dx, dy, angle, shape).astype(np.float32)
+    return (m[0, 0] * mx + m[0, 1] * my + m[0, 2]), (m[1, 0] * mx + m[1, 1] * my + m[1, 2])
+
+
+def sample_row(gray: np.ndarray, maps: tuple[np.ndarray, np.ndarray], dx: float = 0.0,
+               dy: float = 0.0, angle: float = 0.0) -> np.ndarray:
+    """One kymograph row ``(N,)`` float32 from ``gray`` (uint8/float) whose content has the pose
+    ``(dx, dy, angle)`` relative to the maps' reference coordinates."""
+    x, y = frame_maps(maps, gray.shape, dx, dy, angle)
+    v = cv2.remap(gray, x, y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
     return v.astype(np.float32).mean(axis=0)
 
 
 def in_view(maps: tuple[np.ndarray, np.ndarray], shape: tuple[int, ...], dx: float = 0.0,
-            dy: float = 0.0) -> np.ndarray:
+            dy: float = 0.0, angle: float = 0.0) -> np.ndarray:
     """``(N,)`` bool: every across-sample of each centerline point lies inside a frame of
-    ``shape`` ``(H, W, …)`` once shifted by ``(dx, dy)`` px (the interpolation support included)."""
-    mx, my = maps
+    ``shape`` ``(H, W, …)`` under the pose ``(dx, dy, angle)`` (the interpolation support
+    included)."""
     h, w = shape[:2]
-    x = mx + np.float32(dx)
-    y = my + np.float32(dy)
+    x, y = frame_maps(maps, shape, dx, dy, angle)
     return ((x >= 0) & (x <= w - 1) & (y >= 0) & (y <= h - 1)).all(axis=0)
 
 
@@ -217,7 +228,7 @@ class _Entry:
 class KymographBank:
     """Samples many capillaries with one ``cv2.remap`` per frame.
 
-    ``add(key, centerline, width)`` registers a capillary; ``sample(gray, dx, dy)`` returns
+    ``add(key, centerline, width)`` registers a capillary; ``sample(gray, dx, dy, angle)`` returns
     ``{key: row}``. Maps are concatenated along the distance axis."""
 
     def __init__(self, n_across: int = 5, across_frac: float = 0.6):
@@ -254,18 +265,19 @@ class KymographBank:
             if o.start > e.start:
                 o.start -= e.length
 
-    def sample(self, gray: np.ndarray, dx: float = 0.0, dy: float = 0.0) -> dict[int, np.ndarray]:
+    def sample(self, gray: np.ndarray, dx: float = 0.0, dy: float = 0.0, angle: float = 0.0) -> dict[int, np.ndarray]:
         if not self._entries:
             return {}
-        row = sample_row(gray, (self._mx, self._my), dx, dy)
+        row = sample_row(gray, (self._mx, self._my), dx, dy, angle)
         return {k: row[e.start:e.start + e.length] for k, e in self._entries.items()}
 
-    def in_view(self, shape: tuple[int, ...], dx: float = 0.0, dy: float = 0.0) -> dict[int, np.ndarray | None]:
+    def in_view(self, shape: tuple[int, ...], dx: float = 0.0, dy: float = 0.0,
+                angle: float = 0.0) -> dict[int, np.ndarray | None]:
         """``{key: (N,) bool}`` of :func:`in_view` for every capillary; ``None`` for a capillary
         entirely in view (the common case: no per-sample flags to store)."""
         if not self._entries:
             return {}
-        v = in_view((self._mx, self._my), shape, dx, dy)
+        v = in_view((self._mx, self._my), shape, dx, dy, angle)
         if v.all():
             return {k: None for k in self._entries}
         out = {}

@@ -234,7 +234,7 @@ def parse_synthetic_options(opts: str) -> dict:
     from stream.synthetic import SimParams  # lazy: heavy module
 
     aliases = {"loops": "n_loops", "jitter": "jitter_px", "noise": "noise_sigma", "blur": "blur_sigma",
-               "um": "um_per_px", "seconds": "duration_s", "wbc": "wbc_rate_per_min"}
+               "um": "um_per_px", "seconds": "duration_s", "wbc": "wbc_rate_per_min", "rotation": "rotation_deg"}
     fields = SimParams.__dataclass_fields__
     out: dict = {}
     for item in filter(None, (s.strip() for s in opts.split(","))):

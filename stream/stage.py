@@ -286,10 +286,10 @@ CROSSING_MAX_PLACES = 4     # crossing / touching places tried (every subset of 
 
 def _coherence(c: Capillary, frames: list) -> float:
     """How consistently the texture moves along ``c``'s centerline over ``frames`` (the stage's
-    recent (frame no, gray, dx, dy) history): peak row correlation of the destriped kymograph
+    recent (frame no, gray, dx, dy, angle) history): peak row correlation of the destriped kymograph
     (:func:`stream.flow.xcorr_speed`), 0..1."""
     maps = sampling_maps(c.centerline, c.width_px)
-    k = destripe(np.stack([sample_row(g, maps, dx, dy) for _, g, dx, dy in frames]))
+    k = destripe(np.stack([sample_row(g, maps, dx, dy, a) for _, g, dx, dy, a in frames]))
     return flow.xcorr_speed(k, max(8.0, len(c.centerline) / 3.0)).confidence
 
 
@@ -381,11 +381,12 @@ class AnalysisStage:
         self._frame_no = -1
         self._last_seq: int | None = None
         self._shape: tuple[int, int] | None = None
-        self._latest: tuple[np.ndarray, float, float] | None = None
+        self._latest: tuple[np.ndarray, float, float, float] | None = None
         self.frames_in = 0
         self.frames_rejected = 0
         self.gaps: list[dict] = []
-        self.shifts: list[tuple[float, float, float]] = []   # (dx, dy, confidence) per accepted frame
+        self.shifts: list[tuple[float, float, float, float]] = []   # (dx, dy, confidence, angle rad) per
+        #                                                               accepted frame
         self._lat_ms: collections.deque = collections.deque(maxlen=2000)
         self._t_first: float | None = None
         self._t_last: float | None = None
@@ -432,13 +433,13 @@ class AnalysisStage:
         with self._lock:
             self._frame_no += step
             fno = self._frame_no
-            rows = self.bank.sample(gray, est.dx, est.dy)
-            views = self.bank.in_view(gray.shape, est.dx, est.dy)
+            rows = self.bank.sample(gray, est.dx, est.dy, est.angle)
+            views = self.bank.in_view(gray.shape, est.dx, est.dy, est.angle)
             for cid, row in rows.items():
                 self.tracks[cid].buffer.append(row, fno, views.get(cid))
-            self._history.append((fno, gray, est.dx, est.dy))
-            self._latest = (gray, est.dx, est.dy)
-            self.shifts.append((est.dx, est.dy, est.confidence))
+            self._history.append((fno, gray, est.dx, est.dy, est.angle))
+            self._latest = (gray, est.dx, est.dy, est.angle)
+            self.shifts.append((est.dx, est.dy, est.confidence, est.angle))
             self.frames_in += 1
             if len(self._history) >= self.keyframe_average and (
                     self._last_keyframe_frame is None or fno - self._last_keyframe_frame >= self._kf_interval):
@@ -546,8 +547,8 @@ class AnalysisStage:
 
     def _run_keyframe(self, frames: list) -> None:
         acc = None
-        for _, g, dx, dy in frames:
-            w = warp_to_reference(g, dx, dy).astype(np.float32)
+        for _, g, dx, dy, a in frames:
+            w = warp_to_reference(g, dx, dy, a).astype(np.float32)
             acc = w if acc is None else acc + w
         mean = np.clip(acc / len(frames) + 0.5, 0, 255).astype(np.uint8)
         try:
@@ -610,8 +611,8 @@ class AnalysisStage:
         maps = sampling_maps(c.centerline, c.width_px)
         cap_rows = max(self.window * 2, int(round(10 * self.fps)))
         buf = KymographBuffer(n, cap_rows)
-        for fno, g, dx, dy in hist:
-            buf.append(sample_row(g, maps, dx, dy), fno, in_view(maps, g.shape, dx, dy))
+        for fno, g, dx, dy, a in hist:
+            buf.append(sample_row(g, maps, dx, dy, a), fno, in_view(maps, g.shape, dx, dy, a))
         first = hist[0][0] if hist else self._frame_no + 1
         self.tracks[c.id] = _Track(c, buf, first, first, first, maps)
 
@@ -711,9 +712,9 @@ class AnalysisStage:
                     "kymo_lines": [[round(e.t_frame, 2), int(tr.cap.apex_index), round(e.speed_px_per_frame, 3)]
                                    for e in recent],
                 })
-            lat = np.array(self._lat_ms) if self._lat_ms else np.array([np.nan])
+            lat = np.array(self._lat_ms, np.float64)      # empty before the first frame: null figures
             dur = (self._t_last - self._t_first) if self._t_first and self._t_last else 0.0
-            last = self.shifts[-1] if self.shifts else (0.0, 0.0, 0.0)
+            last = self.shifts[-1] if self.shifts else (0.0, 0.0, 0.0, 0.0)
             return {
                 "stream": self.stream_id, "t_s": _r(max(self._frame_no, 0) / self.fps),
                 "calibrated": self.um_per_px is not None, "um_per_px": self.um_per_px,
@@ -722,11 +723,13 @@ class AnalysisStage:
                 "health": {
                     "frames_in": self.frames_in, "frames_rejected": self.frames_rejected,
                     "fps": _r((self.frames_in - 1) / dur) if dur > 0 else None,
-                    "process_ms_p50": _r(np.nanpercentile(lat, 50)), "process_ms_p99": _r(np.nanpercentile(lat, 99)),
+                    "process_ms_p50": _r(np.percentile(lat, 50)) if lat.size else None,
+                    "process_ms_p99": _r(np.percentile(lat, 99)) if lat.size else None,
                     "keyframes": self.keyframes_done, "skipped_keyframes": self.skipped_keyframes,
                     "windows": self.windows_done,
                     "skipped_windows": sum(t.skipped_windows for t in self.tracks.values()),
                     "stab_confidence": _r(last[2]), "shift_px": [_r(last[0]), _r(last[1])],
+                    "rotation_deg": _r(math.degrees(last[3]), 4),
                     "reanchors": self.stabilizer.reanchors, "gaps": len(self.gaps),
                 },
             }
@@ -748,8 +751,8 @@ class AnalysisStage:
             latest = self._latest
         if latest is None:
             return None
-        g, dx, dy = latest
-        return warp_to_reference(g, dx, dy)
+        g, dx, dy, a = latest
+        return warp_to_reference(g, dx, dy, a)
 
     def finish(self, source: str | None = None, true_shifts: np.ndarray | None = None) -> VideoReport:
         """Flush pending work and windows, and build the report. ``true_shifts`` (n, 2) — known
@@ -777,14 +780,15 @@ class AnalysisStage:
         rep.warnings.extend(self._warnings)
         if self.um_per_px is None:
             rep.warnings.append("uncalibrated: pixel size unknown, speeds in px/frame only (set --um-per-px)")
-        sh = np.array(self.shifts, np.float64).reshape(-1, 3)
+        sh = np.array(self.shifts, np.float64).reshape(-1, 4)
         stab: dict = {"residual_px": None, "confidence": None, "mean_shift_px": None, "max_shift_px": None,
-                      "reanchors": self.stabilizer.reanchors}
+                      "max_rotation_deg": None, "reanchors": self.stabilizer.reanchors}
         if len(sh):
             mag = np.hypot(sh[:, 0], sh[:, 1])
             stab.update(confidence={"median": float(np.median(sh[:, 2])), "p05": float(np.percentile(sh[:, 2], 5)),
                                     "min": float(sh[:, 2].min())},
-                        mean_shift_px=float(mag.mean()), max_shift_px=float(mag.max()))
+                        mean_shift_px=float(mag.mean()), max_shift_px=float(mag.max()),
+                        max_rotation_deg=float(np.degrees(np.abs(sh[:, 3]).max())))
             if true_shifts is not None:
                 ts = np.asarray(true_shifts, np.float64).reshape(-1, 2)[:len(sh)]
                 err = np.hypot(sh[:len(ts), 0] - ts[:, 0], sh[:len(ts), 1] - ts[:, 1])

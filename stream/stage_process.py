@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import collections
 import logging
+import math
 import signal
 import sys
 import threading
@@ -247,7 +248,8 @@ class StageProcess:
         if img is None or img.ndim != 3 or None in shift:
             return slot.stage.stabilized_frame()
         from stream.stabilize import warp_to_reference
-        return warp_to_reference(img, float(shift[0]), float(shift[1]))
+        rot = (snap.get("health") or {}).get("rotation_deg") or 0.0
+        return warp_to_reference(img, float(shift[0]), float(shift[1]), math.radians(float(rot)))
 
     def publish(self) -> None:
         for name, slot in list(self.slots.items()):

@@ -21,8 +21,9 @@ Physics, simplified but honest:
   blood cell is a short plasma gap (absorbance dip) travelling with the flow; its truth time is when
   it passes the apex. Some capillaries are stopped (v = 0).
 - Camera: tremor (two sinusoids 3–8 Hz, ``jitter_px``) + slow bounded drift, applied as a
-  sub-pixel translation of a larger static canvas; sensor noise from a seeded bank; optional
-  optical blur, focus-loss bursts.
+  sub-pixel translation of a larger static canvas; optionally a rotational tremor of the finger
+  about the frame centre (``rotation_deg``, 0.4–1.2 Hz; ``angle(i)``, off by default); sensor
+  noise from a seeded bank; optional optical blur, focus-loss bursts.
 
 Everything is a deterministic function of ``(seed, frame index)``: random access is allowed and
 ``frame(i)`` for i beyond ``n_frames`` continues the simulation (endless live demo). Static parts
@@ -65,6 +66,7 @@ class SimParams:
     wbc_rate_per_min: float = 12.0
     jitter_px: float = 3.0
     drift_px_per_s: float = 0.5
+    rotation_deg: float = 0.0          # amplitude of a rotational tremor about the frame centre (0 = none)
     noise_sigma: float = 4.0
     blur_sigma: float = 0.0
     background_rows: bool = True
@@ -171,6 +173,8 @@ class SyntheticScope:
         self._appearance(rng)
         self._motion_setup(rng)
         self.margin = int(math.ceil(1.6 * p.jitter_px + self._drift_amp + 8))
+        if p.rotation_deg:   # a turned frame reaches further out at its corners
+            self.margin += int(math.ceil(0.5 * math.hypot(p.width, p.height) * math.sin(math.radians(abs(p.rotation_deg)))))
         self.H, self.W = p.height + 2 * self.margin, p.width + 2 * self.margin
         self.loops: list[_Loop] = []
         self._build_loops(rng)
@@ -221,10 +225,23 @@ class SyntheticScope:
         return dx + d * self._drift_dir[0], dy + d * self._drift_dir[1]
 
     def shift(self, i: int) -> tuple[float, float]:
-        """(dx, dy) px: content displacement of frame i relative to frame 0."""
+        """(dx, dy) px: content displacement of frame i relative to frame 0 (of the frame centre's
+        content when the frame also turns, see :meth:`angle`)."""
         x0, y0 = self._motion(0.0)
         x, y = self._motion(i / self.params.fps)
         return x - x0, y - y0
+
+    def angle(self, i: int) -> float:
+        """Rotation (rad) of frame i's content about the frame centre relative to frame 0: content
+        at frame-0 point p appears at ``c + R(angle)(p − c) + shift`` (the pose convention of
+        :mod:`stream.stabilize`). 0 unless ``rotation_deg`` is set."""
+        a = self.params.rotation_deg
+        if not a:
+            return 0.0
+        # own random stream: the rest of a seed's scene does not depend on the rotation
+        f, ph = np.random.default_rng([self.params.seed & 0xFFFFFFFF, 81]).uniform((0.4, 0.0), (1.2, 2 * np.pi))
+        t = i / self.params.fps
+        return math.radians(a) * (math.sin(2 * np.pi * f * t + ph) - math.sin(ph))
 
     # ---------------------------------------------------------------- loops
     def _class_sampler(self, rng: np.random.Generator):
@@ -608,6 +625,14 @@ class SyntheticScope:
         m = self.margin
         # frame_i(x, y) = canvas(x + m - dx, y + m - dy)  →  frame_i(x + dx, y + dy) = frame_0(x, y)
         mat = np.float32([[1, 0, m - dx], [0, 1, m - dy]])
+        ang = self.angle(i)
+        if ang:
+            # frame_i(q) = frame_0(c + Rᵀ(q − c − d)) = canvas(that + m)
+            ca, sa = math.cos(ang), math.sin(ang)
+            cx, cy = (p.width - 1) / 2.0, (p.height - 1) / 2.0
+            ux, uy = -cx - dx, -cy - dy
+            mat = np.array([[ca, sa, cx + ca * ux + sa * uy + m],
+                            [-sa, ca, cy - sa * ux + ca * uy + m]], np.float64)
         sigma = p.blur_sigma
         for a0, b0, s0 in self._focus_bursts:
             if a0 <= t < b0:
@@ -686,6 +711,7 @@ class SyntheticScope:
             "schema": SCHEMA, "params": _params_dict(p), "fps": p.fps, "um_per_px": p.um_per_px,
             "shape": [p.height, p.width] + ([3] if p.color else []), "frames": n,
             "shifts": [[round(v, 4) for v in self.shift(i)] for i in range(n)],
+            **({"angles_deg": [round(math.degrees(self.angle(i)), 5) for i in range(n)]} if p.rotation_deg else {}),
             "capillaries": caps, "distal_row_ids": distal,
             "density_per_mm": round(n_distal_view / row_len_mm, 3),
         }
