@@ -352,9 +352,10 @@ class Stabilizer:
     def _refine_rigid(self, template: np.ndarray, gray: np.ndarray, dx: float, dy: float,
                       angle: float) -> tuple[float, float, float, float]:
         """:meth:`_rigid_step`, repeated once from its result when it turned the pose by more
-        than 0.05° (the ROIs were then resampled at a noticeably wrong angle)."""
+        than 0.2° (the ROIs were then resampled at a noticeably wrong angle: ≥ 0.4 px across
+        the main ROI)."""
         ndx, ndy, nang, cc = self._rigid_step(template, gray, dx, dy, angle)
-        if cc > 0.0 and abs(nang - angle) > math.radians(0.05):
+        if cc > 0.0 and abs(nang - angle) > math.radians(0.2):
             r = self._rigid_step(template, gray, ndx, ndy, nang)
             if r[3] > 0.0:
                 return r
