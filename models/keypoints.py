@@ -274,7 +274,8 @@ class KeypointModel:
             c, up1 = rays[i]
             up2 = Minv @ np.array([px, py, 1.0])
             u = (up1 - c) / max(float(np.hypot(*(up1 - c))), 1e-6)
-            sideways = abs(float(np.cross(u, up2 - c)))
+            w = up2 - c
+            sideways = abs(float(u[0] * w[1] - u[1] * w[0]))   # distance from the ray (2-D cross product)
             if sideways > APEX_SIDEWAYS_CANON / A.canon_factor(image.shape):
                 continue  # the moved window found another loop's apex beside this one: keep the first look
             for name in APEX_POINTS:

@@ -93,7 +93,8 @@ def _alpha_loop(scale=60.0, x0=200.0, y0=260.0):
 
 
 def _frames_along(path, n_frames=20, v=9.0, shape=(420, 400), seed=0):
-    """Frames of red-cell texture moving along ``path`` at ``v`` px/frame (dark vessel, 8 px)."""
+    """Frames of red-cell texture moving along ``path`` at ``v`` px/frame (dark vessel, 8 px), as
+    the stage's history entries ``(frame no, gray, dx, dy, angle)`` of a still camera."""
     from scipy.ndimage import gaussian_filter1d
     rng = np.random.default_rng(seed)
     tex = gaussian_filter1d(rng.standard_normal(len(path) + int(v * n_frames) + 10), 2.0)
@@ -103,7 +104,7 @@ def _frames_along(path, n_frames=20, v=9.0, shape=(420, 400), seed=0):
         img = np.full(shape, 190, np.float32)
         for s, (x, y) in enumerate(path):
             cv2.circle(img, (int(round(x)), int(round(y))), 4, float(100 + 25 * tex[s - int(v * f) + int(v * n_frames)]), -1)
-        out.append((f, np.clip(img, 0, 255).astype(np.uint8), 0.0, 0.0))
+        out.append((f, np.clip(img, 0, 255).astype(np.uint8), 0.0, 0.0, 0.0))
     return out
 
 
