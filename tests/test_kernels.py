@@ -38,15 +38,22 @@ def test_line_sums_equal_the_warp_and_sum_reference(shape, anchor):
     assert np.abs(ones - _reference_line_sums(np.ones(shape, np.float32), speeds, anchor)).max() < 1e-3
 
 
-def test_line_sums_of_a_drawn_line_peak_at_its_speed_and_time():
-    k = np.zeros((60, 200))
-    v, j0, a = 3.0, 25, 100.0
-    for t in range(60):
-        x = a + v * (t - j0)
-        if 0 <= x < 199:
+def _drawn_line(shape: tuple[int, int], v: float, t0: float, a: float) -> np.ndarray:
+    """A line x = a + v (t − t0) drawn into a zero kymograph, each row's unit split linearly
+    between its two nearest columns."""
+    k = np.zeros(shape)
+    for t in range(shape[0]):
+        x = a + v * (t - t0)
+        if 0 <= x < shape[1] - 1:
             c = int(x)
             k[t, c] += 1 - (x - c)
             k[t, c + 1] += x - c
+    return k
+
+
+def test_line_sums_of_a_drawn_line_peak_at_its_speed_and_time():
+    v, j0, a = 3.0, 25, 100.0
+    k = _drawn_line((60, 200), v, j0, a)
     speeds = np.array([-3.0, 1.5, 2.9, 3.0, 3.1, 6.0])
     s = kernels.line_sums(k, speeds, a)
     i, j = np.unravel_index(np.argmax(s), s.shape)
@@ -84,14 +91,8 @@ def test_material_bins_and_shift_scores_equal_numpy():
 def test_row_line_scores_keep_the_best_intercept_per_bin():
     """A bright line crossing the anchor between two grid points is found in its bin with the
     right count of rows."""
-    k = np.zeros((40, 120))
     v, tau, a = 2.0, 10.3, 60.0
-    for t in range(40):
-        x = a + v * (t - tau)
-        if 0 <= x < 119:
-            c = int(x)
-            k[t, c] += 1 - (x - c)
-            k[t, c + 1] += x - c
+    k = _drawn_line((40, 120), v, tau, a)
     grid, score, cnt = radon.row_sinogram(k, a, np.array([1.0, 2.0, 4.0]), 0.0, 20.0, 0.5)
     i, g = np.unravel_index(np.argmax(score), score.shape)
     assert i == 1 and abs(grid[g] - tau) <= 0.5
