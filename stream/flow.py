@@ -94,7 +94,6 @@ class RowSpectra:
     def __init__(self, kymo: np.ndarray):
         k = np.asarray(kymo, np.float32)
         n = k.shape[1]
-        self.n = n
         self.nfft = int(scipy.fft.next_fast_len(2 * n, real=True))
         self.f = scipy.fft.rfft(k, self.nfft, axis=1)
         self.d = np.fft.fftfreq(self.nfft, 1.0 / self.nfft).astype(np.int64)

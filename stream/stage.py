@@ -9,10 +9,10 @@ Out: :meth:`AnalysisStage.snapshot` — JSON-able live state (per capillary and 
 
 Work split (for a live process with a second thread):
 
-- :meth:`process` (cheap, per frame, caller's thread): stabilization (:mod:`stream.stabilize`;
-  after the first keyframe its reference is the stabilized mean of the first frames, in which
-  flowing red-cell texture is averaged out),
-  one ``cv2.remap`` sampling every known capillary's kymograph row with the shift folded into the
+- :meth:`process` (cheap, per frame, caller's thread): rigid stabilization (:mod:`stream.stabilize`:
+  translation and rotation; after the first keyframe its reference is the stabilized mean of the
+  first frames, in which flowing red-cell texture is averaged out),
+  one ``cv2.remap`` sampling every known capillary's kymograph row with the pose folded into the
   maps (:mod:`stream.kymograph`), bookkeeping. Frames are never warped here.
 - :meth:`step_background` (expensive, background thread or after each frame offline): keyframe
   segmentation of the stabilized mean of the last ``stage.keyframe_average`` frames every
