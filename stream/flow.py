@@ -295,7 +295,6 @@ def _refine_x(ke: np.ndarray, X: np.ndarray, m0: float, prof: np.ndarray, search
               smooth_frames: float) -> np.ndarray:
     """Per-row displacement correction: the shift (within ±``search_px``, parabolic sub-px) that
     best matches each row to the material profile, lightly smoothed over time."""
-    t = ke.shape[0]
     p = prof - prof.mean()
     kr = ke - ke.mean(axis=1, keepdims=True)
     S = int(search_px)
@@ -303,13 +302,8 @@ def _refine_x(ke: np.ndarray, X: np.ndarray, m0: float, prof: np.ndarray, search
     score = kernels.shift_scores(np.ascontiguousarray(kr, np.float64), p, np.ascontiguousarray(X, np.float64),
                                  float(m0), S)
     j = np.argmax(score, axis=0)
-    corr = shifts[j].astype(np.float64)
-    inner = (j > 0) & (j < shifts.size - 1)
-    cols = np.arange(t)
-    y0, y1, y2 = score[np.clip(j - 1, 0, None), cols], score[j, cols], score[np.clip(j + 1, None, shifts.size - 1), cols]
-    den = y0 - 2 * y1 + y2
-    ok = inner & (den < 0)
-    corr[ok] += np.clip(0.5 * (y0[ok] - y2[ok]) / den[ok], -0.5, 0.5)
+    inner = (j > 0) & (j < shifts.size - 1)          # a peak at the search edge is not refined
+    corr = shifts[j] + _parabolic(np.ascontiguousarray(score.T), j, inner)
     if smooth_frames > 0:
         corr = gaussian_filter1d(corr, smooth_frames, mode="nearest")
     return X + corr
@@ -477,7 +471,10 @@ class WindowAnalyzer:
     #                                   the stage uses 0 for out-of-focus loops: see ``_stopped``)
 
     def __post_init__(self):
-        self._smooth_kernel: np.ndarray | None = None
+        sigma = max(float(self.event_smooth_px), 1e-6)
+        x = np.arange(-int(4.0 * sigma + 0.5), int(4.0 * sigma + 0.5) + 1, dtype=np.float64)
+        w = np.exp(-0.5 * (x / sigma) ** 2)
+        self._smooth_kernel = (w / w.sum()).astype(np.float32)   # gaussian_filter1d's, truncated at 4 σ
         self.coarse_speeds = radon.speed_grid(self.v_lo, self.v_hi, self.coarse_ratio)
         self._dec = max(1, min(self.coarse_decimate, self.n_px // 32))
         self._nc = self.n_px // self._dec
@@ -676,11 +673,6 @@ class WindowAnalyzer:
         float32) to the size of a cell."""
         if self.event_smooth_px <= 0:
             return k
-        if self._smooth_kernel is None:
-            sigma = float(self.event_smooth_px)
-            x = np.arange(-int(4.0 * sigma + 0.5), int(4.0 * sigma + 0.5) + 1, dtype=np.float64)
-            w = np.exp(-0.5 * (x / sigma) ** 2)
-            self._smooth_kernel = (w / w.sum()).astype(np.float32)
         return cv2.sepFilter2D(np.asarray(k, np.float32), cv2.CV_32F, self._smooth_kernel, _ONE,
                                borderType=cv2.BORDER_REPLICATE)
 

@@ -27,6 +27,8 @@ import cv2
 import numpy as np
 from scipy.ndimage import gaussian_filter1d
 
+from stream.stabilize import pose_matrix
+
 log = logging.getLogger(__name__)
 
 
@@ -75,7 +77,6 @@ def frame_maps(maps: tuple[np.ndarray, np.ndarray], shape: tuple[int, ...], dx: 
     mx, my = maps
     if angle == 0.0:
         return mx + np.float32(dx), my + np.float32(dy)
-    from stream.stabilize import pose_matrix
     m = pose_matrix(dx, dy, angle, shape).astype(np.float32)
     return (m[0, 0] * mx + m[0, 1] * my + m[0, 2]), (m[1, 0] * mx + m[1, 1] * my + m[1, 2])
 

@@ -213,7 +213,7 @@ class Stabilizer:
             x0, y0, s = self.roi
             cx, cy = x0 + s / 2.0, y0 + s / 2.0
             s2 = max(32, self.roi_size // 2)
-            yy, xx = np.mgrid[0:h, 0:w]
+            yy, xx = np.ogrid[0:h, 0:w]
             far = np.hypot(xx - cx, yy - cy) >= 0.5 * max(h, w)
             if far.any():
                 r2 = choose_roi(np.where(far, wt, 0), s2, self.max_shift_px + 2)
@@ -296,17 +296,10 @@ class Stabilizer:
         x0, y0, s = self.roi
         centre = (x0 + tx + (s - 1) / 2.0, y0 + ty + (s - 1) / 2.0)
         crop = cv2.getRectSubPix(gray, (s, s), centre, patchType=cv2.CV_32F)
-        warp = np.eye(2, 3, dtype=np.float32)
-        try:
-            mask = self._tmask if template is self._template else None
-            cc, warp = cv2.findTransformECC(template, crop, warp, cv2.MOTION_TRANSLATION, self._ecc_criteria,
-                                            mask, self.ecc_blur)
-        except cv2.error:
+        rx, ry, cc = self._ecc_shift(template, self._tmask if template is self._template else None, crop)
+        if cc == 0.0:
             return tx, ty, 0.0
-        rx, ry = float(warp[0, 2]), float(warp[1, 2])
-        if not (np.isfinite(rx) and np.isfinite(ry)) or abs(rx) > 3 or abs(ry) > 3:
-            return tx, ty, 0.0
-        return tx + rx, ty + ry, float(cc)
+        return tx + rx, ty + ry, cc
 
     def _roi_crop(self, gray: np.ndarray, dx: float, dy: float, angle: float,
                   roi: tuple[int, int, int] | None = None) -> tuple[np.ndarray, np.ndarray]:
