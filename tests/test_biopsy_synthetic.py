@@ -61,3 +61,28 @@ def test_augment_keeps_image_and_masks_aligned():
         # dermis pixels are on average brighter than epidermis in this generator
         if 0.1 < d.mean() < 0.9 and n.any():
             assert img[n.astype(bool)].mean() < img[~n.astype(bool)].mean()
+
+
+def test_wide_style_fibres_stay_visible():
+    """The "wide" appearance style never draws fibres fainter than the base style's faintest
+    (an annotator could not trace them, so their crossings would be unreadable labels)."""
+    import cv2
+
+    from biopsy.synthetic import MIN_FIBRE_VISIBILITY, fibre_visibility
+    wide = 0
+    for seed in range(40, 56):
+        g = generate(seed, (240, 320))
+        p = g.params
+        vis = min(fibre_visibility(p["nerve_rgb"], p[k], p["nerve_alpha"], p["gain"], p["blur"])
+                  for k in ("epidermis_rgb", "dermis_rgb"))
+        assert vis >= MIN_FIBRE_VISIBILITY - 1e-9
+        if not p["wide_style"] or g.nerves.sum() < 50:
+            continue
+        wide += 1
+        # rendered: fibre pixels differ from the tissue right beside them by several grey levels
+        grey = g.image.astype(np.float32).mean(axis=2)
+        ner = g.nerves.astype(np.uint8)
+        ring = cv2.dilate(ner, np.ones((9, 9), np.uint8)).astype(bool) & \
+            ~cv2.dilate(ner, np.ones((3, 3), np.uint8)).astype(bool)
+        assert abs(grey[ring & g.dermis].mean() - grey[g.nerves & g.dermis].mean()) >= 8.0
+    assert wide >= 4
