@@ -314,3 +314,180 @@ def lag_cross_power(f: np.ndarray, lags: np.ndarray) -> np.ndarray:
             for b in range(nf):
                 out[li, b] += np.conj(f[t, b]) * f[u, b]
     return out
+
+
+# ------------------------------------------------------------------ registration (stream.stabilize)
+@numba.njit(cache=True, nogil=True, fastmath=True)
+def ecc_translation(img: np.ndarray, gxi: np.ndarray, gyi: np.ndarray, tzm: np.ndarray, w: np.ndarray,
+                    max_iter: int, eps: float, limit: float):
+    """Translation ``(px, py)`` with ``img(x + p) ≈ a·T(x) + b`` maximizing the zero-normalized
+    correlation of ``img`` warped by p and the template — OpenCV's ECC for ``MOTION_TRANSLATION``
+    (Evangelidis & Psarakis 2008: forward-additive Gauss–Newton on the image's gradients with the
+    closed-form photometric scale λ of their eq. 21), in one pass over the pixels per iteration.
+
+    ``img`` float32, pre-blurred, and ``gxi``/``gyi`` its gradients (per px): (s0, s1) arrays
+    with a replicated border of ``ceil(limit) + 2`` px on every side (``cv2.copyMakeBorder``), so
+    every sample stays inside; ``tzm`` (s0, s1) the (equally blurred) template minus its weighted
+    mean, ``w`` 0/1 pixel weights (the template's mask). A translation samples every pixel with
+    the same bilinear weights. Stops when an update moves p by < ``eps`` px or after ``max_iter`` updates;
+    gives up when |p| > ``limit`` on either axis. Returns ``(px, py, cc, ok)``, cc the
+    correlation at the last evaluated p."""
+    s0, s1 = tzm.shape
+    px = 0.0
+    py = 0.0
+    cc = 0.0
+    pad = int(math.ceil(limit)) + 2             # the caller's arrays carry this replicated border
+    tt = 0.0                                    # ‖t̄‖²
+    for y in range(s0):
+        for x in range(s1):
+            tt += w[y, x] * tzm[y, x] * tzm[y, x]
+    for _ in range(max_iter):
+        ix = math.floor(px)
+        iy = math.floor(py)
+        fx = px - ix
+        fy = py - iy
+        w00 = (1.0 - fx) * (1.0 - fy)
+        w01 = fx * (1.0 - fy)
+        w10 = (1.0 - fx) * fy
+        w11 = fx * fy
+        n = 0.0
+        si = 0.0
+        sii = 0.0
+        sit = 0.0
+        sgx = 0.0
+        sgy = 0.0
+        sgxi = 0.0
+        sgyi = 0.0
+        sgxt = 0.0
+        sgyt = 0.0
+        sxx = 0.0
+        sxy = 0.0
+        syy = 0.0
+        c0 = ix + pad
+        for y in range(s0):
+            r = y + iy + pad
+            # row views: the loop indices below are provably ≥ 0 (no wrap-around checks: vectorizes)
+            a0 = img[r, c0:c0 + s1 + 1]
+            a1 = img[r + 1, c0:c0 + s1 + 1]
+            bx0 = gxi[r, c0:c0 + s1 + 1]
+            bx1 = gxi[r + 1, c0:c0 + s1 + 1]
+            by0 = gyi[r, c0:c0 + s1 + 1]
+            by1 = gyi[r + 1, c0:c0 + s1 + 1]
+            tr = tzm[y]
+            wr = w[y]
+            for x in range(s1):
+                v = w00 * a0[x] + w01 * a0[x + 1] + w10 * a1[x] + w11 * a1[x + 1]
+                gx = w00 * bx0[x] + w01 * bx0[x + 1] + w10 * bx1[x] + w11 * bx1[x + 1]
+                gy = w00 * by0[x] + w01 * by0[x + 1] + w10 * by1[x] + w11 * by1[x + 1]
+                m = wr[x]
+                t = tr[x]
+                vm = v * m
+                gxm = gx * m
+                gym = gy * m
+                n += m
+                si += vm
+                sii += vm * v
+                sit += vm * t
+                sgx += gxm
+                sgy += gym
+                sgxi += gxm * v
+                sgyi += gym * v
+                sgxt += gxm * t
+                sgyt += gym * t
+                sxx += gxm * gx
+                sxy += gxm * gy
+                syy += gym * gy
+        if n < 3.0:
+            return px, py, 0.0, False
+        mu = si / n
+        mgx = sgx / n
+        mgy = sgy / n
+        ii = sii - n * mu * mu                  # ‖ī‖²
+        it = sit                                # t̄ᵀī (t̄ has zero weighted mean)
+        # zero-mean Jacobian G̃: H = G̃ᵀG̃, G̃ᵀī, G̃ᵀt̄
+        h00 = sxx - n * mgx * mgx
+        h01 = sxy - n * mgx * mgy
+        h11 = syy - n * mgy * mgy
+        det = h00 * h11 - h01 * h01
+        if ii <= 1e-12 or not det > 1e-12 * max(1.0, h00 * h11):
+            return px, py, 0.0, False
+        gix = sgxi - mgx * si
+        giy = sgyi - mgy * si
+        gtx = sgxt
+        gty = sgyt
+        cc = it / math.sqrt(ii * tt) if tt > 0.0 else 0.0
+        i00 = h11 / det
+        i01 = -h01 / det
+        i11 = h00 / det
+        hix = i00 * gix + i01 * giy             # H⁻¹ G̃ᵀī
+        hiy = i01 * gix + i11 * giy
+        ipi = gix * hix + giy * hiy             # īᵀPī
+        tpi = gtx * hix + gty * hiy             # t̄ᵀPī
+        den = it - tpi
+        if den <= 0.0:
+            return px, py, cc, False
+        lam = (ii - ipi) / den
+        bx = lam * gtx - gix
+        by = lam * gty - giy
+        dx = i00 * bx + i01 * by
+        dy = i01 * bx + i11 * by
+        px += dx
+        py += dy
+        if not (abs(px) <= limit and abs(py) <= limit):
+            return px, py, cc, False
+        if dx * dx + dy * dy < eps * eps:
+            break
+    return px, py, cc, True
+
+
+# ------------------------------------------------------------------ robust statistics
+@numba.njit(cache=True, nogil=True)
+def median(x: np.ndarray) -> float:
+    """``np.median`` of a 1-D float64 array (the same value: the middle element, or the mean of
+    the two middle ones), without numpy's per-call dispatch (≈ 80 µs → a few µs on small arrays)."""
+    return np.median(x)
+
+
+@numba.njit(cache=True, nogil=True)
+def row_median_mad(a: np.ndarray):
+    """Per row of a 2-D float64 array: ``(median, median absolute deviation from it)``."""
+    r = a.shape[0]
+    med = np.empty(r)
+    mad = np.empty(r)
+    for i in range(r):
+        m = np.median(a[i])
+        med[i] = m
+        mad[i] = np.median(np.abs(a[i] - m))
+    return med, mad
+
+
+@numba.njit(cache=True, nogil=True)
+def running_median5(v: np.ndarray) -> np.ndarray:
+    """``median(v[max(0, i − 2):i + 3])`` for every i (windows truncated at the ends)."""
+    n = v.shape[0]
+    out = np.empty(n)
+    for i in range(n):
+        out[i] = np.median(v[max(0, i - 2):min(n, i + 3)])
+    return out
+
+
+@numba.njit(cache=True, nogil=True)
+def material_span(X: np.ndarray, m0: float, nb: int, n: int):
+    """For every 1-px material bin ``b`` (coordinate ``m0 + b``) of a kymograph with ``n``
+    columns and per-row displacement ``X`` (float64): ``(rows, cover)`` — how many rows see it
+    inside the kymograph (``0 ≤ m + X(t) ≤ n − 1``) and the distance it covers there (largest −
+    smallest ``X(t)`` among those rows; 0 if none). Rows sorted by displacement, two binary
+    searches per bin (:func:`stream.flow._material_span`)."""
+    xs = np.sort(X)
+    k = xs.shape[0]
+    rows = np.zeros(nb)
+    cover = np.zeros(nb)
+    for b in range(nb):
+        mb = m0 + b
+        lo = np.searchsorted(xs, -mb, side="left")
+        hi = np.searchsorted(xs, (n - 1) - mb, side="right")
+        r = hi - lo
+        if r > 0:
+            rows[b] = r
+            cover[b] = xs[min(max(hi - 1, 0), k - 1)] - xs[min(max(lo, 0), k - 1)]
+    return rows, cover

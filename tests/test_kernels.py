@@ -106,3 +106,90 @@ def test_lag_cross_power_equals_numpy():
     got = kernels.lag_cross_power(f, lags)
     for row, lag in zip(got, lags):
         assert np.allclose(row, (np.conj(f[:-lag]) * f[lag:]).sum(axis=0), rtol=1e-5, atol=1e-4)
+
+
+def _ecc_inputs(shift, size=128, pad=5, seed=3):
+    """A textured template and the same texture displaced by ``shift`` (x, y), prepared like
+    ``Stabilizer._compiled_shift``: blurred, central-difference gradients, replicated border."""
+    rng = np.random.default_rng(seed)
+    big = cv2.GaussianBlur(rng.normal(128, 40, (size + 80, size + 80)).astype(np.float32), (0, 0), 2.0)
+    tpl = big[40:40 + size, 40:40 + size].copy()
+    m = np.float32([[1, 0, 40 + shift[0]], [0, 1, 40 + shift[1]]])
+    crop = cv2.warpAffine(big, m, (size, size), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP)
+    crop = crop * 0.7 + 20.0                        # gain and offset: the correlation ignores them
+    return tpl, crop
+
+
+def _compiled(tpl, crop, mask=None, limit=3.0):
+    pad = int(np.ceil(limit)) + 2
+    t = cv2.GaussianBlur(tpl, (5, 5), 0)
+    w = np.ones_like(t) if mask is None else (mask > 0).astype(np.float32)
+    tzm = ((t - (t * w).sum() / w.sum()) * w).astype(np.float32)
+    img = cv2.GaussianBlur(crop, (5, 5), 0)
+    d = np.float32([[-0.5, 0, 0.5]])
+    gx = cv2.filter2D(img, cv2.CV_32F, d, borderType=cv2.BORDER_REPLICATE)
+    gy = cv2.filter2D(img, cv2.CV_32F, d.T, borderType=cv2.BORDER_REPLICATE)
+    img, gx, gy = (cv2.copyMakeBorder(a, pad, pad, pad, pad, cv2.BORDER_REPLICATE) for a in (img, gx, gy))
+    return kernels.ecc_translation(img, gx, gy, tzm, w, 20, 0.01, limit)
+
+
+@pytest.mark.parametrize("shift", [(0.3, -0.7), (1.6, 2.2), (-2.5, 0.4)])
+def test_ecc_translation_recovers_the_shift_like_opencv_ecc(shift):
+    tpl, crop = _ecc_inputs(shift)
+    rx, ry, cc, ok = _compiled(tpl, crop)
+    assert ok and cc > 0.95
+    # crop(x − shift) = template(x): the translation taking the template onto the crop is −shift
+    assert abs(rx + shift[0]) < 0.03 and abs(ry + shift[1]) < 0.03
+    if max(abs(shift[0]), abs(shift[1])) < 1.0:
+        # OpenCV's ECC (same criterion) agrees where it converges; with these stopping criteria
+        # it stops short on the larger shifts (−1.47 for −1.6 px, 4.6 for 2.5 px)
+        crit = (cv2.TERM_CRITERIA_EPS | cv2.TERM_CRITERIA_COUNT, 20, 1e-2)
+        _, warp = cv2.findTransformECC(tpl, crop, np.eye(2, 3, dtype=np.float32), cv2.MOTION_TRANSLATION,
+                                       crit, None, 5)
+        assert abs(rx - warp[0, 2]) < 0.05 and abs(ry - warp[1, 2]) < 0.05
+
+
+def test_ecc_translation_masks_and_gives_up():
+    tpl, crop = _ecc_inputs((1.0, -1.0))
+    mask = np.zeros(tpl.shape, np.uint8)
+    mask[20:100, 10:90] = 1
+    crop_bad = crop.copy()
+    far = cv2.dilate(mask, np.ones((15, 15), np.uint8)) == 0
+    crop_bad[far] = 255.0                           # garbage beyond the mask (and the blur) is ignored
+    rx, ry, cc, ok = _compiled(tpl, crop_bad, mask)
+    assert ok and abs(rx + 1.0) < 0.05 and abs(ry - 1.0) < 0.05
+    flat = np.full_like(crop, 7.0)
+    assert not _compiled(tpl, flat)[3]              # nothing to correlate: no estimate
+    tpl2, crop2 = _ecc_inputs((2.0, 0.0))
+    assert _compiled(tpl2, crop2, limit=3.0)[3]
+    assert not _compiled(tpl2, crop2, limit=1.0)[3]  # a match beyond ±limit px is refused
+    tpl9, crop9 = _ecc_inputs((9.0, 0.0))
+    assert not _compiled(tpl9, crop9, limit=3.0)[3]
+
+
+def test_robust_statistics_equal_numpy():
+    rng = np.random.default_rng(5)
+    for n in (1, 2, 5, 6, 101):
+        x = rng.standard_normal(n)
+        assert kernels.median(x) == np.median(x)
+    a = rng.standard_normal((7, 40))
+    med, mad = kernels.row_median_mad(a)
+    assert np.array_equal(med, np.median(a, axis=1))
+    assert np.array_equal(mad, np.median(np.abs(a - med[:, None]), axis=1))
+    v = rng.standard_normal(23)
+    ref = [np.median(v[max(0, i - 2):i + 3]) for i in range(v.size)]
+    assert np.array_equal(kernels.running_median5(v), ref)
+    assert np.array_equal(kernels.running_median5(v[:3]), [np.median(v[:3])] * 3)
+
+
+def test_material_span_equals_numpy():
+    rng = np.random.default_rng(6)
+    X = np.cumsum(rng.uniform(0.5, 3.0, 60))
+    n, m0 = 90, -float(np.ceil(X.max()))
+    nb = int(n - m0) + 2
+    rows, cover = kernels.material_span(X, m0, nb, n)
+    xs = np.sort(X)
+    for b in range(nb):
+        seen = xs[(m0 + b + xs >= 0) & (m0 + b + xs <= n - 1)]
+        assert rows[b] == seen.size
+        assert cover[b] == (seen.max() - seen.min() if seen.size else 0.0)

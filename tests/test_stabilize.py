@@ -156,3 +156,16 @@ def test_pose_warp_round_trip():
     assert np.abs(back[inner] - f0[inner]).mean() < 1.5
     m = pose_matrix(0.0, 0.0, 0.0, f.shape)
     assert np.allclose(m, [[1, 0, 0], [0, 1, 0]])
+
+
+def test_compiled_and_opencv_fine_stages_agree():
+    """The default fine stage (compiled ECC) and OpenCV's findTransformECC give the same poses."""
+    img, rng = scene(seed=4), np.random.default_rng(2)
+    a, b = Stabilizer(fine="compiled"), Stabilizer(fine="ecc")
+    for i, (dx, dy) in enumerate([(0, 0), (2.3, -1.1), (-4.6, 3.2), (0.7, 0.2), (9.1, -6.4)]):
+        f = shifted(img, dx, dy, rng=rng)
+        ea, eb = a.update(f), b.update(f)
+        assert ea.dx == pytest.approx(dx, abs=0.1) and ea.dy == pytest.approx(dy, abs=0.1)
+        assert abs(ea.dx - eb.dx) < 0.05 and abs(ea.dy - eb.dy) < 0.05
+    with pytest.raises(ValueError):
+        Stabilizer(fine="sift")
