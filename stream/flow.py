@@ -201,8 +201,8 @@ def local_xcorr_track(k: np.ndarray, starts: list[int], length: int, v_min: floa
     i = np.argmax(cr, axis=1)
     rows = np.arange(s0s.size)
     peak = cr[rows, i]
-    med = np.median(cr, axis=1)
-    sd = 1.4826 * np.median(np.abs(cr - med[:, None]), axis=1)
+    med, mad = kernels.row_median_mad(np.ascontiguousarray(cr, np.float64))
+    sd = 1.4826 * mad
     norm = (pe[s1s] - pe[s0s]) / n
     ok = (sd > 0) & ((peak - med) / np.where(sd > 0, sd, 1.0) >= min_z) & (norm > 0)
     ok &= peak / np.where(norm > 0, norm, 1.0) >= min_rho   # correlation of the rows, 0..1: texture must be seen
@@ -256,29 +256,16 @@ def speed_track(k: np.ndarray, v0: float, v_max: float, step: int = 1, band: flo
 
 def _running_median5(vals: np.ndarray) -> np.ndarray:
     """``median(vals[max(0, i − 2):i + 3])`` for every i (windows truncated at the ends)."""
-    n = len(vals)
-    if n < 5:
-        return np.array([np.median(vals[max(0, i - 2):i + 3]) for i in range(n)])
-    out = np.empty(n, np.float64)
-    out[2:n - 2] = np.median(np.lib.stride_tricks.sliding_window_view(vals, 5), axis=1)
-    for i in (0, 1, n - 2, n - 1):
-        out[i] = np.median(vals[max(0, i - 2):i + 3])
-    return out
+    return kernels.running_median5(np.ascontiguousarray(vals, np.float64))
 
 
 def _material_span(X: np.ndarray, m0: float, nb: int, n: int) -> tuple[np.ndarray, np.ndarray]:
     """For every 1-px material bin ``b`` (coordinate ``m0 + b``) of a kymograph with ``n``
     columns and per-row displacement ``X``: how many rows see it inside the kymograph
     (``0 ≤ m + X(t) ≤ n − 1``) and the distance it covers there (largest − smallest ``X(t)``
-    among those rows; 0 if none). O((T + nb) log T) with the rows sorted by displacement."""
-    xs = np.sort(np.asarray(X, np.float64))
-    mb = m0 + np.arange(nb)
-    lo = np.searchsorted(xs, -mb, side="left")               # first row with m + X ≥ 0
-    hi = np.searchsorted(xs, (n - 1) - mb, side="right")     # past the last row with m + X ≤ n − 1
-    rows = np.maximum(hi - lo, 0)
-    seen = rows > 0
-    cover = np.where(seen, xs[np.clip(hi - 1, 0, xs.size - 1)] - xs[np.clip(lo, 0, xs.size - 1)], 0.0)
-    return rows.astype(np.float64), cover
+    among those rows; 0 if none). O((T + nb) log T) with the rows sorted by displacement
+    (compiled: :func:`stream.kernels.material_span`)."""
+    return kernels.material_span(np.ascontiguousarray(X, np.float64), float(m0), int(nb), int(n))
 
 
 def _profile_from_x(ke: np.ndarray, X: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:

@@ -119,14 +119,14 @@ def texture_speed(sino: np.ndarray, valid: np.ndarray, speeds: np.ndarray,
         var = var / null
     if not np.any(var > 0):
         return float("nan"), 0.0, var
+    med = float(kernels.median(np.ascontiguousarray(var[var > 0], np.float64)))
     if dof is not None:
         # pick the peak by significance: slow speeds have few independent lines per window, so
         # their variance estimates scatter more (relative SD ≈ sqrt(2 / dof))
-        zsig = (var - np.median(var[var > 0])) / np.sqrt(2.0 / np.maximum(dof, 1.0))
+        zsig = (var - med) / np.sqrt(2.0 / np.maximum(dof, 1.0))
         i = int(np.argmax(zsig))
     else:
         i = int(np.argmax(var))
-    med = float(np.median(var[var > 0]))
     contrast = var[i] / med if med > 0 else 0.0
     v = speeds[i]
     if 0 < i < len(speeds) - 1 and np.sign(speeds[i - 1]) == np.sign(v) == np.sign(speeds[i + 1]):
@@ -141,10 +141,10 @@ def texture_speed(sino: np.ndarray, valid: np.ndarray, speeds: np.ndarray,
 
 
 def robust_sd(x: np.ndarray) -> float:
-    x = np.asarray(x, np.float64)
+    x = np.ascontiguousarray(x, np.float64).ravel()
     if x.size == 0:
         return 0.0
-    return 1.4826 * float(np.median(np.abs(x - np.median(x))))
+    return 1.4826 * float(kernels.median(np.abs(x - kernels.median(x))))
 
 
 def row_normalized(sino: np.ndarray, valid: np.ndarray, counts: np.ndarray | None = None,
