@@ -491,3 +491,27 @@ def material_span(X: np.ndarray, m0: float, nb: int, n: int):
             rows[b] = r
             cover[b] = xs[min(max(hi - 1, 0), k - 1)] - xs[min(max(lo, 0), k - 1)]
     return rows, cover
+
+
+def warm_up() -> None:
+    """Load every kernel (for the argument types the stage passes) now rather than on its first
+    real call: the first call in a process loads the compiled code from the on-disk cache, which
+    initializes numba and takes ≈ 0.2–0.4 s with the GIL held — a live stage would stall (and drop
+    frames) on it mid-stream. Idempotent and cheap once loaded."""
+    f32, f64 = np.float32, np.float64
+    a32 = np.zeros((8, 8), f32)
+    ecc_translation(np.zeros((14, 14), f32), np.zeros((14, 14), f32), np.zeros((14, 14), f32), a32,
+                    np.ones((8, 8), f32), 1, 0.01, 1.0)
+    v = np.arange(5, dtype=f64)
+    median(v)
+    row_median_mad(np.zeros((2, 5), f64))
+    running_median5(v)
+    material_span(v, 0.0, 3, 4)
+    speeds = np.array([0.5, 2.0], f64)
+    for k in (np.zeros((6, 8), f32), np.zeros((6, 8), f64)):
+        line_sums_into(k, speeds, 2.0, line_sums_workspace(6, 8))
+    k = np.zeros((6, 8), f64)
+    material_bins(k, v[:6].copy())
+    shift_scores(k, np.zeros(8, f64), v[:6].copy(), 0.0, 1)
+    row_line_scores(k, speeds, 2.0, 0.0, 4, 0.5)
+    lag_cross_power(np.zeros((6, 5), np.complex64), np.array([1, 2], np.int64))

@@ -50,7 +50,7 @@ import cv2
 import numpy as np
 
 from nailfold.config import Config
-from stream import flow
+from stream import flow, kernels
 from stream.capillary import BLURRED, CLEAR, LABEL_NAMES, Capillary
 from stream.frames import Frame, to_gray
 from stream.kymograph import (KymographBank, KymographBuffer, column_mean, destripe, fill_out_of_view, in_view,
@@ -354,6 +354,7 @@ class AnalysisStage:
     def __init__(self, config: Config, segmenter=None, fps: float | None = None, stream_id: str = "scope0",
                  *, keyframe_every: int | None = None, keyframe_average: int | None = None,
                  window_executor=None):
+        kernels.warm_up()        # not on the first frame: loading them holds the GIL for ~0.3 s
         self.config = config
         st = config.stage
         self.fps = float(fps or config.device.fps)

@@ -491,3 +491,22 @@ def test_blurred_loops_get_the_strict_stopped_rule_only():
     ratios = {tr.cap.label: dict(stage._analyzer_spec(tr, stage.window))["stopped_noisy_ratio"]
               for tr in stage.tracks.values()}
     assert ratios == {BLURRED: 0.0, CLEAR: NOISY_STOPPED_RATIO}
+
+
+def test_the_stage_loads_its_compiled_loops_before_the_first_frame(monkeypatch):
+    """Loading a numba kernel holds the GIL for ~0.3 s: a live stage that did it on its first
+    frames stalled and dropped frames. After construction, frames and windows load nothing."""
+    from numba.core import dispatcher
+    AnalysisStage(load_config().with_overrides(um_per_px=1.2, fps=20.0))   # loads (or compiles) them
+    loads = []
+    orig = dispatcher.Dispatcher._compile_for_args
+
+    def spy(self, *a, **k):
+        loads.append(self.py_func.__name__)
+        return orig(self, *a, **k)
+
+    monkeypatch.setattr(dispatcher.Dispatcher, "_compile_for_args", spy)
+    cfg = load_config().with_overrides(um_per_px=1.2, fps=20.0)
+    stage, _ = run_stage(ToyScope(seed=5), 120, cfg)
+    assert stage.windows_done > 0
+    assert loads == []
