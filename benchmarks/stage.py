@@ -73,10 +73,12 @@ def offline(path: Path, cfg, n: int, fps: float, segmenter) -> None:
         k += 1
     cap.release()
     t_dec = time.perf_counter() - t0
-    from stream.analyze import default_workers
+    from stream.analyze import OFFLINE_CV_THREADS, default_workers
     from stream.flow import window_pool
     dur = n / fps
-    print(f"offline: {n} frames ({dur:.0f} s of video) 1024x768")
+    cv_threads = cv2.getNumThreads()
+    cv2.setNumThreads(OFFLINE_CV_THREADS)   # as `nailfold analyze` does (restored for the live part)
+    print(f"offline: {n} frames ({dur:.0f} s of video) 1024x768, cv2 threads {OFFLINE_CV_THREADS}")
     print(f"  decode only      : {k / t_dec:7.1f} fps ({dur / t_dec:5.1f}x real time)")
     for workers in sorted({0, 2, default_workers()}):
         t0 = time.perf_counter()   # includes starting the worker processes
@@ -89,6 +91,7 @@ def offline(path: Path, cfg, n: int, fps: float, segmenter) -> None:
         print(f"  analyze, {workers} window workers: {n / t_all:7.1f} fps ({dur / t_all:5.1f}x real time; "
               f"target 10x, ratio {dur / t_all / 10:.2f})")
     print(f"  capillaries {len(rep.capillaries)}, warnings {rep.warnings}")
+    cv2.setNumThreads(cv_threads)
 
 
 def live(frames: list[np.ndarray], cfg, seconds: float, fps: float, segmenter) -> None:

@@ -22,8 +22,10 @@ A crossing is recorded where the densely sampled true centerline changes side of
 boundary; crossings are ≥ 25 px apart and ≥ 30 px inside the image. Distractors (dark dots,
 stain blobs, faint collagen strokes, a stained basal layer) and per-seed colour, contrast,
 blur, noise and JPEG variation make the images harder; a second, appearance-only random stream
-widens them further on 60 % of the seeds, but never below the base style's fibre visibility
-(:data:`MIN_FIBRE_VISIBILITY`): a fibre nobody could see would be a crossing nobody could label.
+widens them further on 60 % of the seeds, but not below the base style's fibre visibility
+(:data:`MIN_FIBRE_VISIBILITY`; the draws are repeated up to 100 times and the most visible one is
+kept if none reaches it — never needed in 184 wide seeds): a fibre nobody could see would be a
+crossing nobody could label.
 """
 from __future__ import annotations
 
@@ -45,9 +47,11 @@ MIN_FIBRE_VISIBILITY = 0.12
 
 
 def fibre_visibility(nerve_rgb, tissue_rgb, alpha: float, gain: float, blur: float) -> float:
-    """Expected peak contrast (grey, 0–1) of a 1-px fibre of colour ``nerve_rgb`` and opacity
-    ``alpha`` drawn on tissue of colour ``tissue_rgb`` (RGB 0–1), after the acquisition ``gain``
-    and a Gaussian blur of σ = ``blur`` px (the peak of a blurred 1-px line, 1/(√(2π)·σ))."""
+    """Expected peak contrast (grey, 0–1) of a 1-px fibre of colour ``nerve_rgb`` drawn with the
+    style's opacity factor ``alpha`` on tissue of colour ``tissue_rgb`` (RGB 0–1), after the
+    acquisition ``gain`` and a Gaussian blur of σ = ``blur`` px (the peak of a blurred 1-px line,
+    1/(√(2π)·σ)). It leaves out each fibre's own opacity (0.55–0.95), beading and gamma, so it
+    ranks draws rather than predicting grey levels."""
     d = abs(float(np.mean(tissue_rgb)) - float(np.mean(nerve_rgb)))
     peak = min(1.0, 1.0 / (math.sqrt(2.0 * math.pi) * blur)) if blur > 0.3 else 1.0
     return d * float(alpha) * float(gain) * peak

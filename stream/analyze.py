@@ -99,6 +99,9 @@ def _prefetch(source, depth: int = 8):
         th.join(timeout=5)
 
 
+OFFLINE_CV_THREADS = 1   # OpenCV threads in an offline-analysis process (``nailfold analyze``, batch jobs)
+
+
 def default_workers() -> int:
     """Window worker processes for ``nailfold analyze``: one per core beyond two. The main
     process (decode thread, registration, kymograph rows, keyframes, and the windows it keeps)
@@ -129,10 +132,6 @@ def analyze_video(path: str | Path, config: Config, *, fps: float | None = None,
             bar = tqdm(total=getattr(src, "n_frames", None), unit="fr", desc=Path(str(path)).name, leave=False)
         t0 = time.perf_counter()
         extra_warn = []
-        # two threads of our own (reader + analysis) on the cores: OpenCV's pool would add a third
-        # set that mostly spins (measured: decode + registration 8.5 → 5.4 ms of CPU per frame, same wall time)
-        cv_threads = cv2.getNumThreads()
-        cv2.setNumThreads(1)
         try:
             for frame in _prefetch(src):
                 stage.process(frame)
@@ -143,7 +142,6 @@ def analyze_video(path: str | Path, config: Config, *, fps: float | None = None,
             extra_warn.append(f"input stopped early: {e}")
             log.warning("%s: %s", path, e)
         finally:
-            cv2.setNumThreads(cv_threads)
             if bar is not None:
                 bar.close()
         rep = stage.finish(str(path))
@@ -163,6 +161,10 @@ def run(args: argparse.Namespace) -> int:
     from stream.stage import default_segmenter
     seg = default_segmenter(args.segmenter or config.models.segmenter, config.models.backend)
     reports = []
+    # this process runs two threads of its own (reader + analysis), one per core: OpenCV's pool
+    # would add a set that mostly spins (measured: decode + registration 8.5 → 5.4 ms of CPU per
+    # frame at the same wall time)
+    cv2.setNumThreads(OFFLINE_CV_THREADS)
     workers = default_workers() if getattr(args, "workers", None) is None else max(0, int(args.workers))
     from contextlib import nullcontext
 

@@ -317,17 +317,19 @@ def lag_cross_power(f: np.ndarray, lags: np.ndarray) -> np.ndarray:
 
 
 # ------------------------------------------------------------------ registration (stream.stabilize)
-@numba.njit(cache=True, nogil=True, fastmath=True)
+# fastmath without "nnan"/"ninf": the NaN guard on p must survive compilation
+@numba.njit(cache=True, nogil=True, fastmath={"reassoc", "contract", "arcp"})
 def ecc_translation(img: np.ndarray, gxi: np.ndarray, gyi: np.ndarray, tzm: np.ndarray, w: np.ndarray,
                     max_iter: int, eps: float, limit: float):
     """Translation ``(px, py)`` with ``img(x + p) ≈ a·T(x) + b`` maximizing the zero-normalized
-    correlation of ``img`` warped by p and the template — OpenCV's ECC for ``MOTION_TRANSLATION``
-    (Evangelidis & Psarakis 2008: forward-additive Gauss–Newton on the image's gradients with the
-    closed-form photometric scale λ of their eq. 21), in one pass over the pixels per iteration.
+    correlation of ``img`` warped by p and the template — the criterion of OpenCV's ECC for
+    ``MOTION_TRANSLATION`` (Evangelidis & Psarakis 2008: forward-additive Gauss–Newton on the
+    image's gradients with the closed-form photometric scale λ of their eq. 21; the Hessian of
+    the zero-mean Jacobian as in the paper), in one pass over the pixels per iteration.
 
-    ``img`` float32, pre-blurred, and ``gxi``/``gyi`` its gradients (per px): (s0, s1) arrays
-    with a replicated border of ``ceil(limit) + 2`` px on every side (``cv2.copyMakeBorder``), so
-    every sample stays inside; ``tzm`` (s0, s1) the (equally blurred) template minus its weighted
+    ``img`` float32, pre-blurred, and ``gxi``/``gyi`` its gradients (grey levels per px), each
+    ``(s0 + 2·pad, s1 + 2·pad)`` with ``pad = ceil(limit) + 2`` (the image's border replicated,
+    the gradients' zero: ``cv2.copyMakeBorder``), so every sample stays inside; ``tzm`` (s0, s1) the (equally blurred) template minus its weighted
     mean, ``w`` 0/1 pixel weights (the template's mask). A translation samples every pixel with
     the same bilinear weights. Stops when an update moves p by < ``eps`` px or after ``max_iter`` updates;
     gives up when |p| > ``limit`` on either axis. Returns ``(px, py, cc, ok)``, cc the
@@ -336,7 +338,10 @@ def ecc_translation(img: np.ndarray, gxi: np.ndarray, gyi: np.ndarray, tzm: np.n
     px = 0.0
     py = 0.0
     cc = 0.0
-    pad = int(math.ceil(limit)) + 2             # the caller's arrays carry this replicated border
+    pad = int(math.ceil(limit)) + 2             # the caller's arrays carry this border
+    if (img.shape[0] < s0 + 2 * pad or img.shape[1] < s1 + 2 * pad or gxi.shape != img.shape
+            or gyi.shape != img.shape or w.shape != tzm.shape):
+        return px, py, 0.0, False
     tt = 0.0                                    # ‖t̄‖²
     for y in range(s0):
         for x in range(s1):
@@ -344,6 +349,8 @@ def ecc_translation(img: np.ndarray, gxi: np.ndarray, gyi: np.ndarray, tzm: np.n
     for _ in range(max_iter):
         ix = math.floor(px)
         iy = math.floor(py)
+        if ix < -(pad - 1) or ix > pad - 2 or iy < -(pad - 1) or iy > pad - 2:
+            return px, py, 0.0, False          # (cannot happen after the limit test; belt and braces)
         fx = px - ix
         fy = py - iy
         w00 = (1.0 - fx) * (1.0 - fy)
@@ -444,7 +451,9 @@ def ecc_translation(img: np.ndarray, gxi: np.ndarray, gyi: np.ndarray, tzm: np.n
 @numba.njit(cache=True, nogil=True)
 def median(x: np.ndarray) -> float:
     """``np.median`` of a 1-D float64 array (the same value: the middle element, or the mean of
-    the two middle ones), without numpy's per-call dispatch (≈ 80 µs → a few µs on small arrays)."""
+    the two middle ones), without numpy's per-call dispatch (≈ 80 µs → a few µs on small arrays).
+    Finite input only: with NaNs numba returns an arbitrary element where numpy returns NaN (no
+    caller passes NaN: kymograph windows are finite)."""
     return np.median(x)
 
 

@@ -368,7 +368,7 @@ class Stabilizer:
     def _ecc_template(self, template: np.ndarray, mask: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
         """``(blurred template minus its weighted mean, 0/1 weights)`` for
         :func:`stream.kernels.ecc_translation` (cached for the reference ROIs' templates)."""
-        key = (id(template), id(mask))
+        key = (id(template), id(mask), int(self.ecc_blur))
         hit = self._ecc_cache.get(key)
         if hit is not None and hit[0] is template and hit[1] is mask:
             return hit[2]
@@ -386,6 +386,9 @@ class Stabilizer:
 
     def _compiled_shift(self, template: np.ndarray, mask: np.ndarray | None, crop: np.ndarray,
                         limit: float) -> tuple[float, float, float]:
+        """:meth:`_ecc_shift` by :func:`stream.kernels.ecc_translation`: ``crop`` (s, s) float32
+        blurred, its central-difference gradients, all padded by ``ceil(limit) + 2`` px (image
+        replicated, gradients zero). → ``(rx, ry, cc)`` px, or zeros on failure."""
         if crop.shape != template.shape:
             return 0.0, 0.0, 0.0
         tzm, w = self._ecc_template(template, mask)
@@ -393,8 +396,9 @@ class Stabilizer:
         img = cv2.GaussianBlur(crop, (b, b), 0) if b > 1 else np.ascontiguousarray(crop, np.float32)
         gx = cv2.filter2D(img, cv2.CV_32F, _CENTRAL_DIFF, borderType=cv2.BORDER_REPLICATE)
         gy = cv2.filter2D(img, cv2.CV_32F, _CENTRAL_DIFF.T, borderType=cv2.BORDER_REPLICATE)
-        pad = int(math.ceil(limit)) + 2          # samples within ±limit stay inside (border replicated)
-        img, gx, gy = (cv2.copyMakeBorder(a, pad, pad, pad, pad, cv2.BORDER_REPLICATE) for a in (img, gx, gy))
+        pad = int(math.ceil(limit)) + 2          # samples within ±limit stay inside
+        img = cv2.copyMakeBorder(img, pad, pad, pad, pad, cv2.BORDER_REPLICATE)
+        gx, gy = (cv2.copyMakeBorder(a, pad, pad, pad, pad, cv2.BORDER_CONSTANT, value=0) for a in (gx, gy))
         _, count, eps = self._ecc_criteria
         rx, ry, cc, ok = kernels.ecc_translation(img, gx, gy, tzm, w, int(count), float(eps), float(limit))
         if not ok or not (math.isfinite(rx) and math.isfinite(ry) and math.isfinite(cc)):
