@@ -517,9 +517,8 @@ def warm_up() -> None:
     running_median5(v)
     material_span(v, 0.0, 3, 4)
     speeds = np.array([0.5, 2.0], f64)
-    for k in (np.zeros((6, 8), f32), np.zeros((6, 8), f64)):
-        line_sums_into(k, speeds, 2.0, line_sums_workspace(6, 8))
     k = np.zeros((6, 8), f64)
+    line_sums_into(k, speeds, 2.0, line_sums_workspace(6, 8))
     material_bins(k, v[:6].copy())
     shift_scores(k, np.zeros(8, f64), v[:6].copy(), 0.0, 1)
     row_line_scores(k, speeds, 2.0, 0.0, 4, 0.5)
