@@ -57,6 +57,20 @@ def fibre_visibility(nerve_rgb, tissue_rgb, alpha: float, gain: float, blur: flo
     return d * float(alpha) * float(gain) * peak
 
 
+def _visible_draw(draw, visibility, floor: float, tries: int = 100):
+    """``draw()`` repeated until ``visibility(result) >= floor`` (at most ``tries`` times); the
+    most visible result if none reaches it."""
+    best_v, best = -math.inf, None
+    for _ in range(tries):
+        d = draw()
+        v = visibility(d)
+        if v > best_v:
+            best_v, best = v, d
+        if v >= floor:
+            break
+    return best
+
+
 @dataclass
 class SyntheticBiopsy:
     image: np.ndarray          # H×W×3 uint8 BGR
@@ -437,15 +451,11 @@ def generate(seed: int, shape: tuple[int, int] = DEFAULT_SHAPE, n_crossings: int
     nerve_c = np.clip(np.array([0.22, 0.14, 0.10]) + rng.normal(0, 0.04, 3), 0.02, 0.5)
     a_fac = 1.0
     if wide:  # brown, black, purple or bluish fibres, sometimes fainter ...
-        best = (-1.0, None, None)   # ... but visible on both tissues before the acquisition (gain 1,
-        for _ in range(100):        # no blur); the most visible draw if none reaches the floor
-            nc, af = np.clip(st.uniform(0.02, 0.40, 3), 0.02, 0.5), st.uniform(0.75, 1.0)
-            v = min(fibre_visibility(nc, c, af, 1.0, 0.0) for c in (epi_c, derm_c))
-            if v > best[0]:
-                best = (v, nc, af)
-            if v >= MIN_FIBRE_VISIBILITY / 0.6:
-                break
-        _, nerve_c, a_fac = best
+        # ... but visible on both tissues before the acquisition (gain 1, no blur)
+        nerve_c, a_fac = _visible_draw(
+            lambda: (np.clip(st.uniform(0.02, 0.40, 3), 0.02, 0.5), st.uniform(0.75, 1.0)),
+            lambda d: min(fibre_visibility(d[0], c, d[1], 1.0, 0.0) for c in (epi_c, derm_c)),
+            MIN_FIBRE_VISIBILITY / 0.6)
         alpha = alpha * a_fac
     img = img * (1 - alpha) + nerve_c * alpha
     if wide:  # uneven illumination
@@ -459,16 +469,11 @@ def generate(seed: int, shape: tuple[int, int] = DEFAULT_SHAPE, n_crossings: int
     jpeg = rng.random() < 0.6
     quality = int(rng.integers(50, 96))
     if wide:  # wider acquisition ranges than the base generator, down to MIN_FIBRE_VISIBILITY
-        best = (-1.0, None)
-        for _ in range(100):
-            acq = (st.uniform(0.6, 1.3), st.uniform(0.7, 1.4), st.uniform(0.0, 1.8),
-                   st.uniform(0.0, 0.06), st.random() < 0.7, int(st.integers(25, 96)))
-            v = min(fibre_visibility(nerve_c, c, a_fac, acq[0], acq[2]) for c in (epi_c, derm_c))
-            if v > best[0]:
-                best = (v, acq)
-            if v >= MIN_FIBRE_VISIBILITY:
-                break
-        gain, gamma, blur, noise, jpeg, quality = best[1]
+        gain, gamma, blur, noise, jpeg, quality = _visible_draw(
+            lambda: (st.uniform(0.6, 1.3), st.uniform(0.7, 1.4), st.uniform(0.0, 1.8),
+                     st.uniform(0.0, 0.06), st.random() < 0.7, int(st.integers(25, 96))),
+            lambda a: min(fibre_visibility(nerve_c, c, a_fac, a[0], a[2]) for c in (epi_c, derm_c)),
+            MIN_FIBRE_VISIBILITY)
     img = np.clip((img - img.mean()) * gain + img.mean() + rng.uniform(-0.05, 0.05), 0, 1)
     img = img ** gamma
     if blur > 0.3:
