@@ -329,10 +329,11 @@ def ecc_translation(img: np.ndarray, gxi: np.ndarray, gyi: np.ndarray, tzm: np.n
 
     ``img`` float32, pre-blurred, and ``gxi``/``gyi`` its gradients (grey levels per px), each
     ``(s0 + 2·pad, s1 + 2·pad)`` with ``pad = ceil(limit) + 2`` (the image's border replicated,
-    the gradients' zero: ``cv2.copyMakeBorder``), so every sample stays inside; ``tzm`` (s0, s1) the (equally blurred) template minus its weighted
-    mean, ``w`` 0/1 pixel weights (the template's mask). A translation samples every pixel with
-    the same bilinear weights. Stops when an update moves p by < ``eps`` px or after ``max_iter`` updates;
-    gives up when |p| > ``limit`` on either axis. Returns ``(px, py, cc, ok)``, cc the
+    the gradients' zero: ``cv2.copyMakeBorder``), so every sample stays inside; ``tzm`` (s0, s1)
+    the (equally blurred) template minus its weighted mean, ``w`` 0/1 pixel weights (the
+    template's mask). A translation samples every pixel with the same bilinear weights. Stops
+    when an update moves p by < ``eps`` px or after ``max_iter`` updates; gives up when |p| >
+    ``limit`` on either axis. Returns ``(px, py, cc, ok)``, cc the
     correlation at the last evaluated p."""
     s0, s1 = tzm.shape
     px = 0.0

@@ -19,9 +19,9 @@ given, from gradient energy before that) and, for the rotation, of a second ROI 
 starting from the previous frame's angular velocity. The ECC runs compiled
 (:func:`stream.kernels.ecc_translation`, ``fine="compiled"``, the default: 0.4 ms per 256-px ROI)
 or as ``cv2.findTransformECC`` (``fine="ecc"``: 2.3 ms; measured on 7 synthetic 10 s clips the
-compiled one registers a little better, grid error median 0.081 vs 0.090 px, worst p95 0.55 vs
-0.68 px, because it iterates until the shift, not the correlation, stops moving). Phase correlation's own
-sub-pixel peak was measured biased by up to 0.3 px on band-limited 8-bit images; ECC stays
+compiled one registers a little better, grid error median 0.081 vs 0.090 px, worst p95 0.58 vs
+0.68 px, because it iterates until the shift, not the correlation, stops moving). Phase
+correlation's own sub-pixel peak was measured biased by up to 0.3 px on band-limited 8-bit images; ECC stays
 < 0.05 px. A hand or finger that turns by ±1° moves content 5–9 px at the frame's edges while a
 translation-only fit of a central ROI sees none of it: on the synthetic scope with ±1° of
 rotational tremor, translation-only registration lost 60 % of the white-cell events.
@@ -350,8 +350,8 @@ class Stabilizer:
         (``crop(x + r) ≈ a·template(x) + b``) maximizing their zero-normalized correlation (ECC),
         by :func:`stream.kernels.ecc_translation` (``fine="compiled"``: one pass over the pixels
         per iteration, the template prepared once) or ``cv2.findTransformECC`` (``fine="ecc"``);
-        both pre-blur with the ``ecc_blur`` Gaussian and use central-difference gradients. cc = 0 if the match fails or wanders off
-        (> ``limit`` px)."""
+        both pre-blur with the ``ecc_blur`` Gaussian and use central-difference gradients. cc = 0
+        if the match fails or wanders off (> ``limit`` px)."""
         if self.fine == "compiled":
             return self._compiled_shift(template, mask, crop, limit)
         warp = np.eye(2, 3, dtype=np.float32)
