@@ -43,6 +43,10 @@ class BiopsyParams:
     window_px: int = 17
     min_side_pixels: int = 5
     nerve_threshold: float | None = None  # None = value stored in the HED checkpoint
+    # dermis test-time scales (× the checkpoint's scale), probabilities averaged: on 244
+    # development images (seeds 700000+, 2000000+, 3000000+) count MAE 1.12 with (1,) → 1.07
+    # with (1, 0.8) → 1.05 with (1, 0.8, 1.25); flips instead of scales: 1.15–1.16
+    dermis_scales: tuple[float, ...] = (1.0, 0.8, 1.25)
 
 
 @dataclass
@@ -115,16 +119,22 @@ def as_bgr(image: np.ndarray) -> np.ndarray:
 
 
 @torch.no_grad()
-def predict_maps(image: np.ndarray, models: BiopsyModels) -> tuple[np.ndarray, np.ndarray]:
-    """→ (nerve probability, dermis probability), both H×W float32 at full resolution."""
+def predict_maps(image: np.ndarray, models: BiopsyModels,
+                 dermis_scales: tuple[float, ...] = BiopsyParams.dermis_scales) -> tuple[np.ndarray, np.ndarray]:
+    """→ (nerve probability, dermis probability), both H×W float32 at full resolution. The
+    dermis probability is the mean over ``dermis_scales`` (× ``models.dermis_scale``) of the
+    dermis net's output, each upsampled bilinearly to H×W."""
     h, w = image.shape[:2]
     hed = models.hed.to(memory_format=torch.channels_last)
     fused, _ = hed(to_tensor(image).contiguous(memory_format=torch.channels_last))
     nerve = torch.sigmoid(fused)[0, 0].numpy()
-    small = downscale(image, models.dermis_scale)
-    dp = torch.sigmoid(models.dermis(to_tensor(small)))[0, 0].numpy()
-    dermis = cv2.resize(dp, (w, h), interpolation=cv2.INTER_LINEAR)
-    return nerve.astype(np.float32), dermis.astype(np.float32)
+    dermis = np.zeros((h, w), np.float32)
+    scales = tuple(dermis_scales) or (1.0,)
+    for f in scales:
+        small = downscale(image, models.dermis_scale * float(f))
+        dp = torch.sigmoid(models.dermis(to_tensor(small)))[0, 0].numpy()
+        dermis += cv2.resize(dp, (w, h), interpolation=cv2.INTER_LINEAR)
+    return nerve.astype(np.float32), dermis / len(scales)
 
 
 def analyze_image(image: np.ndarray, weights: str | Path | BiopsyModels | None = None,
@@ -135,7 +145,7 @@ def analyze_image(image: np.ndarray, weights: str | Path | BiopsyModels | None =
     image = as_bgr(image)
     models = weights if isinstance(weights, BiopsyModels) else load_models(weights)
     t0 = time.perf_counter()
-    nerve_prob, dermis_prob = predict_maps(image, models)
+    nerve_prob, dermis_prob = predict_maps(image, models, p.dermis_scales)
     t1 = time.perf_counter()
     th = models.nerve_threshold if p.nerve_threshold is None else p.nerve_threshold
     nerves = nerve_prob > th

@@ -7,7 +7,13 @@ Out: :class:`Boundary` — cleaned ``dermis`` mask (bool), ``band`` (bool, pixel
 
 Steps: Gaussian blur σ = ``sigma_px`` (10 px) → threshold (0.6) → flip every connected region
 (dermis islands and holes in the dermis) smaller than ``min_region_fraction`` (0.2) of the
-image area → band around the edge by Euclidean distance transforms.
+image area, except the largest region of each class → band around the edge by Euclidean
+distance transforms.
+
+The exception is ours, not the paper's: when a misread patch splits the dermis into pieces that
+are each under 0.2 of the image, the bare rule flips every piece and the image loses its whole
+boundary (no crossings at all). That happened on 3 of 244 development images (seeds 2000000+,
+3000000+, 700000+); keeping the largest piece lowered their count MAE from 1.16 to 1.12.
 """
 from __future__ import annotations
 
@@ -27,7 +33,9 @@ class Boundary:
 
 def clean_dermis(prob: np.ndarray, sigma_px: float = 10.0, threshold: float = 0.6,
                  min_region_fraction: float = 0.2) -> np.ndarray:
-    """Smooth, threshold and flip small enclosed regions → dermis mask (bool)."""
+    """Smooth, threshold and flip small regions → dermis mask (bool). Regions (4-connected) of
+    either class smaller than ``min_region_fraction`` × image area are flipped, except the
+    largest region of each class (see the module docstring)."""
     p = np.asarray(prob, np.float32)
     if sigma_px > 0:
         p = cv2.GaussianBlur(p, (0, 0), sigma_px, borderType=cv2.BORDER_REFLECT)
@@ -38,8 +46,9 @@ def clean_dermis(prob: np.ndarray, sigma_px: float = 10.0, threshold: float = 0.
         if lab.max() == 0:
             continue
         areas = np.bincount(lab.ravel())
+        areas[0] = 0
         small = np.nonzero(areas < min_area)[0]
-        small = small[small > 0]
+        small = small[(small > 0) & (small != int(np.argmax(areas)))]
         if len(small):
             m[np.isin(lab, small)] = not value
     return m

@@ -45,6 +45,26 @@ def test_clean_dermis_smooths_and_flips_small_regions():
     assert (m ^ (d > 0.5)).mean() < 0.03
 
 
+def test_a_dermis_split_into_small_pieces_keeps_its_largest_piece():
+    """A misread stripe cuts the dermis into two pieces, each under 0.2 of the image: the bare
+    flip rule would erase both (no boundary at all); the largest piece and its edge stay."""
+    H, W = 200, 300
+    prob = np.zeros((H, W), np.float32)
+    prob[140:, :] = 1.0              # dermis: the bottom 30 % of the image ...
+    prob[100:, 110:150] = 0.0        # ... cut by a non-dermis stripe into 33 % / 53 % of it
+    m = clean_dermis(prob, sigma_px=2, threshold=0.6, min_region_fraction=0.2)
+    assert m[180, 250] and not m[180, 20]          # largest piece kept, the smaller one flipped
+    assert not m[50, 150] and not m[180, 130]
+    b = extract_boundary(prob, sigma_px=2)
+    assert b.band[140, 250] and b.length_px > 100
+    # the same stripe in a dermis large enough: both pieces survive, as in the paper's rule
+    prob2 = np.zeros((H, W), np.float32)
+    prob2[40:, :] = 1.0
+    prob2[40:, 110:150] = 0.0
+    m2 = clean_dermis(prob2, sigma_px=2, threshold=0.6, min_region_fraction=0.2)
+    assert m2[100, 20] and m2[100, 250] and not m2[100, 130]
+
+
 def test_extract_boundary_all_or_nothing():
     b = extract_boundary(np.ones((50, 60), np.float32))
     assert b.dermis.all() and not b.band.any() and b.length_px == 0
