@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 import cv2
+import numpy as np
 
 from nailfold.config import Config, load_config
 from nailfold.errors import InputError
@@ -57,6 +58,17 @@ def _open(path: str | Path, fps: float | None, config: Config):
     if p.is_dir() and fps is None:
         fps = config.device.fps
     return open_source(f"file:{p}", pace="max", fps=fps)
+
+
+def _gray_frames(source):
+    """``source``'s frames with the image reduced to the gray plane the stage analyses
+    (:func:`stream.frames.to_gray`: the green channel of colour frames). Run in the reader
+    thread, it takes the channel extraction (≈ 0.5 ms per 1024×768 frame) off the analysis
+    thread; the stage's results are the same."""
+    from stream.frames import Frame, to_gray
+    for f in source:
+        g = to_gray(f.image)
+        yield f if g is f.image else Frame(f.meta, np.ascontiguousarray(g))
 
 
 def _prefetch(source, depth: int = 8):
@@ -133,7 +145,7 @@ def analyze_video(path: str | Path, config: Config, *, fps: float | None = None,
         t0 = time.perf_counter()
         extra_warn = []
         try:
-            for frame in _prefetch(src):
+            for frame in _prefetch(_gray_frames(src)):
                 stage.process(frame)
                 stage.step_background()
                 if bar is not None:

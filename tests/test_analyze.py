@@ -117,3 +117,17 @@ def test_bad_input_is_an_error_and_writes_nothing(kind, tmp_path, capsys):
     assert rc == 2 and not out.exists()
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "error" in err[0]
+
+
+def test_the_reader_hands_the_stage_the_green_plane_it_would_extract():
+    from stream.analyze import _gray_frames
+    from stream.frames import Frame, FrameMeta, to_gray
+    rng = np.random.default_rng(0)
+    bgr = rng.integers(0, 256, (48, 64, 3), dtype=np.uint8)
+    gray = rng.integers(0, 256, (48, 64), dtype=np.uint8)
+    frames = [Frame(FrameMeta(0, 0.0, 20.0, bgr.shape), bgr), Frame(FrameMeta(1, 0.05, 20.0, gray.shape), gray)]
+    out = list(_gray_frames(iter(frames)))
+    assert [f.meta.seq for f in out] == [0, 1]
+    assert out[0].image.flags.c_contiguous and np.array_equal(out[0].image, to_gray(bgr))
+    assert np.array_equal(out[0].image, bgr[:, :, 1])
+    assert out[1] is frames[1]                      # gray frames pass through untouched
