@@ -178,6 +178,9 @@ class Stabilizer:
         self._ref_full: np.ndarray | None = None
         self._static: np.ndarray | None = None
         self._tmask: np.ndarray | None = None
+        self._template: np.ndarray | None = None     # reference pixels of ``roi`` / ``roi2``
+        self._template2: np.ndarray | None = None
+        self._tmask2: np.ndarray | None = None
         # (count, eps): the compiled ECC stops when an update moves the shift by < eps px or after
         # count updates; OpenCV's (fine="ecc") when the correlation changes by < eps. OpenCV's 1e-4
         # took ~2× the time for the same residual (synthetic, 5 px tremor, 120 frames: median
@@ -378,7 +381,7 @@ class Stabilizer:
         n = float(w.sum())
         mean = float((t * w).sum() / n) if n > 0 else 0.0
         prep = (np.ascontiguousarray((t - mean) * w, np.float32), w)
-        if template is self._template or template is getattr(self, "_template2", None):
+        if template is self._template or template is self._template2:
             if len(self._ecc_cache) > 8:
                 self._ecc_cache.clear()
             self._ecc_cache[key] = (template, mask, prep)
