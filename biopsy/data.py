@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import cv2
 import numpy as np
@@ -40,12 +41,16 @@ class Sample:
     crossings: np.ndarray | None = None  # N×2 (x, y) px, synthetic only
 
 
-def synthetic_samples(n: int, seed_base: int, shape: tuple[int, int]) -> list[Sample]:
-    out = []
+def iter_synthetic_samples(n: int, seed_base: int, shape: tuple[int, int]) -> Iterator[Sample]:
+    """Render synthetic samples ``seed_base … seed_base + n − 1`` (H, W = ``shape``) one at a time."""
     for i in range(n):
         g = generate(seed_base + i, shape)
-        out.append(Sample(f"synthetic-{seed_base + i}", g.image, g.nerves, g.dermis, g.crossings))
-    return out
+        yield Sample(f"synthetic-{seed_base + i}", g.image, g.nerves, g.dermis, g.crossings)
+
+
+def synthetic_samples(n: int, seed_base: int, shape: tuple[int, int]) -> list[Sample]:
+    """:func:`iter_synthetic_samples` as a list."""
+    return list(iter_synthetic_samples(n, seed_base, shape))
 
 
 def read_image(path: str | Path) -> np.ndarray:

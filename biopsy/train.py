@@ -3,7 +3,11 @@
 args (``nailfold train hed|dermis``; every field optional): ``data`` ("synthetic" or a plain
 folder, see :mod:`biopsy.data`), ``steps`` (optimizer steps; ``epochs`` × pool size / batch if
 only ``epochs`` is given), ``batch_size``, ``lr``, ``out`` (checkpoint path), ``seed``,
-``workers`` (unused: data are generated in-process), ``init`` (checkpoint to fine-tune from).
+``workers`` (unused: data are generated in-process), ``init`` (checkpoint to fine-tune from),
+``pool`` (synthetic training fields, default ``DEFAULTS[what]["pool"]``), ``schedule``
+("plateau": ReduceLROnPlateau on the validation loss, the default; "cosine": cosine decay to 0
+over ``steps``, as in the shipped fine-tunes — see ``docs/biopsy.md``), ``swa`` (> 0: save the
+average of the last ``swa`` of the 10 validation-point snapshots instead of the best one).
 
 * HED (nerves): Dice loss ``1 − (2ΣPT + 1)/(ΣP + ΣT + 1)`` on the fused map plus 0.5 × the mean
   over the five side outputs (HED deep supervision) plus ``BAND_WEIGHT`` × the same Dice restricted
@@ -21,6 +25,7 @@ validation-selected nerve threshold (HED) in ``extra``.
 from __future__ import annotations
 
 import argparse
+import collections
 import logging
 import time
 from pathlib import Path
@@ -43,6 +48,7 @@ PHOTOMETRIC_P = 0.7  # dermis: share of training crops given a random stain / ac
 # HED: off by default — a 1200-step fine-tune with it (p 0.7) lost crossing recall (validation
 # seeds 700000-700011: count MAE 3.0 vs 2.7 without)
 HED_PHOTOMETRIC_P = 0.0
+NERVE_THRESHOLD = 0.5   # HED binarization stored by ``--swa`` runs (count-MAE flat over 0.3–0.6)
 # HED: extra Dice term on the pixels within BAND_HALF_WIDTH_PX of the true dermis edge. Without it
 # the net learned to blank everything near the edge (its strongest false edge), crossings included:
 # on held-out seeds 1000000-1000019 half of the missed crossings had nerve probability ≈ 0 on both
@@ -78,14 +84,22 @@ def downscale(img: np.ndarray, scale: float) -> np.ndarray:
     return cv2.resize(img, (max(8, round(w * scale)), max(8, round(h * scale))), interpolation=cv2.INTER_AREA)
 
 
-def _load(spec: str, what: str, seed: int) -> tuple[list[data.Sample], list[data.Sample]]:
+def _load(spec: str, what: str, seed: int, pool: int | None = None) -> tuple[list, list]:
+    """(training, validation) samples: ``data.Sample`` for HED; for the dermis net
+    ``(image, dermis mask)`` pairs at ``DERMIS_SCALE``, shrunk as each field is rendered (a pool of
+    400 full 1600×1200 fields would hold ~4 GB; at 1/4 scale it holds 150 MB). Synthetic training
+    seeds are ``TRAIN_SEED_BASE + seed × 10 000 + i`` for ``i < pool`` (default ``DEFAULTS``)."""
     d = DEFAULTS[what]
+    shrink = (lambda s: s) if what == "hed" else (
+        lambda s: (downscale(s.image, DERMIS_SCALE), downscale(s.dermis.astype(np.uint8), DERMIS_SCALE) > 0))
     if spec in (None, "", "synthetic"):
-        n = d["pool"]
-        tr = data.synthetic_samples(n, data.TRAIN_SEED_BASE + seed * 10_000, d["shape"])
-        va = data.synthetic_samples(max(4, n // 8), data.VAL_SEED_BASE + seed * 10_000, d["shape"])
+        n = int(pool or d["pool"])
+        tr = [shrink(s) for s in data.iter_synthetic_samples(n, data.TRAIN_SEED_BASE + seed * 10_000, d["shape"])]
+        va = [shrink(s) for s in data.iter_synthetic_samples(min(48, max(4, n // 8)),
+                                                             data.VAL_SEED_BASE + seed * 10_000, d["shape"])]
         return tr, va
-    return data.split(data.plain_samples(spec), 0.15, seed)
+    tr, va = data.split(data.plain_samples(spec), 0.15, seed)
+    return [shrink(s) for s in tr], [shrink(s) for s in va]
 
 
 def _near_boundary(s: data.Sample, rng: np.random.Generator, side: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -232,7 +246,7 @@ def train(what: str, args: argparse.Namespace) -> int:
     torch.set_num_threads(1)
     rng = np.random.default_rng(seed)
     t0 = time.time()
-    tr, va = _load(getattr(args, "data", None) or "synthetic", what, seed)
+    tr, va = _load(getattr(args, "data", None) or "synthetic", what, seed, getattr(args, "pool", None))
     steps = getattr(args, "steps", None)
     epochs = getattr(args, "epochs", None)
     if steps is None:
@@ -242,20 +256,24 @@ def train(what: str, args: argparse.Namespace) -> int:
              what, len(tr), len(va), time.time() - t0, steps, bs, lr)
     if what == "hed":
         model = HED()
-        pool, vpool = tr, va
     else:
         model = DermisNet(decoder=True, input_norm="image")
+    pool, vpool = tr, va
     init = getattr(args, "init", None)
     if init:  # fine-tune from an existing checkpoint of the same kind (layers it lacks stay fresh)
         missing = model.load_state_dict(load_checkpoint(init, what)[0].state_dict(), strict=False).missing_keys
         log.info("initialized from %s (%d new tensors)", init, len(missing))
-    if what != "hed":
-        pool = [(downscale(s.image, DERMIS_SCALE), downscale(s.dermis.astype(np.uint8), DERMIS_SCALE) > 0) for s in tr]
-        vpool = [(downscale(s.image, DERMIS_SCALE), downscale(s.dermis.astype(np.uint8), DERMIS_SCALE) > 0) for s in va]
     opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=1e-3)
-    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.5, patience=2)
+    schedule = getattr(args, "schedule", None) or "plateau"
+    if schedule not in ("plateau", "cosine"):
+        raise InputError(f"--schedule must be 'plateau' or 'cosine', not {schedule!r}")
+    cosine = schedule == "cosine"   # lr decays to 0 over ``steps`` (the shipped fine-tunes)
+    sched = (torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps) if cosine
+             else torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.5, patience=2))
     model.train()
     every = max(10, steps // 10)
+    swa = int(getattr(args, "swa", None) or 0)
+    snapshots: collections.deque = collections.deque(maxlen=max(1, swa))
     best = (float("inf"), None)
     threshold = 0.5
     run = 0.0
@@ -273,6 +291,8 @@ def train(what: str, args: argparse.Namespace) -> int:
         opt.zero_grad()
         loss.backward()
         opt.step()
+        if cosine:
+            sched.step()
         lv = loss.item()
         run = 0.9 * run + 0.1 * lv if step > 1 else lv
         if step % every == 0 or step == steps:
@@ -282,10 +302,13 @@ def train(what: str, args: argparse.Namespace) -> int:
             else:
                 vl, th = _val_dermis(model, vpool), None
                 score = vl
-            sched.step(vl)
+            if not cosine:
+                sched.step(vl)
             log.info("%s step %d/%d loss %.4f val %.4f%s lr %.2g (%.0f s)", what, step, steps, run, vl,
                      f" crossing F1 {f1:.3f}" if what == "hed" else "", opt.param_groups[0]["lr"], time.time() - t0)
-            if score < best[0]:
+            if swa:
+                snapshots.append((step, {k: v.detach().clone() for k, v in model.state_dict().items()}))
+            elif score < best[0]:
                 best = (score, th)
                 if th is not None:
                     threshold = th
@@ -295,5 +318,28 @@ def train(what: str, args: argparse.Namespace) -> int:
                 else:
                     extra["scale"] = DERMIS_SCALE
                 save_checkpoint(model, what, out, extra)
-    log.info("biopsy %s: best validation score %.4f → %s (%.0f s)", what, best[0], out, time.time() - t0)
+    if swa:
+        _save_average(model, what, out, snapshots, vpool, {"lr": lr, "seed": seed, "steps": steps, "schedule": schedule,
+                                                           "data": str(getattr(args, "data", None) or "synthetic")})
+    else:
+        log.info("biopsy %s: best validation score %.4f → %s (%.0f s)", what, best[0], out, time.time() - t0)
     return 0
+
+
+def _save_average(model, what: str, out: Path, snapshots, vpool, extra: dict) -> None:
+    """Save the mean of the ``snapshots`` (step, state dict) — the last ``swa`` validation points
+    of the run, weights and BatchNorm statistics averaged (stochastic weight averaging; the
+    shipped fine-tunes, ``docs/biopsy.md``) — with the averaged model's validation figures. The
+    HED's ``threshold`` stays ``NERVE_THRESHOLD`` (chosen by count MAE on development images);
+    the validation pixel-Dice pick is kept as ``pixel_dice_threshold``."""
+    states = [sd for _, sd in snapshots]
+    avg = {k: (sum(sd[k].double() for sd in states) / len(states)).to(states[0][k].dtype) for k in states[0]}
+    model.load_state_dict(avg)
+    extra = {**extra, "swa_steps": [st for st, _ in snapshots]}
+    if what == "hed":
+        vl, th, f1 = _val_hed(model, vpool)
+        extra.update(val_loss=vl, val_crossing_f1=f1, threshold=NERVE_THRESHOLD, pixel_dice_threshold=th)
+    else:
+        extra.update(val_loss=_val_dermis(model, vpool), scale=DERMIS_SCALE)
+    save_checkpoint(model, what, out, extra)
+    log.info("biopsy %s: average of the checkpoints at steps %s → %s", what, extra["swa_steps"], out)

@@ -48,6 +48,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seg-cache", default=None, help=".npz cache of rendered segmentation images")
     p.add_argument("--levels", type=int, default=4, help="seg: U-Net levels")
     p.add_argument("--crop", type=int, default=192, help="training crop side (px at network scale)")
+    p.add_argument("--pool", type=int, default=None,
+                   help="hed/dermis: synthetic training fields to render (default 80 hed, 48 dermis)")
+    p.add_argument("--schedule", choices=("plateau", "cosine"), default="plateau",
+                   help="hed/dermis: lr schedule (ReduceLROnPlateau on validation, or cosine to 0)")
+    p.add_argument("--swa", type=int, default=0, metavar="K",
+                   help="hed/dermis: save the average of the last K of the 10 validation-point "
+                        "snapshots instead of the best one (weight averaging)")
 
 
 def run(args: argparse.Namespace) -> int:

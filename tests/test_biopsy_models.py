@@ -6,6 +6,7 @@ import json
 import cv2
 import numpy as np
 import pytest
+import torch
 
 from nailfold.errors import InputError, NailfoldError
 
@@ -118,6 +119,31 @@ def test_training_smoke(tmp_path, what, monkeypatch):
     assert train(what, ns) == 0
     model, extra = load_checkpoint(out, what)
     assert extra["steps"] == 3
+
+
+def test_weight_averaged_training_saves_the_mean_of_the_last_snapshots(tmp_path, monkeypatch):
+    """``--swa K --schedule cosine``: the checkpoint is the element-wise mean of the model at the
+    last K validation points (a 60-step run validates every 10 steps: K = 3 → steps 40, 50, 60)."""
+    from biopsy import train as T
+    monkeypatch.setitem(T.DEFAULTS, "dermis", {**T.DEFAULTS["dermis"], "pool": 2, "shape": (160, 200), "crop": 32})
+    seen = []
+    real_val = T._val_dermis
+
+    def spy(model, val):   # record the weights at every validation point
+        seen.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+        return real_val(model, val)
+
+    monkeypatch.setattr(T, "_val_dermis", spy)
+    out = tmp_path / "d.pt"
+    ns = argparse.Namespace(data="synthetic", steps=60, batch_size=1, lr=1e-2, out=str(out), seed=2, epochs=None,
+                            workers=None, pool=None, schedule="cosine", swa=3)
+    assert train("dermis", ns) == 0
+    model, extra = load_checkpoint(out, "dermis")
+    assert extra["swa_steps"] == [40, 50, 60] and extra["schedule"] == "cosine"
+    key = "head.weight"
+    want = torch.stack([sd[key] for sd in seen[-4:-1]]).mean(0)   # the last call validates the average
+    assert not torch.equal(seen[-4][key], seen[-2][key])          # the snapshots differ ...
+    assert torch.allclose(model.state_dict()[key], want, atol=1e-6)   # ... and the mean is saved
 
 
 def test_photometric_keeps_shape_and_changes_appearance():
