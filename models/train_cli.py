@@ -27,15 +27,21 @@ from nailfold.errors import InputError
 log = logging.getLogger(__name__)
 
 WHATS = ("seg", "keypoints", "classifier", "hed", "dermis")
+# schedule defaults of the capillaroscopy nets (the biopsy nets have theirs in biopsy.train.DEFAULTS)
+NET_DEFAULTS = {"epochs": 10, "steps": 100, "batch_size": 8, "lr": 2e-3}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("what", choices=WHATS)
     p.add_argument("--data", default="synthetic", help="synthetic | anfc:PATH (default synthetic)")
-    p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--steps", type=int, default=100, help="optimizer steps per epoch")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--lr", type=float, default=2e-3)
+    # None = the model's own default: seg/keypoints/classifier 10 epochs × 100 steps, batch 8, lr
+    # 2e-3; hed/dermis ``biopsy.train.DEFAULTS`` (``--steps`` is then the whole run)
+    p.add_argument("--epochs", type=int, default=None, help="epochs (default 10; hed/dermis: see --steps)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="optimizer steps per epoch (default 100); hed/dermis: steps of the whole run "
+                        "(default 1500 hed, 1200 dermis)")
+    p.add_argument("--batch-size", type=int, default=None, help="default 8 (hed 4)")
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate (default 2e-3; hed/dermis 1e-3)")
     p.add_argument("--out", default=None, help="checkpoint path (default: models/weights/<what>.pt)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=1, help="processes rendering synthetic data")
@@ -61,6 +67,9 @@ def run(args: argparse.Namespace) -> int:
     if args.what in ("hed", "dermis"):
         from biopsy.train import train
         return int(train(args.what, args) or 0)
+    for name, value in NET_DEFAULTS.items():
+        if getattr(args, name, None) is None:
+            setattr(args, name, value)
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)
     torch.set_num_threads(max(1, args.threads))

@@ -200,3 +200,23 @@ def test_hed_training_smoke_with_the_skeleton_term(tmp_path, monkeypatch):
     ns = argparse.Namespace(data="synthetic", steps=2, batch_size=2, lr=None, out=str(out), seed=1, epochs=None,
                             workers=None, skeleton_weight=1.0)
     assert train("hed", ns) == 0 and out.exists()
+
+
+def test_train_cli_keeps_each_networks_own_schedule_defaults(monkeypatch):
+    """``nailfold train hed`` without ``--steps/--lr/--batch-size`` trains with ``biopsy.train.DEFAULTS``
+    (the capillaroscopy nets' per-epoch defaults must not leak into the biopsy run), and the
+    capillaroscopy nets still get theirs."""
+    from biopsy import train as T
+    from models import train_cli
+
+    p = argparse.ArgumentParser()
+    train_cli.add_arguments(p)
+    seen = {}
+    monkeypatch.setattr(T, "train", lambda what, args: seen.update(what=what, args=args) or 0)
+    assert train_cli.run(p.parse_args(["hed"])) == 0
+    a = seen["args"]
+    assert a.steps is None and a.lr is None and a.batch_size is None and a.epochs is None
+    monkeypatch.setattr(train_cli, "train_seg", lambda args: seen.update(seg=args) or 0)
+    assert train_cli.run(p.parse_args(["seg", "--steps", "7"])) == 0
+    s = seen["seg"]
+    assert (s.epochs, s.steps, s.batch_size, s.lr) == (10, 7, 8, 2e-3)
