@@ -193,3 +193,18 @@ def test_material_span_equals_numpy():
         seen = xs[(m0 + b + xs >= 0) & (m0 + b + xs <= n - 1)]
         assert rows[b] == seen.size
         assert cover[b] == (seen.max() - seen.min() if seen.size else 0.0)
+
+
+def test_warm_up_stays_inside_its_arrays():
+    """The compiled loops do not bounds-check, so ``warm_up`` must call each one with consistent
+    shapes: an out-of-bounds read there returned garbage and, now and then, made
+    ``material_bins`` allocate a negative size and crash the stage's constructor. Run as plain
+    Python (``NUMBA_DISABLE_JIT``), where numpy raises on any out-of-bounds index."""
+    import os
+    import subprocess
+    import sys
+    env = dict(os.environ, NUMBA_DISABLE_JIT="1")
+    r = subprocess.run([sys.executable, "-c", "from stream import kernels; kernels.warm_up()"],
+                       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
