@@ -448,6 +448,11 @@ class WindowAnalyzer:
     #                                     material displacement (see :func:`profile_quality`)
     event_sep_px: float = 8.0        # events closer than this along the blood column (px) are one
     event_mean_threshold: float = 4.2
+    event_min_fraction: float = 0.0  # > 0 and the tissue level known (``analyze(tissue=…)``): an event
+    #                                  must also brighten the column by this fraction of the vessel's
+    #                                  log contrast log(tissue / vessel) — a plasma gap removes most of
+    #                                  the blood column's absorbance, red-cell texture a small part
+    min_vessel_contrast: float = 0.02  # log(tissue / vessel) below which the fraction is not used
     event_row_threshold: float = 0.0
     event_smooth_px: float = 3.0     # Gaussian σ along the vessel before the event search: keeps
     #                                  gap-sized (≥ 10 px) bright lines, suppresses fine red-cell texture
@@ -503,9 +508,11 @@ class WindowAnalyzer:
         return acc / d
 
     def analyze(self, raw: np.ndarray, background: np.ndarray, start_frame: int,
-                own: tuple[float, float] | None = None) -> WindowResult:
+                own: tuple[float, float] | None = None, tissue: float | None = None) -> WindowResult:
         """``raw`` window rows, ``background`` = static per-column mean; events are kept only when
-        they cross the apex within ``own`` = [lo, hi) (frames relative to the window start)."""
+        they cross the apex within ``own`` = [lo, hi) (frames relative to the window start).
+        ``tissue``: grey level of the tissue around the loop (:func:`stream.kymograph.tissue_level`),
+        for the events' contrast test (``event_min_fraction``); None or NaN = noise test only."""
         k = np.asarray(raw, np.float32) - np.asarray(background, np.float32)[None, :]
         k = k - k.mean(axis=1, keepdims=True)
         sd = float(k.std())
@@ -587,13 +594,18 @@ class WindowAnalyzer:
                 stat = "rows"
             else:
                 ev_k, ev_prof = ke, prof
+                log_sd = None
                 if self.log_intensity:
                     # the same registered blood column (X), read in log grey levels
-                    ev_k = self._log_kymograph(raw, background)
+                    ev_k, log_sd = self._log_kymograph(raw, background, with_sd=True)
                     ev_prof = (prof[0], *_profile_from_x(ev_k, prof[0]))
                 ev_sd = radon.robust_sd(ev_k[::2, ::2].ravel()) or 1.0
+                contrast = self.vessel_contrast(background, tissue) if log_sd else float("nan")
+                use_fraction = self.event_min_fraction > 0 and contrast >= self.min_vessel_contrast
                 for e in material_events(ev_k, ev_sd, self.anchor, track, self.event_mean_threshold,
                                          self.event_sep_px, profile=ev_prof):
+                    if use_fraction and e.strength * ev_sd * log_sd < self.event_min_fraction * contrast:
+                        continue    # brightening (log units) below the required share of the vessel's contrast
                     if t_lo <= e.t_frame < t_hi and 0.5 <= e.t_frame <= self.n_frames - 1.5:
                         res.events.append(radon.LineEvent(start_frame + e.t_frame, e.speed_px_per_frame, e.strength))
                 return res
@@ -644,15 +656,27 @@ class WindowAnalyzer:
             return False
         return 1.0 / self.agree_ratio <= abs(a) / abs(b) <= self.agree_ratio
 
-    def _log_kymograph(self, raw: np.ndarray, background: np.ndarray) -> np.ndarray:
+    def _log_kymograph(self, raw: np.ndarray, background: np.ndarray, with_sd: bool = False):
         """Destriped log grey level of a window (∝ −absorbance, linear in the red-cell density by
-        Beer–Lambert), row means removed, smoothed along the vessel like the event kymograph."""
+        Beer–Lambert), row means removed, divided by its SD, smoothed along the vessel like the
+        event kymograph. ``with_sd``: also return that SD (log units; 0 for a flat window)."""
         k = np.log(np.maximum(np.asarray(raw, np.float32), 1.0)) \
             - np.log(np.maximum(np.asarray(background, np.float32), 1.0))[None, :]
         k = k - k.mean(axis=1, keepdims=True)
         sd = float(k.std())
-        k = k / sd if sd > 0 else k
-        return self._smooth(k)
+        k = self._smooth(k / sd if sd > 0 else k)
+        return (k, sd) if with_sd else k
+
+    @staticmethod
+    def vessel_contrast(background: np.ndarray, tissue: float | None) -> float:
+        """The loop's log contrast: median over the kymograph's columns of log(tissue / vessel),
+        ``background`` being the vessel's static per-column mean grey level: ∝ the blood column's
+        absorbance (Beer–Lambert), independent of the camera's gain; a gamma curve scales it and an
+        event's log brightening alike, so their ratio is kept. NaN without a tissue level."""
+        if tissue is None or not math.isfinite(float(tissue)) or tissue <= 0:
+            return float("nan")
+        b = np.log(np.maximum(np.asarray(background, np.float64), 1.0))
+        return float(np.median(math.log(max(float(tissue), 1.0)) - b)) if b.size else float("nan")
 
     def _smooth(self, k: np.ndarray) -> np.ndarray:
         """Gaussian smoothing along the vessel (σ = ``event_smooth_px``, kernel truncated at 4 σ,
@@ -705,10 +729,10 @@ def _cached_analyzer(spec: tuple) -> WindowAnalyzer:
 
 
 def analyze_window(spec: tuple, raw: np.ndarray, background: np.ndarray, start_frame: int,
-                   own: tuple[float, float] | None) -> WindowResult:
-    """``WindowAnalyzer(**dict(spec)).analyze(raw, background, start_frame, own)`` — picklable, for
-    a process pool (:func:`window_pool`); the same result as in-process analysis."""
-    return _cached_analyzer(spec).analyze(raw, background, start_frame, own)
+                   own: tuple[float, float] | None, tissue: float | None = None) -> WindowResult:
+    """``WindowAnalyzer(**dict(spec)).analyze(raw, background, start_frame, own, tissue)`` —
+    picklable, for a process pool (:func:`window_pool`); the same result as in-process analysis."""
+    return _cached_analyzer(spec).analyze(raw, background, start_frame, own, tissue)
 
 
 def _worker_init() -> None:

@@ -120,6 +120,34 @@ def fill_out_of_view(rows: np.ndarray, view: np.ndarray | None, background: np.n
     return np.where(view, rows, np.asarray(background, np.float32)[None, :]).astype(np.float32)
 
 
+def tissue_level(image: np.ndarray, mask: np.ndarray, bbox: tuple[int, int, int, int], vessels: np.ndarray,
+                 inner_px: int = 3, outer_px: int = 12, min_pixels: int = 20) -> float:
+    """Grey level of the tissue around one capillary: the median of ``image`` (2-D gray, e.g. a
+    stabilized keyframe mean) over a ring from ``inner_px`` to ``outer_px`` px outside the loop's
+    own pixels (``mask``, bool, the size of ``bbox`` = (x0, y0, x1, y1) half-open, in ``image``
+    coordinates), leaving out every pixel within ``inner_px`` of any vessel (``vessels``, bool,
+    the shape of ``image``: the keyframe's segmentation). With the vessel's own mean grey level
+    it gives the loop's contrast ``log(tissue / vessel)`` (∝ the blood column's absorbance by
+    Beer–Lambert). NaN when fewer than ``min_pixels`` ring pixels remain (a loop packed among
+    others, or at the image border)."""
+    img = np.asarray(image)
+    h, w = img.shape[:2]
+    x0, y0, x1, y1 = (int(v) for v in bbox)
+    pad = int(outer_px) + 1
+    X0, Y0, X1, Y1 = max(0, x0 - pad), max(0, y0 - pad), min(w, x1 + pad), min(h, y1 + pad)
+    if X1 <= X0 or Y1 <= Y0:
+        return float("nan")
+    own = np.zeros((Y1 - Y0, X1 - X0), np.uint8)
+    m = np.asarray(mask, bool)
+    own[y0 - Y0:y0 - Y0 + m.shape[0], x0 - X0:x0 - X0 + m.shape[1]] = m[:Y1 - y0, :X1 - x0]
+    k_in = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * int(inner_px) + 1,) * 2)
+    k_out = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * int(outer_px) + 1,) * 2)
+    near_vessel = cv2.dilate(np.asarray(vessels[Y0:Y1, X0:X1], np.uint8), k_in) > 0
+    ring = (cv2.dilate(own, k_out) > 0) & ~(cv2.dilate(own, k_in) > 0) & ~near_vessel
+    vals = img[Y0:Y1, X0:X1][ring]
+    return float(np.median(vals)) if vals.size >= min_pixels else float("nan")
+
+
 def destripe(kymo: np.ndarray) -> np.ndarray:
     """Remove static banding (per-column temporal mean) and per-row mean; float32, zero mean."""
     k = np.asarray(kymo, np.float32)

@@ -251,3 +251,40 @@ def test_out_of_focus_loops_are_called_stopped_by_the_strict_rule_only():
     clean = (100 + 2.5 * tex[None, :] + 0.3 * rng.standard_normal((t_n, n))).astype(np.float32)
     a0 = WindowAnalyzer(n_frames=t_n, n_px=n, anchor=n / 2, v_lo=0.5, v_hi=40.0, stopped_noisy_ratio=0.0)
     assert a0.analyze(clean, clean.mean(axis=0), 0).stopped
+
+
+def _beer_lambert_window(deep=(14.0, 52.0), shallow=(33.5, 68.0), A=0.6, tissue=200.0):
+    """Grey levels I = tissue·exp(−A·density) of a vessel whose red-cell column has plasma gaps
+    (85 % fewer cells) at ``deep`` and red-cell-density dips (30 % fewer) at ``shallow`` (frames at
+    the anchor), on faint texture: both kinds stand well above the noise."""
+    tex, v, anchor = _pulsatile_kymo(gaps=(), seed=5, tex_amp=0.04, noise=0.0)
+    d_k, _, _ = _pulsatile_kymo(gaps=deep, seed=5, tex_amp=0.0, noise=0.0, gap_amp=1.0)
+    s_k, _, _ = _pulsatile_kymo(gaps=shallow, seed=5, tex_amp=0.0, noise=0.0, gap_amp=1.0)
+    density = (1.0 + tex) * (1.0 - 0.85 * d_k / d_k.max()) * (1.0 - 0.3 * s_k / s_k.max())
+    rng = np.random.default_rng(6)
+    grey = tissue * np.exp(-A * density) + rng.normal(0.0, 0.3, density.shape)
+    return grey.astype(np.float32), anchor
+
+
+def _event_times(an, grey, tissue):
+    return sorted(round(e.t_frame) for e in an.analyze(grey, grey.mean(axis=0), 0, tissue=tissue).events)
+
+
+def test_events_must_clear_a_share_of_the_vessel_contrast():
+    """With the tissue level known, a bright object counts only if it brightens the column by
+    ≥ ``event_min_fraction`` of the vessel's log contrast: the plasma gaps (85 %) stay, the
+    red-cell-density dips (30 %) that pass the noise test go. Without it, the noise test alone."""
+    deep, shallow = (14.0, 52.0), (33.5, 68.0)
+    grey, anchor = _beer_lambert_window(deep, shallow)
+    an = flow.WindowAnalyzer(*grey.shape, anchor, *flow.speed_range_px_per_frame(0.0, 3000.0, 1.2, 20.0, *grey.shape[::-1]),
+                             event_smooth_px=3.3, event_mean_threshold=3.0, event_sep_px=8.3, log_intensity=True,
+                             event_min_fraction=0.5)
+    assert an.vessel_contrast(grey.mean(axis=0), 200.0) > 0.3
+    both = _event_times(an, grey, None)
+    assert both == [14, 34, 52, 68], both                     # noise test alone: all four
+    assert _event_times(an, grey, float("nan")) == both       # unknown tissue level: the same
+    assert _event_times(an, grey, 200.0) == [14, 52]          # the gaps only
+    # the share is a ratio of log contrasts: a camera gain or gamma curve does not move it
+    for f in (lambda g: 0.5 * g, lambda g: 255.0 * (g / 255.0) ** 0.6):
+        g2 = f(grey.astype(np.float64)).astype(np.float32)
+        assert _event_times(an, g2, float(f(np.float64(200.0)))) == [14, 52]

@@ -133,3 +133,28 @@ def test_rotation_is_folded_into_the_maps():
     assert np.all(on < 110) and on.mean() < 80                 # along the vessel
     assert off.max() > 150                                     # the translation alone drifts off it
     assert in_view(maps, (h, w), dx, dy, a).all()
+
+
+def test_tissue_level_is_the_ring_around_the_loop_without_other_vessels():
+    """Tissue at 150 ± noise, the loop at 80, a neighbouring vessel at 40 passing 6 px from it and
+    bright specular glints covering less than half the ring: the ring median is the tissue's."""
+    import cv2
+    from stream.kymograph import tissue_level
+    rng = np.random.default_rng(0)
+    img = rng.normal(150.0, 4.0, (200, 240))
+    loop = np.zeros((200, 240), np.uint8)
+    cv2.ellipse(loop, (120, 110), (30, 60), 0, 180, 360, 1, 8)   # a hairpin-like arc, 8 px wide
+    other = np.zeros_like(loop)
+    cv2.line(other, (162, 20), (162, 190), 1, 6)               # 6 px from the loop's right limb
+    img[loop > 0] = 80.0
+    img[other > 0] = 40.0
+    img[30:40, 60:75] = 250.0                                   # a glint in part of the ring
+    ys, xs = np.nonzero(loop)
+    bbox = (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1)
+    mask = loop[bbox[1]:bbox[3], bbox[0]:bbox[2]] > 0
+    vessels = (loop > 0) | (other > 0)
+    level = tissue_level(img.astype(np.uint8), mask, bbox, vessels)
+    assert abs(level - 150.0) < 3.0, level
+    # no ring left (the loop fills the image): NaN, not a vessel's grey level
+    full = np.ones((20, 20), bool)
+    assert np.isnan(tissue_level(np.full((20, 20), 90, np.uint8), full, (0, 0, 20, 20), full))
