@@ -151,6 +151,12 @@ class Stabilizer:
     #                              angle is kept: their translations scatter by ~0.3–0.6 px (moving
     #                              red-cell texture), which read as rotation doubled the registration
     #                              error of translation-only scenes (grid p95 0.18 → 0.38 px, seed 201)
+    RECOVER_RATIO = 0.8   # a match whose confidence falls below this × the recent best is retried from
+    #                       the last measured angle and from 0° (the best of the three is kept): an
+    #                       angle that ran away (blur, seed 211: 2.4° in five frames, 3.3 px residual
+    #                       for the rest of the clip) is otherwise never corrected, because at the
+    #                       wrong angle the second ROI no longer matches and the angle is not measured
+    TYPICAL_DECAY = 0.998  # per frame: the "recent best" confidence forgets a lost focus in ~10 s
 
     def __init__(self, scale: float = 0.25, roi_size: int = 256, max_shift_px: int = 40,
                  min_confidence: float = 0.3, reanchor_after: int = 10, motion: str = "euclidean",
@@ -175,6 +181,9 @@ class Stabilizer:
         self._prev_shift = (0.0, 0.0)
         self._prev_angle = 0.0
         self._prev_angle2 = 0.0          # the angle one frame earlier (angular velocity)
+        self._rot_measured = False       # did the last rigid step measure the angle (two ROIs)?
+        self._measured_angle = 0.0       # the last angle that two ROIs measured
+        self._cc_typical = 0.0           # decaying maximum of recent match confidences
         self._ref_full: np.ndarray | None = None
         self._static: np.ndarray | None = None
         self._tmask: np.ndarray | None = None
@@ -281,7 +290,7 @@ class Stabilizer:
         self.shape = first.shape
         self._set_reference(first)
         self._prev_gray, self._prev_shift, self._prev_angle, self._weak_run = first, (0.0, 0.0), 0.0, 0
-        self._prev_angle2 = 0.0
+        self._prev_angle2 = self._measured_angle = self._cc_typical = 0.0
         return ShiftEstimate(0.0, 0.0, 1.0)
 
     def reanchor(self, reference: np.ndarray, roi_weight: np.ndarray | None = None) -> None:
@@ -442,6 +451,7 @@ class Stabilizer:
         d1 = np.array([ca * r1x - sa * r1y, sa * r1x + ca * r1y])     # its residual motion
         dth = 0.0
         dd = d1
+        self._rot_measured = False
         if main and self.roi2 is not None:
             crop2, a2 = self._roi_crop(gray, dx, dy, angle, self.roi2)
             r2x, r2y, cc2 = self._ecc_shift(self._template2, self._tmask2, crop2, limit=8.0)
@@ -453,6 +463,7 @@ class Stabilizer:
                 # small rotation dθ about any point moves q2 relative to q1 by dθ·J·b, J = [[0, −1], [1, 0]]
                 perp = float(b[0] * (d2[1] - d1[1]) - b[1] * (d2[0] - d1[0])) / float(np.sqrt(b @ b))
                 dth = perp / float(np.sqrt(b @ b))
+                self._rot_measured = abs(dth) <= self.MAX_ANGLE_STEP
                 if abs(perp) < self.ROTATION_DEADBAND_PX or abs(dth) > self.MAX_ANGLE_STEP:
                     dth = 0.0      # within the ROIs' own scatter (moving red-cell texture): keep the angle
                 else:
@@ -494,6 +505,16 @@ class Stabilizer:
             pred = self._prev_angle + (self._prev_angle - self._prev_angle2)
             cx, cy, resp = self._coarse_shift(ref_small, small, pred)
             dx, dy, ang, cc = self._refine_rigid(template, gray, cx * sx, cy * sy, pred)
+            measured = self._rot_measured
+            if cc < self.RECOVER_RATIO * self._cc_typical:
+                # weak at the predicted angle: also try the last measured angle and no rotation
+                for alt in sorted({self._measured_angle, 0.0} - {pred}):
+                    ax, ay, aresp = self._coarse_shift(ref_small, small, alt)
+                    r = self._refine_rigid(template, gray, ax * sx, ay * sy, alt)
+                    if r[3] > cc:
+                        (dx, dy, ang, cc), resp, measured = r, aresp, self._rot_measured
+            self._rot_measured = measured
+            self._cc_typical = max(cc, self.TYPICAL_DECAY * self._cc_typical)
         if cc == 0.0:
             return dx, dy, ang, 0.5 * min(resp, 1.0)
         return dx, dy, ang, cc
@@ -539,6 +560,11 @@ class Stabilizer:
             self._weak_run = 0
         if self._roi_near_border(dx, dy, ang):   # drift carried the ROI out of view: pick another
             self._pick_roi((dx, dy))
-        self._prev_angle2 = self._prev_angle
+        # angular velocity for the next prediction only from angles the two ROIs measured: an
+        # extrapolated angle that nothing confirms would otherwise keep turning at a constant rate
+        measured = self.motion != "translation" and self._rot_measured
+        self._prev_angle2 = self._prev_angle if measured else ang
+        if measured:
+            self._measured_angle = ang
         self._prev_gray, self._prev_shift, self._prev_angle = gray, (dx, dy), ang
         return ShiftEstimate(float(dx), float(dy), float(max(0.0, min(1.0, conf))), chained, float(ang))
