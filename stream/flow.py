@@ -448,10 +448,13 @@ class WindowAnalyzer:
     #                                     material displacement (see :func:`profile_quality`)
     event_sep_px: float = 8.0        # events closer than this along the blood column (px) are one
     event_mean_threshold: float = 4.2
-    event_min_fraction: float = 0.0  # > 0 and the tissue level known (``analyze(tissue=…)``): an event
-    #                                  must also brighten the column by this fraction of the vessel's
-    #                                  log contrast log(tissue / vessel) — a plasma gap removes most of
-    #                                  the blood column's absorbance, red-cell texture a small part
+    event_min_fraction: float = 0.0  # > 0 and the loop's contrast known (``analyze(vessel_contrast=…)``): an
+    #                                  event must also brighten the column by this fraction of the
+    #                                  vessel's log contrast log(tissue / vessel) — a plasma gap removes
+    #                                  most of the blood column's absorbance, red-cell texture a small
+    #                                  part. The brightening is the event's mean along its path in the
+    #                                  smoothed log kymograph, row means removed: below the gap's peak
+    #                                  (a gap clearing 50 % of the column reads ≈ 0.35–0.4)
     min_vessel_contrast: float = 0.02  # log(tissue / vessel) below which the fraction is not used
     event_row_threshold: float = 0.0
     event_smooth_px: float = 3.0     # Gaussian σ along the vessel before the event search: keeps
@@ -508,11 +511,12 @@ class WindowAnalyzer:
         return acc / d
 
     def analyze(self, raw: np.ndarray, background: np.ndarray, start_frame: int,
-                own: tuple[float, float] | None = None, tissue: float | None = None) -> WindowResult:
+                own: tuple[float, float] | None = None, vessel_contrast: float | None = None) -> WindowResult:
         """``raw`` window rows, ``background`` = static per-column mean; events are kept only when
         they cross the apex within ``own`` = [lo, hi) (frames relative to the window start).
-        ``tissue``: grey level of the tissue around the loop (:func:`stream.kymograph.tissue_level`),
-        for the events' contrast test (``event_min_fraction``); None or NaN = noise test only."""
+        ``vessel_contrast``: the loop's log contrast log(tissue / vessel) (:func:`stream.kymograph.loop_contrast`)
+        for the events' contrast test (``event_min_fraction``); None or NaN = noise test only. (The
+        straight-line "rows" events of a column that does not register skip that test.)"""
         k = np.asarray(raw, np.float32) - np.asarray(background, np.float32)[None, :]
         k = k - k.mean(axis=1, keepdims=True)
         sd = float(k.std())
@@ -600,11 +604,12 @@ class WindowAnalyzer:
                     ev_k, log_sd = self._log_kymograph(raw, background, with_sd=True)
                     ev_prof = (prof[0], *_profile_from_x(ev_k, prof[0]))
                 ev_sd = radon.robust_sd(ev_k[::2, ::2].ravel()) or 1.0
-                contrast = self.vessel_contrast(background, tissue) if log_sd else float("nan")
-                use_fraction = self.event_min_fraction > 0 and contrast >= self.min_vessel_contrast
+                vc = vessel_contrast
+                use_fraction = (self.event_min_fraction > 0 and bool(log_sd) and vc is not None
+                                and vc >= self.min_vessel_contrast)   # False for NaN
                 for e in material_events(ev_k, ev_sd, self.anchor, track, self.event_mean_threshold,
                                          self.event_sep_px, profile=ev_prof):
-                    if use_fraction and e.strength * ev_sd * log_sd < self.event_min_fraction * contrast:
+                    if use_fraction and e.strength * ev_sd * log_sd < self.event_min_fraction * vc:
                         continue    # brightening (log units) below the required share of the vessel's contrast
                     if t_lo <= e.t_frame < t_hi and 0.5 <= e.t_frame <= self.n_frames - 1.5:
                         res.events.append(radon.LineEvent(start_frame + e.t_frame, e.speed_px_per_frame, e.strength))
@@ -667,17 +672,6 @@ class WindowAnalyzer:
         k = self._smooth(k / sd if sd > 0 else k)
         return (k, sd) if with_sd else k
 
-    @staticmethod
-    def vessel_contrast(background: np.ndarray, tissue: float | None) -> float:
-        """The loop's log contrast: median over the kymograph's columns of log(tissue / vessel),
-        ``background`` being the vessel's static per-column mean grey level: ∝ the blood column's
-        absorbance (Beer–Lambert), independent of the camera's gain; a gamma curve scales it and an
-        event's log brightening alike, so their ratio is kept. NaN without a tissue level."""
-        if tissue is None or not math.isfinite(float(tissue)) or tissue <= 0:
-            return float("nan")
-        b = np.log(np.maximum(np.asarray(background, np.float64), 1.0))
-        return float(np.median(math.log(max(float(tissue), 1.0)) - b)) if b.size else float("nan")
-
     def _smooth(self, k: np.ndarray) -> np.ndarray:
         """Gaussian smoothing along the vessel (σ = ``event_smooth_px``, kernel truncated at 4 σ,
         edges replicated — ``scipy.ndimage.gaussian_filter1d``'s kernel, applied by OpenCV in
@@ -729,10 +723,10 @@ def _cached_analyzer(spec: tuple) -> WindowAnalyzer:
 
 
 def analyze_window(spec: tuple, raw: np.ndarray, background: np.ndarray, start_frame: int,
-                   own: tuple[float, float] | None, tissue: float | None = None) -> WindowResult:
-    """``WindowAnalyzer(**dict(spec)).analyze(raw, background, start_frame, own, tissue)`` —
+                   own: tuple[float, float] | None, vessel_contrast: float | None = None) -> WindowResult:
+    """``WindowAnalyzer(**dict(spec)).analyze(raw, background, start_frame, own, vessel_contrast)`` —
     picklable, for a process pool (:func:`window_pool`); the same result as in-process analysis."""
-    return _cached_analyzer(spec).analyze(raw, background, start_frame, own, tissue)
+    return _cached_analyzer(spec).analyze(raw, background, start_frame, own, vessel_contrast)
 
 
 def _worker_init() -> None:

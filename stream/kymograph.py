@@ -21,6 +21,7 @@ destriping), so border-replicated pixels never pose as moving texture.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 
 import cv2
@@ -146,6 +147,21 @@ def tissue_level(image: np.ndarray, mask: np.ndarray, bbox: tuple[int, int, int,
     ring = (cv2.dilate(own, k_out) > 0) & ~(cv2.dilate(own, k_in) > 0) & ~near_vessel
     vals = img[Y0:Y1, X0:X1][ring]
     return float(np.median(vals)) if vals.size >= min_pixels else float("nan")
+
+
+def loop_contrast(image: np.ndarray, maps: tuple[np.ndarray, np.ndarray], tissue: float) -> float:
+    """A loop's log contrast on one image: the median over its kymograph columns of
+    log(``tissue`` / vessel), the vessel grey level sampled from ``image`` (2-D gray, in the maps'
+    reference coordinates, e.g. a stabilized keyframe mean) as a kymograph row is. ∝ the blood
+    column's absorbance (Beer–Lambert); both grey levels come from the same image, so a later
+    change of the camera's gain or exposure does not move it. NaN for a non-finite or
+    non-positive ``tissue`` (:func:`tissue_level`)."""
+    if not (math.isfinite(float(tissue)) and tissue > 0):
+        return float("nan")
+    vessel = sample_row(np.asarray(image, np.float32), maps)
+    if vessel.size == 0:
+        return float("nan")
+    return float(np.median(math.log(max(float(tissue), 1.0)) - np.log(np.maximum(vessel, 1.0))))
 
 
 def destripe(kymo: np.ndarray) -> np.ndarray:

@@ -46,6 +46,9 @@ the first frame; NaN/unknown values are ``null``)::
                           "speed_um_s": 805.0, "speed_px_per_frame": 33.5,
                           "strength": 5.1}]        # mean brightness along the cell's own path, in
                                                    #  robust SDs of the log-grey-level kymograph (≥ 3.4)
+          "vessel_contrast": 0.35                  # log(tissue / vessel) on the last keyframe; an
+                                                   #  event must also brighten the column by ≥ 0.5 of
+                                                   #  it (null: not measured, that test is skipped)
       }]
     }
 
@@ -115,6 +118,8 @@ class CapillaryFlow:
     wbc_events: list[WbcEvent] = field(default_factory=list)
     out_of_view_frac: float = 0.0       # share of its kymograph samples the camera motion carried outside
     #                                     the frame (a loop at the edge of the field of view): not analyzed
+    vessel_contrast: float | None = None  # log(tissue / vessel) at the last keyframe (∝ the blood column's
+    #                                       absorbance); null where the tissue around the loop was not measured
 
 
 @dataclass

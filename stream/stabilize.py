@@ -222,6 +222,7 @@ class Stabilizer:
     def _pick_roi(self, shift: tuple[float, float]) -> None:
         """ROI (reference coordinates) maximizing the weight among positions that stay inside the
         frame when displaced by ``shift`` (plus the max_shift margin where possible)."""
+        self._cc_typical = 0.0   # another ROI matches at its own level: relearn the recent best
         h, w = self._weight.shape
         sx, sy = int(round(shift[0])), int(round(shift[1]))
         wt = self._weight
@@ -291,6 +292,7 @@ class Stabilizer:
         self._set_reference(first)
         self._prev_gray, self._prev_shift, self._prev_angle, self._weak_run = first, (0.0, 0.0), 0.0, 0
         self._prev_angle2 = self._measured_angle = self._cc_typical = 0.0
+        self._rot_measured = False
         return ShiftEstimate(0.0, 0.0, 1.0)
 
     def reanchor(self, reference: np.ndarray, roi_weight: np.ndarray | None = None) -> None:
@@ -424,9 +426,11 @@ class Stabilizer:
         the main ROI)."""
         ndx, ndy, nang, cc = self._rigid_step(template, gray, dx, dy, angle)
         if cc > 0.0 and abs(nang - angle) > math.radians(0.2):
+            measured = self._rot_measured
             r = self._rigid_step(template, gray, ndx, ndy, nang)
             if r[3] > 0.0:
                 return r
+            self._rot_measured = measured   # the first step's result (and angle reading) stands
         return ndx, ndy, nang, cc
 
     def _rigid_step(self, template: np.ndarray, gray: np.ndarray, dx: float, dy: float,
@@ -439,6 +443,7 @@ class Stabilizer:
         angle is kept and only the translation updated; the estimate with confidence 0 if the
         main ROI's ECC fails. ``template`` other than the reference ROI's (the chained match
         against the previous frame) uses the main ROI only."""
+        self._rot_measured = False
         crop1, a1 = self._roi_crop(gray, dx, dy, angle)
         main = template is self._template
         r1x, r1y, cc1 = self._ecc_shift(template, self._tmask if main else None, crop1)
@@ -451,7 +456,6 @@ class Stabilizer:
         d1 = np.array([ca * r1x - sa * r1y, sa * r1x + ca * r1y])     # its residual motion
         dth = 0.0
         dd = d1
-        self._rot_measured = False
         if main and self.roi2 is not None:
             crop2, a2 = self._roi_crop(gray, dx, dy, angle, self.roi2)
             r2x, r2y, cc2 = self._ecc_shift(self._template2, self._tmask2, crop2, limit=8.0)
@@ -530,6 +534,7 @@ class Stabilizer:
             return ShiftEstimate(self._prev_shift[0], self._prev_shift[1], 0.0, chained=True, angle=self._prev_angle)
         dx, dy, ang, conf = self._match(self._ref_small, self._template, gray, small)
         chained = False
+        measured_ref = self._rot_measured
         if conf < self.min_confidence and self._prev_gray is not None:
             # weak reference match: register against the previous frame (its ROI placed where the
             # previous frame shows it) and chain the poses
@@ -550,6 +555,8 @@ class Stabilizer:
             if resp > conf:
                 dx, dy, ang, chained = rx, ry, rang, True
                 conf = min(conf, resp)
+            else:
+                self._rot_measured = measured_ref   # the reference match stands, and its angle reading
             self._weak_run += 1
             if self._weak_run >= self.reanchor_after:
                 log.info("stabilizer: weak reference match for %d frames, re-anchoring", self._weak_run)

@@ -54,7 +54,7 @@ from stream import flow, kernels
 from stream.capillary import BLURRED, CLEAR, LABEL_NAMES, Capillary
 from stream.frames import Frame, to_gray
 from stream.kymograph import (KymographBank, KymographBuffer, column_mean, destripe, fill_out_of_view, in_view,
-                              tissue_level,
+                              loop_contrast, tissue_level,
                               resample_polyline, sample_row, sampling_maps, to_uint8)
 from stream.radon import LineEvent
 from stream.report import OUT_OF_VIEW_WARN, CapillaryFlow, VideoReport, WbcEvent
@@ -217,7 +217,7 @@ class _Track:
     windows: list = field(default_factory=list)     # flow.WindowResult
     events: list = field(default_factory=list)      # LineEvent, absolute frames
     skipped_windows: int = 0
-    tissue: float = float("nan")   # grey level around the loop at the last keyframe that saw it
+    contrast: float = float("nan")   # log(tissue / vessel) at the last keyframe that measured it
 
     @property
     def anchor(self) -> float:
@@ -229,13 +229,14 @@ EVENT_MEAN_THRESHOLD = 3.4   # mean brightness along the cell's path in robust S
 #                              kymograph; chosen on dev seeds 301/303-306 (count error +13, -11, +10, -21,
 #                              +15 %; was +22, -4, -48, -62, +19 % at 4.2 on grey levels)
 EVENT_MIN_FRACTION = 0.5     # ... and, where the tissue around the loop is measured, the event must
-#                              brighten the blood column by ≥ this share of the vessel's log contrast
-#                              log(tissue / vessel): a plasma gap clears most of the column, red-cell
-#                              texture a small share, and the share does not follow the camera's noise
-#                              level, gain or gamma. Chosen on seeds 201-208 (30 s) × {as rendered,
-#                              0.6·I, 0.5·I + 70}: mean |count error| 9 / 11 / 27 % → 8 / 10 / 8 %;
-#                              held out 209-211, 401 × {as rendered, gamma 0.6, JPEG 50, 0.5·I + 70}:
-#                              5 / 6 / 11 / 19 % → 5 / 8 / 11 / 5 % (README, stage accuracy)
+#                              brighten the blood column by ≥ this share of the loop's log contrast
+#                              log(tissue / vessel), read on the keyframe (kymograph.loop_contrast): a
+#                              plasma gap clears most of the column, red-cell texture a small share,
+#                              and the share does not follow the camera's noise level, gain or gamma.
+#                              Chosen on seeds 201-208 (30 s) × {as rendered, 0.6·I, 0.5·I + 70}: mean
+#                              |count error| 9 / 11 / 27 % → 8 / 10 / 8 % (window replays); held out
+#                              209-211, 401 × {as rendered, gamma 0.6, JPEG 50, 0.5·I + 70}: 5 / 6 / 11 /
+#                              19 % → 5 / 8 / 11 / 5 % (README, stage accuracy)
 EVENT_ROW_THRESHOLD = 0.0
 NOISY_STOPPED_RATIO = 2.0    # stream.flow.stopped_flow's noisy-camera branch, for CLEAR loops only: an
 #                              out-of-focus (BLURRED) loop is called stopped by the strict rule alone
@@ -281,6 +282,14 @@ def _tissue_levels(image: np.ndarray, labels: np.ndarray, caps: list[Capillary])
             log.debug("no tissue level for a loop at %s", c.bbox, exc_info=True)
             out[id(c)] = float("nan")
     return out
+
+
+def _set_contrast(tr: "_Track", image: np.ndarray, tissue: float) -> None:
+    """Update ``tr.contrast`` from a keyframe ``image`` and the tissue level around the loop on
+    it (kept as it was when this keyframe cannot measure it)."""
+    c = loop_contrast(image, tr.maps, tissue)
+    if math.isfinite(c):
+        tr.contrast = c
 
 
 def _unit_spacing(c: Capillary) -> Capillary:
@@ -554,17 +563,17 @@ class AnalysisStage:
             raw = fill_out_of_view(raw, tr.buffer.window_view(start, n), background)
             own_lo = max(tr.owned_until, start)
             tr.owned_until = max(tr.owned_until, own_hi)
-            tissue = tr.tissue
+            contrast = tr.contrast
         if valid.mean() < 0.5:
             return
         m = EVENT_MIN_SEP_FRAMES   # margin: boundary events are caught by both windows, then merged
         own = (own_lo - start - m, own_hi - start + m)
         if self._executor is not None:
             fut = self._executor.submit(flow.analyze_window, self._analyzer_spec(tr, n), raw, background, start, own,
-                                        tissue)
+                                        contrast)
             self._pending_windows.append((tr, fut))
             return
-        self._store_window(tr, self._analyzer(tr, n).analyze(raw, background, start, own, tissue))
+        self._store_window(tr, self._analyzer(tr, n).analyze(raw, background, start, own, contrast))
 
     def _store_window(self, tr: _Track, res: flow.WindowResult) -> None:
         with self._lock:
@@ -604,8 +613,7 @@ class AnalysisStage:
                 tr = self.tracks.get(c.id)
                 if tr is not None:
                     tr.missing = 0
-                    if math.isfinite(levels[id(c)]):
-                        tr.tissue = levels[id(c)]
+                    _set_contrast(tr, mean, levels[id(c)])
                     if not tr.active:      # came back: resume sampling with its original geometry
                         self.bank.add(c.id, tr.cap.centerline, tr.cap.width_px)
                         tr.active = True
@@ -614,7 +622,7 @@ class AnalysisStage:
                     continue
                 self._new_track(c)
                 if c.id in self.tracks:
-                    self.tracks[c.id].tissue = levels[id(c)]
+                    _set_contrast(self.tracks[c.id], mean, levels[id(c)])
             for cid, tr in self.tracks.items():
                 if cid not in seen and tr.active:
                     tr.missing += 1
@@ -859,6 +867,7 @@ class AnalysisStage:
                 observed_s=obs, wbc_count=len(evs),
                 wbc_per_min=(len(evs) / obs * 60.0) if obs > 0 else None,
                 out_of_view_frac=float(tr.buffer.out_of_view_fraction),
+                vessel_contrast=round(tr.contrast, 4) if math.isfinite(tr.contrast) else None,
                 wbc_events=[WbcEvent(t_s=e.t_frame / self.fps, speed_um_s=self._um(abs(e.speed_px_per_frame)),
                                      speed_px_per_frame=abs(e.speed_px_per_frame), strength=e.strength)
                             for e in evs])

@@ -267,11 +267,14 @@ def _beer_lambert_window(deep=(14.0, 52.0), shallow=(33.5, 68.0), A=0.6, tissue=
 
 
 def _event_times(an, grey, tissue):
-    return sorted(round(e.t_frame) for e in an.analyze(grey, grey.mean(axis=0), 0, tissue=tissue).events)
+    """Events of ``grey`` with the loop's contrast against a tissue level ``tissue`` (None = unknown)."""
+    bg = grey.mean(axis=0)
+    contrast = None if tissue is None else float(np.median(np.log(tissue) - np.log(bg)))
+    return sorted(round(e.t_frame) for e in an.analyze(grey, bg, 0, vessel_contrast=contrast).events)
 
 
 def test_events_must_clear_a_share_of_the_vessel_contrast():
-    """With the tissue level known, a bright object counts only if it brightens the column by
+    """With the loop's contrast known, a bright object counts only if it brightens the column by
     ≥ ``event_min_fraction`` of the vessel's log contrast: the plasma gaps (85 %) stay, the
     red-cell-density dips (30 %) that pass the noise test go. Without it, the noise test alone."""
     deep, shallow = (14.0, 52.0), (33.5, 68.0)
@@ -279,12 +282,25 @@ def test_events_must_clear_a_share_of_the_vessel_contrast():
     an = flow.WindowAnalyzer(*grey.shape, anchor, *flow.speed_range_px_per_frame(0.0, 3000.0, 1.2, 20.0, *grey.shape[::-1]),
                              event_smooth_px=3.3, event_mean_threshold=3.0, event_sep_px=8.3, log_intensity=True,
                              event_min_fraction=0.5)
-    assert an.vessel_contrast(grey.mean(axis=0), 200.0) > 0.3
     both = _event_times(an, grey, None)
     assert both == [14, 34, 52, 68], both                     # noise test alone: all four
-    assert _event_times(an, grey, float("nan")) == both       # unknown tissue level: the same
+    assert _event_times(an, grey, float("nan")) == both       # unknown contrast: the same
     assert _event_times(an, grey, 200.0) == [14, 52]          # the gaps only
     # the share is a ratio of log contrasts: a camera gain or gamma curve does not move it
     for f in (lambda g: 0.5 * g, lambda g: 255.0 * (g / 255.0) ** 0.6):
         g2 = f(grey.astype(np.float64)).astype(np.float32)
         assert _event_times(an, g2, float(f(np.float64(200.0)))) == [14, 52]
+
+
+def test_loop_contrast_reads_tissue_against_the_sampled_vessel():
+    """:func:`stream.kymograph.loop_contrast`: log(tissue / vessel) with the vessel sampled by the
+    kymograph maps; the same for a brighter exposure of the same scene, NaN without a tissue level."""
+    from stream.kymograph import loop_contrast, sampling_maps
+    img = np.full((60, 80), 150.0, np.float32)
+    img[28:33, 10:70] = 90.0                                   # a straight vessel, 5 px wide
+    cl = np.stack([np.arange(12, 68, dtype=np.float32), np.full(56, 30.0, np.float32)], 1)
+    maps = sampling_maps(cl, 5.0)
+    c = loop_contrast(img, maps, 150.0)
+    assert abs(c - np.log(150.0 / 90.0)) < 1e-3, c
+    assert abs(loop_contrast(1.4 * img, maps, 1.4 * 150.0) - c) < 1e-3
+    assert np.isnan(loop_contrast(img, maps, float("nan")))

@@ -191,3 +191,32 @@ def test_an_angle_that_ran_away_is_recovered():
         errs.append(np.hypot(e.dx - dx, e.dy - dy))
         angles.append(abs(np.degrees(e.angle)))
     assert max(angles[2:]) < 0.2 and max(errs[2:]) < 0.3, (angles, errs)
+
+
+def test_an_unmeasured_angle_sets_no_angular_velocity(monkeypatch):
+    """When the main ROI's match fails for a frame, nothing measured the angle that frame: the
+    stabilizer must not carry the predicted (extrapolated) angle on as a turning rate, nor keep it
+    as the last measured angle (the fallback of the runaway recovery)."""
+    img, rng = scene(seed=3), np.random.default_rng(8)
+    st = Stabilizer()
+    st.update(shifted(img, 0, 0, rng=rng))
+    for i in range(1, 6):
+        st.update(shifted(img, 0.4 * i, 0.2 * i, rng=rng))
+    assert st._rot_measured              # two ROIs measured the (zero) angle
+    st._prev_angle, st._prev_angle2 = np.radians(1.0), np.radians(0.5)
+    real = Stabilizer._ecc_shift
+    calls = {"n": 0}
+
+    def failing_once(self, *a, **k):      # every ECC of this one frame fails
+        calls["n"] += 1
+        return 0.0, 0.0, 0.0
+
+    monkeypatch.setattr(Stabilizer, "_ecc_shift", failing_once)
+    st.update(shifted(img, 2.5, 1.5, rng=rng))
+    assert calls["n"] > 0
+    assert not st._rot_measured
+    assert st._prev_angle2 == st._prev_angle             # no angular velocity carried on
+    assert st._measured_angle != pytest.approx(np.radians(1.5))
+    monkeypatch.setattr(Stabilizer, "_ecc_shift", real)
+    e = st.update(shifted(img, 2.6, 1.4, rng=rng))
+    assert abs(np.degrees(e.angle)) < 0.2 and np.hypot(e.dx - 2.6, e.dy - 1.4) < 0.3

@@ -340,6 +340,10 @@ def test_synthetic_scope_short_clip():
     _check_accuracy(res, min_matched=6, check_wbc=False)   # ~2 WBCs per loop in 12 s: counted in the slow test
     stopped = [m for t, m, *_ in res["caps"] if t == 0.0 and m is not None]
     assert all(m < 30 for m in stopped), stopped            # stopped flow reads ~0, not a speed
+    # every loop's contrast against the tissue around it was measured on a keyframe and reaches
+    # the report (the events' contrast test uses it): darker than the tissue, by a plausible amount
+    vc = [c.vessel_contrast for c in res["report"].capillaries]
+    assert vc and all(v is not None and 0.02 < v < 2.0 for v in vc), vc
 
 
 def test_a_turning_finger_is_registered_and_measured():
