@@ -181,7 +181,7 @@ class Stabilizer:
         self._prev_shift = (0.0, 0.0)
         self._prev_angle = 0.0
         self._prev_angle2 = 0.0          # the angle one frame earlier (angular velocity)
-        self._rot_measured = False       # did the last rigid step measure the angle (two ROIs)?
+        self._rot_measured = False       # did the last frame's match measure the angle (two ROIs)?
         self._measured_angle = 0.0       # the last angle that two ROIs measured
         self._cc_typical = 0.0           # decaying maximum of recent match confidences
         self._ref_full: np.ndarray | None = None
@@ -420,35 +420,35 @@ class Stabilizer:
         return float(rx), float(ry), float(cc)
 
     def _refine_rigid(self, template: np.ndarray, gray: np.ndarray, dx: float, dy: float,
-                      angle: float) -> tuple[float, float, float, float]:
+                      angle: float) -> tuple[float, float, float, float, bool]:
         """:meth:`_rigid_step`, repeated once from its result when it turned the pose by more
         than 0.2° (the ROIs were then resampled at a noticeably wrong angle: ≥ 0.4 px across
         the main ROI)."""
-        ndx, ndy, nang, cc = self._rigid_step(template, gray, dx, dy, angle)
+        first = self._rigid_step(template, gray, dx, dy, angle)
+        ndx, ndy, nang, cc, _ = first
         if cc > 0.0 and abs(nang - angle) > math.radians(0.2):
-            measured = self._rot_measured
             r = self._rigid_step(template, gray, ndx, ndy, nang)
             if r[3] > 0.0:
                 return r
-            self._rot_measured = measured   # the first step's result (and angle reading) stands
-        return ndx, ndy, nang, cc
+        return first
 
     def _rigid_step(self, template: np.ndarray, gray: np.ndarray, dx: float, dy: float,
-                    angle: float) -> tuple[float, float, float, float]:
+                    angle: float) -> tuple[float, float, float, float, bool]:
         """Rigid refinement of the pose estimate ``(dx, dy, angle)``: both ROIs are resampled
         under the estimate and their residual translations found by ECC; the rotation comes
         from how differently the two moved (perpendicular to the line joining them), the
-        translation from their mean. Returns ``(dx, dy, angle, confidence)``: confidence is
-        the main ROI's correlation; without a usable second ROI (none, or its ECC failed) the
-        angle is kept and only the translation updated; the estimate with confidence 0 if the
-        main ROI's ECC fails. ``template`` other than the reference ROI's (the chained match
-        against the previous frame) uses the main ROI only."""
-        self._rot_measured = False
+        translation from their mean. Returns ``(dx, dy, angle, confidence, measured)``:
+        confidence is the main ROI's correlation; without a usable second ROI (none, or its ECC
+        failed) the angle is kept and only the translation updated; the estimate with confidence 0
+        if the main ROI's ECC fails. ``measured``: the two ROIs read the angle (an update within
+        ``MAX_ANGLE_STEP``, the dead band included). ``template`` other than the reference ROI's
+        (the chained match against the previous frame) uses the main ROI only."""
+        measured = False
         crop1, a1 = self._roi_crop(gray, dx, dy, angle)
         main = template is self._template
         r1x, r1y, cc1 = self._ecc_shift(template, self._tmask if main else None, crop1)
         if cc1 == 0.0:
-            return dx, dy, angle, 0.0
+            return dx, dy, angle, 0.0, False
         ca, sa = math.cos(angle), math.sin(angle)
         x0, y0, s = self.roi
         u1 = np.array([s / 2.0 - 0.5, s / 2.0 - 0.5])
@@ -467,7 +467,7 @@ class Stabilizer:
                 # small rotation dθ about any point moves q2 relative to q1 by dθ·J·b, J = [[0, −1], [1, 0]]
                 perp = float(b[0] * (d2[1] - d1[1]) - b[1] * (d2[0] - d1[0])) / float(np.sqrt(b @ b))
                 dth = perp / float(np.sqrt(b @ b))
-                self._rot_measured = abs(dth) <= self.MAX_ANGLE_STEP
+                measured = abs(dth) <= self.MAX_ANGLE_STEP
                 if abs(perp) < self.ROTATION_DEADBAND_PX or abs(dth) > self.MAX_ANGLE_STEP:
                     dth = 0.0      # within the ROIs' own scatter (moving red-cell texture): keep the angle
                 else:
@@ -479,7 +479,7 @@ class Stabilizer:
         cth, sth = math.cos(dth), math.sin(dth)
         ndx = cth * dx - sth * dy + float(dd[0])
         ndy = sth * dx + cth * dy + float(dd[1])
-        return ndx, ndy, angle + dth, cc1
+        return ndx, ndy, angle + dth, cc1, measured
 
     def _coarse_shift(self, ref_small: np.ndarray, small: np.ndarray, angle: float) -> tuple[float, float, float]:
         """Phase-correlation translation ``(dx, dy, response)`` (px of ``small``) of the frame
@@ -497,31 +497,29 @@ class Stabilizer:
         tx, ty, resp = phase_shift(ref_small, derot, self._win_small)   # = R^T d
         return ca * tx - sa * ty, sa * tx + ca * ty, resp
 
-    def _match(self, ref_small, template, gray, small) -> tuple[float, float, float, float]:
-        """``(dx, dy, angle, confidence)`` of ``gray`` against the reference."""
+    def _match(self, ref_small, template, gray, small) -> tuple[float, float, float, float, bool]:
+        """``(dx, dy, angle, confidence, angle measured)`` of ``gray`` against the reference."""
         sx, sy = gray.shape[1] / small.shape[1], gray.shape[0] / small.shape[0]
         if self.motion == "translation":
             cx, cy, resp = phase_shift(ref_small, small, self._win_small)
             dx, dy, cc = self._refine(template, gray, cx * sx, cy * sy)
-            ang = 0.0
+            ang, measured = 0.0, False
         else:
             # the angle as it turned over the last frame continues (tremor is smooth at 20 fps)
             pred = self._prev_angle + (self._prev_angle - self._prev_angle2)
             cx, cy, resp = self._coarse_shift(ref_small, small, pred)
-            dx, dy, ang, cc = self._refine_rigid(template, gray, cx * sx, cy * sy, pred)
-            measured = self._rot_measured
+            dx, dy, ang, cc, measured = self._refine_rigid(template, gray, cx * sx, cy * sy, pred)
             if cc < self.RECOVER_RATIO * self._cc_typical:
                 # weak at the predicted angle: also try the last measured angle and no rotation
                 for alt in sorted({self._measured_angle, 0.0} - {pred}):
                     ax, ay, aresp = self._coarse_shift(ref_small, small, alt)
                     r = self._refine_rigid(template, gray, ax * sx, ay * sy, alt)
                     if r[3] > cc:
-                        (dx, dy, ang, cc), resp, measured = r, aresp, self._rot_measured
-            self._rot_measured = measured
+                        (dx, dy, ang, cc, measured), resp = r, aresp
             self._cc_typical = max(cc, self.TYPICAL_DECAY * self._cc_typical)
         if cc == 0.0:
-            return dx, dy, ang, 0.5 * min(resp, 1.0)
-        return dx, dy, ang, cc
+            return dx, dy, ang, 0.5 * min(resp, 1.0), measured
+        return dx, dy, ang, cc, measured
 
     def update(self, gray: np.ndarray) -> ShiftEstimate:
         """Pose of ``gray`` (uint8 (H, W)) relative to the reference; the first call sets it."""
@@ -532,9 +530,8 @@ class Stabilizer:
         small = self._small(gray)
         if float(cv2.meanStdDev(small)[1][0, 0]) < 1e-3:   # blank frame: nothing to register
             return ShiftEstimate(self._prev_shift[0], self._prev_shift[1], 0.0, chained=True, angle=self._prev_angle)
-        dx, dy, ang, conf = self._match(self._ref_small, self._template, gray, small)
+        dx, dy, ang, conf, measured = self._match(self._ref_small, self._template, gray, small)
         chained = False
-        measured_ref = self._rot_measured
         if conf < self.min_confidence and self._prev_gray is not None:
             # weak reference match: register against the previous frame (its ROI placed where the
             # previous frame shows it) and chain the poses
@@ -548,15 +545,13 @@ class Stabilizer:
                 prev_t = cv2.getRectSubPix(self._prev_gray, (s, s), (x0 + pdx + (s - 1) / 2.0, y0 + pdy + (s - 1) / 2.0),
                                            patchType=cv2.CV_32F)
                 rx, ry, resp = self._refine(prev_t, gray, pdx + cx * sx, pdy + cy * sy)
-                rang = 0.0
+                rang, rmeasured = 0.0, False
             else:
                 prev_t, _ = self._roi_crop(self._prev_gray, pdx, pdy, pang)   # reference ROI, as last seen
-                rx, ry, rang, resp = self._refine_rigid(prev_t, gray, pdx + cx * sx, pdy + cy * sy, pang)
+                rx, ry, rang, resp, rmeasured = self._refine_rigid(prev_t, gray, pdx + cx * sx, pdy + cy * sy, pang)
             if resp > conf:
-                dx, dy, ang, chained = rx, ry, rang, True
+                dx, dy, ang, measured, chained = rx, ry, rang, rmeasured, True
                 conf = min(conf, resp)
-            else:
-                self._rot_measured = measured_ref   # the reference match stands, and its angle reading
             self._weak_run += 1
             if self._weak_run >= self.reanchor_after:
                 log.info("stabilizer: weak reference match for %d frames, re-anchoring", self._weak_run)
@@ -569,7 +564,7 @@ class Stabilizer:
             self._pick_roi((dx, dy))
         # angular velocity for the next prediction only from angles the two ROIs measured: an
         # extrapolated angle that nothing confirms would otherwise keep turning at a constant rate
-        measured = self.motion != "translation" and self._rot_measured
+        self._rot_measured = measured
         self._prev_angle2 = self._prev_angle if measured else ang
         if measured:
             self._measured_angle = ang

@@ -621,8 +621,7 @@ class AnalysisStage:
                 if len(c.centerline) < 16:
                     continue
                 self._new_track(c)
-                if c.id in self.tracks:
-                    _set_contrast(self.tracks[c.id], mean, levels[id(c)])
+                _set_contrast(self.tracks[c.id], mean, levels[id(c)])
             for cid, tr in self.tracks.items():
                 if cid not in seen and tr.active:
                     tr.missing += 1
