@@ -17,6 +17,7 @@ a valid report with empty/null fields and a warning.
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import os
 import queue
@@ -115,12 +116,12 @@ OFFLINE_CV_THREADS = 1   # OpenCV threads in an offline-analysis process (``nail
 
 
 def default_workers() -> int:
-    """Window worker processes for ``nailfold analyze``: one per core beyond two. The main
-    process (decode thread, registration, kymograph rows, keyframes, and the windows it keeps)
-    already uses about 1.4 cores, and a worker costs ~1 s of start-up (imports, compiled-loop
-    loading); on the 2-core box 0, 1 and 2 workers measured the same within noise once the
-    window analysis became compiled (30 s, 20 loops: ~5× real time each)."""
-    return max(0, (os.cpu_count() or 1) - 2)
+    """Window worker processes for ``nailfold analyze``: one per core beyond the first, at most
+    two. The Radon windows are ~40 % of the CPU work (the rest: decoding in the reader thread,
+    registration and kymograph rows, keyframes); in the main process they would serialize
+    with the per-frame work. Windows go to the worker in one batch per hop
+    (:meth:`stream.stage.AnalysisStage._submit_batch`)."""
+    return max(0, min(2, (os.cpu_count() or 1) - 1))
 
 
 def analyze_video(path: str | Path, config: Config, *, fps: float | None = None, segmenter=None,
@@ -146,7 +147,7 @@ def analyze_video(path: str | Path, config: Config, *, fps: float | None = None,
         extra_warn = []
         try:
             for frame in _prefetch(_gray_frames(src)):
-                stage.process(frame)
+                stage.process(frame, copy=False)   # each decoded frame is a new buffer
                 stage.step_background()
                 if bar is not None:
                     bar.update(1)
@@ -170,9 +171,6 @@ def run(args: argparse.Namespace) -> int:
     config = load_config(args.config).with_overrides(um_per_px=args.um_per_px, fps=args.fps)
     # open everything first: a bad input is reported before any work and no file is written
     sources = [_open(v, args.fps, config) for v in args.videos]
-    from stream.stage import default_segmenter
-    seg = default_segmenter(args.segmenter or config.models.segmenter, config.models.backend)
-    reports = []
     # this process runs two threads of its own (reader + analysis), one per core: OpenCV's pool
     # would add a set that mostly spins (measured: decode + registration 8.5 → 5.4 ms of CPU per
     # frame at the same wall time)
@@ -181,7 +179,14 @@ def run(args: argparse.Namespace) -> int:
     from contextlib import nullcontext
 
     from stream.flow import window_pool
+    # the workers start (imports) while this process loads the segmenter
     with (window_pool(workers) if workers > 0 else nullcontext()) as pool:
+        from stream.stage import default_segmenter
+        seg = default_segmenter(args.segmenter or config.models.segmenter, config.models.backend)
+        # what is loaded now lives to the end: keep it out of the collector's full passes (the
+        # torch modules made each ~0.1 s)
+        gc.freeze()
+        reports = []
         for path, src in zip(args.videos, sources):
             reports.append(analyze_video(path, config, fps=args.fps, segmenter=seg,
                                          progress=not args.no_progress, source=src, window_executor=pool))

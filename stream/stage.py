@@ -66,7 +66,7 @@ MAX_BACKLOG_WINDOWS = 3      # per capillary; older pending windows are skipped 
 KEYFRAME_BACKOFF_MAX = 8     # keyframe interval may grow to this × stage.keyframe_every
 RETIRE_AFTER_KEYFRAMES = 3   # a capillary missing from this many keyframes in a row stops being sampled
 MIN_FINAL_WINDOW = 8         # frames
-MAX_PENDING_WINDOWS = 64     # executor windows in flight before step_background waits for the oldest
+MAX_PENDING_WINDOWS = 256    # executor windows in flight before step_background waits for the oldest
 
 
 # ----------------------------------------------------------------------------- segmentation glue
@@ -429,17 +429,21 @@ class AnalysisStage:
         self.windows_done = 0
         # offline: windows analysed by a concurrent.futures executor, merged in submission order
         self._executor = window_executor
-        self._pending_windows: collections.deque = collections.deque()
+        self._pending_windows: collections.deque = collections.deque()   # (tracks, future of their results)
+        self._pending_count = 0            # windows in _pending_windows
+        self._window_batch: list = []      # windows not yet submitted: (track, *analyze_window args)
         self.blank_frames = 0
         self._warnings: list[str] = []
 
     # ------------------------------------------------------------------ per frame (cheap)
-    def process(self, frame: Frame) -> None:
-        """Stabilize ``frame`` and append one kymograph row per known capillary."""
+    def process(self, frame: Frame, *, copy: bool = True) -> None:
+        """Stabilize ``frame`` and append one kymograph row per known capillary. The stage keeps
+        recent frames: a gray ``frame.image`` is copied unless ``copy=False`` (the caller hands
+        the buffer over and never writes to it again)."""
         t0 = time.perf_counter()
         gray = to_gray(frame.image)
-        if gray is frame.image:
-            gray = gray.copy()   # the stage keeps recent frames; never alias the caller's buffer
+        if gray is frame.image and copy:
+            gray = gray.copy()   # never alias the caller's buffer
         if self._shape is None:
             self._shape = gray.shape
         elif gray.shape != self._shape:
@@ -502,14 +506,29 @@ class AnalysisStage:
                 break
             self._run_window(*job)
             did = True
-        self._collect_windows(block=len(self._pending_windows) > MAX_PENDING_WINDOWS)
+        self._submit_batch()
+        self._collect_windows(block=self._pending_count > MAX_PENDING_WINDOWS)
         return did
+
+    def _submit_batch(self) -> None:
+        """Send the windows gathered by :meth:`_run_window` to the executor as one task
+        (:func:`stream.flow.analyze_windows`): the windows of all loops become ready together, one
+        per loop and hop, and a task per window cost ~0.7 ms of pickling and hand-off each."""
+        if not self._window_batch:
+            return
+        trs = [b[0] for b in self._window_batch]
+        fut = self._executor.submit(flow.analyze_windows, [b[1:] for b in self._window_batch])
+        self._pending_windows.append((trs, fut))
+        self._pending_count += len(trs)
+        self._window_batch = []
 
     def _collect_windows(self, block: bool = False) -> None:
         """Merge finished executor windows in submission order (all of them if ``block``)."""
         while self._pending_windows and (block or self._pending_windows[0][1].done()):
-            tr, fut = self._pending_windows.popleft()
-            self._store_window(tr, fut.result())
+            trs, fut = self._pending_windows.popleft()
+            self._pending_count -= len(trs)
+            for tr, res in zip(trs, fut.result()):
+                self._store_window(tr, res)
 
     def _next_window(self):
         with self._lock:
@@ -568,10 +587,8 @@ class AnalysisStage:
             return
         m = EVENT_MIN_SEP_FRAMES   # margin: boundary events are caught by both windows, then merged
         own = (own_lo - start - m, own_hi - start + m)
-        if self._executor is not None:
-            fut = self._executor.submit(flow.analyze_window, self._analyzer_spec(tr, n), raw, background, start, own,
-                                        contrast)
-            self._pending_windows.append((tr, fut))
+        if self._executor is not None:     # sent with the others of this step (_submit_batch)
+            self._window_batch.append((tr, self._analyzer_spec(tr, n), raw, background, start, own, contrast))
             return
         self._store_window(tr, self._analyzer(tr, n).analyze(raw, background, start, own, contrast))
 
@@ -809,6 +826,7 @@ class AnalysisStage:
             n = last - start + 1
             if n >= MIN_FINAL_WINDOW:
                 self._run_window(tr, start, n, last + 1)
+        self._submit_batch()
         self._collect_windows(block=True)
         return self._build_report(source or self.stream_id, true_shifts)
 
