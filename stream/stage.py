@@ -39,6 +39,7 @@ reported order is arterial → apex → venous.
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import dataclasses
 import logging
 import math
@@ -66,7 +67,9 @@ MAX_BACKLOG_WINDOWS = 3      # per capillary; older pending windows are skipped 
 KEYFRAME_BACKOFF_MAX = 8     # keyframe interval may grow to this × stage.keyframe_every
 RETIRE_AFTER_KEYFRAMES = 3   # a capillary missing from this many keyframes in a row stops being sampled
 MIN_FINAL_WINDOW = 8         # frames
-MAX_PENDING_WINDOWS = 256    # executor windows in flight before step_background waits for the oldest
+MAX_QUEUED_BATCHES = 2       # per executor worker: window batches handed over and not finished; beyond
+#                              that the stage analyses a batch itself (the results are merged in order
+#                              either way), so neither side idles while the other has a backlog
 
 
 # ----------------------------------------------------------------------------- segmentation glue
@@ -362,6 +365,13 @@ def _through_crossings(c: Capillary, frames: list) -> Capillary:
     return c
 
 
+def _done(result) -> concurrent.futures.Future:
+    """A finished future holding ``result``."""
+    f: concurrent.futures.Future = concurrent.futures.Future()
+    f.set_result(result)
+    return f
+
+
 def _trimmed_mean(xs, cut: float = 0.1) -> float:
     """Mean of the central 80 %: the time average of a pulsating speed (whose samples cluster at
     the extremes of the cycle, where a median jumps between the two clusters), robust to a few
@@ -429,8 +439,9 @@ class AnalysisStage:
         self.windows_done = 0
         # offline: windows analysed by a concurrent.futures executor, merged in submission order
         self._executor = window_executor
-        self._pending_windows: collections.deque = collections.deque()   # (tracks, future of their results)
-        self._pending_count = 0            # windows in _pending_windows
+        self._pending_windows: collections.deque = collections.deque()   # (tracks, their analyze_window
+        #                                                                    arguments, future of the results)
+        self.windows_local = 0             # executor-mode windows analysed in this process (backlog)
         self._window_batch: list = []      # windows not yet submitted: (track, *analyze_window args)
         self.blank_frames = 0
         self._warnings: list[str] = []
@@ -507,26 +518,36 @@ class AnalysisStage:
             self._run_window(*job)
             did = True
         self._submit_batch()
-        self._collect_windows(block=self._pending_count > MAX_PENDING_WINDOWS)
+        self._collect_windows()
         return did
 
     def _submit_batch(self) -> None:
-        """Send the windows gathered by :meth:`_run_window` to the executor as one task
+        """Hand the windows gathered by :meth:`_run_window` to the executor as one task
         (:func:`stream.flow.analyze_windows`): the windows of all loops become ready together, one
-        per loop and hop, and a task per window cost ~0.7 ms of pickling and hand-off each."""
+        per loop and hop, and a task per window cost ~0.7 ms of pickling and hand-off each. When
+        the executor already has ``MAX_QUEUED_BATCHES`` per worker unfinished, the batch is
+        analysed here instead (same results, merged in the same order)."""
         if not self._window_batch:
             return
-        trs = [b[0] for b in self._window_batch]
-        fut = self._executor.submit(flow.analyze_windows, [b[1:] for b in self._window_batch])
-        self._pending_windows.append((trs, fut))
-        self._pending_count += len(trs)
-        self._window_batch = []
+        batch, self._window_batch = self._window_batch, []
+        trs = [b[0] for b in batch]
+        items = [b[1:] for b in batch]
+        busy = sum(1 for _, _, f in self._pending_windows if not f.done())
+        if busy < MAX_QUEUED_BATCHES * max(1, int(getattr(self._executor, "_max_workers", 1))):
+            fut = self._executor.submit(flow.analyze_windows, items)
+        else:
+            fut = _done(flow.analyze_windows(items))
+            self.windows_local += len(trs)
+        self._pending_windows.append((trs, items, fut))
 
     def _collect_windows(self, block: bool = False) -> None:
-        """Merge finished executor windows in submission order (all of them if ``block``)."""
-        while self._pending_windows and (block or self._pending_windows[0][1].done()):
-            trs, fut = self._pending_windows.popleft()
-            self._pending_count -= len(trs)
+        """Merge finished executor windows in submission order (all of them if ``block``; a
+        batch the executor has not started yet is then analysed here instead of waited for)."""
+        while self._pending_windows and (block or self._pending_windows[0][2].done()):
+            trs, items, fut = self._pending_windows.popleft()
+            if block and fut.cancel():
+                fut = _done(flow.analyze_windows(items))
+                self.windows_local += len(trs)
             for tr, res in zip(trs, fut.result()):
                 self._store_window(tr, res)
 

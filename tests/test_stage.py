@@ -2,6 +2,7 @@
 plus the real SyntheticScope when it is available (short CI clip; 60 s × seeds under -m slow)."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -526,3 +527,48 @@ print("LOADS", sorted(set(loads)))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "LOADS []" in out.stdout, out.stdout
+
+
+class _SlowExecutor:
+    """A one-worker executor that runs nothing until told: batches queue up, so the stage must
+    analyse the overflow itself and, at the end, take back the batches never started."""
+
+    _max_workers = 1
+
+    def __init__(self):
+        import concurrent.futures
+        self._inner = concurrent.futures.ThreadPoolExecutor(1)
+        self.gate = __import__("threading").Event()
+        self.submitted = 0
+
+    def submit(self, fn, *args):
+        self.submitted += 1
+        return self._inner.submit(lambda: (self.gate.wait(), fn(*args))[1])
+
+    def shutdown(self):
+        self.gate.set()
+        self._inner.shutdown()
+
+
+def test_window_batches_give_the_same_report_whoever_analyses_them():
+    """Windows handed to an executor in batches, analysed by the stage itself when the executor
+    is backed up, and taken back when never started, are merged in order: the same report as
+    all windows in the stage's own thread."""
+    cfg = load_config().with_overrides(um_per_px=1.2, fps=20.0)
+    _, ref = run_stage(ToyScope(speeds=(6.0, -15.0), seed=5), 160, cfg)
+    scope = ToyScope(speeds=(6.0, -15.0), seed=5)     # its noise is drawn frame after frame: a new one
+    ex = _SlowExecutor()
+    stage = AnalysisStage(cfg, segmenter=TruthSegmenter(scope.label_mask()), fps=scope.fps, window_executor=ex)
+    for i in range(160):
+        img = scope.frame(i)
+        stage.process(Frame(FrameMeta(i, i / scope.fps, scope.fps, img.shape), img))
+        stage.step_background()
+    import threading
+    threading.Timer(0.5, ex.gate.set).start()   # the first batch finishes while the last wait
+    rep = stage.finish("toy")
+    ex.shutdown()
+    assert ex.submitted >= 2 and stage.windows_local > 0
+    assert stage.windows_done == sum(len(t.windows) for t in stage.tracks.values()) > 0
+    a = [dataclasses.asdict(c) for c in ref.capillaries]
+    b = [dataclasses.asdict(c) for c in rep.capillaries]
+    assert a == b
