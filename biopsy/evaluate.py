@@ -14,7 +14,6 @@ and PASS/FAIL against the targets r ≥ 0.9, MAE ≤ 1, modified Dice(k=3) ≥ 0
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import time
 from pathlib import Path
@@ -63,7 +62,6 @@ def evaluate_samples(samples, models) -> dict:
 def tune_nerve_threshold(samples, models, grid=(0.3, 0.4, 0.5, 0.6, 0.7, 0.8)) -> tuple[float, dict]:
     """Pick the nerve binarization threshold with the lowest crossing-count MAE on ``samples``
     (use validation seeds, never the evaluation seeds). → (threshold, {threshold: MAE})."""
-    import dataclasses
 
     from biopsy.analyze import BiopsyParams
     maps = [(s, *_maps(s, models)) for s in samples]

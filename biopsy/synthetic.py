@@ -215,7 +215,7 @@ def _gen_nerves(rng: np.random.Generator, fr: _Frame, n_cross: int):
     """Return (list of (path_tissue, width_px, opacity)), crossings (image frame)."""
     nerves: list[tuple[np.ndarray, int, float]] = []
     crossings: list[np.ndarray] = []
-    h, w = fr.h, fr.w
+    w = fr.w
     up = -math.pi / 2
     widths = [1, 2, 2, 3] if rng.random() < 0.5 else [1, 1, 2, 2, 3]
 

@@ -28,7 +28,6 @@ Protocol
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -39,7 +38,6 @@ import numpy as np
 from nailfold.config import load_config
 from nailfold.errors import InputError
 from stream.capillaries import extract_capillaries
-from stream.capillary import CLEAR
 from stream.morphology import measure_capillary, summarize_image
 
 log = logging.getLogger(__name__)

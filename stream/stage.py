@@ -52,7 +52,8 @@ import numpy as np
 
 from nailfold.config import Config
 from stream import flow, kernels
-from stream.capillary import BLURRED, CLEAR, LABEL_NAMES, Capillary
+from stream.capillaries import extract_capillaries, match_ids   # at import: it loads scikit-image (~0.3 s)
+from stream.capillary import CLEAR, LABEL_NAMES, Capillary
 from stream.frames import Frame, to_gray
 from stream.kymograph import (KymographBank, KymographBuffer, column_mean, destripe, fill_out_of_view, in_view,
                               loop_contrast, tissue_level,
@@ -104,105 +105,11 @@ class _BlackHatSegmenter:
 
 
 def _extract(labels: np.ndarray, image: np.ndarray) -> list[Capillary]:
-    try:
-        from stream.capillaries import extract_capillaries
-    except ImportError:
-        return _fallback_extract(labels)
     return extract_capillaries(labels, image)
 
 
 def _match(previous: list[Capillary], current: list[Capillary], next_id: int) -> int:
-    try:
-        from stream.capillaries import match_ids
-    except ImportError:
-        return _fallback_match(previous, current, next_id)
     return match_ids(previous, current, next_id)
-
-
-def _fallback_extract(labels: np.ndarray, min_length_px: int = 40) -> list[Capillary]:
-    """Minimal instance extraction (used only when ``stream.capillaries`` is absent): connected
-    components of CLEAR/BLURRED pixels → longest skeleton path, ordered left foot → right foot."""
-    from skimage.morphology import skeletonize
-    fg = ((labels == CLEAR) | (labels == BLURRED)).astype(np.uint8)
-    n, comp, stats, _ = cv2.connectedComponentsWithStats(fg, connectivity=8)
-    dist = cv2.distanceTransform(fg, cv2.DIST_L2, 3)
-    out: list[Capillary] = []
-    for i in range(1, n):
-        x, y, w, h, area = stats[i]
-        if area < min_length_px * 2:
-            continue
-        m = comp[y:y + h, x:x + w] == i
-        sk = skeletonize(m)
-        pts = np.argwhere(sk)
-        if len(pts) < min_length_px:
-            continue
-        path = _longest_path(pts)
-        if len(path) < min_length_px:
-            continue
-        cl = np.stack([path[:, 1] + x, path[:, 0] + y], 1).astype(np.float32)
-        if cl[0, 0] > cl[-1, 0]:
-            cl = cl[::-1]
-        ai = int(np.argmin(cl[:, 1]))
-        wpx = 2 * dist[cl[:, 1].astype(int), cl[:, 0].astype(int)].astype(np.float32)
-        lab = int(np.bincount(labels[y:y + h, x:x + w][m]).argmax())
-        out.append(Capillary(cl, (float(cl[ai, 0]), float(cl[ai, 1])), ai, wpx, (x, y, x + w, y + h), m, lab))
-    return out
-
-
-def _longest_path(pts: np.ndarray) -> np.ndarray:
-    """Longest shortest path in an 8-connected pixel set (two BFS sweeps)."""
-    index = {tuple(p): k for k, p in enumerate(pts)}
-    nb = [(-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1), (1, 0), (1, 1)]
-
-    def bfs(start: int) -> tuple[int, dict]:
-        prev = {start: -1}
-        q = collections.deque([start])
-        last = start
-        while q:
-            k = q.popleft()
-            last = k
-            r, c = pts[k]
-            for dr, dc in nb:
-                j = index.get((r + dr, c + dc))
-                if j is not None and j not in prev:
-                    prev[j] = k
-                    q.append(j)
-        return last, prev
-
-    a, _ = bfs(0)
-    b, prev = bfs(a)
-    path = []
-    k = b
-    while k != -1:
-        path.append(pts[k])
-        k = prev[k]
-    return np.array(path)
-
-
-def _fallback_match(previous: list[Capillary], current: list[Capillary], next_id: int) -> int:
-    """Ids by bbox-overlap (IoU ≥ 0.3) with the previous keyframe's capillaries."""
-    used = set()
-    for c in current:
-        best, best_iou = None, 0.3
-        for p in previous:
-            if p.id in used:
-                continue
-            ax0, ay0, ax1, ay1 = c.bbox
-            bx0, by0, bx1, by1 = p.bbox
-            iw, ih = min(ax1, bx1) - max(ax0, bx0), min(ay1, by1) - max(ay0, by0)
-            if iw <= 0 or ih <= 0:
-                continue
-            inter = iw * ih
-            iou = inter / ((ax1 - ax0) * (ay1 - ay0) + (bx1 - bx0) * (by1 - by0) - inter)
-            if iou > best_iou:
-                best, best_iou = p, iou
-        if best is not None:
-            c.id = best.id
-            used.add(best.id)
-        else:
-            c.id = next_id
-            next_id += 1
-    return next_id
 
 
 # ----------------------------------------------------------------------------- per capillary state

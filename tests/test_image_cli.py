@@ -3,7 +3,6 @@ import csv
 import json
 
 import cv2
-import numpy as np
 import pytest
 
 from nailfold.cli import main

@@ -205,7 +205,6 @@ def test_wbc_event_times_and_speed_profile_are_consistent():
 def test_gray_mode_and_cli(tmp_path):
     import json
     from nailfold.cli import main
-    from nailfold.errors import InputError
     g = SyntheticScope(SimParams(seed=2, duration_s=0.2, color=False, n_loops=3)).frame(1)
     assert g.shape == (768, 1024) and g.dtype == np.uint8
     out, tj, md = tmp_path / "v.mkv", tmp_path / "t.json", tmp_path / "m"
