@@ -28,8 +28,10 @@ Work split (for a live process with a second thread):
   stale keyframes and windows are skipped and counted (``skipped_keyframes``/``skipped_windows``);
   kymograph rows of accepted frames are never skipped.
 - Offline (``window_executor``, e.g. a process pool from :func:`stream.flow.window_pool`): the
-  Radon windows — pure functions of a window's kymograph — run in worker processes; their results
-  are merged in submission order, so the report is identical to the in-process one.
+  Radon windows — pure functions of a window's kymograph — run in worker processes, handed over
+  in one batch per hop; when the workers have ``MAX_QUEUED_BATCHES`` each unfinished, and at the
+  end for batches not started, the stage analyses a batch itself. Results are merged in
+  submission order, so the report is identical to the in-process one.
 
 Times are seconds from the first frame (frame number / fps). Speeds are signed along the
 segmenter's centerline internally; reports give magnitudes, and a capillary whose flow runs from
