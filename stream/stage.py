@@ -703,7 +703,7 @@ class AnalysisStage:
             dur = (self._t_last - self._t_first) if self._t_first and self._t_last else 0.0
             last = self.shifts[-1] if self.shifts else (0.0, 0.0, 0.0, 0.0)
             return {
-                "stream": self.stream_id, "t_s": _r(max(self._frame_no, 0) / self.fps),
+                "stream": self.stream_id, "t_s": _r(max(self._frame_no, 0) / self.fps), "fps": self.fps,
                 "calibrated": self.um_per_px is not None, "um_per_px": self.um_per_px,
                 "units": "um/s" if self.um_per_px is not None else "px/frame",
                 "capillaries": caps,

@@ -38,6 +38,28 @@ def test_kymo_segments_follow_slope():
     assert segs[1][0] == segs[1][2] == 150  # stopped cell: vertical line
 
 
+def test_kymograph_display_spans_a_few_transits_and_keeps_the_lines_on_their_cells():
+    """A fast loop shows only its newest rows (4 transits, ≥ 40 frames) so a cell's line has a
+    visible slope; the WBC lines move with the cut; a loop without a speed shows everything."""
+    assert render.kymo_rows_shown({"speed_px_per_frame": 60.0}, 200, 300) == 40          # transit 5 frames
+    assert render.kymo_rows_shown({"speed_px_per_frame": -10.0}, 200, 300) == 120       # 4 × 30 frames
+    assert render.kymo_rows_shown({"speed_px_per_frame": 2.0}, 200, 300) == 200
+    assert render.kymo_rows_shown({"speed_px_per_frame": None}, 200, 300) == 200
+    cap = {"speed_px_per_frame": 30.0, "kymo_first_frame": 1000, "kymo_apex_col": 150,
+           "kymo_lines": [[1190.0, 150, 30.0]]}          # crosses the apex 10 rows before the newest row
+    kymo = np.zeros((200, 300), np.uint8)
+    out = render.draw_kymograph(kymo, cap, height=240, fps=20.0)
+    assert render.kymo_rows_shown(cap, 200, 300) == 40
+    # 40 rows shown (6 px each): the line crosses the apex column (x = 150 × 1.6 = 240) at row
+    # 30 of 40 → y ≈ 30.5 × 6 = 183 (row centres); red in RGB
+    red = (out[:, :, 0] > 150) & (out[:, :, 1] < 100)
+    ys = np.flatnonzero(red[:, 238:243].any(axis=1))
+    assert ys.size and abs(ys.mean() - 180) < 8, ys
+    full = render.draw_kymograph(kymo, dict(cap, speed_px_per_frame=None), height=240)
+    ys_full = np.flatnonzero(((full[:, :, 0] > 150) & (full[:, :, 1] < 100))[:, 238:243].any(axis=1))
+    assert ys_full.size and ys_full.mean() > 220      # row 190 of 200 when the whole buffer is shown
+
+
 def test_nearest_capillary_and_tables():
     assert render.nearest_capillary(SNAP, 101, 60) == 3
     assert render.nearest_capillary(SNAP, 900, 700) is None

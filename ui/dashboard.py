@@ -117,7 +117,7 @@ class Dashboard:
             if ids != known["ids"] or str(sel) != str(cap_sel) else gr.update()
         return (overlay, render.health_markdown(health, age_s=age, source=self.source_label), stream_update,
                 cap_update, render.capillary_markdown(cap, calibrated),
-                render.draw_kymograph(kymo, cap), gr.LinePlot(value=df, y_title=f"speed ({unit})"),
+                render.draw_kymograph(kymo, cap, fps=snap.get("fps") or health.get("fps")), gr.LinePlot(value=df, y_title=f"speed ({unit})"),
                 render.morphology_rows(snap, calibrated), render.summary_markdown(snap, calibrated),
                 {"streams": streams, "ids": ids})
 
@@ -224,7 +224,7 @@ def build_app(dash: Dashboard, *, demo_mode: bool = False):
                         stream_dd = gr.Dropdown(label="Stream", choices=[], elem_id="stream-select", scale=1)
                         cap_dd = gr.Dropdown(label="Capillary", choices=[], elem_id="cap-select", scale=1)
                     cap_md = gr.Markdown(render.capillary_markdown(None, False), elem_id="cap-stats")
-                    kymo = gr.Image(label="Kymograph (time ↓ × distance along the loop →; red = WBC)",
+                    kymo = gr.Image(label="Kymograph (time ↓, the last few transits, span in the corner × distance along the loop →; red = WBC)",
                                     format="jpeg", interactive=False, elem_id="kymo")
                     plot = gr.LinePlot(pd.DataFrame({"t_s": [], "speed": []}), x="t_s", y="speed",
                                        title="Flow speed", x_title="time (s, 0 = now)", height=220,

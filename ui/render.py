@@ -115,15 +115,42 @@ def kymo_event_segments(cap: dict, kymo_shape: tuple[int, int]) -> list[tuple[fl
     return out
 
 
-def draw_kymograph(kymo: np.ndarray | None, cap: dict | None, *, height: int = 240) -> np.ndarray:
+KYMO_TRANSITS = 4.0    # the display shows about this many transits of the blood through the loop ...
+KYMO_MIN_ROWS = 40     # ... and at least this many frames (2 s at 20 fps)
+
+
+def kymo_rows_shown(cap: dict | None, n_rows: int, n_cols: int) -> int:
+    """How many of the newest kymograph rows to display: ``KYMO_TRANSITS`` transit times of the
+    loop's current speed (``cap["speed_px_per_frame"]``; the transit is ``n_cols`` / speed frames),
+    at least ``KYMO_MIN_ROWS``, at most all ``n_rows``. A fast loop crosses its kymograph in a
+    few frames: squeezed into the whole 10-s buffer its WBC lines would be nearly horizontal."""
+    try:
+        v = abs(float((cap or {}).get("speed_px_per_frame") or 0.0))
+    except (TypeError, ValueError):
+        v = 0.0
+    if not np.isfinite(v) or v <= 0 or n_cols <= 0:
+        return n_rows
+    return int(min(n_rows, max(KYMO_MIN_ROWS, round(KYMO_TRANSITS * n_cols / v))))
+
+
+def draw_kymograph(kymo: np.ndarray | None, cap: dict | None, *, height: int = 240,
+                   fps: float | None = None) -> np.ndarray:
     """Kymograph (rows = time, newest at the bottom; columns = distance along the centerline)
-    scaled for display, with the detected WBC lines drawn in red and the apex column marked."""
+    scaled for display, with the detected WBC lines drawn in red and the apex column marked.
+    Only the newest :func:`kymo_rows_shown` rows are drawn, so that a cell's line has a visible
+    slope at any speed; the time span is printed in a corner (seconds with ``fps``, else frames)."""
     if kymo is None:
         k = np.full((height, 320, 3), 30, np.uint8)
         cv2.putText(k, "waiting for kymograph...", (10, height // 2), cv2.FONT_HERSHEY_SIMPLEX, 0.5,
                     (200, 200, 200), 1)
         return k
     k = kymo if kymo.ndim == 3 else cv2.cvtColor(kymo, cv2.COLOR_GRAY2BGR)
+    shown = kymo_rows_shown(cap, k.shape[0], k.shape[1])
+    if shown < k.shape[0]:
+        cut = k.shape[0] - shown
+        k = k[cut:]
+        if cap and cap.get("kymo_first_frame") is not None:
+            cap = dict(cap, kymo_first_frame=cap["kymo_first_frame"] + cut)
     sy = height / max(1, k.shape[0])
     sx = max(1.0, min(3.0, 480 / max(1, k.shape[1])))
     out = cv2.resize(k, (int(round(k.shape[1] * sx)), height), interpolation=cv2.INTER_NEAREST)
@@ -135,6 +162,9 @@ def draw_kymograph(kymo: np.ndarray | None, cap: dict | None, *, height: int = 2
     for c0, r0, c1, r1 in kymo_event_segments(cap, k.shape):
         cv2.line(out, (int(round(c0 * sx)), int(round(r0 * sy))), (int(round(c1 * sx)), int(round(r1 * sy))),
                  (0, 0, 255), 1, cv2.LINE_AA)
+    span = f"{k.shape[0] / fps:.1f} s" if fps and fps > 0 else f"{k.shape[0]} frames"
+    cv2.putText(out, span, (4, height - 6), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (0, 0, 0), 3, cv2.LINE_AA)
+    cv2.putText(out, span, (4, height - 6), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (255, 255, 255), 1, cv2.LINE_AA)
     return cv2.cvtColor(out, cv2.COLOR_BGR2RGB)
 
 
