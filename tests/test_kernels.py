@@ -88,6 +88,25 @@ def test_material_bins_and_shift_scores_equal_numpy():
         assert np.allclose(score[q], (ke * tpl).sum(axis=1))
 
 
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_material_span_equals_its_definition(seed):
+    """Rows that see each material bin inside the kymograph and the distance they cover, against
+    the definition (np.searchsorted on the sorted displacements), with repeated displacements
+    (stopped or reversing flow) and bins no row reaches."""
+    rng = np.random.default_rng(seed)
+    n = 50
+    X = np.concatenate([np.cumsum(rng.uniform(-1.0, 4.0, 40)), [3.0, 3.0, 3.0]])
+    m0 = -X.max() - 7.5
+    nb = int(X.max() - X.min()) + n + 20
+    rows, cover = kernels.material_span(X, m0, nb, n)
+    xs = np.sort(X)
+    for b in range(nb):
+        mb = m0 + b
+        lo, hi = np.searchsorted(xs, -mb, "left"), np.searchsorted(xs, (n - 1) - mb, "right")
+        assert rows[b] == max(0, hi - lo)
+        assert cover[b] == (xs[hi - 1] - xs[lo] if hi > lo else 0.0)
+
+
 def test_row_line_scores_keep_the_best_intercept_per_bin():
     """A bright line crossing the anchor between two grid points is found in its bin with the
     right count of rows."""
