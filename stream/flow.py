@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 import cv2
 import numpy as np
 import scipy.fft
-from scipy.ndimage import gaussian_filter1d, maximum_filter1d
+from scipy.ndimage import maximum_filter1d
 
 from stream import kernels, radon
 
@@ -105,11 +105,7 @@ class RowSpectra:
         """``C[s] = Σ_{t<s} conj(F_t)·F_{t+lag}`` for s = 0 … T − lag ((T − lag + 1, nf) complex)."""
         c = self._csum.get(lag)
         if c is None:
-            f = self.f
-            pair = np.conj(f[:-lag]) * f[lag:]
-            c = np.empty((pair.shape[0] + 1, pair.shape[1]), pair.dtype)
-            c[0] = 0
-            np.cumsum(pair, axis=0, out=c[1:])
+            c = kernels.pair_cumsum(self.f, int(lag))
             self._csum[lag] = c
         return c
 
@@ -268,31 +264,45 @@ def _material_span(X: np.ndarray, m0: float, nb: int, n: int) -> tuple[np.ndarra
     return kernels.material_span(np.ascontiguousarray(X, np.float64), float(m0), int(nb), int(n))
 
 
-def _profile_from_x(ke: np.ndarray, X: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
-    """``(m0, profile, rows)`` of :func:`material_profile` for a given displacement ``X``."""
+def _profile_from_x(ke: np.ndarray, X: np.ndarray, with_rows: bool = True) -> tuple[float, np.ndarray, np.ndarray | None]:
+    """``(m0, profile, rows)`` of :func:`material_profile` for a given displacement ``X``
+    (``rows`` None unless ``with_rows``)."""
     X = np.ascontiguousarray(X, np.float64)
     m0, s, c = kernels.material_bins(np.ascontiguousarray(ke, np.float64), X)
     prof = np.where(c > 1e-6, s / np.maximum(c, 1e-6), 0.0)
+    if not with_rows:
+        return m0, prof, None
     rows, _ = _material_span(X, m0, c.size, ke.shape[1])
     rows[c <= 1e-6] = 0.0          # no sample landed in this bin (bin finer than the sampling)
     return m0, prof, rows
 
 
+@functools.lru_cache(maxsize=16)
+def _gaussian_kernel(sigma: float) -> np.ndarray:
+    """``scipy.ndimage.gaussian_filter1d``'s kernel (truncated at 4 σ, normalized), float64."""
+    r = int(4.0 * float(sigma) + 0.5)
+    x = np.arange(-r, r + 1, dtype=np.float64)
+    w = np.exp(-0.5 * (x / float(sigma)) ** 2)
+    return w / w.sum()
+
+
 def _refine_x(ke: np.ndarray, X: np.ndarray, m0: float, prof: np.ndarray, search_px: int,
-              smooth_frames: float) -> np.ndarray:
+              smooth_frames: float, kr: np.ndarray | None = None) -> np.ndarray:
     """Per-row displacement correction: the shift (within ±``search_px``, parabolic sub-px) that
-    best matches each row to the material profile, lightly smoothed over time."""
+    best matches each row to the material profile, lightly smoothed over time (Gaussian σ =
+    ``smooth_frames``, edges replicated). ``kr``: ``ke`` with its row means removed (float64,
+    contiguous), if the caller has it."""
     p = prof - prof.mean()
-    kr = ke - ke.mean(axis=1, keepdims=True)
+    if kr is None:
+        kr = np.ascontiguousarray(ke - ke.mean(axis=1, keepdims=True), np.float64)
     S = int(search_px)
     shifts = np.arange(-S, S + 1, dtype=np.float64)
-    score = kernels.shift_scores(np.ascontiguousarray(kr, np.float64), p, np.ascontiguousarray(X, np.float64),
-                                 float(m0), S)
+    score = kernels.shift_scores(kr, p, np.ascontiguousarray(X, np.float64), float(m0), S)
     j = np.argmax(score, axis=0)
     inner = (j > 0) & (j < shifts.size - 1)          # a peak at the search edge is not refined
     corr = shifts[j] + _parabolic(np.ascontiguousarray(score.T), j, inner)
     if smooth_frames > 0:
-        corr = gaussian_filter1d(corr, smooth_frames, mode="nearest")
+        corr = kernels.smooth_nearest(np.ascontiguousarray(corr, np.float64), _gaussian_kernel(float(smooth_frames)))
     return X + corr
 
 
@@ -311,11 +321,13 @@ def material_profile(ke: np.ndarray, d: np.ndarray, refine: int = 2, search_px: 
     how many frames saw that material inside the kymograph (0 for bins no sample reached)."""
     d = np.asarray(d, np.float64)
     X = np.concatenate([[0.0], np.cumsum(0.5 * (d[1:] + d[:-1]))])
-    m0, prof, rows = _profile_from_x(ke, X)
-    for _ in range(max(0, int(refine))):
-        X = _refine_x(ke, X, m0, prof, search_px, smooth_frames)
+    passes = max(0, int(refine))
+    m0, prof, rows = _profile_from_x(ke, X, with_rows=passes == 0)
+    kr = np.ascontiguousarray(ke - ke.mean(axis=1, keepdims=True), np.float64) if passes else None
+    for i in range(passes):
+        X = _refine_x(ke, X, m0, prof, search_px, smooth_frames, kr)
         X = X - X[0]
-        m0, prof, rows = _profile_from_x(ke, X)
+        m0, prof, rows = _profile_from_x(ke, X, with_rows=i == passes - 1)
     return X, m0, prof, rows
 
 

@@ -118,6 +118,23 @@ def test_row_line_scores_keep_the_best_intercept_per_bin():
     assert cnt[i, g] == 40           # the line stays inside the kymograph on all 40 rows
 
 
+def test_pair_cumsum_and_smooth_nearest_equal_numpy_and_scipy():
+    rng = np.random.default_rng(4)
+    f = (rng.standard_normal((30, 21)) + 1j * rng.standard_normal((30, 21))).astype(np.complex64)
+    for lag in (1, 3, 29):
+        c = kernels.pair_cumsum(f, lag)
+        ref = np.concatenate([np.zeros((1, 21), np.complex64), np.cumsum(np.conj(f[:-lag]) * f[lag:], axis=0)])
+        assert c.dtype == np.complex64 and c.shape == (31 - lag, 21)
+        assert np.allclose(c, ref, rtol=1e-5, atol=1e-4)
+    from scipy.ndimage import gaussian_filter1d
+
+    from stream.flow import _gaussian_kernel
+    for n, sigma in ((80, 1.0), (5, 1.0), (40, 2.5)):
+        x = rng.standard_normal(n)
+        assert np.allclose(kernels.smooth_nearest(x, _gaussian_kernel(sigma)), gaussian_filter1d(x, sigma, mode="nearest"),
+                           rtol=0, atol=1e-12)
+
+
 def test_lag_cross_power_equals_numpy():
     rng = np.random.default_rng(3)
     f = (rng.standard_normal((25, 17)) + 1j * rng.standard_normal((25, 17))).astype(np.complex64)
