@@ -224,7 +224,7 @@ def build_app(dash: Dashboard, *, demo_mode: bool = False):
                         stream_dd = gr.Dropdown(label="Stream", choices=[], elem_id="stream-select", scale=1)
                         cap_dd = gr.Dropdown(label="Capillary", choices=[], elem_id="cap-select", scale=1)
                     cap_md = gr.Markdown(render.capillary_markdown(None, False), elem_id="cap-stats")
-                    kymo = gr.Image(label="Kymograph (time ↓, the last few transits, span in the corner × distance along the loop →; red = WBC)",
+                    kymo = gr.Image(label="Kymograph (time ↓ × distance along the loop →; red = WBC)",
                                     format="jpeg", interactive=False, elem_id="kymo")
                     plot = gr.LinePlot(pd.DataFrame({"t_s": [], "speed": []}), x="t_s", y="speed",
                                        title="Flow speed", x_title="time (s, 0 = now)", height=220,
