@@ -442,22 +442,43 @@ class AnalysisStage:
         trs = [b[0] for b in batch]
         items = [b[1:] for b in batch]
         busy = sum(1 for _, _, f in self._pending_windows if not f.done())
-        if busy < MAX_QUEUED_BATCHES * max(1, int(getattr(self._executor, "_max_workers", 1))):
-            fut = self._executor.submit(flow.analyze_windows, items)
-        else:
+        fut = None
+        if self._executor is not None and \
+                busy < MAX_QUEUED_BATCHES * max(1, int(getattr(self._executor, "_max_workers", 1))):
+            try:
+                fut = self._executor.submit(flow.analyze_windows, items)
+            except (concurrent.futures.BrokenExecutor, RuntimeError) as e:      # a dead worker pool, or shut down
+                self._executor_failed(e)
+        if fut is None:
             fut = _done(flow.analyze_windows(items))
             self.windows_local += len(trs)
         self._pending_windows.append((trs, items, fut))
 
+    def _executor_failed(self, err: BaseException) -> None:
+        """The window executor cannot be used any more (a worker died: killed, out of memory):
+        every later window is analysed in this process; nothing is lost."""
+        if self._executor is not None:
+            msg = f"window worker failed ({type(err).__name__}: {err}); windows continue in the analysis process"
+            log.warning(msg)
+            self._warnings.append(msg)
+        self._executor = None
+
     def _collect_windows(self, block: bool = False) -> None:
         """Merge finished executor windows in submission order (all of them if ``block``; a
-        batch the executor has not started yet is then analysed here instead of waited for)."""
+        batch the executor has not started yet is then analysed here instead of waited for, and
+        so is a batch whose worker failed)."""
         while self._pending_windows and (block or self._pending_windows[0][2].done()):
             trs, items, fut = self._pending_windows.popleft()
             if block and fut.cancel():
                 fut = _done(flow.analyze_windows(items))
                 self.windows_local += len(trs)
-            for tr, res in zip(trs, fut.result()):
+            try:
+                results = fut.result()
+            except concurrent.futures.BrokenExecutor as e:
+                self._executor_failed(e)
+                results = flow.analyze_windows(items)
+                self.windows_local += len(trs)
+            for tr, res in zip(trs, results):
                 self._store_window(tr, res)
 
     def _next_window(self):

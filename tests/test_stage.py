@@ -572,3 +572,43 @@ def test_window_batches_give_the_same_report_whoever_analyses_them():
     a = [dataclasses.asdict(c) for c in ref.capillaries]
     b = [dataclasses.asdict(c) for c in rep.capillaries]
     assert a == b
+
+
+class _DyingExecutor:
+    """Its worker 'dies' after ``ok`` batches: later futures fail with BrokenProcessPool, and so
+    does every later submit."""
+
+    _max_workers = 1
+
+    def __init__(self, ok: int):
+        self.ok, self.n = ok, 0
+
+    def submit(self, fn, *args):
+        import concurrent.futures
+        from concurrent.futures.process import BrokenProcessPool
+        self.n += 1
+        if self.n > self.ok + 1:
+            raise BrokenProcessPool("the pool is broken")
+        f = concurrent.futures.Future()
+        if self.n <= self.ok:
+            f.set_result(fn(*args))
+        else:
+            f.set_exception(BrokenProcessPool("a worker was killed"))
+        return f
+
+
+def test_a_dead_window_worker_loses_no_window():
+    """A worker that dies mid-video (killed, out of memory): its batch and all later windows are
+    analysed in the stage's process, the report equals the in-process one and says so."""
+    cfg = load_config().with_overrides(um_per_px=1.2, fps=20.0)
+    _, ref = run_stage(ToyScope(speeds=(6.0, -15.0), seed=5), 160, cfg)
+    scope = ToyScope(speeds=(6.0, -15.0), seed=5)
+    stage = AnalysisStage(cfg, segmenter=TruthSegmenter(scope.label_mask()), fps=scope.fps,
+                          window_executor=_DyingExecutor(ok=2))
+    for i in range(160):
+        img = scope.frame(i)
+        stage.process(Frame(FrameMeta(i, i / scope.fps, scope.fps, img.shape), img))
+        stage.step_background()
+    rep = stage.finish("toy")
+    assert stage.windows_local > 0 and any("window worker failed" in w for w in rep.warnings)
+    assert [dataclasses.asdict(c) for c in ref.capillaries] == [dataclasses.asdict(c) for c in rep.capillaries]
