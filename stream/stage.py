@@ -106,14 +106,6 @@ class _BlackHatSegmenter:
         return (m > 0).astype(np.uint8) * CLEAR
 
 
-def _extract(labels: np.ndarray, image: np.ndarray) -> list[Capillary]:
-    return extract_capillaries(labels, image)
-
-
-def _match(previous: list[Capillary], current: list[Capillary], next_id: int) -> int:
-    return match_ids(previous, current, next_id)
-
-
 # ----------------------------------------------------------------------------- per capillary state
 @dataclass
 class _Track:
@@ -564,13 +556,13 @@ class AnalysisStage:
             if labels.shape != mean.shape:
                 labels = cv2.resize(labels.astype(np.uint8), (mean.shape[1], mean.shape[0]),
                                     interpolation=cv2.INTER_NEAREST)
-            caps = _extract(labels, mean)
+            caps = extract_capillaries(labels, mean)
         except Exception:   # a failing segmenter must not stop the flow analysis of known loops
             log.exception("keyframe segmentation failed")
             return
         levels = _tissue_levels(mean, labels, caps)
         with self._lock:
-            self._next_id = _match(self._prev_caps, caps, self._next_id)
+            self._next_id = match_ids(self._prev_caps, caps, self._next_id)
             self._prev_caps = caps
             self.keyframes_done += 1
             seen = set()
