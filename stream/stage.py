@@ -442,9 +442,14 @@ class AnalysisStage:
             except (concurrent.futures.BrokenExecutor, RuntimeError) as e:      # a dead worker pool, or shut down
                 self._executor_failed(e)
         if fut is None:
-            fut = _done(flow.analyze_windows(items))
-            self.windows_local += len(trs)
+            fut = _done(self._analyze_here(items))
         self._pending_windows.append((trs, items, fut))
+
+    def _analyze_here(self, items: list) -> list:
+        """:func:`stream.flow.analyze_windows` of an executor-mode batch in this process (backlog,
+        never started, or its worker failed), counted in ``windows_local``."""
+        self.windows_local += len(items)
+        return flow.analyze_windows(items)
 
     def _executor_failed(self, err: BaseException) -> None:
         """The window executor cannot be used any more (a worker died: killed, out of memory):
@@ -462,14 +467,13 @@ class AnalysisStage:
         while self._pending_windows and (block or self._pending_windows[0][2].done()):
             trs, items, fut = self._pending_windows.popleft()
             if block and fut.cancel():
-                fut = _done(flow.analyze_windows(items))
-                self.windows_local += len(trs)
-            try:
-                results = fut.result()
-            except concurrent.futures.BrokenExecutor as e:
-                self._executor_failed(e)
-                results = flow.analyze_windows(items)
-                self.windows_local += len(trs)
+                results = self._analyze_here(items)
+            else:
+                try:
+                    results = fut.result()
+                except concurrent.futures.BrokenExecutor as e:
+                    self._executor_failed(e)
+                    results = self._analyze_here(items)
             for tr, res in zip(trs, results):
                 self._store_window(tr, res)
 
