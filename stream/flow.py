@@ -44,6 +44,7 @@ from stream import kernels, radon
 log = logging.getLogger(__name__)
 
 _ONE = np.ones(1, np.float32)   # identity kernel across rows (cv2.sepFilter2D)
+_ONE64 = np.ones(1, np.float64)
 
 
 def px_per_frame_to_um_s(v: float | None, um_per_px: float | None, fps: float) -> float | None:
@@ -302,8 +303,15 @@ def _refine_x(ke: np.ndarray, X: np.ndarray, m0: float, prof: np.ndarray, search
     inner = (j > 0) & (j < shifts.size - 1)          # a peak at the search edge is not refined
     corr = shifts[j] + _parabolic(np.ascontiguousarray(score.T), j, inner)
     if smooth_frames > 0:
-        corr = kernels.smooth_nearest(np.ascontiguousarray(corr, np.float64), _gaussian_kernel(float(smooth_frames)))
+        corr = _smooth_nearest(corr, float(smooth_frames))
     return X + corr
+
+
+def _smooth_nearest(x: np.ndarray, sigma: float) -> np.ndarray:
+    """``scipy.ndimage.gaussian_filter1d(x, sigma, mode="nearest")`` of a short 1-D series, by
+    OpenCV in float64 (edges replicated) without scipy's per-call cost (≈ 70 µs)."""
+    return cv2.sepFilter2D(np.asarray(x, np.float64)[None, :], cv2.CV_64F, _gaussian_kernel(sigma), _ONE64,
+                           borderType=cv2.BORDER_REPLICATE)[0]
 
 
 def material_profile(ke: np.ndarray, d: np.ndarray, refine: int = 2, search_px: int = 6,
@@ -478,10 +486,7 @@ class WindowAnalyzer:
     #                                   the stage uses 0 for out-of-focus loops: see ``_stopped``)
 
     def __post_init__(self):
-        sigma = max(float(self.event_smooth_px), 1e-6)
-        x = np.arange(-int(4.0 * sigma + 0.5), int(4.0 * sigma + 0.5) + 1, dtype=np.float64)
-        w = np.exp(-0.5 * (x / sigma) ** 2)
-        self._smooth_kernel = (w / w.sum()).astype(np.float32)   # gaussian_filter1d's, truncated at 4 σ
+        self._smooth_kernel = _gaussian_kernel(max(float(self.event_smooth_px), 1e-6)).astype(np.float32)
         self.coarse_speeds = radon.speed_grid(self.v_lo, self.v_hi, self.coarse_ratio)
         self._dec = max(1, min(self.coarse_decimate, self.n_px // 32))
         self._nc = self.n_px // self._dec

@@ -524,21 +524,6 @@ def running_median5(v: np.ndarray) -> np.ndarray:
 
 
 @numba.njit(cache=True, nogil=True)
-def smooth_nearest(x: np.ndarray, w: np.ndarray) -> np.ndarray:
-    """``x`` (float64, 1-D) correlated with the odd-length kernel ``w``, edges replicated
-    (``scipy.ndimage.correlate1d(x, w, mode="nearest")``, without its per-call cost)."""
-    n = x.shape[0]
-    r = w.shape[0] // 2
-    out = np.empty(n)
-    for i in range(n):
-        acc = 0.0
-        for j in range(-r, r + 1):
-            acc += w[j + r] * x[min(max(i + j, 0), n - 1)]
-        out[i] = acc
-    return out
-
-
-@numba.njit(cache=True, nogil=True)
 def material_span(X: np.ndarray, m0: float, nb: int, n: int):
     """For every 1-px material bin ``b`` (coordinate ``m0 + b``) of a kymograph with ``n``
     columns and per-row displacement ``X`` (float64): ``(rows, cover)`` — how many rows see it
@@ -589,4 +574,3 @@ def warm_up() -> None:
     row_line_scores(k, speeds, 2.0, 0.0, 4, 0.5)
     lag_cross_power(np.zeros((6, 5), np.complex64), np.array([1, 2], np.int64))
     pair_cumsum(np.zeros((6, 5), np.complex64), 1)
-    smooth_nearest(np.zeros(6, f64), np.ones(3, f64))

@@ -118,7 +118,7 @@ def test_row_line_scores_keep_the_best_intercept_per_bin():
     assert cnt[i, g] == 40           # the line stays inside the kymograph on all 40 rows
 
 
-def test_pair_cumsum_and_smooth_nearest_equal_numpy_and_scipy():
+def test_pair_cumsum_and_displacement_smoothing_equal_numpy_and_scipy():
     rng = np.random.default_rng(4)
     f = (rng.standard_normal((30, 21)) + 1j * rng.standard_normal((30, 21))).astype(np.complex64)
     for lag in (1, 3, 29):
@@ -128,11 +128,10 @@ def test_pair_cumsum_and_smooth_nearest_equal_numpy_and_scipy():
         assert np.allclose(c, ref, rtol=1e-5, atol=1e-4)
     from scipy.ndimage import gaussian_filter1d
 
-    from stream.flow import _gaussian_kernel
+    from stream.flow import _smooth_nearest
     for n, sigma in ((80, 1.0), (5, 1.0), (40, 2.5)):
         x = rng.standard_normal(n)
-        assert np.allclose(kernels.smooth_nearest(x, _gaussian_kernel(sigma)), gaussian_filter1d(x, sigma, mode="nearest"),
-                           rtol=0, atol=1e-12)
+        assert np.allclose(_smooth_nearest(x, sigma), gaussian_filter1d(x, sigma, mode="nearest"), rtol=0, atol=1e-12)
 
 
 def test_lag_cross_power_equals_numpy():
