@@ -48,6 +48,12 @@ def speed_text(cap: dict, calibrated: bool) -> str:
     return fmt(cap.get("speed_px_per_frame"), "px/frame", 1)
 
 
+def _outlined_text(img: np.ndarray, text: str, org: tuple[int, int], scale: float, color) -> None:
+    """``text`` in ``color`` with a black outline, readable on any background (in place)."""
+    cv2.putText(img, text, org, cv2.FONT_HERSHEY_SIMPLEX, scale, (0, 0, 0), 3, cv2.LINE_AA)
+    cv2.putText(img, text, org, cv2.FONT_HERSHEY_SIMPLEX, scale, color, 1, cv2.LINE_AA)
+
+
 def draw_overlay(frame: np.ndarray | None, snapshot: dict, selected: int | None, *, scale: float | None = None,
                  no_signal: bool = False) -> np.ndarray:
     """Stabilized frame + capillary centerlines, ids, apex and keypoints; selected one highlighted.
@@ -72,10 +78,7 @@ def draw_overlay(frame: np.ndarray | None, snapshot: dict, selected: int | None,
         if apex:
             ax, ay = int(round(apex[0] * scale)), int(round(apex[1] * scale))
             cv2.circle(img, (ax, ay), 3, color, -1, cv2.LINE_AA)
-            cv2.putText(img, str(cid), (ax + 4, max(12, ay - 6)), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (0, 0, 0), 3,
-                        cv2.LINE_AA)
-            cv2.putText(img, str(cid), (ax + 4, max(12, ay - 6)), cv2.FONT_HERSHEY_SIMPLEX, 0.5, color, 1,
-                        cv2.LINE_AA)
+            _outlined_text(img, str(cid), (ax + 4, max(12, ay - 6)), 0.5, color)
         for name, p in (cap.get("keypoints") or {}).items():
             if p:
                 cv2.drawMarker(img, (int(round(p[0] * scale)), int(round(p[1] * scale))), (255, 255, 255),
@@ -163,8 +166,7 @@ def draw_kymograph(kymo: np.ndarray | None, cap: dict | None, *, height: int = 2
         cv2.line(out, (int(round(c0 * sx)), int(round(r0 * sy))), (int(round(c1 * sx)), int(round(r1 * sy))),
                  (0, 0, 255), 1, cv2.LINE_AA)
     span = f"{k.shape[0] / fps:.1f} s" if fps and fps > 0 else f"{k.shape[0]} frames"
-    cv2.putText(out, span, (4, height - 6), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (0, 0, 0), 3, cv2.LINE_AA)
-    cv2.putText(out, span, (4, height - 6), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (255, 255, 255), 1, cv2.LINE_AA)
+    _outlined_text(out, span, (4, height - 6), 0.4, (255, 255, 255))
     return cv2.cvtColor(out, cv2.COLOR_BGR2RGB)
 
 
