@@ -40,7 +40,7 @@ import math
 import cv2
 import numpy as np
 from scipy import sparse
-from scipy.ndimage import gaussian_filter1d, map_coordinates
+from scipy.ndimage import distance_transform_edt, gaussian_filter1d, map_coordinates
 from scipy.sparse.csgraph import dijkstra
 from skimage.morphology import skeletonize
 
@@ -241,7 +241,9 @@ def _instances(mask: np.ndarray, x0: int, y0: int, labels_sub: np.ndarray, min_l
     skel = skeletonize(m)
     skel = prune_spurs(skel, prune_px)
     paths = loop_paths(skel, max_len=max_len, near_px=max(15.0, prune_px * 2.5))
-    dt = cv2.distanceTransform(m.astype(np.uint8), cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
+    # exact Euclidean distance (scipy): OpenCV's DIST_MASK_PRECISE (5.1) returned values 1 ulp apart
+    # from call to call for the same mask, so widths and sampling maps, hence reports, could differ
+    dt = distance_transform_edt(m).astype(np.float32)
     lab_p = np.pad(labels_sub, pad)
     caps = []
     multi = len(paths) > 1

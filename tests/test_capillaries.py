@@ -36,6 +36,24 @@ def test_single_loop_ordered_foot_apex_foot():
     assert c.label == CLEAR
 
 
+def test_widths_are_the_same_on_every_call():
+    """Reports must not depend on the state of the heap. OpenCV 5.1's precise distance transform
+    gave widths 1 ulp apart from call to call for the same mask on real keyframes (after the U-Net
+    had run; it could not be provoked on demand), enough to move one kymograph sample by one grey
+    level and a report's speed in the 8th digit. A guard: the same mask, heap churned between calls."""
+    lab = loop_labels(xs=(60, 140, 220, 300), width=11, shape=(260, 380))
+    first = [c.width_px for c in extract_capillaries(lab)]
+    rng = np.random.default_rng(0)
+    junk = []
+    for _ in range(25):
+        junk.append(np.full(int(rng.integers(1_000, 2_000_000)), 7, np.uint8))   # churn the heap
+        if len(junk) > 5:
+            junk.pop(int(rng.integers(len(junk))))
+        again = [c.width_px for c in extract_capillaries(lab.copy())]
+        assert len(again) == len(first) == 4
+        assert all(np.array_equal(a, b) for a, b in zip(first, again))
+
+
 def test_blurred_and_short_components():
     lab = loop_labels(label=BLURRED)
     lab[10:14, 300:310] = CLEAR                       # a tiny speck: dropped
