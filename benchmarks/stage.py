@@ -75,12 +75,12 @@ def offline(path: Path, cfg, n: int, fps: float, segmenter) -> None:
         k += 1
     cap.release()
     t_dec = time.perf_counter() - t0
-    from stream.analyze import OFFLINE_CV_THREADS, default_workers
+    from stream.analyze import default_workers, limit_offline_threads
     from stream.flow import wait_ready, window_pool
     dur = n / fps
     cv_threads = cv2.getNumThreads()
-    cv2.setNumThreads(OFFLINE_CV_THREADS)   # as `nailfold analyze` does (restored for the live part)
-    print(f"offline: {n} frames ({dur:.0f} s of video) 1024x768, cv2 threads {OFFLINE_CV_THREADS}")
+    limit_offline_threads()   # as `nailfold analyze` does (OpenCV's count restored for the live part)
+    print(f"offline: {n} frames ({dur:.0f} s of video) 1024x768, one OpenCV/torch thread")
     print(f"  decode only      : {k / t_dec:7.1f} fps ({dur / t_dec:5.1f}x real time)")
     for workers in sorted({0, 1, 2, default_workers()}):
         t_start = 0.0

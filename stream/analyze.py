@@ -8,7 +8,8 @@ Out: ``--out report.json`` — schema ``nailfold.video-report/1`` (see :mod:`str
 
 The same :class:`stream.stage.AnalysisStage` as the live stage runs over every frame as fast as
 possible (``step_background`` after every frame, so no keyframe or window is skipped); the Radon
-windows run in ``--workers`` worker processes (default: one per core beyond two) and are merged in
+windows run in ``--workers`` worker processes (default: one per core beyond the first, at most two)
+and are merged in
 order, so the report does not depend on the worker count.
 Unreadable input (missing file, not a video, empty folder) is an :class:`InputError` raised before
 anything is written. Readable but useless input (black, 3 frames, no capillaries, odd size) gives
@@ -17,10 +18,13 @@ a valid report with empty/null fields and a warning.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
+import contextlib
 import gc
 import logging
 import os
 import queue
+import sys
 import threading
 import time
 from pathlib import Path
@@ -112,7 +116,26 @@ def _prefetch(source, depth: int = 8):
         th.join(timeout=5)
 
 
-OFFLINE_CV_THREADS = 1   # OpenCV threads in an offline-analysis process (``nailfold analyze``, batch jobs)
+def limit_offline_threads() -> None:
+    """One compute thread per library in an offline-analysis process (``nailfold analyze``,
+    batch jobs): such a process already runs a reader and an analysis thread, one per core, and
+    the window worker is a process of its own. OpenCV's and torch's pools would add threads that
+    mostly spin (measured on the 30-s benchmark clip: OpenCV's, decode + registration 8.5 → 5.4 ms
+    of CPU per frame; torch's two-thread U-Net, 0.7 s of CPU per clip, 10 % of the whole). Also
+    makes the U-Net's float reductions, hence the reports, the same on every host. Torch is
+    limited now if loaded, else through ``OMP_NUM_THREADS`` when it is imported (the classical
+    segmenter does not need it)."""
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    cv2.setNumThreads(1)
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        torch.set_num_threads(1)
+
+
+KEYFRAME_DELAY_S = 2.0   # a keyframe takes effect this long after the frame that triggered it: the
+#                          keyframe thread computes it (~0.2 s of CPU) while the frames in between are
+#                          registered and sampled; measured on the benchmark clip, 1 / 2 / 3 s:
+#                          9.1 / 9.3 / 9.7× real time, 8.8× with the keyframes in the analysis thread
 
 
 def default_workers() -> int:
@@ -126,39 +149,26 @@ def default_workers() -> int:
 
 def analyze_video(path: str | Path, config: Config, *, fps: float | None = None, segmenter=None,
                   progress: bool = True, stream_id: str = "scope0", source=None,
-                  window_executor=None) -> VideoReport:
+                  window_executor=None, keyframe_thread: bool = True) -> VideoReport:
     """Analyze one recording offline. ``fps`` overrides the file's frame rate; ``segmenter``
     defaults to the configured one; ``window_executor`` (e.g. :func:`stream.flow.window_pool`)
-    runs the Radon windows in other processes (same report). Raises :class:`InputError` if
-    ``path`` cannot be read."""
+    runs the Radon windows in other processes; ``keyframe_thread`` runs the keyframes in a
+    thread beside the per-frame work. Neither changes the report: a keyframe takes effect
+    ``KEYFRAME_DELAY_S`` after the frame that triggered it, whoever computes it. Raises
+    :class:`InputError` if ``path`` cannot be read."""
     from stream.stage import AnalysisStage, default_segmenter
     src = source if source is not None else _open(path, fps, config)
     try:
         rate = float(fps or src.fps or config.device.fps)
         if segmenter is None:
             segmenter = default_segmenter(config.models.segmenter, config.models.backend)
-        stage = AnalysisStage(config, segmenter=segmenter, fps=rate, stream_id=stream_id,
-                              window_executor=window_executor)
-        bar = None
-        if progress:
-            from tqdm import tqdm
-            bar = tqdm(total=getattr(src, "n_frames", None), unit="fr", desc=Path(str(path)).name, leave=False)
-        t0 = time.perf_counter()
-        extra_warn = []
-        try:
-            for frame in _prefetch(_gray_frames(src)):
-                stage.process(frame, copy=False)   # each decoded frame is a new buffer
-                stage.step_background()
-                if bar is not None:
-                    bar.update(1)
-        except InputError as e:      # e.g. an image of another size in the middle of a folder
-            extra_warn.append(f"input stopped early: {e}")
-            log.warning("%s: %s", path, e)
-        finally:
-            if bar is not None:
-                bar.close()
-        rep = stage.finish(str(path))
-        rep.warnings.extend(extra_warn)
+        with (concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="keyframe") if keyframe_thread
+              else contextlib.nullcontext()) as kf_pool:
+            stage = AnalysisStage(config, segmenter=segmenter, fps=rate, stream_id=stream_id,
+                                  window_executor=window_executor, keyframe_executor=kf_pool,
+                                  keyframe_delay=int(round(KEYFRAME_DELAY_S * rate)))
+            t0 = time.perf_counter()
+            rep = _run_stage(stage, src, path, progress)
         dt = time.perf_counter() - t0
         log.info("%s: %d frames in %.1f s (%.0f fps, %.1f× real time)", path, rep.frames, dt,
                  rep.frames / dt if dt > 0 else 0, rep.duration_s / dt if dt > 0 else 0)
@@ -167,20 +177,40 @@ def analyze_video(path: str | Path, config: Config, *, fps: float | None = None,
         src.close()
 
 
+def _run_stage(stage, src, path, progress: bool) -> VideoReport:
+    """Every frame of ``src`` through ``stage`` (with a progress bar), then its report; input
+    that stops early (e.g. an image of another size in a folder) ends the run with a warning."""
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=getattr(src, "n_frames", None), unit="fr", desc=Path(str(path)).name, leave=False)
+    extra_warn = []
+    try:
+        for frame in _prefetch(_gray_frames(src)):
+            stage.process(frame, copy=False)   # each decoded frame is a new buffer
+            stage.step_background()
+            if bar is not None:
+                bar.update(1)
+    except InputError as e:
+        extra_warn.append(f"input stopped early: {e}")
+        log.warning("%s: %s", path, e)
+    finally:
+        if bar is not None:
+            bar.close()
+    rep = stage.finish(str(path))
+    rep.warnings.extend(extra_warn)
+    return rep
+
+
 def run(args: argparse.Namespace) -> int:
     config = load_config(args.config).with_overrides(um_per_px=args.um_per_px, fps=args.fps)
     # open everything first: a bad input is reported before any work and no file is written
     sources = [_open(v, args.fps, config) for v in args.videos]
-    # this process runs two threads of its own (reader + analysis), one per core: OpenCV's pool
-    # would add a set that mostly spins (measured: decode + registration 8.5 → 5.4 ms of CPU per
-    # frame at the same wall time)
-    cv2.setNumThreads(OFFLINE_CV_THREADS)
+    limit_offline_threads()
     workers = default_workers() if getattr(args, "workers", None) is None else max(0, int(args.workers))
-    from contextlib import nullcontext
-
     from stream.flow import window_pool
     # the workers start (imports) while this process loads the segmenter
-    with (window_pool(workers) if workers > 0 else nullcontext()) as pool:
+    with (window_pool(workers) if workers > 0 else contextlib.nullcontext()) as pool:
         from stream.stage import default_segmenter
         seg = default_segmenter(args.segmenter or config.models.segmenter, config.models.backend)
         # what is loaded now lives to the end: keep it out of the collector's full passes (the

@@ -33,6 +33,7 @@ from pathlib import Path
 from nailfold.config import load_config
 from nailfold.errors import NailfoldError
 from nailfold.io import atomic_write_json, atomic_write_text
+from stream.analyze import limit_offline_threads
 
 log = logging.getLogger(__name__)
 
@@ -74,17 +75,6 @@ def find_jobs(input_dir: str | os.PathLike, out_dir: str | os.PathLike) -> list[
         rel = p.relative_to(root)
         jobs.append(Job(kind, str(root / rel), str(out / rel.parent / f"{rel.name}.{kind}.json")))
     return jobs
-
-
-def _limit_threads() -> None:
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    import cv2
-    cv2.setNumThreads(1)
-    try:
-        import torch
-        torch.set_num_threads(1)
-    except ImportError:
-        pass
 
 
 def run_job(job: Job, config_path: str | None, um_per_px: float | None, fps: float | None,
@@ -153,12 +143,12 @@ def _median(xs: list[float]) -> float | None:
 
 
 def _worker_init() -> None:
-    _limit_threads()
+    limit_offline_threads()
 
 
 def run_local(jobs: list[Job], workers: int, args: tuple, progress=None):
     if workers <= 1:
-        _limit_threads()
+        limit_offline_threads()
         for j in jobs:
             out = run_job(j, *args)
             if progress:
@@ -200,7 +190,7 @@ def run_ray(jobs: list[Job], address: str | None, args: tuple, progress=None):
 
 
 def _ray_job(job: dict, *args) -> dict:
-    _limit_threads()
+    limit_offline_threads()
     return asdict(run_job(Job(**job), *args))
 
 

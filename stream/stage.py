@@ -32,6 +32,12 @@ Work split (for a live process with a second thread):
   in one batch per hop; when the workers have ``MAX_QUEUED_BATCHES`` each unfinished, and at the
   end for batches not started, the stage analyses a batch itself. Results are merged in
   submission order, so the report is identical to the in-process one.
+- Offline keyframes (``keyframe_executor``, e.g. a one-thread pool, and ``keyframe_delay``
+  frames): a keyframe triggered at frame f is computed (mean, segmentation, centerlines) on the
+  executor while later frames are processed, and takes effect at frame f + ``keyframe_delay``,
+  waiting for it if need be; the history keeps the frames since its first one, so the loops it
+  finds are back-filled without a gap. The report is the same with or without the executor.
+  Live (delay 0): a keyframe takes effect as soon as the background thread has computed it.
 
 Times are seconds from the first frame (frame number / fps). Speeds are signed along the
 segmenter's centerline internally; reports give magnitudes, and a capillary whose flow runs from
@@ -297,7 +303,7 @@ class AnalysisStage:
 
     def __init__(self, config: Config, segmenter=None, fps: float | None = None, stream_id: str = "scope0",
                  *, keyframe_every: int | None = None, keyframe_average: int | None = None,
-                 window_executor=None):
+                 window_executor=None, keyframe_executor=None, keyframe_delay: int = 0):
         kernels.warm_up()        # not on the first frame: loading them holds the GIL for ~0.3 s
         self.config = config
         st = config.stage
@@ -314,8 +320,13 @@ class AnalysisStage:
         self.bank = KymographBank()
         self.tracks: dict[int, _Track] = {}
         self._lock = threading.RLock()
-        self._history: collections.deque = collections.deque(maxlen=self.keyframe_average)
-        self._pending_keyframe: list | None = None
+        # a keyframe triggered at frame f takes effect at frame f + keyframe_delay (0: as soon as
+        # it is computed); the history keeps the frames since its first one for the back-fill
+        self.keyframe_delay = max(0, int(keyframe_delay))
+        self._keyframe_executor = keyframe_executor
+        self._history: collections.deque = collections.deque(maxlen=self.keyframe_average + self.keyframe_delay)
+        self._pending_keyframe: tuple[int, list] | None = None
+        self._keyframe_jobs: collections.deque = collections.deque()   # (frame it takes effect, future)
         self._kf_interval = self.keyframe_every   # grows (×2, up to ×KEYFRAME_BACKOFF_MAX) while the
         #                                           capillary set is unchanged; back to the base on change
         self._last_keyframe_frame: int | None = None
@@ -395,7 +406,7 @@ class AnalysisStage:
                     self._last_keyframe_frame is None or fno - self._last_keyframe_frame >= self._kf_interval):
                 if self._pending_keyframe is not None:
                     self.skipped_keyframes += 1
-                self._pending_keyframe = list(self._history)
+                self._pending_keyframe = (fno, list(self._history)[-self.keyframe_average:])
                 self._last_keyframe_frame = fno
         now = time.time()
         self._t_first = self._t_first or now
@@ -410,8 +421,9 @@ class AnalysisStage:
         with self._lock:
             kf, self._pending_keyframe = self._pending_keyframe, None
         if kf is not None:
-            self._run_keyframe(kf)
+            self._start_keyframe(*kf)
             did = True
+        did |= self._apply_keyframes()
         while deadline is None or time.perf_counter() < deadline:
             job = self._next_window()
             if job is None:
@@ -546,7 +558,37 @@ class AnalysisStage:
                 _merge_event(tr.events, e)
             self.windows_done += 1
 
-    def _run_keyframe(self, frames: list) -> None:
+    def _start_keyframe(self, fno: int, frames: list) -> None:
+        """Begin the keyframe of ``frames`` (triggered at frame ``fno``): on the keyframe executor
+        if there is one, else here and now. It takes effect at frame ``fno + keyframe_delay``
+        (:meth:`_apply_keyframes`) whoever computes it and however long it takes, so an offline
+        report does not depend on the executor."""
+        if self._keyframe_executor is not None:
+            try:
+                fut = self._keyframe_executor.submit(self._compute_keyframe, frames)
+            except RuntimeError as e:     # shut down
+                log.warning("keyframe executor unusable (%s); keyframes continue in this thread", e)
+                self._keyframe_executor = None
+        if self._keyframe_executor is None:
+            fut = _done(self._compute_keyframe(frames))
+        self._keyframe_jobs.append((fno + self.keyframe_delay, fut))
+
+    def _apply_keyframes(self, all_: bool = False) -> bool:
+        """Apply the keyframes due by the current frame (all of them if ``all_``), waiting for
+        any still being computed; True if one was applied."""
+        did = False
+        while self._keyframe_jobs and (all_ or self._keyframe_jobs[0][0] <= self._frame_no):
+            _, fut = self._keyframe_jobs.popleft()
+            res = fut.result()
+            if res is not None:
+                self._apply_keyframe(*res)
+            did = True
+        return did
+
+    def _compute_keyframe(self, frames: list) -> tuple | None:
+        """Stabilized mean of ``frames`` → (mean uint8, capillaries, tissue levels), or
+        None if the segmenter failed. Reads no stage state but the segmenter (thread-safe to
+        run beside :meth:`process`)."""
         acc = None
         for _, g, dx, dy, a in frames:
             w = warp_to_reference(g, dx, dy, a).astype(np.float32)
@@ -563,8 +605,12 @@ class AnalysisStage:
             caps = extract_capillaries(labels, mean)
         except Exception:   # a failing segmenter must not stop the flow analysis of known loops
             log.exception("keyframe segmentation failed")
-            return
-        levels = _tissue_levels(mean, labels, caps)
+            return None
+        return mean, caps, _tissue_levels(mean, labels, caps)
+
+    def _apply_keyframe(self, mean: np.ndarray, caps: list[Capillary], levels: dict[int, float]) -> None:
+        """Match a computed keyframe's capillaries to the tracks: ids, new tracks (back-filled),
+        contrast, retirement, keyframe interval, first re-anchoring."""
         with self._lock:
             self._next_id = match_ids(self._prev_caps, caps, self._next_id)
             self._prev_caps = caps
@@ -763,6 +809,9 @@ class AnalysisStage:
         (dx, dy) per accepted frame, e.g. from a simulator — adds residual statistics."""
         while self.step_background():
             pass
+        if self._apply_keyframes(all_=True):   # those due after the last frame
+            while self.step_background():
+                pass
         with self._lock:
             tracks = list(self.tracks.values())
         for tr in tracks:     # the tail not covered by a full window

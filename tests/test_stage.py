@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import time
 from pathlib import Path
 
 import cv2
@@ -572,6 +573,42 @@ def test_window_batches_give_the_same_report_whoever_analyses_them():
     a = [dataclasses.asdict(c) for c in ref.capillaries]
     b = [dataclasses.asdict(c) for c in rep.capillaries]
     assert a == b
+
+
+class _SlowSegmenter(TruthSegmenter):
+    def segment(self, image):
+        time.sleep(0.15)    # a keyframe slower than the frames that follow it
+        return super().segment(image)
+
+
+def test_a_keyframe_takes_effect_at_the_same_frame_whoever_computes_it():
+    """With a keyframe delay, keyframes computed on a thread beside the per-frame work (and
+    slower than it) give the report of keyframes computed in line; the loops found by a
+    delayed keyframe are back-filled from the keyframe's first frame, so no row is lost."""
+    import concurrent.futures
+    cfg = load_config().with_overrides(um_per_px=1.2, fps=20.0)
+    reps, firsts = [], []
+    for threaded in (False, True):
+        scope = ToyScope(speeds=(6.0, -15.0), seed=5)
+        pool = concurrent.futures.ThreadPoolExecutor(1) if threaded else None
+        stage = AnalysisStage(cfg, segmenter=_SlowSegmenter(scope.label_mask()), fps=scope.fps,
+                              keyframe_executor=pool, keyframe_delay=15)
+        applied_at = []
+        apply = stage._apply_keyframe
+        stage._apply_keyframe = lambda *a: (applied_at.append(stage._frame_no), apply(*a))
+        for i in range(160):
+            img = scope.frame(i)
+            stage.process(Frame(FrameMeta(i, i / scope.fps, scope.fps, img.shape), img))
+            stage.step_background()
+        reps.append(stage.finish("toy"))
+        if pool is not None:
+            pool.shutdown()
+        k = stage.keyframe_average
+        assert applied_at[0] == k - 1 + 15     # triggered at frame k - 1 (k frames averaged)
+        firsts.append(sorted(t.buffer.first_frame for t in stage.tracks.values()))
+    assert firsts[0] == firsts[1] and firsts[0][0] == 0
+    assert reps[0].capillaries and [dataclasses.asdict(c) for c in reps[0].capillaries] == \
+        [dataclasses.asdict(c) for c in reps[1].capillaries]
 
 
 class _DyingExecutor:
