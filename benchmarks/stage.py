@@ -8,8 +8,8 @@ Usage::
 1. Offline: renders a clip (1024×768, 20 fps) of the synthetic scope (``stream.synthetic`` if
    present, else the tests' toy scope) into an MJPG file, then times (a) decoding alone and
    (b) ``analyze_video`` on it (decode in a reader thread + stage + every keyframe and window) and
-   prints frames/s and the multiple of real time, with the windows in this process and in 1 and 2
-   worker processes (``default_workers()``, what ``nailfold analyze`` uses, is 1 on 2 cores). The
+   prints frames/s and the multiple of real time (median and range of ``--repeats`` alternating
+   rounds), with the windows in this process and in 1 and 2 worker processes (``default_workers()``, what ``nailfold analyze`` uses, is 1 on 2 cores). The
    workers' start-up (~1 s: imports, compiled loops; ``nailfold analyze`` overlaps it with loading
    the segmenter) is printed apart from the analysis time.
 2. Live: replays decoded frames paced at 20 fps from a producer thread into a 2-slot queue (a full
@@ -66,8 +66,17 @@ def pct(a, q):
     return float(np.percentile(np.asarray(a), q)) if len(a) else float("nan")
 
 
-def offline(path: Path, cfg, n: int, fps: float, segmenter) -> None:
-    from stream.analyze import analyze_video
+def offline(path: Path, cfg, n: int, fps: float, segmenter, repeats: int = 3) -> None:
+    """Decode-only rate, then ``analyze_video`` with 0, 1, 2 window workers, ``repeats`` rounds in
+    alternating order (the box's speed drifts by ±20 % within minutes: one run per configuration
+    compares moments, not configurations); prints the median and range of each, and whether every
+    run gave the same report."""
+    import contextlib
+    import dataclasses
+    import json
+
+    from stream.analyze import analyze_video, default_workers, limit_offline_threads
+    from stream.flow import wait_ready, window_pool
     t0 = time.perf_counter()
     cap = cv2.VideoCapture(str(path))
     k = 0
@@ -75,32 +84,37 @@ def offline(path: Path, cfg, n: int, fps: float, segmenter) -> None:
         k += 1
     cap.release()
     t_dec = time.perf_counter() - t0
-    from stream.analyze import default_workers, limit_offline_threads
-    from stream.flow import wait_ready, window_pool
     dur = n / fps
     cv_threads = cv2.getNumThreads()
     limit_offline_threads()   # as `nailfold analyze` does (OpenCV's count restored for the live part)
-    print(f"offline: {n} frames ({dur:.0f} s of video) 1024x768, one OpenCV/torch thread")
+    print(f"offline: {n} frames ({dur:.0f} s of video) 1024x768, one OpenCV/torch thread, {repeats} rounds")
     print(f"  decode only      : {k / t_dec:7.1f} fps ({dur / t_dec:5.1f}x real time)")
-    for workers in sorted({0, 1, 2, default_workers()}):
-        t_start = 0.0
-        if workers:
-            t0 = time.perf_counter()
-            with window_pool(workers) as pool:
-                wait_ready(pool)   # worker start-up (imports): once per `nailfold analyze`, while
-                t_start = time.perf_counter() - t0   # it loads the segmenter; timed apart
+    configs = sorted({0, 1, 2, default_workers()})
+    times: dict[int, list[float]] = {w: [] for w in configs}
+    reports = set()
+    with contextlib.ExitStack() as stack:
+        pools, t_start = {}, {}
+        for w in configs:
+            if w:
                 t0 = time.perf_counter()
-                rep = analyze_video(path, cfg, fps=fps, segmenter=segmenter, progress=False, window_executor=pool)
-                t_all = time.perf_counter() - t0
-        else:
-            t0 = time.perf_counter()
-            rep = analyze_video(path, cfg, fps=fps, segmenter=segmenter, progress=False)
-            t_all = time.perf_counter() - t0
-        tag = " (nailfold analyze's default)" if workers == default_workers() else ""
-        print(f"  analyze, {workers} window workers{tag}: {n / t_all:7.1f} fps ({dur / t_all:5.1f}x real time; "
-              f"target 10x, ratio {dur / t_all / 10:.2f})"
-              + (f"; worker start-up {t_start:.1f} s before it" if workers else ""))
-    print(f"  capillaries {len(rep.capillaries)}, warnings {rep.warnings}")
+                pools[w] = stack.enter_context(window_pool(w))
+                wait_ready(pools[w])   # worker start-up (imports): once per `nailfold analyze`,
+                t_start[w] = time.perf_counter() - t0   # while it loads the segmenter; timed apart
+        for r in range(repeats):
+            for w in (configs if r % 2 == 0 else configs[::-1]):
+                t0 = time.perf_counter()
+                rep = analyze_video(path, cfg, fps=fps, segmenter=segmenter, progress=False,
+                                    window_executor=pools.get(w))
+                times[w].append(time.perf_counter() - t0)
+                reports.add(json.dumps([dataclasses.asdict(c) for c in rep.capillaries], default=str))
+    for w in configs:
+        x = sorted(dur / t for t in times[w])
+        tag = " (nailfold analyze's default)" if w == default_workers() else ""
+        print(f"  analyze, {w} window workers{tag}: median {np.median(x):5.1f}x real time "
+              f"({n * np.median(x) / dur:6.1f} fps; range {x[0]:.1f}-{x[-1]:.1f}x; target 10x, ratio "
+              f"{np.median(x) / 10:.2f})" + (f"; worker start-up {t_start[w]:.1f} s before it" if w else ""))
+    print(f"  capillaries {len(rep.capillaries)}, warnings {rep.warnings}; "
+          f"{'the same report from every run' if len(reports) == 1 else f'{len(reports)} different reports!'}")
     cv2.setNumThreads(cv_threads)
 
 
@@ -167,6 +181,7 @@ def main() -> None:
     ap.add_argument("--segmenter", default=None, help="auto | classical | unet (default: the config's, auto)")
     ap.add_argument("--video", default=None, metavar="PATH",
                     help="time this recording (1024×768 expected) instead of rendering a synthetic clip")
+    ap.add_argument("--repeats", type=int, default=3, help="offline rounds (alternating configurations)")
     ap.add_argument("--skip-offline", action="store_true")
     ap.add_argument("--skip-live", action="store_true")
     args = ap.parse_args()
@@ -192,7 +207,7 @@ def main() -> None:
             render(scope, n, path, fps)
             print(f"rendered {n} frames in {time.perf_counter() - t0:.1f} s")
         if not args.skip_offline:
-            offline(path, cfg, n, fps, seg)
+            offline(path, cfg, n, fps, seg, max(1, args.repeats))
         if not args.skip_live:
             cap = cv2.VideoCapture(str(path))
             frames = []
