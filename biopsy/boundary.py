@@ -62,7 +62,7 @@ def edge_band(dermis: np.ndarray, width_px: float = 5.0) -> np.ndarray:
     # distance of each dermis px to the nearest non-dermis px and vice versa (exact L2)
     din = cv2.distanceTransform(d, cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
     dout = cv2.distanceTransform(1 - d, cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
-    half = width_px / 2.0
+    half = width_px / 2.0 + 1e-3   # whole-px distances (sqrt(4) = 2) may come back 1 ulp low or high
     return ((d > 0) & (din <= half)) | ((d == 0) & (dout <= half))
 
 
