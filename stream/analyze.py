@@ -62,7 +62,9 @@ def _open(path: str | Path, fps: float | None, config: Config):
         raise InputError(f"input not found: {p}")
     if p.is_dir() and fps is None:
         fps = config.device.fps
-    return open_source(f"file:{p}", pace="max", fps=fps)
+    # one FFmpeg thread: the reader thread decodes beside the analysis (measured: 0.1–0.2 s less
+    # CPU per 30-s MJPEG clip than FFmpeg's default of one thread per core, at the same rate)
+    return open_source(f"file:{p}", pace="max", fps=fps, decode_threads=1)
 
 
 def _gray_frames(source):

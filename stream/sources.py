@@ -99,8 +99,9 @@ class VideoFileSource:
     """Frames of a video file (any container/codec OpenCV's FFmpeg backend reads)."""
 
     def __init__(self, path: str | os.PathLike, *, pace: str = "max", loop: bool = False,
-                 stream_id: str = "scope0", fps: float | None = None):
+                 stream_id: str = "scope0", fps: float | None = None, decode_threads: int | None = None):
         self.path = Path(path)
+        self.decode_threads = decode_threads   # FFmpeg's decoding threads (None: its default, one per core)
         if not self.path.exists():
             raise InputError(f"video file not found: {self.path}")
         if self.path.is_file() and self.path.stat().st_size == 0:
@@ -121,7 +122,8 @@ class VideoFileSource:
         self._pacer = _Pacer(self.fps, pace)
 
     def _open(self) -> cv2.VideoCapture:
-        cap = cv2.VideoCapture(str(self.path), cv2.CAP_FFMPEG)
+        params = [] if self.decode_threads is None else [cv2.CAP_PROP_N_THREADS, int(self.decode_threads)]
+        cap = cv2.VideoCapture(str(self.path), cv2.CAP_FFMPEG, params)
         if not cap.isOpened():
             cap.release()
             raise InputError(f"not a video OpenCV/FFmpeg can open: {self.path}")
@@ -289,8 +291,9 @@ class SyntheticSource:
 
 
 def open_source(spec: str, *, pace: str = "realtime", loop: bool = False, stream_id: str = "scope0",
-                fps: float | None = None):
-    """Open a frame source from a spec string (see module docstring)."""
+                fps: float | None = None, decode_threads: int | None = None):
+    """Open a frame source from a spec string (see module docstring). ``decode_threads`` limits
+    FFmpeg's threads for a video file (offline analysis runs its own threads on every core)."""
     if spec == "synthetic" or spec.startswith("synthetic:"):
         from stream.synthetic import SimParams
 
@@ -305,4 +308,4 @@ def open_source(spec: str, *, pace: str = "realtime", loop: bool = False, stream
         raise InputError(f"source not found: {path} (expected camera:N, file:PATH or synthetic)")
     if p.is_dir():
         return ImageFolderSource(p, pace=pace, loop=loop, stream_id=stream_id, fps=fps)
-    return VideoFileSource(p, pace=pace, loop=loop, stream_id=stream_id, fps=fps)
+    return VideoFileSource(p, pace=pace, loop=loop, stream_id=stream_id, fps=fps, decode_threads=decode_threads)
