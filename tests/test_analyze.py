@@ -67,6 +67,16 @@ def test_window_workers_give_the_same_report(toy_video, tmp_path):
     assert {k: v for k, v in a.items() if k != "source"} == {k: v for k, v in b.items() if k != "source"}
 
 
+def test_window_workers_yield_the_cpu_to_the_analysis():
+    """The window workers run niced (the per-frame work in the analysis process is the critical
+    path; a worker that falls behind hands its batches back)."""
+    import os
+
+    from stream.flow import WORKER_NICE, window_pool
+    with window_pool(1) as pool:
+        assert pool.submit(os.nice, 0).result() == min(19, os.nice(0) + WORKER_NICE)
+
+
 def test_two_videos_make_a_report_set(toy_video, tmp_path):
     _, video = toy_video
     short = write_video(tmp_path / "short.avi", [ToyScope(speeds=(3.0,), seed=2).frame(i) for i in range(30)])
