@@ -757,7 +757,7 @@ WORKER_NICE = 10   # window workers yield the CPU to the analysis process (see :
 
 
 def _worker_init(nice: int = 0) -> None:
-    if nice:
+    if nice and hasattr(os, "nice"):   # POSIX
         os.nice(nice)
     import cv2
     cv2.setNumThreads(1)   # one window per worker process: no nested thread pools
