@@ -9,9 +9,10 @@ Usage::
    present, else the tests' toy scope) into an MJPG file, then times (a) decoding alone and
    (b) ``analyze_video`` on it (decode in a reader thread + stage + every keyframe and window) and
    prints frames/s and the multiple of real time (median and range of ``--repeats`` alternating
-   rounds), with the windows in this process and in 1 and 2 worker processes (``default_workers()``, what ``nailfold analyze`` uses, is 1 on 2 cores). The
-   workers' start-up (~1 s: imports, compiled loops; ``nailfold analyze`` overlaps it with loading
-   the segmenter) is printed apart from the analysis time.
+   rounds), with the windows in this process and in 1 and 2 worker processes
+   (``default_workers()``, what ``nailfold analyze`` uses, is 2 on 2 cores). The workers'
+   start-up (~1 s: imports, compiled loops; ``nailfold analyze`` overlaps it with loading the
+   segmenter) is printed apart from the analysis time.
 2. Live: replays decoded frames paced at 20 fps from a producer thread into a 2-slot queue (a full
    queue = dropped frame), ``process()`` in the consumer, ``step_background()`` in a second thread
    (as ``stream.stage_process`` does), and prints per-frame latency (schedule → processed)
