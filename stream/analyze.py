@@ -119,13 +119,13 @@ def _prefetch(source, depth: int = 8):
 
 def limit_offline_threads() -> None:
     """One compute thread per library in an offline-analysis process (``nailfold analyze``,
-    batch jobs): such a process already runs a reader and an analysis thread, one per core, and
-    the window worker is a process of its own. OpenCV's and torch's pools would add threads that
-    mostly spin (measured on the 30-s benchmark clip: OpenCV's, decode + registration 8.5 → 5.4 ms
-    of CPU per frame; torch's two-thread U-Net, 0.7 s of CPU per clip, 10 % of the whole). Also
-    makes the U-Net's float reductions, hence the reports, the same on every host. Torch is
-    limited now if loaded, else through ``OMP_NUM_THREADS`` when it is imported (the classical
-    segmenter does not need it)."""
+    batch jobs): such a process already runs its own threads (reader, analysis, keyframes) and
+    the window workers are processes of their own. OpenCV's and torch's pools would add threads
+    that mostly spin (measured on the 30-s benchmark clip: OpenCV's, decode + registration 8.5 →
+    5.4 ms of CPU per frame; torch's second thread for the U-Net, ≈ 0.2 s of CPU per clip in
+    alternated runs). Also makes the U-Net's float reductions, hence the reports, the same on
+    every host. Torch is limited now if loaded, else through ``OMP_NUM_THREADS`` when it is
+    imported (the classical segmenter does not need it)."""
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     cv2.setNumThreads(1)
     torch = sys.modules.get("torch")
@@ -137,6 +137,7 @@ KEYFRAME_DELAY_S = 2.0   # a keyframe takes effect this long after the frame tha
 #                          keyframe thread computes it (~0.2 s of CPU) while the frames in between are
 #                          registered and sampled; measured on the benchmark clip, 1 / 2 / 3 s:
 #                          9.1 / 9.3 / 9.7× real time, 8.8× with the keyframes in the analysis thread
+#                          (2 and 3 s equal in a later A/B; each second holds fps more frames in memory)
 
 
 def default_workers() -> int:
