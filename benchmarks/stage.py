@@ -3,10 +3,11 @@
 Usage::
 
     nice python benchmarks/stage.py [--offline-seconds 30] [--live-seconds 120] [--seed 0]
-                                    [--skip-offline] [--skip-live] [--scope synthetic|toy]
+                                    [--repeats 3] [--video PATH] [--skip-offline] [--skip-live]
+                                    [--scope synthetic|toy]
 
-1. Offline: renders a clip (1024×768, 20 fps) of the synthetic scope (``stream.synthetic`` if
-   present, else the tests' toy scope) into an MJPG file, then times (a) decoding alone and
+1. Offline: renders a clip (1024×768, 20 fps) of the synthetic scope (``--scope toy``: the
+   tests' toy scope) into an MJPG file, then times (a) decoding alone and
    (b) ``analyze_video`` on it (decode in a reader thread + stage + every keyframe and window) and
    prints frames/s and the multiple of real time (median and range of ``--repeats`` alternating
    rounds), with the windows in this process and in 1 and 2 worker processes
@@ -40,14 +41,8 @@ from stream.frames import Frame, FrameMeta  # noqa: E402
 
 def make_scope(kind: str, seed: int, seconds: float):
     if kind == "synthetic":
-        try:
-            from stream.synthetic import SimParams, SyntheticScope
-            try:
-                return SyntheticScope(SimParams(seed=seed, duration_s=seconds)), "synthetic"
-            except TypeError:
-                return SyntheticScope(SimParams(seed=seed)), "synthetic"
-        except ImportError:
-            print("stream.synthetic not available: using the tests' toy scope")
+        from stream.synthetic import SimParams, SyntheticScope
+        return SyntheticScope(SimParams(seed=seed, duration_s=seconds)), "synthetic"
     sys.path.insert(0, str(ROOT / "tests"))
     from test_stage import ToyScope
     return ToyScope(speeds=(4.0, 9.0, 16.0, -22.0, 35.0, 50.0), shape=(768, 1024), seed=seed), "toy"

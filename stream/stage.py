@@ -83,33 +83,11 @@ MAX_QUEUED_BATCHES = 2       # per executor worker: window batches handed over a
 
 # ----------------------------------------------------------------------------- segmentation glue
 def default_segmenter(name: str = "auto", backend: str = "auto"):
-    """The project's segmenter (``models.segmenter.get_segmenter``), else the classical one, else a
-    minimal built-in dark-vessel thresholder."""
-    try:
-        from models.segmenter import get_segmenter
-        return get_segmenter(name, backend=backend)
-    except ImportError:
-        pass
-    try:
-        from models.classical import ClassicalSegmenter
-        return ClassicalSegmenter()
-    except ImportError:
-        log.warning("no segmenter module available: using the built-in black-hat thresholder")
-        return _BlackHatSegmenter()
-
-
-class _BlackHatSegmenter:
-    """Fallback: capillaries are darker than their surroundings (green channel)."""
-
-    def segment(self, image: np.ndarray) -> np.ndarray:
-        g = to_gray(image)
-        g = cv2.GaussianBlur(g, (0, 0), 1.5)
-        bh = cv2.morphologyEx(g, cv2.MORPH_BLACKHAT, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (21, 21)))
-        if bh.max() == 0:
-            return np.zeros(g.shape, np.uint8)
-        _, m = cv2.threshold(bh, 0, 1, cv2.THRESH_BINARY | cv2.THRESH_OTSU)
-        m = cv2.morphologyEx(m, cv2.MORPH_OPEN, np.ones((3, 3), np.uint8))
-        return (m > 0).astype(np.uint8) * CLEAR
+    """The segmenter ``name`` on ``backend`` (:func:`models.segmenter.get_segmenter`: for
+    ``auto`` the shipped U-Net, or the classical one with a warning if its weights are unusable).
+    Imported on demand: it loads torch."""
+    from models.segmenter import get_segmenter
+    return get_segmenter(name, backend=backend)
 
 
 # ----------------------------------------------------------------------------- per capillary state
