@@ -34,9 +34,11 @@ Work split (for a live process with a second thread):
   submission order, so the report is identical to the in-process one.
 - Offline keyframes (``keyframe_executor``, e.g. a one-thread pool, and ``keyframe_delay``
   frames): a keyframe triggered at frame f is computed (mean, segmentation, centerlines) on the
-  executor while later frames are processed, and takes effect at frame f + ``keyframe_delay``,
-  waiting for it if need be; the history keeps the frames since its first one, so the loops it
-  finds are back-filled without a gap. The report is the same with or without the executor.
+  executor while later frames are processed, and takes effect at frame f + ``keyframe_delay``
+  (in :meth:`process`, before the next keyframe is scheduled, so the backed-off schedule is that
+  of no delay), waiting for it if need be; the history keeps the frames since its first one, so
+  the loops it finds are back-filled without a gap. The report is the same with or without the
+  executor.
   Live (delay 0): a keyframe takes effect as soon as the background thread has computed it.
 
 Times are seconds from the first frame (frame number / fps). Speeds are signed along the
@@ -380,6 +382,10 @@ class AnalysisStage:
             self._latest = (gray, est.dx, est.dy, est.angle)
             self.shifts.append((est.dx, est.dy, est.confidence, est.angle))
             self.frames_in += 1
+            if self.keyframe_delay:
+                # a delayed keyframe due now takes effect before the next one is scheduled, so
+                # the interval it sets (doubled when the capillaries are unchanged) applies
+                self._apply_keyframes()
             if len(self._history) >= self.keyframe_average and (
                     self._last_keyframe_frame is None or fno - self._last_keyframe_frame >= self._kf_interval):
                 if self._pending_keyframe is not None:
