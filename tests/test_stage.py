@@ -117,12 +117,17 @@ class TruthSegmenter:
         return self.mask.copy()
 
 
-def run_stage(scope, n_frames, cfg, segmenter=None):
-    stage = AnalysisStage(cfg, segmenter=segmenter or TruthSegmenter(scope.label_mask()), fps=scope.fps)
+def feed(stage, scope, n_frames):
+    """``n_frames`` of ``scope`` through ``stage``, background work after each (as offline)."""
     for i in range(n_frames):
         img = scope.frame(i)
         stage.process(Frame(FrameMeta(i, i / scope.fps, scope.fps, img.shape), img))
         stage.step_background()
+
+
+def run_stage(scope, n_frames, cfg, segmenter=None):
+    stage = AnalysisStage(cfg, segmenter=segmenter or TruthSegmenter(scope.label_mask()), fps=scope.fps)
+    feed(stage, scope, n_frames)
     true = np.array([scope.shift(i) for i in range(n_frames)]) - np.array(scope.shift(0))
     return stage, stage.finish("toy", true_shifts=true)
 
@@ -560,10 +565,7 @@ def test_window_batches_give_the_same_report_whoever_analyses_them():
     scope = ToyScope(speeds=(6.0, -15.0), seed=5)     # its noise is drawn frame after frame: a new one
     ex = _SlowExecutor()
     stage = AnalysisStage(cfg, segmenter=TruthSegmenter(scope.label_mask()), fps=scope.fps, window_executor=ex)
-    for i in range(160):
-        img = scope.frame(i)
-        stage.process(Frame(FrameMeta(i, i / scope.fps, scope.fps, img.shape), img))
-        stage.step_background()
+    feed(stage, scope, 160)
     import threading
     threading.Timer(0.5, ex.gate.set).start()   # the first batch finishes while the last wait
     rep = stage.finish("toy")
@@ -596,10 +598,7 @@ def test_a_keyframe_takes_effect_at_the_same_frame_whoever_computes_it():
         applied_at = []
         apply = stage._apply_keyframe
         stage._apply_keyframe = lambda *a: (applied_at.append(stage._frame_no), apply(*a))
-        for i in range(160):
-            img = scope.frame(i)
-            stage.process(Frame(FrameMeta(i, i / scope.fps, scope.fps, img.shape), img))
-            stage.step_background()
+        feed(stage, scope, 160)
         reps.append(stage.finish("toy"))
         if pool is not None:
             pool.shutdown()
@@ -642,10 +641,7 @@ def test_a_dead_window_worker_loses_no_window():
     scope = ToyScope(speeds=(6.0, -15.0), seed=5)
     stage = AnalysisStage(cfg, segmenter=TruthSegmenter(scope.label_mask()), fps=scope.fps,
                           window_executor=_DyingExecutor(ok=2))
-    for i in range(160):
-        img = scope.frame(i)
-        stage.process(Frame(FrameMeta(i, i / scope.fps, scope.fps, img.shape), img))
-        stage.step_background()
+    feed(stage, scope, 160)
     rep = stage.finish("toy")
     assert stage.windows_local > 0 and any("window worker failed" in w for w in rep.warnings)
     assert [dataclasses.asdict(c) for c in ref.capillaries] == [dataclasses.asdict(c) for c in rep.capillaries]
