@@ -547,13 +547,14 @@ class AnalysisStage:
         if there is one, else here and now. It takes effect at frame ``fno + keyframe_delay``
         (:meth:`_apply_keyframes`) whoever computes it and however long it takes, so an offline
         report does not depend on the executor."""
+        fut = None
         if self._keyframe_executor is not None:
             try:
                 fut = self._keyframe_executor.submit(self._compute_keyframe, frames)
             except RuntimeError as e:     # shut down
                 log.warning("keyframe executor unusable (%s); keyframes continue in this thread", e)
                 self._keyframe_executor = None
-        if self._keyframe_executor is None:
+        if fut is None:
             fut = _done(self._compute_keyframe(frames))
         self._keyframe_jobs.append((fno + self.keyframe_delay, fut))
 
