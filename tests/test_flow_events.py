@@ -304,3 +304,43 @@ def test_loop_contrast_reads_tissue_against_the_sampled_vessel():
     assert abs(c - np.log(150.0 / 90.0)) < 1e-3, c
     assert abs(loop_contrast(1.4 * img, maps, 1.4 * 150.0) - c) < 1e-3
     assert np.isnan(loop_contrast(img, maps, float("nan")))
+
+
+def test_few_tests_threshold_drops_only_below_the_reference():
+    f = flow.few_tests_threshold
+    assert f(3.4, 2.0, 2.0, 0.4, 2.8) == 3.4 and f(3.4, 9.0, 2.0, 0.4, 2.8) == 3.4     # at / above: unchanged
+    assert math.isclose(f(3.4, 2.0 / math.e, 2.0, 0.4, 2.8), 3.0)                       # 0.4 per e-fold
+    assert f(3.4, 0.01, 2.0, 0.4, 2.8) == 2.8                                            # floored
+    assert f(2.5, 0.01, 2.0, 0.4, 2.8) == 2.5                                            # never raised
+    assert f(3.4, 0.01, 0.0, 0.4, 2.8) == 3.4 and f(3.4, 0.01, 2.0, 0.0, 2.8) == 3.4     # off
+
+
+def _slow_events(gaps, seed, v_mean=2.0, **kw):
+    k, _, anchor = _pulsatile_kymo(v_mean=v_mean, gaps=gaps, seed=seed, gap_amp=1.0, noise=0.3)
+    kn = _prepare(k)
+    d = flow.speed_track(kn, v0=v_mean, v_max=100.0)
+    ke = gaussian_filter1d(kn, 3.0, axis=1, mode="nearest")
+    sd = radon.robust_sd(ke[::2, ::2].ravel())
+    return flow.material_events(ke, sd, anchor, d, min_sep_px=8.0, **kw)
+
+
+def test_slow_flow_finds_weak_cells_without_more_false_events():
+    """2 px/frame past a 300-px kymograph tests ≈ 0.4 cell-sized stretches of blood per frame: the
+    threshold drops from 3.4 to 2.8 SDs, so faint cells are found that 3.4 misses, and windows with
+    no cell stay (nearly) empty."""
+    adapt = dict(threshold=3.4, ref_tests_per_frame=2.0, few_tests_slope=0.4, few_tests_floor=2.8)
+    hits = {"fixed": 0, "adapted": 0}
+    for seed in range(10, 20):
+        for name, kw in (("fixed", dict(threshold=3.4)), ("adapted", adapt)):
+            evs = _slow_events((40.0,), seed, **kw)
+            assert all(abs(e.t_frame - 40.0) < 1.5 for e in evs), (seed, name, evs)
+            hits[name] += len(evs)
+    assert hits["adapted"] >= hits["fixed"] + 2, hits
+    false = sum(len(_slow_events((), seed, **adapt)) for seed in range(20))
+    assert false <= 1, false
+    # fast flow tests more stretches than the reference: the threshold is the fixed one
+    for seed in range(3):
+        fast = _slow_events((20.0, 52.0), seed, v_mean=12.0, threshold=3.4)
+        same = _slow_events((20.0, 52.0), seed, v_mean=12.0, threshold=3.4, ref_tests_per_frame=1.0,
+                            few_tests_slope=0.4, few_tests_floor=2.8)
+        assert [e.t_frame for e in fast] == [e.t_frame for e in same]
