@@ -62,7 +62,7 @@ import numpy as np
 
 from nailfold.config import Config
 from stream import flow, kernels
-from stream.capillaries import extract_capillaries, match_ids   # at import: it loads scikit-image (~0.3 s)
+from stream.capillaries import extract_capillaries, match_ids, on_lumen   # at import: it loads scikit-image (~0.3 s)
 from stream.capillary import CLEAR, LABEL_NAMES, Capillary
 from stream.frames import Frame, to_gray
 from stream.kymograph import (KymographBank, KymographBuffer, column_mean, destripe, fill_out_of_view, in_view,
@@ -189,11 +189,13 @@ def _set_contrast(tr: "_Track", image: np.ndarray, tissue: float) -> None:
 
 
 def _unit_spacing(c: Capillary) -> Capillary:
-    """Copy of ``c`` with its centerline lightly smoothed (σ = 2 px along the path) and resampled at
+    """Copy of ``c`` with its centerline lightly smoothed (σ = 2 px along the path; not a centerline
+    already on the lumen ridge, :func:`stream.capillaries.on_lumen`) and resampled at
     exactly 1 px arc length (kymograph columns must be 1 px apart for speeds in px/frame); apex
     index and widths follow."""
     cl = np.asarray(c.centerline, np.float64)
-    if len(cl) >= 7:   # pixel-path jaggedness inflates arc length (and so speeds) by a few %
+    if len(cl) >= 7 and not c.extra.get("on_lumen"):   # pixel-path jaggedness inflates arc length (and so
+        #                                                speeds) by a few %; a lumen ridge is already smooth
         from scipy.ndimage import gaussian_filter1d
         cl = gaussian_filter1d(cl, sigma=2.0, axis=0, mode="nearest")
     seg = np.sqrt((np.diff(cl, axis=0) ** 2).sum(1))
@@ -595,7 +597,7 @@ class AnalysisStage:
             if labels.shape != mean.shape:
                 labels = cv2.resize(labels.astype(np.uint8), (mean.shape[1], mean.shape[0]),
                                     interpolation=cv2.INTER_NEAREST)
-            caps = extract_capillaries(labels, mean)
+            caps = [on_lumen(c, mean) for c in extract_capillaries(labels, mean)]
         except Exception:   # a failing segmenter must not stop the flow analysis of known loops
             log.exception("keyframe segmentation failed")
             return None

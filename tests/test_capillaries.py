@@ -295,3 +295,53 @@ def test_limbs_fused_by_the_segmentation_are_split_by_the_image():
     solid[band > 0] = 95
     one = extract_capillaries(band, cv2.GaussianBlur(solid, (0, 0), 1.0))
     assert len(one) == 1 and not one[0].extra.get("fused_limbs_split")
+
+
+def _vessel_image(path: np.ndarray, width: float, shape=(200, 200), noise=0.0, seed=0) -> np.ndarray:
+    """Grey image (tissue 200) of a vessel along ``path`` (N, 2) px whose darkness follows a
+    cylinder's chord length (Beer–Lambert: darkest on the axis), plus Gaussian noise."""
+    from scipy.spatial import cKDTree
+    yy, xx = np.mgrid[0:shape[0], 0:shape[1]]
+    d, _ = cKDTree(path).query(np.stack([xx.ravel(), yy.ravel()], 1).astype(np.float64))
+    r = np.clip(d.reshape(shape) / (width / 2.0), 0.0, 1.0)
+    img = 200.0 * np.exp(-0.8 * np.sqrt(1.0 - r ** 2))
+    img += noise * np.random.default_rng(seed).standard_normal(shape)
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def _arc(p):
+    return float(np.linalg.norm(np.diff(p, axis=0), axis=1).sum())
+
+
+def test_refine_to_lumen_restores_the_windings_a_smoothed_axis_cuts():
+    from scipy.ndimage import gaussian_filter1d
+    from scipy.spatial import cKDTree
+
+    from stream.capillaries import refine_to_lumen
+    y = np.arange(20.0, 180.0, 0.25)
+    true = np.stack([100 + 5.0 * np.sin(2 * np.pi * y / 28.0), y], 1)      # tortuous limb, λ 28 px
+    img = _vessel_image(true, 12.0, noise=3.0)
+    axis = gaussian_filter1d(true, 14.0, axis=0, mode="nearest")            # σ 3.5 px: windings cut
+    axis = axis[::4]
+    assert _arc(axis) < 0.92 * _arc(true[::4])
+    ref = refine_to_lumen(axis, np.full(len(axis), 12.0), img)
+    d, _ = cKDTree(true).query(ref[10:-10])
+    assert np.median(d) < 0.5 and d.max() < 1.5, (np.median(d), d.max())
+    part = true[(true[:, 1] >= ref[10, 1]) & (true[:, 1] <= ref[-11, 1])]
+    assert abs(_arc(ref[10:-10]) / _arc(part) - 1) < 0.03, (_arc(ref[10:-10]), _arc(part), _arc(axis[10:-10]))
+
+
+def test_refine_to_lumen_keeps_a_straight_wide_vessel_straight_and_stays_within_reach():
+    from stream.capillaries import LUMEN_MAX_REACH_PX, refine_to_lumen
+    y = np.arange(20.0, 180.0, 1.0)
+    line = np.stack([np.full_like(y, 100.0), y], 1)
+    img = _vessel_image(line, 24.0, noise=6.0, seed=1)
+    ref = refine_to_lumen(line + [3.0, 0.0], np.full(len(y), 24.0), img)    # started 3 px off the axis
+    assert np.abs(ref[5:-5, 0] - 100.0).max() < 1.0
+    assert _arc(ref[5:-5]) < 1.01 * _arc(line[5:-5])                      # noise adds no length
+    flat = np.full((200, 200), 200, np.uint8)                             # no vessel: nothing to follow
+    moved = refine_to_lumen(line, np.full(len(y), 24.0), flat)
+    assert np.allclose(moved, line)
+    noisy = np.clip(200 + 20 * np.random.default_rng(2).standard_normal((200, 200)), 0, 255).astype(np.uint8)
+    moved = refine_to_lumen(line, np.full(len(y), 24.0), noisy)
+    assert np.linalg.norm(moved - line, axis=1).max() <= LUMEN_MAX_REACH_PX + 1e-6
