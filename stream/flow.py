@@ -353,28 +353,33 @@ def profile_quality(ke: np.ndarray, prof: np.ndarray, rows: np.ndarray, min_rows
     return float(np.clip(np.var(prof[full]) / rv, 0.0, 1.0)) if rv > 0 else 0.0
 
 
-def few_tests_threshold(threshold: float, tests_per_frame: float, ref_tests_per_frame: float,
-                        slope: float, floor: float) -> float:
+def tests_threshold(threshold: float, tests_per_frame: float, ref_tests_per_frame: float, slope: float,
+                    floor: float, slope_above: float = 0.0) -> float:
     """Event threshold (SDs) for a window that tested ``tests_per_frame`` independent stretches of
-    blood per frame, when ``threshold`` holds the false-alarm rate at ``ref_tests_per_frame``.
+    blood per frame, when ``threshold`` is the one for ``ref_tests_per_frame``.
 
     The chance of a noise or texture excursion passing a fixed threshold somewhere grows with the
     number of stretches tested, i.e. with the blood that flows past (look-elsewhere effect): slow
     flow tests few per minute, so at the same threshold it has far fewer false events per minute
-    and loses more cells. Below the reference the threshold drops by ``slope`` per e-fold fewer
-    tests (a Gaussian tail at z ≈ 3.4 drops by ≈ 0.3), never below ``floor``; above it, it is
-    unchanged (``threshold`` was chosen there). Measured on the synthetic scope's windows at 3.4
-    SDs: 0.07 false events per loop-minute below 300 µm/s, 1.0 at 300–700 µm/s, 1.7–2.0 above."""
-    if not (ref_tests_per_frame > 0 and slope > 0) or tests_per_frame >= ref_tests_per_frame:
+    and loses more cells; fast flow the reverse. Below the reference the threshold drops by
+    ``slope`` per e-fold fewer tests, never below ``floor`` (nor above ``threshold``); above it, it
+    rises by ``slope_above`` per e-fold. (For a Gaussian tail at z ≈ 3.4 a constant false-alarm
+    rate needs ≈ 0.3 per e-fold.) Measured on the synthetic scope's windows (seeds 201-211, 60 s)
+    at a fixed 3.4 SDs: 0.07 false events per loop-minute below 300 µm/s (recall 0.66), 1.0 at
+    300-700 µm/s (0.89), 1.7-2.0 above (0.80-0.90)."""
+    if not ref_tests_per_frame > 0:
         return float(threshold)
-    drop = slope * math.log(ref_tests_per_frame / max(float(tests_per_frame), 1e-6))
-    return float(max(min(floor, threshold), threshold - drop))
+    ratio = max(float(tests_per_frame), 1e-6) / float(ref_tests_per_frame)
+    if ratio >= 1.0:
+        return float(threshold + max(slope_above, 0.0) * math.log(ratio))
+    return float(max(min(floor, threshold), threshold + max(slope, 0.0) * math.log(ratio)))
 
 
 def material_events(ke: np.ndarray, sd: float, anchor: float, d: np.ndarray, threshold: float,
                     min_sep_px: float, min_fill: float = 0.75, min_rows: int = 3,
                     profile: tuple | None = None, ref_tests_per_frame: float = 0.0,
-                    few_tests_slope: float = 0.0, few_tests_floor: float = 0.0) -> list[radon.LineEvent]:
+                    tests_slope: float = 0.0, tests_floor: float = 0.0,
+                    tests_slope_above: float = 0.0) -> list[radon.LineEvent]:
     """Bright objects carried by the flow (plasma gaps / white cells) in a kymograph window.
 
     ``ke`` (T, N) destriped kymograph smoothed along the vessel to the size of a cell, ``sd`` its
@@ -383,8 +388,8 @@ def material_events(ke: np.ndarray, sd: float, anchor: float, d: np.ndarray, thr
     the object's own, possibly curved, path in units of ``sd``), at least ``min_sep_px`` from a
     stronger one, whose path inside the window covers ≥ ``min_fill`` of the kymograph's length
     or ≥ ``min_fill`` of the window's frames (slow flow), and ≥ ``min_rows`` frames. With
-    ``ref_tests_per_frame`` > 0 the threshold is lowered where the window tested fewer independent
-    stretches of blood (complete bins / ``min_sep_px``, per frame): :func:`few_tests_threshold`.
+    ``ref_tests_per_frame`` > 0 the threshold follows the number of independent stretches of blood
+    the window tested (complete bins / ``min_sep_px``, per frame): :func:`tests_threshold`.
     Its time is when that material crosses ``anchor`` (fractional row), its speed ``d`` there,
     its strength the mean brightness (SDs)."""
     t, n = ke.shape
@@ -400,7 +405,7 @@ def material_events(ke: np.ndarray, sd: float, anchor: float, d: np.ndarray, thr
     sep = max(1, int(round(min_sep_px)))
     if ref_tests_per_frame > 0:
         tests = float(np.count_nonzero(full)) / max(float(min_sep_px), 1.0) / max(t, 1)
-        threshold = few_tests_threshold(threshold, tests, ref_tests_per_frame, few_tests_slope, few_tests_floor)
+        threshold = tests_threshold(threshold, tests, ref_tests_per_frame, tests_slope, tests_floor, tests_slope_above)
     peaks = np.flatnonzero((stat >= threshold) & (stat == maximum_filter1d(stat, 2 * sep + 1, mode="constant",
                                                                            cval=-np.inf)))
     forward = X[-1] >= X[0]
@@ -493,9 +498,10 @@ class WindowAnalyzer:
     #                                     material displacement (see :func:`profile_quality`)
     event_sep_px: float = 8.0        # events closer than this along the blood column (px) are one
     event_mean_threshold: float = 4.2
-    event_ref_tests: float = 0.0     # > 0: the material events' threshold drops where a window tests fewer
-    event_few_tests_slope: float = 0.0   # independent stretches of blood per frame than this (slow flow;
-    event_few_tests_floor: float = 0.0   # see :func:`few_tests_threshold`), by the slope per e-fold, to the floor
+    event_ref_tests: float = 0.0     # > 0: the material events' threshold follows the independent stretches of
+    event_tests_slope: float = 0.0   # blood a window tests per frame (:func:`tests_threshold`): it drops by this
+    event_tests_floor: float = 0.0   # per e-fold below ``event_ref_tests``, to this floor, and rises by
+    event_tests_slope_above: float = 0.0   # this per e-fold above
     event_min_fraction: float = 0.0  # > 0 and the loop's contrast known (``analyze(vessel_contrast=…)``): an
     #                                  event must also brighten the column by this fraction of the
     #                                  vessel's log contrast log(tissue / vessel) — a plasma gap removes
@@ -655,8 +661,9 @@ class WindowAnalyzer:
                 for e in material_events(ev_k, ev_sd, self.anchor, track, self.event_mean_threshold,
                                          self.event_sep_px, profile=ev_prof,
                                          ref_tests_per_frame=self.event_ref_tests,
-                                         few_tests_slope=self.event_few_tests_slope,
-                                         few_tests_floor=self.event_few_tests_floor):
+                                         tests_slope=self.event_tests_slope,
+                                         tests_floor=self.event_tests_floor,
+                                         tests_slope_above=self.event_tests_slope_above):
                     if use_fraction and e.strength * ev_sd * log_sd < self.event_min_fraction * vc:
                         continue    # brightening (log units) below the required share of the vessel's contrast
                     if t_lo <= e.t_frame < t_hi and 0.5 <= e.t_frame <= self.n_frames - 1.5:

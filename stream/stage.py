@@ -16,8 +16,8 @@ Work split (for a live process with a second thread):
   maps (:mod:`stream.kymograph`), bookkeeping. Frames are never warped here.
 - :meth:`step_background` (expensive, background thread or after each frame offline): keyframe
   segmentation of the stabilized mean of the last ``stage.keyframe_average`` frames every
-  ``stage.keyframe_every`` frames (capillaries via ``extract_capillaries``, stable ids via
-  ``match_ids``; new capillaries' kymographs are back-filled from the recent frames; while the set
+  ``stage.keyframe_every`` frames (capillaries via ``extract_capillaries``, their centerlines moved
+  onto the lumen ridge of the mean by ``on_lumen``, stable ids via ``match_ids``; new capillaries' kymographs are back-filled from the recent frames; while the set
   of capillaries stays the same the interval doubles, up to 8×, and returns to the base on any
   change; where a new centerline passes back over itself — crossing or touching limbs — the
   variant that goes straight through the junction(s) is kept when its kymograph over the recent
@@ -127,12 +127,14 @@ EVENT_MIN_FRACTION = 0.5     # ... and, where the tissue around the loop is meas
 #                              |count error| 9 / 11 / 27 % → 8 / 10 / 8 % (window replays); held out
 #                              209-211, 401 × {as rendered, gamma 0.6, JPEG 50, 0.5·I + 70}: 5 / 6 / 11 /
 #                              19 % → 5 / 8 / 11 / 5 % (README, stage accuracy)
-EVENT_REF_TESTS_PER_S = 40.0  # slow flow tests fewer stretches of blood per second, so at the same threshold
-EVENT_FEW_TESTS_SLOPE = 0.4   # it has fewer false events and loses more cells: below this many independent
-EVENT_FEW_TESTS_FLOOR = 2.8   # cell-sized stretches per second (≈ 500 µm/s) the threshold drops by the slope
-#                               per e-fold, to the floor (stream.flow.few_tests_threshold). Measured on window
-#                               replays of seeds 201-211 (60 s) at 3.4: 0.07 false events per loop-minute
-#                               below 300 µm/s (recall 0.66), 1.0 at 300-700 (0.89), 1.7-2.0 above (0.80-0.90)
+EVENT_REF_TESTS_PER_S = 40.0  # EVENT_MEAN_THRESHOLD holds for windows that test this many independent
+EVENT_TESTS_SLOPE = 0.4       # cell-sized stretches of blood per second (≈ 500 µm/s); slow flow tests fewer
+EVENT_TESTS_FLOOR = 2.8       # (fewer false events, more cells lost at one threshold): the threshold drops
+EVENT_TESTS_SLOPE_ABOVE = 0.1  # 0.4 SD per e-fold, to 2.8; fast flow more: it rises 0.1 per e-fold
+#                               (stream.flow.tests_threshold). Window replays of seeds 201-211 (60 s), count
+#                               error per speed band < 300 / 300-500 / 500-900 / ≥ 900 µm/s: fixed 3.4 SD
+#                               -28 / -17 / +7 / +9 % (old centerlines); this rule (lumen centerlines)
+#                               -7 / -6 / +4 / -1 %
 EVENT_ROW_THRESHOLD = 0.0
 NOISY_STOPPED_RATIO = 2.0    # stream.flow.stopped_flow's noisy-camera branch, for CLEAR loops only: an
 #                              out-of-focus (BLURRED) loop is called stopped by the strict rule alone
@@ -514,8 +516,8 @@ class AnalysisStage:
                 ("event_threshold", EVENT_THRESHOLD), ("event_smooth_px", smooth), ("event_stat", EVENT_STAT),
                 ("event_mean_threshold", EVENT_MEAN_THRESHOLD), ("event_row_threshold", EVENT_ROW_THRESHOLD),
                 ("event_min_fraction", EVENT_MIN_FRACTION),
-                ("event_ref_tests", EVENT_REF_TESTS_PER_S / self.fps), ("event_few_tests_slope", EVENT_FEW_TESTS_SLOPE),
-                ("event_few_tests_floor", EVENT_FEW_TESTS_FLOOR),
+                ("event_ref_tests", EVENT_REF_TESTS_PER_S / self.fps), ("event_tests_slope", EVENT_TESTS_SLOPE),
+                ("event_tests_floor", EVENT_TESTS_FLOOR), ("event_tests_slope_above", EVENT_TESTS_SLOPE_ABOVE),
                 ("event_sep_px", 2.5 * smooth),
                 ("stopped_noisy_ratio", NOISY_STOPPED_RATIO if tr.cap.label == CLEAR else 0.0))
 

@@ -306,12 +306,14 @@ def test_loop_contrast_reads_tissue_against_the_sampled_vessel():
     assert np.isnan(loop_contrast(img, maps, float("nan")))
 
 
-def test_few_tests_threshold_drops_only_below_the_reference():
-    f = flow.few_tests_threshold
-    assert f(3.4, 2.0, 2.0, 0.4, 2.8) == 3.4 and f(3.4, 9.0, 2.0, 0.4, 2.8) == 3.4     # at / above: unchanged
-    assert math.isclose(f(3.4, 2.0 / math.e, 2.0, 0.4, 2.8), 3.0)                       # 0.4 per e-fold
+def test_tests_threshold_follows_the_number_of_tests():
+    f = flow.tests_threshold
+    assert f(3.4, 2.0, 2.0, 0.4, 2.8) == 3.4                                             # at the reference
+    assert math.isclose(f(3.4, 2.0 / math.e, 2.0, 0.4, 2.8), 3.0)                       # 0.4 per e-fold below
     assert f(3.4, 0.01, 2.0, 0.4, 2.8) == 2.8                                            # floored
-    assert f(2.5, 0.01, 2.0, 0.4, 2.8) == 2.5                                            # never raised
+    assert f(2.5, 0.01, 2.0, 0.4, 2.8) == 2.5                                            # never raised below
+    assert f(3.4, 9.0, 2.0, 0.4, 2.8) == 3.4                                             # no rise by default
+    assert math.isclose(f(3.4, 2.0 * math.e ** 2, 2.0, 0.4, 2.8, slope_above=0.1), 3.6)  # 0.1 per e-fold above
     assert f(3.4, 0.01, 0.0, 0.4, 2.8) == 3.4 and f(3.4, 0.01, 2.0, 0.0, 2.8) == 3.4     # off
 
 
@@ -328,7 +330,7 @@ def test_slow_flow_finds_weak_cells_without_more_false_events():
     """2 px/frame past a 300-px kymograph tests ≈ 0.4 cell-sized stretches of blood per frame: the
     threshold drops from 3.4 to 2.8 SDs, so faint cells are found that 3.4 misses, and windows with
     no cell stay (nearly) empty."""
-    adapt = dict(threshold=3.4, ref_tests_per_frame=2.0, few_tests_slope=0.4, few_tests_floor=2.8)
+    adapt = dict(threshold=3.4, ref_tests_per_frame=2.0, tests_slope=0.4, tests_floor=2.8)
     hits = {"fixed": 0, "adapted": 0}
     for seed in range(10, 20):
         for name, kw in (("fixed", dict(threshold=3.4)), ("adapted", adapt)):
@@ -342,5 +344,5 @@ def test_slow_flow_finds_weak_cells_without_more_false_events():
     for seed in range(3):
         fast = _slow_events((20.0, 52.0), seed, v_mean=12.0, threshold=3.4)
         same = _slow_events((20.0, 52.0), seed, v_mean=12.0, threshold=3.4, ref_tests_per_frame=1.0,
-                            few_tests_slope=0.4, few_tests_floor=2.8)
+                            tests_slope=0.4, tests_floor=2.8)
         assert [e.t_frame for e in fast] == [e.t_frame for e in same]
