@@ -229,11 +229,13 @@ def refine_to_lumen(centerline: np.ndarray, width_px: np.ndarray | float, gray: 
     In:  ``centerline`` (N, 2) px (x, y) from the mask's skeleton, ``width_px`` (N,) or scalar,
          ``gray`` the (stabilized mean) image, vessels dark.
     Out: (N, 2) float64 px, each point moved along its normal (tangent from the path smoothed over
-         3 px) to the darkest point of the image (Gaussian σ = 1 px) within ± ``reach`` × its width
-         (1 … ``max_reach_px`` px), sub-pixel by a parabola; the moves smoothed along the path (σ =
-         ``smooth`` points) and iterated ``iters`` times; a point never ends farther than its reach
-         from where it started, and a point whose darkest sample is at the edge of its reach (no
-         ridge inside it) does not move.
+         3 px) to the centroid of the darkness (image Gaussian σ = 1 px, minus its maximum over
+         the search) within ± ``reach`` × its width (1 … ``max_reach_px`` px), i.e. to where the
+         vessel's darkness balances on both sides; the moves smoothed along the path (σ = a
+         quarter of the median width, ≥ ``smooth`` points) and iterated ``iters`` times; a point
+         never ends farther than its reach from where it started. Where the path passes close to
+         itself (crossing or touching limbs) the reach falls to 0 (:func:`_away_from_itself`):
+         the other limb's lumen would pull the search across.
 
     Why: the medial axis of a segmented tortuous vessel, smoothed enough to remove pixel steps,
     cuts the inside of every winding — measured on a held-out synthetic loop: 12 % shorter than
@@ -249,7 +251,9 @@ def refine_to_lumen(centerline: np.ndarray, width_px: np.ndarray | float, gray: 
     u = np.linspace(-1.0, 1.0, 2 * k + 1)
     offs = u[None, :] * reach_px[:, None]
     wf = w[np.isfinite(w) & (w > 0)]
-    sig = max(float(smooth), 0.25 * float(np.median(wf))) if wf.size else float(smooth)
+    wmed = float(np.median(wf)) if wf.size else 3.0
+    sig = max(float(smooth), 0.25 * wmed)
+    reach_px = reach_px * _away_from_itself(p, wmed)
     start = p.copy()
     for _ in range(int(iters)):
         tang = np.gradient(gaussian_filter1d(p, 3.0, axis=0, mode="nearest"), axis=0)
@@ -266,6 +270,28 @@ def refine_to_lumen(centerline: np.ndarray, width_px: np.ndarray | float, gray: 
         dn = np.linalg.norm(d, axis=1, keepdims=True)
         p = start + d * np.minimum(1.0, reach_px[:, None] / np.maximum(dn, 1e-9))
     return p
+
+
+def _away_from_itself(p: np.ndarray, width: float) -> np.ndarray:
+    """Per point of a path (N, 2), 0 where another part of the path (≥ 3 widths + 10 points
+    away along it) passes within one width — crossing or touching limbs, whose other lumen
+    would pull the ridge search across — rising linearly to 1 over one width along the path."""
+    from scipy.spatial import cKDTree
+    n = len(p)
+    pairs = cKDTree(p).query_pairs(1.0 * width, output_type="ndarray")
+    near = np.zeros(n, bool)
+    if len(pairs):
+        far = np.abs(pairs[:, 0] - pairs[:, 1]) > 3.0 * width + 10.0
+        near[pairs[far, 0]] = True
+        near[pairs[far, 1]] = True
+    if not near.any():
+        return np.ones(n)
+    idx = np.arange(n)
+    hits = idx[near]
+    pos = np.searchsorted(hits, idx)
+    left = np.abs(idx - hits[np.clip(pos - 1, 0, len(hits) - 1)])
+    right = np.abs(hits[np.clip(pos, 0, len(hits) - 1)] - idx)
+    return np.clip(np.minimum(left, right) / max(width, 1.0), 0.0, 1.0)
 
 
 def on_lumen(cap: Capillary, gray: np.ndarray) -> Capillary:

@@ -345,3 +345,19 @@ def test_refine_to_lumen_keeps_a_straight_wide_vessel_straight_and_stays_within_
     noisy = np.clip(200 + 20 * np.random.default_rng(2).standard_normal((200, 200)), 0, 255).astype(np.uint8)
     moved = refine_to_lumen(line, np.full(len(y), 24.0), noisy)
     assert np.linalg.norm(moved - line, axis=1).max() <= LUMEN_MAX_REACH_PX + 1e-6
+
+
+def test_lumen_search_is_off_where_the_path_passes_close_to_itself():
+    from stream.capillaries import _away_from_itself
+    y = np.arange(150.0, 50.0, -1.0)
+    ang = np.linspace(np.pi, 0.0, 16)
+    # hairpin: limbs 8 px apart (touching for a 10-px vessel) below a wide apex, then they part
+    left = np.stack([np.full_like(y, 96.0), y], 1)
+    apex = np.stack([100 + 12 * np.cos(ang) - 4 * np.cos(ang), 50 - 12 * np.sin(ang)], 1)
+    right = np.stack([np.full_like(y, 104.0), y[::-1]], 1)
+    path = np.concatenate([left, apex, right])
+    a = _away_from_itself(path, 10.0)
+    assert np.all(a[:90] == 0.0) and np.all(a[-90:] == 0.0)      # limbs side by side: no search
+    assert a[len(left) + 8] == 1.0                               # the apex is far from everything else
+    straight = np.stack([np.arange(200.0), np.zeros(200)], 1)
+    assert np.all(_away_from_itself(straight, 10.0) == 1.0)
