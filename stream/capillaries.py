@@ -239,12 +239,21 @@ def refine_to_lumen(centerline: np.ndarray, width_px: np.ndarray | float, gray: 
 
     Why: the medial axis of a segmented tortuous vessel, smoothed enough to remove pixel steps,
     cuts the inside of every winding — measured on a held-out synthetic loop: 12 % shorter than
-    the vessel, so its speed in px/frame read 12 % low; on the ridge 0.3 % (median distance to
-    the true centerline 0.9 → 0.4 px)."""
-    g = cv2.GaussianBlur(np.asarray(gray, np.float32), (0, 0), 1.0)
+    the vessel, so its speed in px/frame read 12 % low; refined, 6 % (0.3 % if the three places
+    where its limbs touch were refined too, which on another loop curled the path at the
+    junctions and read +13 %); median distance to the true centerline 0.9 → 0.4 px."""
     p = np.asarray(centerline, np.float64).copy()
     if len(p) < 5:
         return p
+    # only the vessel's surroundings: blurring the whole frame per loop cost ≈ 1 ms
+    gray = np.asarray(gray)
+    m = int(math.ceil(max_reach_px)) + 8
+    x0, y0 = (int(max(0, math.floor(v) - m)) for v in p.min(axis=0))
+    x1, y1 = int(min(gray.shape[1], math.ceil(p[:, 0].max()) + m + 1)), int(min(gray.shape[0], math.ceil(p[:, 1].max()) + m + 1))
+    if x1 - x0 < 2 or y1 - y0 < 2:
+        return p
+    g = cv2.GaussianBlur(np.asarray(gray[y0:y1, x0:x1], np.float32), (0, 0), 1.0)
+    p -= (x0, y0)
     w = np.broadcast_to(np.asarray(width_px, np.float64), (len(p),))
     reach_px = np.clip(reach * np.where(np.isfinite(w) & (w > 0), w, 3.0), 1.0, max_reach_px)
     k = 12
@@ -269,7 +278,7 @@ def refine_to_lumen(centerline: np.ndarray, width_px: np.ndarray | float, gray: 
         d = p - start
         dn = np.linalg.norm(d, axis=1, keepdims=True)
         p = start + d * np.minimum(1.0, reach_px[:, None] / np.maximum(dn, 1e-9))
-    return p
+    return p + (x0, y0)
 
 
 def _away_from_itself(p: np.ndarray, width: float) -> np.ndarray:
@@ -295,9 +304,9 @@ def _away_from_itself(p: np.ndarray, width: float) -> np.ndarray:
 
 
 def on_lumen(cap: Capillary, gray: np.ndarray) -> Capillary:
-    """Copy of ``cap`` with its centerline on the lumen ridge (:func:`refine_to_lumen`), resampled
-    at 1 px arc length (no further smoothing: the ridge is already smooth); widths follow by arc
-    length, the apex moves with its point. ``extra["on_lumen"] = True``."""
+    """Copy of ``cap`` with its centerline on the lumen ridge (:func:`refine_to_lumen`), smoothed
+    over σ = 1 point only (the ridge has no pixel steps) and resampled at 1 px arc length; widths
+    follow by arc length, the apex moves with its point. ``extra["on_lumen"] = True``."""
     import dataclasses
     cl = gaussian_filter1d(refine_to_lumen(cap.centerline, cap.width_px, gray), 1.0, axis=0, mode="nearest")
     seg = np.sqrt((np.diff(cl, axis=0) ** 2).sum(1))

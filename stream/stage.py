@@ -17,7 +17,8 @@ Work split (for a live process with a second thread):
 - :meth:`step_background` (expensive, background thread or after each frame offline): keyframe
   segmentation of the stabilized mean of the last ``stage.keyframe_average`` frames every
   ``stage.keyframe_every`` frames (capillaries via ``extract_capillaries``, their centerlines moved
-  onto the lumen ridge of the mean by ``on_lumen``, stable ids via ``match_ids``; new capillaries' kymographs are back-filled from the recent frames; while the set
+  onto the lumen ridge of the mean by ``on_lumen``, stable ids via ``match_ids``; new
+  capillaries' kymographs are back-filled from the recent frames; while the set
   of capillaries stays the same the interval doubles, up to 8×, and returns to the base on any
   change; where a new centerline passes back over itself — crossing or touching limbs — the
   variant that goes straight through the junction(s) is kept when its kymograph over the recent
