@@ -16,9 +16,9 @@ Work split (for a live process with a second thread):
   maps (:mod:`stream.kymograph`), bookkeeping. Frames are never warped here.
 - :meth:`step_background` (expensive, background thread or after each frame offline): keyframe
   segmentation of the stabilized mean of the last ``stage.keyframe_average`` frames every
-  ``stage.keyframe_every`` frames (capillaries via ``extract_capillaries``, their centerlines moved
-  onto the lumen ridge of the mean by ``on_lumen``, stable ids via ``match_ids``; new
-  capillaries' kymographs are back-filled from the recent frames; while the set
+  ``stage.keyframe_every`` frames (capillaries via ``extract_capillaries``, stable ids via
+  ``match_ids``; a new capillary's centerline is moved onto the lumen ridge of the mean by
+  ``on_lumen`` and its kymograph back-filled from the recent frames; while the set
   of capillaries stays the same the interval doubles, up to 8×, and returns to the base on any
   change; where a new centerline passes back over itself — crossing or touching limbs — the
   variant that goes straight through the junction(s) is kept when its kymograph over the recent
@@ -600,7 +600,7 @@ class AnalysisStage:
             if labels.shape != mean.shape:
                 labels = cv2.resize(labels.astype(np.uint8), (mean.shape[1], mean.shape[0]),
                                     interpolation=cv2.INTER_NEAREST)
-            caps = [on_lumen(c, mean) for c in extract_capillaries(labels, mean)]
+            caps = extract_capillaries(labels, mean)
         except Exception:   # a failing segmenter must not stop the flow analysis of known loops
             log.exception("keyframe segmentation failed")
             return None
@@ -628,7 +628,7 @@ class AnalysisStage:
                     continue
                 if len(c.centerline) < 16:
                     continue
-                self._new_track(c)
+                self._new_track(c, mean)
                 _set_contrast(self.tracks[c.id], mean, levels[id(c)])
             for cid, tr in self.tracks.items():
                 if cid not in seen and tr.active:
@@ -648,9 +648,11 @@ class AnalysisStage:
                 self._reanchor_image = mean
                 self._reanchored = True
 
-    def _new_track(self, c: Capillary) -> None:
-        """Create a track (lock held) and back-fill its kymograph from the recent frames."""
-        c = _unit_spacing(c)
+    def _new_track(self, c: Capillary, mean: np.ndarray) -> None:
+        """Create a track (lock held): its centerline on the lumen ridge of the keyframe ``mean``
+        (:func:`stream.capillaries.on_lumen`; a track keeps its geometry, so only new ones need
+        it), 1 px spaced, routed through crossings; back-fill its kymograph from the recent frames."""
+        c = _unit_spacing(on_lumen(c, mean))
         hist = list(self._history)
         c = _through_crossings(c, hist)
         n = self.bank.add(c.id, c.centerline, c.width_px)
