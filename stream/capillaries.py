@@ -305,23 +305,17 @@ def _away_from_itself(p: np.ndarray, width: float) -> np.ndarray:
 
 
 def on_lumen(cap: Capillary, gray: np.ndarray) -> Capillary:
-    """Copy of ``cap`` with its centerline on the lumen ridge (:func:`refine_to_lumen`), smoothed
-    over σ = 2 points (the ridge has no pixel steps, but follows the image's noise a little: on
-    the real reference still, σ = 1 left the paths a median 4 % longer than the smoothed axis,
-    σ = 2 2 %) and resampled at 1 px arc length; widths follow by arc length, the apex moves with
-    its point. ``extra["on_lumen"] = True``."""
+    """Copy of ``cap`` with every centerline point moved onto the lumen ridge
+    (:func:`refine_to_lumen`) and the path smoothed over σ = 2 points (the ridge has no pixel
+    steps, but follows the image's noise a little: on the real reference still, σ = 1 left the
+    paths a median 4 % longer than the smoothed axis, σ = 2 2 %). Point for point: widths and
+    apex index still apply; the spacing is no longer exactly 1 px (the stage resamples it,
+    :func:`stream.stage._unit_spacing`). ``extra["on_lumen"] = True``."""
     import dataclasses
     cl = gaussian_filter1d(refine_to_lumen(cap.centerline, cap.width_px, gray), 2.0, axis=0, mode="nearest")
-    seg = np.sqrt((np.diff(cl, axis=0) ** 2).sum(1))
-    s = np.concatenate([[0.0], np.cumsum(seg)])
-    if len(cl) < 2 or s[-1] <= 0:
-        return cap
-    new = resample_polyline(cl, 1.0, smooth=0.0)
-    t = np.linspace(0.0, s[-1], len(new))
-    w = np.interp(t, s, np.broadcast_to(np.asarray(cap.width_px, np.float64), (len(cl),)))
-    ai = int(np.argmin(np.abs(t - s[int(np.clip(cap.apex_index, 0, len(cl) - 1))])))
-    return dataclasses.replace(cap, centerline=new.astype(np.float32), width_px=w.astype(np.float32), apex_index=ai,
-                               apex=(float(new[ai, 0]), float(new[ai, 1])), extra=dict(cap.extra, on_lumen=True))
+    ai = int(np.clip(cap.apex_index, 0, len(cl) - 1))
+    return dataclasses.replace(cap, centerline=cl.astype(np.float32), apex=(float(cl[ai, 0]), float(cl[ai, 1])),
+                               extra=dict(cap.extra, on_lumen=True))
 
 
 def orient_arterial_first(cap: Capillary, arterial_side: str) -> Capillary:
