@@ -296,12 +296,8 @@ def _away_from_itself(p: np.ndarray, width: float) -> np.ndarray:
         near[pairs[far, 1]] = True
     if not near.any():
         return np.ones(n)
-    idx = np.arange(n)
-    hits = idx[near]
-    pos = np.searchsorted(hits, idx)
-    left = np.abs(idx - hits[np.clip(pos - 1, 0, len(hits) - 1)])
-    right = np.abs(hits[np.clip(pos, 0, len(hits) - 1)] - idx)
-    return np.clip(np.minimum(left, right) / max(width, 1.0), 0.0, 1.0)
+    # points along the path to the nearest such point
+    return np.clip(distance_transform_edt(~near) / max(width, 1.0), 0.0, 1.0)
 
 
 def on_lumen(cap: Capillary, gray: np.ndarray) -> Capillary:
