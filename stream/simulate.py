@@ -1,7 +1,8 @@
 """``nailfold simulate``: render a synthetic capillaroscopy recording (or still) with exact truth.
 
 ``nailfold simulate --out video.mkv --truth truth.json [--masks DIR] [--seconds S] [--seed K]
-[--um-per-px X] [--fps F] [--still] [--gray] [--jitter PX] [--noise SIGMA] [--loops N]``
+[--um-per-px X] [--fps F] [--still] [--gray] [--jitter PX] [--noise SIGMA] [--loops N]
+[--wbc-depth LO HI] [--wbc-sigma-um LO HI] [--rbc-texture LO HI]``
 
 Out: a lossless FFV1/MKV video (or, with ``--still``, a PNG/JPEG image named by ``--out``), the truth
 JSON (schema ``nailfold.sim-truth/1``, docs/simulator.md) and, with ``--masks``, the frame-0 label
@@ -40,6 +41,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--noise", type=float, default=4.0, help="sensor noise sigma (grey levels)")
     p.add_argument("--speed-range", type=float, nargs=2, default=(100.0, 1500.0), metavar=("LO", "HI"))
     p.add_argument("--wbc-rate", type=float, default=12.0, help="WBC events per capillary per minute")
+    p.add_argument("--wbc-depth", type=float, nargs=2, default=(0.85, 0.85), metavar=("LO", "HI"),
+                   help="plasma-gap depth per WBC (share of the red-cell absorbance removed), drawn in [LO, HI]")
+    p.add_argument("--wbc-sigma-um", type=float, nargs=2, default=(6.0, 6.0), metavar=("LO", "HI"),
+                   help="plasma-gap size per WBC (Gaussian σ along the vessel, µm), drawn in [LO, HI]")
+    p.add_argument("--rbc-texture", type=float, nargs=2, default=(0.22, 0.22), metavar=("LO", "HI"),
+                   help="red-cell density SD per loop, drawn in [LO, HI]")
     p.add_argument("--still", action="store_true", help="one still image (morphology mode)")
     p.add_argument("--gray", action="store_true", help="gray frames")
 
@@ -49,7 +56,8 @@ def run(args: argparse.Namespace) -> int:
         params = SimParams(seed=args.seed, um_per_px=args.um_per_px, fps=args.fps, duration_s=args.seconds,
                            n_loops=args.loops, jitter_px=args.jitter, noise_sigma=args.noise,
                            speed_range_um_s=tuple(args.speed_range), wbc_rate_per_min=args.wbc_rate,
-                           color=not args.gray)
+                           wbc_depth=tuple(args.wbc_depth), wbc_sigma_um=tuple(args.wbc_sigma_um),
+                           rbc_texture=tuple(args.rbc_texture), color=not args.gray)
     except ValueError as e:
         raise InputError(str(e)) from None
     if args.seconds <= 0:

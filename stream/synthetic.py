@@ -77,6 +77,11 @@ class SimParams:
     stopped_prob: float = 0.03
     focus_loss: bool = True
     jpeg_quality: int | None = None    # None = no compression artefacts (stills may enable it randomly)
+    # WBC plasma gap per event, drawn uniformly from these ranges: depth (fraction of the red-cell
+    # absorbance removed at the gap's centre) and Gaussian σ along the vessel (µm); equal ends = fixed
+    wbc_depth: tuple[float, float] = (0.85, 0.85)
+    wbc_sigma_um: tuple[float, float] = (6.0, 6.0)
+    rbc_texture: tuple[float, float] = (0.22, 0.22)   # red-cell density SD per loop (drawn per loop)
 
     def __post_init__(self) -> None:
         if not (self.um_per_px > 0 and self.fps > 0 and self.width >= 64 and self.height >= 64):
@@ -84,6 +89,10 @@ class SimParams:
         lo, hi = self.speed_range_um_s
         if not 0 <= lo <= hi:
             raise ValueError("SimParams: speed_range_um_s must be 0 <= low <= high")
+        for name, (a, b), top in (("wbc_depth", self.wbc_depth, 1.0), ("wbc_sigma_um", self.wbc_sigma_um, 100.0),
+                                  ("rbc_texture", self.rbc_texture, 1.0)):
+            if not 0 <= a <= b <= top:
+                raise ValueError(f"SimParams: {name} must be a range 0 <= low <= high <= {top:g}")
 
 
 @dataclass
@@ -451,7 +460,9 @@ class SyntheticScope:
         self._dyn_cache = None
         # red-cell texture along loops, and WBC gap shape
         self._tex = [self._texture(rng, lp) for lp in self.loops]
-        self.wbc_sigma_px = 6.0 / p.um_per_px
+        self.wbc_sigma_px = 6.0 / p.um_per_px   # the default gap's σ (see :meth:`wbc_shape`)
+        tr = np.random.default_rng([p.seed & 0xFFFFFFFF, 83])    # own stream: fixed ranges change nothing
+        self._tex_sd = [float(tr.uniform(*p.rbc_texture)) for _ in self.loops]
 
     def _deep_layers(self, bg: np.ndarray, absorb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Below the distal row: skin turns redder (denser dermal blood) and a diffuse haze of deep,
@@ -563,6 +574,15 @@ class SyntheticScope:
         ts = np.concatenate(out) if out else np.zeros(0)
         return ts[(ts >= t0) & (ts < t1)]
 
+    def wbc_shape(self, lp: _Loop, ta: float) -> tuple[float, float]:
+        """(depth, σ px) of the plasma gap of the WBC passing the apex at ``ta`` s: drawn from
+        ``wbc_depth`` / ``wbc_sigma_um`` by a stream of its own (the same every frame)."""
+        p = self.params
+        if p.wbc_depth[0] == p.wbc_depth[1] and p.wbc_sigma_um[0] == p.wbc_sigma_um[1]:
+            return float(p.wbc_depth[0]), float(p.wbc_sigma_um[0]) / p.um_per_px
+        r = np.random.default_rng([p.seed & 0xFFFFFFFF, lp.id, int(round(ta * 1e6)) & 0xFFFFFFFFFFFF, 20_000])
+        return float(r.uniform(*p.wbc_depth)), float(r.uniform(*p.wbc_sigma_um)) / p.um_per_px
+
     # ---------------------------------------------------------------- frames
     def _dynamic_absorb(self, t: float) -> tuple[np.ndarray, np.ndarray]:
         """Flat indices and absorbance (minus the static mean) of flowing vessel pixels at time t."""
@@ -578,13 +598,14 @@ class SyntheticScope:
             fr = pos - i0
             i0 %= len(tex)      # float modulo can round up to exactly len(tex)
             tv = tex[i0] * (1 - fr) + tex[(i0 + 1) % len(tex)] * fr
-            dens = 1.0 + 0.22 * tv
+            dens = 1.0 + self._tex_sd[k] * tv
             # WBC gaps whose position is on the loop now
             t_trans = lp.s_length / max(lp.speed_px_f * self.params.fps, 1e-6)
             for ta in self.wbc_times(lp, t - t_trans - 1.0, t + t_trans + 1.0):
                 sw = lp.s_apex + (X - self.displacement(lp, ta))
                 if -20 < sw < lp.s_length + 20:
-                    dens = dens * (1 - 0.85 * np.exp(-0.5 * ((s - sw) / self.wbc_sigma_px) ** 2))
+                    depth, sig = self.wbc_shape(lp, float(ta))
+                    dens = dens * (1 - depth * np.exp(-0.5 * ((s - sw) / sig) ** 2))
             idxs.append(flat)
             vals.append(prof * dens)
         if not idxs:
@@ -678,8 +699,10 @@ class SyntheticScope:
                     X = self.displacement(lp, float(ta))
                     te = self._time_at_displacement(lp, X - lp.s_apex, float(ta), backwards=True)
                     tx = self._time_at_displacement(lp, X + lp.s_length - lp.s_apex, float(ta))
+                    depth, sig = self.wbc_shape(lp, float(ta))
                     ev.append({"t_apex_s": round(float(ta), 4), "t_enter_s": round(te, 4),
-                               "t_exit_s": round(tx, 4)})
+                               "t_exit_s": round(tx, 4), "gap_depth": round(depth, 3),
+                               "gap_sigma_um": round(sig * umpx, 2)})
             in_view = bool(((cl[:, 0] >= 0) & (cl[:, 0] < p.width) & (cl[:, 1] >= 0) & (cl[:, 1] < p.height)).mean() > 0.9)
             c = {
                 "id": lp.id, "class": lp.cls, "row": lp.row, "in_view": in_view,

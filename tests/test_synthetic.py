@@ -261,3 +261,24 @@ def test_red_cell_texture_does_not_repeat_within_the_recording():
     for lp, tex in flowing:
         travel = lp.speed_px_f * (1 + abs(lp.pulse_amp)) * sc.params.fps * sc.params.duration_s
         assert len(tex) >= travel + lp.s_length
+
+
+def test_gap_depth_size_and_texture_can_vary():
+    """``wbc_depth`` / ``wbc_sigma_um`` draw each cell's plasma gap from a range, the same for that
+    cell in every frame and reported in the truth; ``rbc_texture`` sets the red-cell density SD per
+    loop. Fixed (default) values leave the rendering as it was."""
+    kw = dict(seed=21, duration_s=4.0, n_loops=5, class_mix={"normal": 1.0}, wbc_rate_per_min=30,
+              speed_range_um_s=(100, 140), focus_loss=False, pulsatile=False, stopped_prob=0.0)
+    fixed = SyntheticScope(SimParams(**kw))
+    assert np.array_equal(fixed.frame(7), SyntheticScope(SimParams(**kw, wbc_depth=(0.85, 0.85))).frame(7))
+    varied = SyntheticScope(SimParams(**kw, wbc_depth=(0.4, 0.7), wbc_sigma_um=(4.0, 9.0), rbc_texture=(0.05, 0.1)))
+    events = [e for c in varied.truth()["capillaries"] for e in c["wbc_events"]]
+    assert len(events) >= 4
+    assert all(0.4 <= e["gap_depth"] <= 0.7 and 4.0 <= e["gap_sigma_um"] <= 9.0 for e in events)
+    assert len({e["gap_depth"] for e in events}) > 1                    # drawn per cell
+    lp = next(lp for lp in varied.loops if lp.pix is not None)
+    assert varied.wbc_shape(lp, 1.25) == varied.wbc_shape(lp, 1.25)   # the same in every frame
+    assert all(0.05 <= sd <= 0.1 for sd in varied._tex_sd)
+    assert not np.array_equal(fixed.frame(7), varied.frame(7))
+    with pytest.raises(ValueError):
+        SimParams(wbc_depth=(0.9, 0.5))
