@@ -391,7 +391,7 @@ def material_events(ke: np.ndarray, sd: float, anchor: float, d: np.ndarray, thr
     ``ref_tests_per_frame`` > 0 the threshold follows the number of independent stretches of blood
     the window tested (complete bins / ``min_sep_px``, per frame): :func:`tests_threshold`.
     Its time is when that material crosses ``anchor`` (fractional row), its speed ``d`` there,
-    its strength the mean brightness (SDs)."""
+    its strength the mean brightness (SDs), its ``threshold`` the one it cleared."""
     t, n = ke.shape
     X, m0, prof, rows = profile if profile is not None else material_profile(ke, d)
     if not np.any(rows > 0):
@@ -417,7 +417,7 @@ def material_events(ke: np.ndarray, sd: float, anchor: float, d: np.ndarray, thr
         if not (min(X[0], X[-1]) <= target <= max(X[0], X[-1])):
             continue
         tf = float(np.interp(target, X, rowsi) if forward else np.interp(-target, -X, rowsi))
-        out.append(radon.LineEvent(tf, float(vx[int(np.clip(round(tf), 0, t - 1))]), float(stat[p])))
+        out.append(radon.LineEvent(tf, float(vx[int(np.clip(round(tf), 0, t - 1))]), float(stat[p]), float(threshold)))
     return out
 
 
@@ -509,6 +509,9 @@ class WindowAnalyzer:
     #                                  part. The brightening is the event's mean along its path in the
     #                                  smoothed log kymograph, row means removed: below the gap's peak
     #                                  (a gap clearing 50 % of the column reads ≈ 0.35–0.4)
+    event_clear_strength: float = 0.0   # > 0: an event this many times its window's threshold (far out of
+    event_clear_fraction: float = 0.0   # the noise) needs only ``event_clear_fraction`` of the contrast: a
+    #                                     shallow plasma gap on weak texture is still a cell
     min_vessel_contrast: float = 0.02  # log(tissue / vessel) below which the fraction is not used
     event_row_threshold: float = 0.0
     event_smooth_px: float = 3.0     # Gaussian σ along the vessel before the event search: keeps
@@ -664,10 +667,15 @@ class WindowAnalyzer:
                                          tests_slope=self.event_tests_slope,
                                          tests_floor=self.event_tests_floor,
                                          tests_slope_above=self.event_tests_slope_above):
-                    if use_fraction and e.strength * ev_sd * log_sd < self.event_min_fraction * vc:
-                        continue    # brightening (log units) below the required share of the vessel's contrast
+                    if use_fraction:
+                        share = self.event_min_fraction
+                        if self.event_clear_strength > 0 and e.strength >= self.event_clear_strength * e.threshold:
+                            share = min(share, self.event_clear_fraction)
+                        if e.strength * ev_sd * log_sd < share * vc:
+                            continue    # brightening (log units) below the required share of the vessel's contrast
                     if t_lo <= e.t_frame < t_hi and 0.5 <= e.t_frame <= self.n_frames - 1.5:
-                        res.events.append(radon.LineEvent(start_frame + e.t_frame, e.speed_px_per_frame, e.strength))
+                        res.events.append(radon.LineEvent(start_frame + e.t_frame, e.speed_px_per_frame, e.strength,
+                                                          e.threshold))
                 return res
         if z is None:
             grid, z, cnt = radon.row_sinogram(ke, self.anchor, fine, g_lo, g_hi, step)

@@ -38,6 +38,7 @@ class LineEvent:
     t_frame: float        # frame (row, fractional) at which the line crosses the anchor column
     speed_px_per_frame: float   # signed
     strength: float       # robust z-score of the line sum against its speed's background
+    threshold: float = float("nan")   # the strength it had to reach in its window (NaN: not recorded)
 
 
 def speed_grid(v_min: float, v_max: float, ratio: float = 1.04, signed: bool = True) -> np.ndarray:

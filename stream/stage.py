@@ -128,6 +128,13 @@ EVENT_MIN_FRACTION = 0.5     # ... and, where the tissue around the loop is meas
 #                              |count error| 9 / 11 / 27 % → 8 / 10 / 8 % (window replays); held out
 #                              209-211, 401 × {as rendered, gamma 0.6, JPEG 50, 0.5·I + 70}: 5 / 6 / 11 /
 #                              19 % → 5 / 8 / 11 / 5 % (README, stage accuracy)
+EVENT_CLEAR_STRENGTH = 1.3   # ... except that an event ≥ this × its window's threshold (≈ 4.4 SD: clear of
+EVENT_CLEAR_FRACTION = 0.3   # the texture) needs only this share. The share is a prior on how deep a gap
+#                              is; alone it dropped shallow gaps however clear (stop 29, simulator gaps
+#                              removing 60 % of the red cells on weak texture, ≈ 6 SD: -81 / -87 % →
+#                              -8 / -11 % on seeds 209 + 401, 30-s window replays; as rendered and under
+#                              the offsets 0.5·I + 70 and 0.7·I + 60 the counts did not move: offset-lifted
+#                              texture reads 3.4-4 SD)
 EVENT_REF_TESTS_PER_S = 40.0  # EVENT_MEAN_THRESHOLD holds for windows that test this many independent
 EVENT_TESTS_SLOPE = 0.4       # cell-sized stretches of blood per second (≈ 500 µm/s); slow flow tests fewer
 EVENT_TESTS_FLOOR = 2.8       # (fewer false events, more cells lost at one threshold): the threshold drops
@@ -517,6 +524,7 @@ class AnalysisStage:
                 ("event_threshold", EVENT_THRESHOLD), ("event_smooth_px", smooth), ("event_stat", EVENT_STAT),
                 ("event_mean_threshold", EVENT_MEAN_THRESHOLD), ("event_row_threshold", EVENT_ROW_THRESHOLD),
                 ("event_min_fraction", EVENT_MIN_FRACTION),
+                ("event_clear_strength", EVENT_CLEAR_STRENGTH), ("event_clear_fraction", EVENT_CLEAR_FRACTION),
                 ("event_ref_tests", EVENT_REF_TESTS_PER_S / self.fps), ("event_tests_slope", EVENT_TESTS_SLOPE),
                 ("event_tests_floor", EVENT_TESTS_FLOOR), ("event_tests_slope_above", EVENT_TESTS_SLOPE_ABOVE),
                 ("event_sep_px", 2.5 * smooth),

@@ -253,14 +253,16 @@ def test_out_of_focus_loops_are_called_stopped_by_the_strict_rule_only():
     assert a0.analyze(clean, clean.mean(axis=0), 0).stopped
 
 
-def _beer_lambert_window(deep=(14.0, 52.0), shallow=(33.5, 68.0), A=0.6, tissue=200.0):
+def _beer_lambert_window(deep=(14.0, 52.0), shallow=(33.5, 68.0), A=0.6, tissue=200.0, deep_depth=0.85,
+                         shallow_depth=0.3):
     """Grey levels I = tissue·exp(−A·density) of a vessel whose red-cell column has plasma gaps
-    (85 % fewer cells) at ``deep`` and red-cell-density dips (30 % fewer) at ``shallow`` (frames at
-    the anchor), on faint texture: both kinds stand well above the noise."""
+    (``deep_depth`` = 85 % fewer cells) at ``deep`` and red-cell-density dips (``shallow_depth`` =
+    30 % fewer) at ``shallow`` (frames at the anchor), on faint texture: both kinds stand well
+    above the noise."""
     tex, v, anchor = _pulsatile_kymo(gaps=(), seed=5, tex_amp=0.04, noise=0.0)
     d_k, _, _ = _pulsatile_kymo(gaps=deep, seed=5, tex_amp=0.0, noise=0.0, gap_amp=1.0)
     s_k, _, _ = _pulsatile_kymo(gaps=shallow, seed=5, tex_amp=0.0, noise=0.0, gap_amp=1.0)
-    density = (1.0 + tex) * (1.0 - 0.85 * d_k / d_k.max()) * (1.0 - 0.3 * s_k / s_k.max())
+    density = (1.0 + tex) * (1.0 - deep_depth * d_k / d_k.max()) * (1.0 - shallow_depth * s_k / s_k.max())
     rng = np.random.default_rng(6)
     grey = tissue * np.exp(-A * density) + rng.normal(0.0, 0.3, density.shape)
     return grey.astype(np.float32), anchor
@@ -290,6 +292,29 @@ def test_events_must_clear_a_share_of_the_vessel_contrast():
     for f in (lambda g: 0.5 * g, lambda g: 255.0 * (g / 255.0) ** 0.6):
         g2 = f(grey.astype(np.float64)).astype(np.float32)
         assert _event_times(an, g2, float(f(np.float64(200.0)))) == [14, 52]
+
+
+def test_shallow_but_clear_gaps_count_with_the_stage_share():
+    """The stage's share rule is a prior on a gap's depth that clear evidence overrides: gaps
+    that remove 60 % of the red cells, far above the faint texture (≥ ``EVENT_CLEAR_STRENGTH`` ×
+    the threshold), need only ``EVENT_CLEAR_FRACTION`` of the contrast and count; dips of 20 % do
+    not. With the share alone (0.5) the gaps were dropped too."""
+    from stream.stage import EVENT_CLEAR_FRACTION, EVENT_CLEAR_STRENGTH, EVENT_MIN_FRACTION
+    deep, shallow = (14.0, 52.0), (33.5, 68.0)
+    grey, anchor = _beer_lambert_window(deep, shallow, deep_depth=0.6, shallow_depth=0.2)
+
+    def analyzer(clear_strength):
+        return flow.WindowAnalyzer(*grey.shape, anchor, *flow.speed_range_px_per_frame(0.0, 3000.0, 1.2, 20.0, *grey.shape[::-1]),
+                                   event_smooth_px=3.3, event_mean_threshold=3.0, event_sep_px=8.3, log_intensity=True,
+                                   event_min_fraction=EVENT_MIN_FRACTION, event_clear_strength=clear_strength,
+                                   event_clear_fraction=EVENT_CLEAR_FRACTION)
+    an = analyzer(EVENT_CLEAR_STRENGTH)
+    evs = an.analyze(grey, grey.mean(axis=0), 0).events
+    assert sorted(round(e.t_frame) for e in evs) == [14, 34, 52, 68]   # both pass the noise test
+    gaps = [e for e in evs if round(e.t_frame) in (14, 52)]
+    assert all(e.strength >= EVENT_CLEAR_STRENGTH * e.threshold for e in gaps)   # ... the gaps clearly
+    assert _event_times(an, grey, 200.0) == [14, 52]
+    assert _event_times(analyzer(0.0), grey, 200.0) == []
 
 
 def test_loop_contrast_reads_tissue_against_the_sampled_vessel():
