@@ -221,6 +221,7 @@ def test_gray_mode_and_cli(tmp_path):
     assert m.shape == (768, 1024) and (m == 1).any()
     assert main(["simulate", "--out", str(out), "--truth", str(tj), "--seconds", "-1"]) == 2
     assert main(["simulate", "--out", str(out), "--truth", str(tj), "--um-per-px", "0"]) == 2
+    assert main(["simulate", "--out", str(out), "--truth", str(tj), "--wbc-depth", "0.9", "0.5"]) == 2
 
 
 def test_cli_png_fallback_without_ffv1(tmp_path, monkeypatch):
