@@ -222,14 +222,15 @@ def local_xcorr_speeds(k: np.ndarray, starts: list[int], length: int, v_min: flo
 
 def speed_track(k: np.ndarray, v0: float, v_max: float, step: int = 1, band: float = 1.6,
                 outlier: float = 0.6, max_len: int = 8,
-                spectra: RowSpectra | None = None) -> np.ndarray:
+                spectra: RowSpectra | None = None, sparse_share: float = 0.5) -> np.ndarray:
     """Per-row speed (px/frame, signed like ``v0``) through a destriped, normalized kymograph
     window ``k`` (T, N): :func:`local_xcorr_track` on sub-windows of half a transit time, 6 to
     ``max_len`` frames (short enough to follow a heartbeat at 20 fps), every ``step`` rows, searched within ``[|v0|/band, band·|v0|]``; estimates more
     than ``outlier`` (fraction) from their neighbours' median are dropped (loose: the speed may
     change by tens of % within a few frames of the cardiac cycle), the rest interpolated
-    linearly over the rows. Fewer than two estimates → ``v0`` everywhere. Follows pulsatile flow
-    within the cardiac cycle, which a single straight line cannot. ``spectra``:
+    linearly over the rows. Fewer than two estimates → ``v0`` everywhere; so is slow flow (transit
+    ≥ half the window) where fewer than ``sparse_share`` of the sub-windows gave one. Follows
+    pulsatile flow within the cardiac cycle, which a single straight line cannot. ``spectra``:
     :class:`RowSpectra` of ``k`` (saves the FFTs)."""
     t, n = k.shape
     av = abs(float(v0))
@@ -249,6 +250,12 @@ def speed_track(k: np.ndarray, v0: float, v_max: float, step: int = 1, band: flo
     ok = np.abs(vals - med) <= outlier * np.abs(med)
     if ok.sum() >= 2:
         rows, vals = rows[ok], vals[ok]
+    if rows.size < sparse_share * len(starts) and n / av >= 0.5 * t:
+        # slow flow (a transit of at least half the window) seen by few sub-windows: the ends
+        # held over long stretches carry the path tens of px off the blood (a 139 µm/s loop:
+        # 86 px over 4 s, its plasma gaps lost), while the window's speed stays within a few px
+        # of it — a cell's transit spans several heartbeats, whose pulsation averages out
+        return np.full(t, float(v0))
     return np.interp(np.arange(t, dtype=np.float64), rows, vals)
 
 
