@@ -131,10 +131,11 @@ EVENT_MIN_FRACTION = 0.5     # ... and, where the tissue around the loop is meas
 EVENT_CLEAR_STRENGTH = 1.3   # ... except that an event ≥ this × its window's threshold (≈ 4.4 SD: clear of
 EVENT_CLEAR_FRACTION = 0.3   # the texture) needs only this share. The share is a prior on how deep a gap
 #                              is; alone it dropped shallow gaps however clear (stop 29, simulator gaps
-#                              removing 60 % of the red cells on weak texture, ≈ 6 SD: -81 / -87 % →
-#                              -8 / -11 % on seeds 209 + 401, 30-s window replays; as rendered and under
-#                              the offsets 0.5·I + 70 and 0.7·I + 60 the counts did not move: offset-lifted
-#                              texture reads 3.4-4 SD)
+#                              removing 60 % of the red cells on weak texture, ≈ 6 SD; 30-s window
+#                              replays of seeds 209 + 401, as rendered / under 0.5·I + 70: -81 / -87 % →
+#                              -8 / -11 %). The default scope's clips, plain and under the offsets
+#                              0.5·I + 70 and 0.7·I + 60, counted the same: offset-lifted texture reads
+#                              3.4-4 SD)
 EVENT_REF_TESTS_PER_S = 40.0  # EVENT_MEAN_THRESHOLD holds for windows that test this many independent
 EVENT_TESTS_SLOPE = 0.4       # cell-sized stretches of blood per second (≈ 500 µm/s); slow flow tests fewer
 EVENT_TESTS_FLOOR = 2.8       # (fewer false events, more cells lost at one threshold): the threshold drops

@@ -458,9 +458,8 @@ class SyntheticScope:
         self._static_canvas = self._compose(self._static_absorb)
         self._static_u8 = None
         self._dyn_cache = None
-        # red-cell texture along loops, and WBC gap shape
+        # red-cell texture along loops: pattern and SD per loop (WBC gaps: wbc_shape)
         self._tex = [self._texture(rng, lp) for lp in self.loops]
-        self.wbc_sigma_px = 6.0 / p.um_per_px   # the default gap's σ (see :meth:`wbc_shape`)
         tr = np.random.default_rng([p.seed & 0xFFFFFFFF, 83])    # own stream: fixed ranges change nothing
         self._tex_sd = [float(tr.uniform(*p.rbc_texture)) for _ in self.loops]
 
