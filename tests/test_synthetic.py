@@ -267,11 +267,13 @@ def test_red_cell_texture_does_not_repeat_within_the_recording():
 def test_gap_depth_size_and_texture_can_vary():
     """``wbc_depth`` / ``wbc_sigma_um`` draw each cell's plasma gap from a range, the same for that
     cell in every frame and reported in the truth; ``rbc_texture`` sets the red-cell density SD per
-    loop. Fixed (default) values leave the rendering as it was."""
+    loop. The defaults are the former fixed values: 85 % deep, σ 6 µm, texture SD 0.22."""
     kw = dict(seed=21, duration_s=4.0, n_loops=5, class_mix={"normal": 1.0}, wbc_rate_per_min=30,
               speed_range_um_s=(100, 140), focus_loss=False, pulsatile=False, stopped_prob=0.0)
     fixed = SyntheticScope(SimParams(**kw))
-    assert np.array_equal(fixed.frame(7), SyntheticScope(SimParams(**kw, wbc_depth=(0.85, 0.85))).frame(7))
+    lp0 = next(lp for lp in fixed.loops if lp.pix is not None)
+    assert fixed.wbc_shape(lp0, 1.25) == (0.85, 6.0 / fixed.params.um_per_px)
+    assert fixed._tex_sd == [0.22] * len(fixed.loops)
     varied = SyntheticScope(SimParams(**kw, wbc_depth=(0.4, 0.7), wbc_sigma_um=(4.0, 9.0), rbc_texture=(0.05, 0.1)))
     events = [e for c in varied.truth()["capillaries"] for e in c["wbc_events"]]
     assert len(events) >= 4
