@@ -42,6 +42,8 @@ the first frame; NaN/unknown values are ``null``)::
           "observed_s": 58.0,                      # time the capillary was sampled
           "wbc_count": 12,                         # bright-line events (white cells / plasma gaps)
           "wbc_per_min": 12.4,
+          "wbc_margin": 1.42,                      # median strength / threshold of those events:
+                                                   #  < 1.3 → cells near the texture, count may be low
           "wbc_events": [{"t_s": 3.15,             # time the event passes the apex
                           "speed_um_s": 805.0, "speed_px_per_frame": 33.5,
                           "strength": 5.1}]        # mean brightness along the cell's own path, in
@@ -115,6 +117,9 @@ class CapillaryFlow:
     observed_s: float = 0.0
     wbc_count: int = 0
     wbc_per_min: float | None = None
+    wbc_margin: float | None = None     # median strength / threshold of the counted events (null: none):
+    #                                     < 1.3, the cells stand near the red-cell texture and the count may
+    #                                     be low (simulator variants: 0.2–0.9 of the truth); ≥ 1.3: 0.85–0.95
     wbc_events: list[WbcEvent] = field(default_factory=list)
     out_of_view_frac: float = 0.0       # share of its kymograph samples the camera motion carried outside
     #                                     the frame (a loop at the edge of the field of view): not analyzed
@@ -168,7 +173,7 @@ def write_report(report: VideoReport | list[VideoReport], path: str | Path) -> N
 CSV_COLUMNS = ["source", "id", "apex_x", "apex_y", "length_px", "direction_reversed", "label",
                "flow_speed_um_s", "flow_speed_px_per_frame", "speed_confidence", "speed_xcorr_um_s",
                "speed_xcorr_px_per_frame", "windows", "windows_with_flow", "stopped_windows",
-               "flow_state", "observed_s", "wbc_count", "wbc_per_min"]
+               "flow_state", "observed_s", "wbc_count", "wbc_per_min", "wbc_margin"]
 
 
 def csv_rows(report: VideoReport) -> list[dict]:

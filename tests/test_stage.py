@@ -176,6 +176,9 @@ def test_toy_wbc_events(toy_run):
         hits = sum(np.any(np.abs(got - t) < 0.15) for t in truth)
         assert hits >= 0.9 * len(truth), (k, truth, got)
         assert len(got) <= len(truth) + 2, (k, truth, got)
+        # how far the counted cells stood above their windows' thresholds: the toy's gaps are clear
+        assert (caps[k].wbc_margin is None) == (len(got) == 0)
+        assert caps[k].wbc_margin is None or caps[k].wbc_margin >= 1.0
 
 
 def test_toy_stabilization_and_report(toy_run, tmp_path):

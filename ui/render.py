@@ -202,9 +202,19 @@ def capillary_markdown(cap: dict | None, calibrated: bool) -> str:
     m = cap.get("morphology") or {}
     return (f"### Capillary {cap.get('id')}\n"
             f"flow speed **{speed_text(cap, calibrated)}** (confidence {fmt(cap.get('speed_confidence'), nd=2)}) · "
-            f"WBC **{fmt(cap.get('wbc_per_min'), '/min', 1)}** ({fmt(cap.get('wbc_count'))} events) · "
+            f"WBC **{fmt(cap.get('wbc_per_min'), '/min', 1)}** ({fmt(cap.get('wbc_count'))} events{faint_cells_text(cap)}) · "
             f"class {cap_class(cap) or '–'}" + (" · flags: " + ", ".join(m.get("flags", [])) if m.get("flags") else "")
             + out_of_view_text(cap))
+
+
+WBC_MARGIN_LOW = 1.3   # stream.report.CapillaryFlow.wbc_margin below which the count may be low
+
+
+def faint_cells_text(cap: dict) -> str:
+    """Note for a loop whose counted cells stood near the detection threshold (``wbc_margin`` <
+    ``WBC_MARGIN_LOW``): on simulator variants such loops counted 0.2–0.9 of their cells."""
+    m = cap.get("wbc_margin")
+    return ", faint: count may be low" if m is not None and m < WBC_MARGIN_LOW else ""
 
 
 def out_of_view_text(cap: dict) -> str:
