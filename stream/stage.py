@@ -200,13 +200,12 @@ def _set_contrast(tr: "_Track", image: np.ndarray, tissue: float) -> None:
 
 
 def _unit_spacing(c: Capillary) -> Capillary:
-    """Copy of ``c`` with its centerline lightly smoothed (σ = 2 px along the path; not a centerline
-    already on the lumen ridge, :func:`stream.capillaries.on_lumen`) and resampled at
+    """Copy of ``c`` with its centerline lightly smoothed (σ = 2 px along the path) and resampled at
     exactly 1 px arc length (kymograph columns must be 1 px apart for speeds in px/frame); apex
     index and widths follow."""
     cl = np.asarray(c.centerline, np.float64)
-    if len(cl) >= 7 and not c.extra.get("on_lumen"):   # pixel-path jaggedness inflates arc length (and so
-        #                                                speeds) by a few %; a lumen ridge is already smooth
+    if len(cl) >= 7:   # pixel-path jaggedness inflates arc length (and so speeds) by a few %; a lumen
+        #                ridge (stream.capillaries.on_lumen) follows the image's noise a little
         from scipy.ndimage import gaussian_filter1d
         cl = gaussian_filter1d(cl, sigma=2.0, axis=0, mode="nearest")
     seg = np.sqrt((np.diff(cl, axis=0) ** 2).sum(1))
