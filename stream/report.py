@@ -71,6 +71,7 @@ from nailfold.io import atomic_write_text
 SCHEMA = "nailfold.video-report/1"
 SET_SCHEMA = "nailfold.video-report-set/1"
 OUT_OF_VIEW_WARN = 0.02   # a capillary with this share of its samples outside the frame gets a warning
+WBC_MARGIN_LOW = 1.3      # CapillaryFlow.wbc_margin below which the counted cells are faint: the count may be low
 
 
 def _clean(x: Any) -> Any:
@@ -118,8 +119,9 @@ class CapillaryFlow:
     wbc_count: int = 0
     wbc_per_min: float | None = None
     wbc_margin: float | None = None     # median strength / threshold of the counted events (null: none):
-    #                                     < 1.3, the cells stand near the red-cell texture and the count may
-    #                                     be low (simulator variants: 0.2–0.9 of the truth); ≥ 1.3: 0.85–0.95
+    #                                     < WBC_MARGIN_LOW (1.3), the cells stand near the red-cell texture
+    #                                     and the count may be low (simulator variants: 0.2–0.9 of the
+    #                                     truth); ≥ 1.3: 0.85–0.95
     wbc_events: list[WbcEvent] = field(default_factory=list)
     out_of_view_frac: float = 0.0       # share of its kymograph samples the camera motion carried outside
     #                                     the frame (a loop at the edge of the field of view): not analyzed

@@ -12,7 +12,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from stream.report import OUT_OF_VIEW_WARN
+from stream.report import OUT_OF_VIEW_WARN, WBC_MARGIN_LOW
 
 # BGR colours per morphology class (overlay) — normal green, abnormal warm colours.
 CLASS_COLORS = {
@@ -205,9 +205,6 @@ def capillary_markdown(cap: dict | None, calibrated: bool) -> str:
             f"WBC **{fmt(cap.get('wbc_per_min'), '/min', 1)}** ({fmt(cap.get('wbc_count'))} events{faint_cells_text(cap)}) · "
             f"class {cap_class(cap) or '–'}" + (" · flags: " + ", ".join(m.get("flags", [])) if m.get("flags") else "")
             + out_of_view_text(cap))
-
-
-WBC_MARGIN_LOW = 1.3   # stream.report.CapillaryFlow.wbc_margin below which the count may be low
 
 
 def faint_cells_text(cap: dict) -> str:
