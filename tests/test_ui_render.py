@@ -105,11 +105,12 @@ def test_capillary_panel_warns_when_the_loop_is_partly_out_of_view():
 
 
 def test_capillary_panel_says_when_the_counted_cells_were_faint():
-    """``wbc_margin`` < 1.3 (cells near the red-cell texture): the count may be low; none when the
-    cells stood clear or no cell was counted."""
+    """The gap margin is shown; below 1.3 (cells near the red-cell texture) the count may be low;
+    nothing when no cell was counted."""
     cap = dict(SNAP["capillaries"][0])
     assert "count may be low" not in render.capillary_markdown(cap, True)     # no margin reported
     cap["wbc_margin"] = 1.6
     assert "count may be low" not in render.capillary_markdown(cap, True)
+    assert "(4 events, gap margin 1.60×)" in render.capillary_markdown(cap, True)
     cap["wbc_margin"] = 1.12
-    assert "(4 events, faint: count may be low)" in render.capillary_markdown(cap, True)
+    assert "(4 events, gap margin 1.12×: faint, count may be low)" in render.capillary_markdown(cap, True)

@@ -208,10 +208,15 @@ def capillary_markdown(cap: dict | None, calibrated: bool) -> str:
 
 
 def faint_cells_text(cap: dict) -> str:
-    """Note for a loop whose counted cells stood near the detection threshold (``wbc_margin`` <
-    ``WBC_MARGIN_LOW``): on simulator variants such loops counted 0.2–0.9 of their cells."""
+    """The loop's gap margin (``wbc_margin``: median strength / threshold of its counted cells) and,
+    below ``WBC_MARGIN_LOW``, that its count may be low: on simulator variants loops at ≥ 1.3
+    counted 0.85–0.95 of their cells, loops below it 0.2–0.9 (docs/accuracy.md). The value is
+    shown rather than only a flag: the default scope's own loops sit at 1.1–1.3, where the
+    count is uncertain rather than wrong, and the number tells how near the threshold they are."""
     m = cap.get("wbc_margin")
-    return ", faint: count may be low" if m is not None and m < WBC_MARGIN_LOW else ""
+    if m is None:
+        return ""
+    return f", gap margin {m:.2f}×" + (": faint, count may be low" if m < WBC_MARGIN_LOW else "")
 
 
 def out_of_view_text(cap: dict) -> str:
