@@ -270,6 +270,27 @@ def _through_crossings(c: Capillary, frames: list) -> Capillary:
     return c
 
 
+def _bridged(c: Capillary, frames: list) -> Capillary:
+    """``c`` with each pass through a junction it passes twice smoothed
+    (:func:`stream.capillaries.bridge_junctions`: fused limbs, a bud between them, a crossing),
+    resampled at 1 px, if the texture moves at least as coherently along the new path over the
+    recent ``frames`` (:func:`_coherence`); else ``c``."""
+    from stream.capillaries import bridge_junctions
+    w = np.asarray(c.width_px, np.float64)
+    wf = w[np.isfinite(w) & (w > 0)] if w.ndim else np.asarray([float(w)])
+    cl, spans = bridge_junctions(c.centerline, float(np.median(wf)) if wf.size else 3.0)
+    if not spans or len(frames) < 8:
+        return c
+    alt = _unit_spacing(dataclasses.replace(c, centerline=cl.astype(np.float32)))
+    base, sc = _coherence(c, frames), _coherence(alt, frames)
+    if sc < base:
+        return c
+    log.debug("capillary %s: %d junction pass(es) smoothed, %.0f → %.0f px (coherence %.2f → %.2f)",
+              c.id, len(spans), c.length_px, alt.length_px, base, sc)
+    alt.extra = dict(alt.extra, bridged_junctions=len(spans))
+    return alt
+
+
 def _done(result) -> concurrent.futures.Future:
     """A finished future holding ``result``."""
     f: concurrent.futures.Future = concurrent.futures.Future()
@@ -663,6 +684,7 @@ class AnalysisStage:
         c = _unit_spacing(on_lumen(c, mean))
         hist = list(self._history)
         c = _through_crossings(c, hist)
+        c = _bridged(c, hist)
         n = self.bank.add(c.id, c.centerline, c.width_px)
         if n != len(c.centerline):
             raise AssertionError("kymograph length must equal the centerline length")

@@ -361,3 +361,39 @@ def test_lumen_search_is_off_where_the_path_passes_close_to_itself():
     assert a[len(left) + 8] == 1.0                               # the apex is far from everything else
     straight = np.stack([np.arange(200.0), np.zeros(200)], 1)
     assert np.all(_away_from_itself(straight, 10.0) == 1.0)
+
+
+def _hairpin_through_a_junction(kink: bool) -> tuple[np.ndarray, np.ndarray]:
+    """A hairpin (limbs at x = 90 and 110, from y = 300 up to the apex arc at y = 100), 1-px
+    spaced; with ``kink`` both limbs bend into x = 100 around y = 200 (a junction of a fused
+    region the trace passes twice). Returns (path, the straight vessel it should follow)."""
+    from stream.capillaries import resample_polyline
+    y = np.arange(300.0, 99.0, -1.0)
+    left = np.stack([np.full_like(y, 90.0), y], 1)
+    th = np.linspace(np.pi, 0.0, 40)
+    arc = np.stack([100 + 10 * np.cos(th), 100 - 10 * np.sin(th)], 1)
+    straight = resample_polyline(np.concatenate([left, arc, left[::-1] + [20.0, 0.0]]), 1.0, 0.0)
+    if not kink:
+        return straight, straight
+    p = straight.copy()
+    bump = 10.0 * np.exp(-0.5 * ((p[:, 1] - 200.0) / 6.0) ** 2)
+    p[:, 0] = np.where(p[:, 0] < 100, p[:, 0] + bump, p[:, 0] - bump)     # both limbs meet at x = 100
+    return resample_polyline(p, 1.0, 0.0), straight
+
+
+def test_a_trace_passing_twice_through_a_junction_is_smoothed_onto_the_limbs():
+    """Fused limbs: the trace bends into one junction pixel on the way up and again on the way
+    down (+ length, + speed); each pass is bridged back onto a straight limb, and a path with no
+    such junction is left as it is."""
+    from scipy.spatial import cKDTree
+
+    from stream.capillaries import bridge_junctions
+    kinked, straight = _hairpin_through_a_junction(True)
+    length = lambda p: float(np.sqrt((np.diff(p, axis=0) ** 2).sum(1)).sum())  # noqa: E731
+    assert length(kinked) > length(straight) + 10
+    out, spans = bridge_junctions(kinked, width=8.0)
+    assert len(spans) == 2 and all(b - a < 6 * 8.0 for a, b in spans)
+    assert abs(length(out) - length(straight)) < 0.02 * length(straight)
+    assert float(cKDTree(straight).query(out)[0].max()) < 1.5           # back on the limbs
+    same, none = bridge_junctions(straight, width=8.0)
+    assert none == [] and np.array_equal(same, straight)
