@@ -295,14 +295,18 @@ class Stabilizer:
         self._rot_measured = False
         return ShiftEstimate(0.0, 0.0, 1.0)
 
-    def reanchor(self, reference: np.ndarray, roi_weight: np.ndarray | None = None) -> None:
+    def reanchor(self, reference: np.ndarray, roi_weight: np.ndarray | None = None,
+                 static_mask: np.ndarray | None = None) -> None:
         """Replace the reference by an image already in reference coordinates (e.g. the stabilized
         mean of recent frames) and optionally re-pick the ROI from ``roi_weight`` (e.g. a vessel
-        mask, same shape)."""
+        mask, same shape). ``static_mask`` (same shape, nonzero = static): see
+        :meth:`set_roi_weight`."""
         if self.shape is None or reference.shape != self.shape:
             raise ValueError("reanchor: reference must have the stream's shape")
         if roi_weight is not None and not np.any(roi_weight):
             roi_weight = None
+        if static_mask is not None and static_mask.shape == reference.shape:
+            self._static = (np.asarray(static_mask) > 0).astype(np.uint8)
         self._set_reference(reference, roi_weight, self._prev_shift)
 
     def set_roi_weight(self, weight: np.ndarray, static_mask: np.ndarray | None = None) -> None:

@@ -64,7 +64,7 @@ import numpy as np
 from nailfold.config import Config
 from stream import flow, kernels
 from stream.capillaries import extract_capillaries, match_ids, on_lumen   # at import: it loads scikit-image (~0.3 s)
-from stream.capillary import CLEAR, LABEL_NAMES, Capillary
+from stream.capillary import BLURRED, CLEAR, LABEL_NAMES, Capillary
 from stream.frames import Frame, to_gray
 from stream.kymograph import (KymographBank, KymographBuffer, column_mean, destripe, fill_out_of_view, in_view,
                               loop_contrast, tissue_level,
@@ -349,7 +349,7 @@ class AnalysisStage:
         self._kf_interval = self.keyframe_every   # grows (×2, up to ×KEYFRAME_BACKOFF_MAX) while the
         #                                           capillary set is unchanged; back to the base on change
         self._last_keyframe_frame: int | None = None
-        self._reanchor_image: np.ndarray | None = None
+        self._reanchor_image: tuple | None = None   # (keyframe mean, static-pixel mask)
         self._reanchored = False
         self._prev_caps: list[Capillary] = []
         self._next_id = 1
@@ -404,9 +404,9 @@ class AnalysisStage:
         self._last_seq = seq
         if self._reanchor_image is not None:     # hand-off from the background thread
             with self._lock:
-                ref, self._reanchor_image = self._reanchor_image, None
+                (ref, static), self._reanchor_image = self._reanchor_image, None
             if self.stabilizer.shape == ref.shape:
-                self.stabilizer.reanchor(ref)
+                self.stabilizer.reanchor(ref, static_mask=static)
         est = self.stabilizer.update(gray)
         if est.confidence == 0.0 and float(gray[::8, ::8].std()) < 1.0:
             self.blank_frames += 1
@@ -633,9 +633,12 @@ class AnalysisStage:
         except Exception:   # a failing segmenter must not stop the flow analysis of known loops
             log.exception("keyframe segmentation failed")
             return None
-        return mean, caps, _tissue_levels(mean, labels, caps)
+        # pixels outside the vessels: their appearance does not change with the flow
+        static = ((labels != CLEAR) & (labels != BLURRED)).astype(np.uint8)
+        return mean, caps, _tissue_levels(mean, labels, caps), static
 
-    def _apply_keyframe(self, mean: np.ndarray, caps: list[Capillary], levels: dict[int, float]) -> None:
+    def _apply_keyframe(self, mean: np.ndarray, caps: list[Capillary], levels: dict[int, float],
+                        static: np.ndarray | None = None) -> None:
         """Match a computed keyframe's capillaries to the tracks: ids, new tracks (back-filled),
         contrast, retirement, keyframe interval, first re-anchoring."""
         with self._lock:
@@ -674,7 +677,7 @@ class AnalysisStage:
                 # the stabilized mean has the moving red-cell texture averaged out: as the
                 # reference it cannot drag the registration along the vessels (measured: p95
                 # residual 0.65 → 0.16 px on the synthetic scope); it is in first-frame coordinates
-                self._reanchor_image = mean
+                self._reanchor_image = (mean, static)
                 self._reanchored = True
 
     def _new_track(self, c: Capillary, mean: np.ndarray) -> None:

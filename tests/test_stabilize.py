@@ -220,3 +220,41 @@ def test_an_unmeasured_angle_sets_no_angular_velocity(monkeypatch):
     monkeypatch.setattr(Stabilizer, "_ecc_shift", real)
     e = st.update(shifted(img, 2.6, 1.4, rng=rng))
     assert abs(np.degrees(e.angle)) < 0.2 and np.hypot(e.dx - 2.6, e.dy - 1.4) < 0.3
+
+
+def test_a_static_mask_keeps_moving_blood_from_dragging_the_match():
+    """Vessels full of red-cell texture that changes every frame, registered against their
+    texture-free mean (as the stage re-anchors on a keyframe): with the vessel pixels masked out
+    (``reanchor(..., static_mask=...)``, the stage passes the keyframe's non-vessel pixels) the
+    texture no longer pulls the two ROIs apart, so the registration error falls (measured on the
+    synthetic scope, seed 803: second ROI p95 1.37 → 0.53 px, frame-centre p95 0.78 → 0.37 px)."""
+    h, w, margin = 480, 640, 80
+    rng = np.random.default_rng(11)
+    tissue = cv2.GaussianBlur(rng.random((h + 2 * margin, w + 2 * margin)).astype(np.float32), (0, 0), 6)
+    tissue = 150 + 30 * (tissue - tissue.min()) / np.ptp(tissue)
+    vessel = np.zeros(tissue.shape, np.uint8)
+    for k in range(5):
+        cv2.ellipse(vessel, (margin + 70 + 120 * k, margin + 250), (30, 150), 0, 180, 360, 1, 11)
+    clean = cv2.GaussianBlur(np.where(vessel > 0, 70.0, tissue).astype(np.float32), (0, 0), 1.2)
+
+    def frame(dx, dy):
+        tex = cv2.GaussianBlur(rng.normal(0, 1, tissue.shape).astype(np.float32), (0, 0), 2.0)
+        img = clean + cv2.GaussianBlur(vessel.astype(np.float32), (0, 0), 1.2) * 120 * tex
+        return shifted(img, dx, dy, rng=rng)
+
+    ref = shifted(clean, 0, 0)
+    static = shifted(np.where(vessel > 0, 0.0, 255.0).astype(np.float32), 0, 0) > 128
+    results = {}
+    for masked in (False, True):
+        st = Stabilizer()
+        st.update(frame(0, 0))
+        st.reanchor(ref, static_mask=static if masked else None)
+        errs = []
+        for i in range(1, 80):
+            t = i / 20
+            dx, dy = 4 * np.sin(2 * np.pi * 3 * t), 3 * np.sin(2 * np.pi * 4 * t + 1)
+            e = st.update(frame(dx, dy))
+            errs.append(np.hypot(e.dx - dx, e.dy - dy))
+        results[masked] = (np.median(errs), np.percentile(errs, 95))
+    assert results[True][1] < 0.7 * results[False][1], results
+    assert results[True][0] < 0.7 * results[False][0], results   # measured: 0.10 → 0.06 median, 0.24 → 0.13 p95
