@@ -28,7 +28,10 @@ rotational tremor, translation-only registration lost 60 % of the white-cell eve
 When the match against the reference is weak the pose is chained from the previous frame; after
 ``reanchor_after`` weak frames in a row the reference is replaced by the current frame warped back
 into reference coordinates (coordinates are preserved). :meth:`Stabilizer.reanchor` lets the caller
-replace the reference with a cleaner image (e.g. the stabilized mean of recent frames).
+replace the reference with a cleaner image (e.g. the stabilized mean of recent frames) and name the
+static pixels (outside flowing vessels) that the ROIs' ECC may use: the red-cell texture inside the
+vessels, averaged out of such a reference but not of the frames, otherwise drags a ROI's match (on
+the synthetic scope the 128-px second ROI erred p95 1.37 px instead of 0.53 px, read as a rotation).
 """
 from __future__ import annotations
 

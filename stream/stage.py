@@ -11,7 +11,8 @@ Work split (for a live process with a second thread):
 
 - :meth:`process` (cheap, per frame, caller's thread): rigid stabilization (:mod:`stream.stabilize`:
   translation and rotation; after the first keyframe its reference is the stabilized mean of the
-  first frames, in which flowing red-cell texture is averaged out),
+  first frames, in which flowing red-cell texture is averaged out, and it matches only the
+  keyframe's non-vessel pixels, where the texture the frames still show cannot drag it),
   one ``cv2.remap`` sampling every known capillary's kymograph row with the pose folded into the
   maps (:mod:`stream.kymograph`), bookkeeping. Frames are never warped here.
 - :meth:`step_background` (expensive, background thread or after each frame offline): keyframe
