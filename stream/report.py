@@ -44,6 +44,8 @@ the first frame; NaN/unknown values are ``null``)::
           "wbc_per_min": 12.4,
           "wbc_margin": 1.42,                      # median strength / threshold of those events:
                                                    #  < 1.3 → cells near the texture, count may be low
+          "wbc_tracked_frac": 0.95,                # share of flowing windows whose blood column registered:
+                                                   #  < 0.25 → count unreliable (a report warning)
           "wbc_events": [{"t_s": 3.15,             # time the event passes the apex
                           "speed_um_s": 805.0, "speed_px_per_frame": 33.5,
                           "strength": 5.1}]        # mean brightness along the cell's own path, in
@@ -72,6 +74,7 @@ SCHEMA = "nailfold.video-report/1"
 SET_SCHEMA = "nailfold.video-report-set/1"
 OUT_OF_VIEW_WARN = 0.02   # a capillary with this share of its samples outside the frame gets a warning
 WBC_MARGIN_LOW = 1.3      # CapillaryFlow.wbc_margin below which the counted cells are faint: the count may be low
+WBC_TRACKED_LOW = 0.25    # CapillaryFlow.wbc_tracked_frac below which the WBC count is unreliable (a warning)
 
 
 def _clean(x: Any) -> Any:
@@ -122,6 +125,11 @@ class CapillaryFlow:
     #                                     < WBC_MARGIN_LOW (1.3), the cells stand near the red-cell texture
     #                                     and the count may be low (simulator variants: 0.2–0.9 of the
     #                                     truth); ≥ 1.3: 0.85–0.95
+    wbc_tracked_frac: float | None = None  # share of the flowing windows in which the blood column
+    #                                       registered (plasma gaps could be followed); null: no flow seen.
+    #                                       < WBC_TRACKED_LOW (0.25): the count is unreliable (synthetic
+    #                                       loops there counted 0–0.56 of their cells) and, for a flowing
+    #                                       loop, the report warns
     wbc_events: list[WbcEvent] = field(default_factory=list)
     out_of_view_frac: float = 0.0       # share of its kymograph samples the camera motion carried outside
     #                                     the frame (a loop at the edge of the field of view): not analyzed
@@ -175,7 +183,7 @@ def write_report(report: VideoReport | list[VideoReport], path: str | Path) -> N
 CSV_COLUMNS = ["source", "id", "apex_x", "apex_y", "length_px", "direction_reversed", "label",
                "flow_speed_um_s", "flow_speed_px_per_frame", "speed_confidence", "speed_xcorr_um_s",
                "speed_xcorr_px_per_frame", "windows", "windows_with_flow", "stopped_windows",
-               "flow_state", "observed_s", "wbc_count", "wbc_per_min", "wbc_margin"]
+               "flow_state", "observed_s", "wbc_count", "wbc_per_min", "wbc_margin", "wbc_tracked_frac"]
 
 
 def csv_rows(report: VideoReport) -> list[dict]:

@@ -179,6 +179,25 @@ def test_toy_wbc_events(toy_run):
         # how far the counted cells stood above their windows' thresholds: the toy's gaps are clear
         assert (caps[k].wbc_margin is None) == (len(got) == 0)
         assert caps[k].wbc_margin is None or caps[k].wbc_margin >= 1.0
+        # the toy's blood column registers in (nearly) every flowing window: the count is trusted
+        assert caps[k].wbc_tracked_frac is not None and caps[k].wbc_tracked_frac >= 0.5, caps[k].wbc_tracked_frac
+    assert not any("unreliable" in w for w in rep.warnings), rep.warnings
+
+
+def test_a_loop_whose_blood_column_does_not_register_has_its_count_flagged():
+    """``wbc_tracked_frac``: share of the flowing windows whose registered blood column held
+    together (material profile quality ≥ 0.7); below 0.25 the report warns that the loop's WBC
+    count is unreliable (synthetic loops traced through fused limbs counted 0–0.56 of their
+    cells), and a loop without flow has none."""
+    from stream.flow import WindowResult, XcorrSpeed
+    from stream.report import WBC_TRACKED_LOW
+    from stream.stage import _tracked_frac
+
+    def w(q, gated=True):
+        return WindowResult(0, 80, 1.0, 2.0, XcorrSpeed(1.0, 0.5, 2), gated=gated, material_quality=q)
+    assert _tracked_frac([w(0.9), w(0.8), w(0.5), w(0.3, gated=False)]) == pytest.approx(2 / 3)
+    assert _tracked_frac([w(0.1, gated=False)]) is None
+    assert _tracked_frac([w(0.5)] * 9 + [w(0.95)]) < WBC_TRACKED_LOW
 
 
 def test_toy_stabilization_and_report(toy_run, tmp_path):

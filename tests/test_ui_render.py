@@ -114,3 +114,16 @@ def test_capillary_panel_says_when_the_counted_cells_were_faint():
     assert "(4 events, gap margin 1.60×)" in render.capillary_markdown(cap, True)
     cap["wbc_margin"] = 1.12
     assert "(4 events, gap margin 1.12×: faint, count may be low)" in render.capillary_markdown(cap, True)
+
+
+def test_capillary_panel_says_when_the_wbc_count_is_unreliable():
+    """``wbc_tracked_frac`` < 0.25 (the blood column registered in few windows): the count is
+    unreliable; nothing at ≥ 0.25 or when unknown."""
+    cap = dict(SNAP["capillaries"][0])
+    assert "unreliable" not in render.capillary_markdown(cap, True)
+    cap["wbc_tracked_frac"] = 0.9
+    assert "unreliable" not in render.capillary_markdown(cap, True)
+    cap["wbc_tracked_frac"] = 0.08
+    assert "**WBC count unreliable**: blood column followed in 8 % of the windows" in render.capillary_markdown(cap, True)
+    cap["flow_state"] = "indeterminate"        # no speed either: the panel already says so
+    assert "unreliable" not in render.capillary_markdown(cap, True)

@@ -12,7 +12,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from stream.report import OUT_OF_VIEW_WARN, WBC_MARGIN_LOW
+from stream.report import OUT_OF_VIEW_WARN, WBC_MARGIN_LOW, WBC_TRACKED_LOW
 
 # BGR colours per morphology class (overlay) — normal green, abnormal warm colours.
 CLASS_COLORS = {
@@ -203,6 +203,7 @@ def capillary_markdown(cap: dict | None, calibrated: bool) -> str:
     return (f"### Capillary {cap.get('id')}\n"
             f"flow speed **{speed_text(cap, calibrated)}** (confidence {fmt(cap.get('speed_confidence'), nd=2)}) · "
             f"WBC **{fmt(cap.get('wbc_per_min'), '/min', 1)}** ({fmt(cap.get('wbc_count'))} events{faint_cells_text(cap)}) · "
+            + untracked_text(cap) +
             f"class {cap_class(cap) or '–'}" + (" · flags: " + ", ".join(m.get("flags", [])) if m.get("flags") else "")
             + out_of_view_text(cap))
 
@@ -217,6 +218,17 @@ def faint_cells_text(cap: dict) -> str:
     if m is None:
         return ""
     return f", gap margin {m:.2f}×" + (": faint, count may be low" if m < WBC_MARGIN_LOW else "")
+
+
+def untracked_text(cap: dict) -> str:
+    """Warning for a flowing loop whose blood column registered in fewer than ``WBC_TRACKED_LOW``
+    of its flowing windows (``wbc_tracked_frac``, as in the video report): plasma gaps could not
+    be followed there, so its WBC count is unreliable (synthetic loops there counted 0–0.56 of
+    their cells)."""
+    f = cap.get("wbc_tracked_frac")
+    if f is None or f >= WBC_TRACKED_LOW or cap.get("flow_state", "flowing") != "flowing":
+        return ""   # a loop without a measured flow says so through its speed
+    return f"**WBC count unreliable**: blood column followed in {100 * f:.0f} % of the windows · "
 
 
 def out_of_view_text(cap: dict) -> str:
