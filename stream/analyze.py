@@ -61,9 +61,11 @@ def _open(path: str | Path, fps: float | None, config: Config):
         raise InputError(f"input not found: {p}")
     if p.is_dir() and fps is None:
         fps = config.device.fps
-    # one FFmpeg thread: the reader thread decodes beside the analysis (measured: 0.1–0.2 s less
-    # CPU per 30-s MJPEG clip than FFmpeg's default of one thread per core, at the same rate)
-    return open_source(f"file:{p}", pace="max", fps=fps, decode_threads=1)
+    # one FFmpeg thread for motion JPEG: the reader thread decodes beside the analysis (measured:
+    # 0.1–0.2 s less CPU per 30-s clip than FFmpeg's default of one thread per core, at the same
+    # rate); FFmpeg's threads for other codecs, whose decoding can be the bottleneck (FFV1, as
+    # `nailfold simulate` and the recorder write: 1.3× real time on one thread, 2.3× on two)
+    return open_source(f"file:{p}", pace="max", fps=fps, decode_threads="auto")
 
 
 def _gray_frames(source):
