@@ -141,3 +141,27 @@ def test_the_reader_hands_the_stage_the_green_plane_it_would_extract():
     assert out[0].image.flags.c_contiguous and np.array_equal(out[0].image, to_gray(bgr))
     assert np.array_equal(out[0].image, bgr[:, :, 1])
     assert out[1] is frames[1]                      # gray frames pass through untouched
+
+
+@pytest.mark.parametrize("fourcc,ext,threads", [("MJPG", ".avi", 1), ("FFV1", ".mkv", None)])
+def test_decode_threads_follow_the_codec(fourcc, ext, threads, tmp_path, monkeypatch):
+    """``nailfold analyze`` opens files with ``decode_threads="auto"``: one FFmpeg thread for
+    motion JPEG (cheap to decode beside the analysis), FFmpeg's own threads for other codecs
+    (FFV1, what `nailfold simulate` and the recorder write, is ≈ 25× as costly a frame); the
+    frames are the same either way."""
+    from stream import sources
+    path = tmp_path / f"clip{ext}"
+    wr = cv2.VideoWriter(str(path), cv2.CAP_FFMPEG, cv2.VideoWriter_fourcc(*fourcc), 20.0, (64, 48))
+    if not wr.isOpened():
+        pytest.skip(f"no {fourcc} writer in this OpenCV build")
+    rng = np.random.default_rng(0)
+    for _ in range(6):
+        wr.write(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8))
+    wr.release()
+    asked = []
+    real = sources.VideoFileSource._capture
+    monkeypatch.setattr(sources.VideoFileSource, "_capture", lambda self, t: (asked.append(t), real(self, t))[1])
+    auto = [f.image for f in sources.VideoFileSource(path, decode_threads="auto")]
+    assert asked[-1] == threads, asked
+    plain = [f.image for f in sources.VideoFileSource(path)]
+    assert len(auto) == 6 and all(np.array_equal(a, b) for a, b in zip(auto, plain))
