@@ -95,13 +95,26 @@ def test_health_header_says_its_window_and_shows_recent_and_total_drops():
     assert "drops (last 10 s): grabber 0" in md and "since start 13 / 2 / 0" in md
 
 
-def test_capillary_panel_warns_when_the_loop_is_partly_out_of_view():
+@pytest.mark.parametrize("field,fine,bad,word,text", [
+    # a loop the camera motion carries partly outside the frame
+    ("out_of_view_frac", 0.01, 0.164, "out of view", "partly out of view** (16 % of its samples)"),
+    # a flowing loop whose blood column registered in few windows (wbc_tracked_frac < 0.25)
+    ("wbc_tracked_frac", 0.9, 0.08, "unreliable", "**WBC count unreliable**: blood column followed in 8 % of the windows"),
+])
+def test_capillary_panel_warns_past_a_threshold(field, fine, bad, word, text):
+    """Nothing when the field is missing or on the right side of its threshold; the warning past it."""
     cap = dict(SNAP["capillaries"][0])
-    assert "out of view" not in render.capillary_markdown(cap, True)
-    cap["out_of_view_frac"] = 0.01
-    assert "out of view" not in render.capillary_markdown(cap, True)
-    cap["out_of_view_frac"] = 0.164
-    assert "partly out of view** (16 % of its samples)" in render.capillary_markdown(cap, True)
+    assert word not in render.capillary_markdown(cap, True)
+    cap[field] = fine
+    assert word not in render.capillary_markdown(cap, True)
+    cap[field] = bad
+    assert text in render.capillary_markdown(cap, True)
+
+
+def test_no_unreliable_count_warning_for_a_loop_without_a_speed():
+    """A loop whose flow is indeterminate already shows no speed: no WBC warning on top."""
+    cap = dict(SNAP["capillaries"][0], wbc_tracked_frac=0.08, flow_state="indeterminate")
+    assert "unreliable" not in render.capillary_markdown(cap, True)
 
 
 def test_capillary_panel_says_when_the_counted_cells_were_faint():
@@ -114,16 +127,3 @@ def test_capillary_panel_says_when_the_counted_cells_were_faint():
     assert "(4 events, gap margin 1.60×)" in render.capillary_markdown(cap, True)
     cap["wbc_margin"] = 1.12
     assert "(4 events, gap margin 1.12×: faint, count may be low)" in render.capillary_markdown(cap, True)
-
-
-def test_capillary_panel_says_when_the_wbc_count_is_unreliable():
-    """``wbc_tracked_frac`` < 0.25 (the blood column registered in few windows): the count is
-    unreliable; nothing at ≥ 0.25 or when unknown."""
-    cap = dict(SNAP["capillaries"][0])
-    assert "unreliable" not in render.capillary_markdown(cap, True)
-    cap["wbc_tracked_frac"] = 0.9
-    assert "unreliable" not in render.capillary_markdown(cap, True)
-    cap["wbc_tracked_frac"] = 0.08
-    assert "**WBC count unreliable**: blood column followed in 8 % of the windows" in render.capillary_markdown(cap, True)
-    cap["flow_state"] = "indeterminate"        # no speed either: the panel already says so
-    assert "unreliable" not in render.capillary_markdown(cap, True)
