@@ -7,7 +7,7 @@ each process's RSS and open file descriptors, the stage's latency p50/p99, frame
 upstream (grabber) drops and gaps; then RSS growth (target < 5 %), fd growth (target 0) and drops
 (target 0 at the stage).
 
-    python benchmarks/soak.py [--minutes 10] [--source synthetic] [--slow-s 1.0]
+    python benchmarks/soak.py [--minutes 10] [--source synthetic] [--slow-s 1.0] [--record PATH]
 """
 from __future__ import annotations
 
@@ -66,12 +66,15 @@ def main() -> None:
     ap.add_argument("--source", default="synthetic")
     ap.add_argument("--slow-s", type=float, default=1.0)
     ap.add_argument("--warmup-s", type=float, default=30.0)
+    ap.add_argument("--record", default=None, metavar="PATH",
+                    help="the grabber also records every frame (FFV1) to PATH, as `nailfold grab --record` does")
     a = ap.parse_args()
     fr, res, port = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}", free_port()
     nf = [sys.executable, "-m", "nailfold.cli"]
     cfg = ["--config", "synthetic.yaml"] if a.source.startswith("synthetic") else []
     procs = {
-        "grab": subprocess.Popen(nf + ["grab", *cfg, "--source", a.source, "--bind", fr, "--loop"],
+        "grab": subprocess.Popen(nf + ["grab", *cfg, "--source", a.source, "--bind", fr, "--loop"]
+                                 + (["--record", a.record] if a.record else []),
                                  stderr=subprocess.DEVNULL),
         "stage": subprocess.Popen(nf + ["stage", *cfg, "--connect", fr, "--publish", res], stderr=subprocess.DEVNULL),
         "dashboard": subprocess.Popen(nf + ["dashboard", "--connect", res, "--port", str(port)],
