@@ -127,3 +127,16 @@ def test_capillary_panel_says_when_the_counted_cells_were_faint():
     assert "(4 events, gap margin 1.60×)" in render.capillary_markdown(cap, True)
     cap["wbc_margin"] = 1.12
     assert "(4 events, gap margin 1.12×: faint, count may be low)" in render.capillary_markdown(cap, True)
+
+
+def test_a_loop_without_measured_flow_shows_no_wbc_rate():
+    """Flow indeterminate and no cell counted (an out-of-focus background loop): "–", not
+    "0.0 /min", in the capillary panel and the table; a counted cell is still shown."""
+    cap = dict(SNAP["capillaries"][0], flow_state="indeterminate", wbc_count=0, wbc_per_min=0.0)
+    assert "WBC **–**" in render.capillary_markdown(cap, True)
+    snap = dict(SNAP, capillaries=[cap])
+    assert render.morphology_rows(snap, True)[0][render.MORPH_COLUMNS.index("WBC/min")] == "–"
+    cap.update(wbc_count=1, wbc_per_min=1.5)
+    assert "WBC **1.5 /min**" in render.capillary_markdown(cap, True)
+    cap.update(flow_state="flowing", wbc_count=0, wbc_per_min=0.0)
+    assert "WBC **0.0 /min**" in render.capillary_markdown(cap, True)

@@ -42,6 +42,15 @@ def cap_class(cap: dict) -> str | None:
     return cap.get("class") or m.get("class") or m.get("shape_class")
 
 
+def wbc_rate_text(cap: dict, unit: str = "") -> str:
+    """The loop's WBC rate, or "–" where no flow was ever measured and no cell counted
+    (``flow_state`` indeterminate, e.g. an out-of-focus background loop): there "0 /min" would
+    read as a measurement."""
+    if cap.get("flow_state") == "indeterminate" and not cap.get("wbc_count"):
+        return "–"
+    return fmt(cap.get("wbc_per_min"), unit, 1)
+
+
 def speed_text(cap: dict, calibrated: bool) -> str:
     if calibrated and cap.get("speed_um_s") is not None:
         return fmt(cap.get("speed_um_s"), "µm/s")
@@ -202,7 +211,7 @@ def capillary_markdown(cap: dict | None, calibrated: bool) -> str:
     m = cap.get("morphology") or {}
     return (f"### Capillary {cap.get('id')}\n"
             f"flow speed **{speed_text(cap, calibrated)}** (confidence {fmt(cap.get('speed_confidence'), nd=2)}) · "
-            f"WBC **{fmt(cap.get('wbc_per_min'), '/min', 1)}** ({fmt(cap.get('wbc_count'))} events{faint_cells_text(cap)}) · "
+            f"WBC **{wbc_rate_text(cap, '/min')}** ({fmt(cap.get('wbc_count'))} events{faint_cells_text(cap)}) · "
             + untracked_text(cap) +
             f"class {cap_class(cap) or '–'}" + (" · flags: " + ", ".join(m.get("flags", [])) if m.get("flags") else "")
             + out_of_view_text(cap))
@@ -252,7 +261,7 @@ def morphology_rows(snapshot: dict, calibrated: bool) -> list[list]:
             cap.get("id"), cap_class(cap) or "–",
             fmt(m.get(f"apical_width_{unit}"), nd=1), fmt(m.get(f"arterial_width_{unit}"), nd=1),
             fmt(m.get(f"venous_width_{unit}"), nd=1), fmt(m.get(f"length_{unit}"), nd=0),
-            speed_text(cap, calibrated), fmt(cap.get("wbc_per_min"), nd=1), ", ".join(m.get("flags", [])),
+            speed_text(cap, calibrated), wbc_rate_text(cap), ", ".join(m.get("flags", [])),
         ])
     return rows
 
