@@ -27,7 +27,8 @@ JSON layout (units in key names; ``null`` = not measurable, with a ``*_reason`` 
           "summary": {"n_capillaries", "n_clear", "distal_row_ids", "density_per_mm" | null,
                       "density_reason" ("uncalibrated" …) | null, "row_length_px",
                       "crossing_fraction", "tortuous_fraction", "mean_*_width_px/_um",
-                      "mean_height_px/_um", "reason" | null, "giant_count", "enlarged_count"}
+                      "mean_height_px/_um", "reason" | null, "giant_count" (clear loops),
+                      "enlarged_count", "giant_unclear_count" (out-of-focus loops flagged giant)}
       }, …],
       "subjects": [{"subject": "S01", "images": [paths], "density_per_mm", "density_reason",
                     "crossing_fraction", "tortuous_fraction", "mean_*", "flags": {…},

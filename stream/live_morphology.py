@@ -19,7 +19,7 @@ import numpy as np
 
 from nailfold.config import Config
 from stream.capillary import Capillary
-from stream.morphology import fast_track, measure_capillary, summarize_image
+from stream.morphology import fast_track, giant_present, measure_capillary, summarize_image
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +90,7 @@ def measure_live(caps: list[tuple[Capillary, bool | None]], shape: tuple[int, ..
     summary = s.to_dict()
     abnormal = None if s.crossing_fraction is None else bool(
         s.crossing_fraction > ranges.crossing_fraction_max or s.tortuous_fraction > ranges.tortuous_fraction_max)
-    summary["fast_track"] = fast_track(s.density_per_mm, None if s.giant_count is None else s.giant_count > 0, abnormal)
+    summary["fast_track"] = fast_track(s.density_per_mm, giant_present([s]), abnormal)
     return out, _finite(summary)
 
 

@@ -37,7 +37,8 @@ median loop height) below the upper envelope of apex positions (a line/quadratic
 top-most apex in each of 8 vertical strips); density = distal-row loops / row length (the fitted
 row curve across the image width) in mm — null with reason ``"uncalibrated"`` without µm/px;
 crossing and tortuous fractions and mean widths over CLEAR loops — null with reason when fewer
-than ``min_clear_capillaries``.
+than ``min_clear_capillaries``; giant count over CLEAR loops too (an out-of-focus loop flagged giant
+is counted apart and makes "giant present" undecidable, :func:`giant_present`).
 
 Per subject — :func:`summarize_subject`: NaN-mean of image values, abnormality flags against the
 normal ranges, and the EULAR **Fast Track** rule (Smith et al. 2019), reported as *suggestive*,
@@ -646,9 +647,12 @@ class ImageSummary:
     mean_apical_width_px: float | None
     mean_height_px: float | None
     reason: str | None                 # why fractions/means are null
-    giant_count: int | None
+    giant_count: int | None            # giant apexes among CLEAR loops (null when uncalibrated)
     enlarged_count: int | None
     um_per_px: float | None
+    giant_unclear_count: int | None = None   # loops flagged giant that are not clear (out of focus):
+    #                                          their widths are unreliable, so they make "giant present"
+    #                                          undecidable rather than true (:func:`giant_present`)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -726,12 +730,29 @@ def summarize_image(morphs: list[CapillaryMorphology], image_shape: tuple[int, .
         mp = _nanmean(m.apical_width_px for m in clear)
         mh = _nanmean(m.height_px for m in clear)
     if um_per_px:
-        giants = sum(bool(m.flags.get("giant")) for m in morphs)
+        # giants from clear loops only, like the fractions and mean widths: an out-of-focus loop's
+        # apex reads wide (blur; a haemorrhage beside it), and one such loop of the default demo
+        # scene intermittently turned the live Fast Track to "scleroderma pattern"
+        giants = sum(bool(m.flags.get("giant")) for m in clear)
+        unclear = sum(bool(m.flags.get("giant")) for m in morphs if m.label != "clear")
         enl = sum(bool(m.flags.get("enlarged")) for m in morphs)
     else:
-        giants = enl = None
+        giants = unclear = enl = None
     return ImageSummary(len(morphs), len(clear), row_ids, dens, dreason, row_len, cf, tf, ma, mv, mp, mh, reason,
-                        giants, enl, um_per_px)
+                        giants, enl, um_per_px, unclear)
+
+
+def giant_present(summaries: list[ImageSummary]) -> bool | None:
+    """Whether the images show a giant capillary: True if a clear loop is giant; None (undecidable)
+    if none is known (uncalibrated) or only out-of-focus loops are flagged giant; else False."""
+    known = [s for s in summaries if s.giant_count is not None]
+    if not known:
+        return None
+    if any(s.giant_count > 0 for s in known):
+        return True
+    if any((s.giant_unclear_count or 0) > 0 for s in known):
+        return None
+    return False
 
 
 # ------------------------------------------------------------------------------------ per subject
@@ -777,8 +798,7 @@ def summarize_subject(images: list[ImageSummary], ranges: NormalRanges, um_per_p
     for k in ("arterial_width", "venous_width", "apical_width", "height"):
         v = out[f"mean_{k}_px"]
         out[f"mean_{k}_um"] = None if v is None or um_per_px is None else v * um_per_px
-    giants = [s.giant_count for s in images if s.giant_count is not None]
-    giant_present = (sum(giants) > 0) if giants else None
+    giant = giant_present(images)
     enl = [s.enlarged_count for s in images if s.enlarged_count is not None]
 
     def out_of(v, rng):
@@ -787,7 +807,7 @@ def summarize_subject(images: list[ImageSummary], ranges: NormalRanges, um_per_p
         "low_density": None if dens is None else bool(dens < ranges.density_per_mm_min),
         "crossing": None if out["crossing_fraction"] is None else bool(out["crossing_fraction"] > ranges.crossing_fraction_max),
         "tortuous": None if out["tortuous_fraction"] is None else bool(out["tortuous_fraction"] > ranges.tortuous_fraction_max),
-        "giant": giant_present,
+        "giant": giant,
         "enlarged": (sum(enl) > 0) if enl else None,
         "arterial_width_abnormal": out_of(out["mean_arterial_width_um"], ranges.arterial_um),
         "venous_width_abnormal": out_of(out["mean_venous_width_um"], ranges.venous_um),
@@ -796,6 +816,6 @@ def summarize_subject(images: list[ImageSummary], ranges: NormalRanges, um_per_p
     }
     abnormal_shapes = None if flags["crossing"] is None and flags["tortuous"] is None else bool(flags["crossing"] or flags["tortuous"])
     out["flags"] = flags
-    out["fast_track"] = fast_track(dens, giant_present, abnormal_shapes)
+    out["fast_track"] = fast_track(dens, giant, abnormal_shapes)
     out["fast_track_note"] = "EULAR Fast Track rule applied to automatic measurements: suggestive, not a diagnosis"
     return out

@@ -1,4 +1,5 @@
 """Morphology measurements on drawn shapes of known size, flags, uncalibrated handling, Fast Track."""
+import dataclasses
 import math
 
 import cv2
@@ -341,3 +342,27 @@ def test_focus_comes_from_the_measured_edge_blur_not_the_segmentation_label():
         m0 = measure_capillary(cap, labels * seg_label, um_per_px=None, ranges=RANGES)
         assert m0.focus_source == "segmentation" and m0.edge_blur_px is None
         assert m0.label == ("blurred" if seg_label == BLURRED else "clear")
+
+
+def test_an_out_of_focus_giant_makes_the_fast_track_undecidable_not_positive():
+    """Giant apexes count over CLEAR loops only (like the fractions and mean widths); a giant
+    flag on an out-of-focus loop (blur or a haemorrhage beside it widens its apex) is counted
+    apart and leaves "giant present" undecidable, so the Fast Track cannot call a scleroderma
+    pattern on it — nor rule one out."""
+    from stream.morphology import CapillaryMorphology, giant_present
+
+    def morph(i, label, giant):
+        return CapillaryMorphology(i, label, "left", "given", 10.0, 12.0, 60.0 if giant else 14.0, 160.0, 340.0,
+                                   (100.0 * i, 50.0), (0, 0, 1, 1), flags={"giant": giant, "enlarged": False},
+                                   um_per_px=1.0)
+    clear = [morph(i, "clear", False) for i in range(1, 9)]
+    s = summarize_image(clear + [morph(9, "blurred", True)], (768, 1024), 1.0, 3)
+    assert s.giant_count == 0 and s.giant_unclear_count == 1
+    assert giant_present([s]) is None
+    sub = summarize_subject([dataclasses.replace(s, density_per_mm=9.0)], RANGES, 1.0)
+    assert sub["flags"]["giant"] is None and sub["fast_track"] == FAST_TRACK_INDETERMINATE
+    s2 = summarize_image(clear + [morph(9, "clear", True)], (768, 1024), 1.0, 3)
+    assert s2.giant_count == 1 and giant_present([s2]) is True
+    s3 = summarize_image(clear, (768, 1024), 1.0, 3)
+    assert giant_present([s3]) is False
+    assert giant_present([summarize_image(clear, (768, 1024), None, 3)]) is None
