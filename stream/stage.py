@@ -109,6 +109,8 @@ class _Track:
     windows: list = field(default_factory=list)     # flow.WindowResult
     events: list = field(default_factory=list)      # LineEvent, absolute frames
     skipped_windows: int = 0
+    n_flowing: int = 0      # gated windows so far, and those whose blood column registered
+    n_tracked: int = 0      # (running counts for wbc_tracked_frac: the live snapshot need not rescan)
     contrast: float = float("nan")   # log(tissue / vessel) at the last keyframe that measured it
 
     @property
@@ -116,6 +118,7 @@ class _Track:
         return float(self.cap.apex_index)
 
 
+LIVE_DIRECTION_WINDOWS = 600   # windows (10 min at a 1-s hop) the live snapshot reads a loop's flow direction from
 EVENT_STAT = "material"     # see stream.flow.WindowAnalyzer.event_stat
 EVENT_MEAN_THRESHOLD = 3.4   # mean brightness along the cell's path in robust SDs of the (log grey level)
 #                              kymograph; chosen on dev seeds 301/303-306 (count error +13, -11, +10, -21,
@@ -581,6 +584,9 @@ class AnalysisStage:
     def _store_window(self, tr: _Track, res: flow.WindowResult) -> None:
         with self._lock:
             tr.windows.append(res)
+            if res.gated:
+                tr.n_flowing += 1
+                tr.n_tracked += bool(res.material_quality >= flow.WindowAnalyzer.material_min_quality)
             for e in res.events:
                 _merge_event(tr.events, e)
             self.windows_done += 1
@@ -769,7 +775,9 @@ class AnalysisStage:
                 if not tr.active:
                     continue
                 sp = self._speeds(tr, last_windows=5)
-                allsp = self._speeds(tr)
+                # flow direction from the recent windows: over all of them, a long live session's
+                # snapshots (4 a second, every loop) grew to ≈ 80 ms after an hour
+                allsp = self._speeds(tr, last_windows=LIVE_DIRECTION_WINDOWS)
                 cl = tr.cap.centerline
                 rev = allsp["direction"] < 0
                 obs = self._observed_s(tr)
@@ -785,7 +793,7 @@ class AnalysisStage:
                     "wbc_count": len(tr.events),
                     "wbc_per_min": _r(len(tr.events) / obs * 60.0) if obs > 0 else None,
                     "wbc_margin": _wbc_margin(tr.events),
-                    "wbc_tracked_frac": _r(_tracked_frac(tr.windows)),
+                    "wbc_tracked_frac": _r(tr.n_tracked / tr.n_flowing) if tr.n_flowing else None,
                     "out_of_view_frac": _r(tr.buffer.out_of_view_fraction),
                     "recent_events": [{"t_s": _r(e.t_frame / self.fps), "speed_um_s": _r(self._um(abs(e.speed_px_per_frame))),
                                        "speed_px_per_frame": _r(abs(e.speed_px_per_frame)), "strength": _r(e.strength)}
