@@ -302,25 +302,28 @@ class Stabilizer:
                  static_mask: np.ndarray | None = None) -> None:
         """Replace the reference by an image already in reference coordinates (e.g. the stabilized
         mean of recent frames) and optionally re-pick the ROI from ``roi_weight`` (e.g. a vessel
-        mask, same shape). ``static_mask`` (same shape, nonzero = static): see
-        :meth:`set_roi_weight`."""
+        mask, same shape). ``static_mask``: see :meth:`_use_static_mask`."""
         if self.shape is None or reference.shape != self.shape:
             raise ValueError("reanchor: reference must have the stream's shape")
         if roi_weight is not None and not np.any(roi_weight):
             roi_weight = None
-        if static_mask is not None and static_mask.shape == reference.shape:
-            self._static = (np.asarray(static_mask) > 0).astype(np.uint8)
+        self._use_static_mask(static_mask, reference.shape)
         self._set_reference(reference, roi_weight, self._prev_shift)
+
+    def _use_static_mask(self, static_mask: np.ndarray | None, shape: tuple[int, ...]) -> None:
+        """Keep ``static_mask`` (bool/uint8 of ``shape``, nonzero = static: everything but the
+        inside of flowing vessels) for the ROIs' templates, so the fine match uses only pixels
+        whose appearance does not change over time; None or another shape: no change."""
+        if static_mask is not None and static_mask.shape == shape:
+            self._static = (np.asarray(static_mask) > 0).astype(np.uint8)
 
     def set_roi_weight(self, weight: np.ndarray, static_mask: np.ndarray | None = None) -> None:
         """Re-pick the fine-stage ROI from ``weight`` (reference coordinates), keeping the
-        reference image. ``static_mask`` (bool/uint8, same shape) marks pixels whose appearance
-        does not change over time (everything but the inside of flowing vessels): the fine match
-        then uses only those, so moving red-cell texture cannot drag the registration."""
+        reference image. ``static_mask``: see :meth:`_use_static_mask` (moving red-cell texture
+        then cannot drag the registration)."""
         if self._ref_full is None or weight.shape != self._ref_full.shape or not np.any(weight):
             return
-        if static_mask is not None and static_mask.shape == weight.shape:
-            self._static = (static_mask > 0).astype(np.uint8)
+        self._use_static_mask(static_mask, weight.shape)
         self._set_reference(self._ref_full, weight, self._prev_shift)
 
     # ----------------------------------------------------------------- per frame
