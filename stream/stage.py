@@ -110,12 +110,17 @@ class _Track:
     events: list = field(default_factory=list)      # LineEvent, absolute frames
     skipped_windows: int = 0
     n_flowing: int = 0      # gated windows so far, and those whose blood column registered
-    n_tracked: int = 0      # (running counts for wbc_tracked_frac: the live snapshot need not rescan)
+    n_tracked: int = 0      # (running counts of _tracked_frac's rule: the live snapshot need not rescan)
     contrast: float = float("nan")   # log(tissue / vessel) at the last keyframe that measured it
 
     @property
     def anchor(self) -> float:
         return float(self.cap.apex_index)
+
+    @property
+    def tracked_frac(self) -> float | None:
+        """:func:`_tracked_frac` of :attr:`windows`, from the running counts."""
+        return self.n_tracked / self.n_flowing if self.n_flowing else None
 
 
 LIVE_DIRECTION_WINDOWS = 600   # windows (10 min at a 1-s hop) the live snapshot reads a loop's flow direction from
@@ -584,9 +589,8 @@ class AnalysisStage:
     def _store_window(self, tr: _Track, res: flow.WindowResult) -> None:
         with self._lock:
             tr.windows.append(res)
-            if res.gated:
-                tr.n_flowing += 1
-                tr.n_tracked += bool(res.material_quality >= flow.WindowAnalyzer.material_min_quality)
+            tr.n_flowing += bool(res.gated)
+            tr.n_tracked += _column_registered(res)
             for e in res.events:
                 _merge_event(tr.events, e)
             self.windows_done += 1
@@ -793,7 +797,7 @@ class AnalysisStage:
                     "wbc_count": len(tr.events),
                     "wbc_per_min": _r(len(tr.events) / obs * 60.0) if obs > 0 else None,
                     "wbc_margin": _wbc_margin(tr.events),
-                    "wbc_tracked_frac": _r(tr.n_tracked / tr.n_flowing) if tr.n_flowing else None,
+                    "wbc_tracked_frac": _r(tr.tracked_frac),
                     "out_of_view_frac": _r(tr.buffer.out_of_view_fraction),
                     "recent_events": [{"t_s": _r(e.t_frame / self.fps), "speed_um_s": _r(self._um(abs(e.speed_px_per_frame))),
                                        "speed_px_per_frame": _r(abs(e.speed_px_per_frame)), "strength": _r(e.strength)}
@@ -924,7 +928,7 @@ class AnalysisStage:
                 observed_s=obs, wbc_count=len(evs),
                 wbc_per_min=(len(evs) / obs * 60.0) if obs > 0 else None,
                 wbc_margin=_wbc_margin(evs),
-                wbc_tracked_frac=_tracked_frac(tr.windows),
+                wbc_tracked_frac=tr.tracked_frac,
                 out_of_view_frac=float(tr.buffer.out_of_view_fraction),
                 vessel_contrast=round(tr.contrast, 4) if math.isfinite(tr.contrast) else None,
                 wbc_events=[WbcEvent(t_s=e.t_frame / self.fps, speed_um_s=self._um(abs(e.speed_px_per_frame)),
@@ -954,10 +958,13 @@ def _tracked_frac(windows) -> float | None:
     unreliable: on 8 synthetic clips (60 s) the 5 loops under 0.25 (tortuous or crossing loops
     traced through a fused band, a faint corner loop) counted 0, 0, 0.08, 0.5 and 0.56 of their
     cells; the 68 loops at ≥ 0.5 counted 0.44–1.67 (most 0.8–1.2)."""
-    g = [w for w in windows if w.gated]
-    if not g:
-        return None
-    return float(np.mean([w.material_quality >= flow.WindowAnalyzer.material_min_quality for w in g]))
+    n = sum(bool(w.gated) for w in windows)
+    return sum(_column_registered(w) for w in windows) / n if n else None
+
+
+def _column_registered(w: flow.WindowResult) -> bool:
+    """A flowing window whose blood column registered (the rule behind :func:`_tracked_frac`)."""
+    return bool(w.gated and w.material_quality >= flow.WindowAnalyzer.material_min_quality)
 
 
 def _wbc_margin(events) -> float | None:

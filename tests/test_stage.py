@@ -210,10 +210,12 @@ def test_toy_stabilization_and_report(toy_run, tmp_path):
     snap = stage.snapshot()
     json.dumps(snap, allow_nan=False)
     assert snap["health"]["frames_in"] == 240 and len(snap["capillaries"]) == 3
-    # the snapshot's running counts give the report's wbc_tracked_frac
+    # the snapshot's running counts give the report's wbc_tracked_frac, and the share over the windows
+    from stream.stage import _tracked_frac
     by_id = {c.id: c for c in rep.capillaries}
     for c in snap["capillaries"]:
         assert c["wbc_tracked_frac"] == pytest.approx(by_id[c["id"]].wbc_tracked_frac, abs=1e-3)
+        assert c["wbc_tracked_frac"] == pytest.approx(_tracked_frac(stage.tracks[c["id"]].windows), abs=1e-3)
     assert stage.kymograph_image(snap["capillaries"][0]["id"]).dtype == np.uint8
     assert stage.stabilized_frame().shape == (384, 512)
 
