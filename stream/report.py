@@ -17,6 +17,8 @@ the first frame; NaN/unknown values are ``null``)::
       "duration_s": 60.0,
       "warnings": ["..."],                 # human-readable problems (no capillaries, black video…)
       "stabilization": {"residual_px": null | {"median","p95","max"},   # only when truth is known
+                        "offset_px": null | [dx, dy],                   # ... its median: where the reference sits
+                        "jitter_px": null | {"median","p95","max"},     # ... the residual less that offset
                         "confidence": {"median","p05","min"},           # phase-correlation response
                         "mean_shift_px", "max_shift_px", "reanchors"},
       "gaps": [{"start_seq","end_seq","frames_missing","t_start","t_end"}],   # stream gaps

@@ -200,10 +200,27 @@ def test_a_loop_whose_blood_column_does_not_register_has_its_count_flagged():
     assert _tracked_frac([w(0.5)] * 9 + [w(0.95)]) < WBC_TRACKED_LOW
 
 
+def test_stabilization_offset_and_jitter_from_truth():
+    """A registration that is right up to a constant offset (the reference sat 0.6 px off the
+    first frame's true position) has that offset and no jitter; the residual keeps both."""
+    cfg = load_config().with_overrides(um_per_px=1.2, fps=20.0)
+    stage = AnalysisStage(cfg, segmenter=TruthSegmenter(np.zeros((64, 64), np.uint8)), fps=20.0)
+    rng = np.random.default_rng(0)
+    truth = rng.normal(0, 2.0, (50, 2))
+    stage.shifts.extend((x + 0.6, y - 0.2, 0.9, 0.0) for x, y in truth)
+    stage.frames_in = 50
+    st = stage._build_report("t", truth).stabilization
+    assert st["offset_px"] == pytest.approx([0.6, -0.2])
+    assert st["jitter_px"]["max"] < 1e-9
+    assert st["residual_px"]["median"] == pytest.approx(np.hypot(0.6, 0.2))
+
+
 def test_toy_stabilization_and_report(toy_run, tmp_path):
     _, stage, rep = toy_run
     res = rep.stabilization["residual_px"]
     assert res["median"] < 0.25 and res["p95"] < 0.5
+    jit, off = rep.stabilization["jitter_px"], rep.stabilization["offset_px"]   # see the test above
+    assert jit["p95"] < 0.5 and len(off) == 2 and np.hypot(*off) < 0.5
     d = rep.to_dict()
     assert d["schema"] == "nailfold.video-report/1" and d["calibrated"] is True
     json.dumps(d, allow_nan=False)
