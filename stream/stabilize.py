@@ -317,15 +317,6 @@ class Stabilizer:
         if static_mask is not None and static_mask.shape == shape:
             self._static = (np.asarray(static_mask) > 0).astype(np.uint8)
 
-    def set_roi_weight(self, weight: np.ndarray, static_mask: np.ndarray | None = None) -> None:
-        """Re-pick the fine-stage ROI from ``weight`` (reference coordinates), keeping the
-        reference image. ``static_mask``: see :meth:`_use_static_mask` (moving red-cell texture
-        then cannot drag the registration)."""
-        if self._ref_full is None or weight.shape != self._ref_full.shape or not np.any(weight):
-            return
-        self._use_static_mask(static_mask, weight.shape)
-        self._set_reference(self._ref_full, weight, self._prev_shift)
-
     # ----------------------------------------------------------------- per frame
     def _refine(self, template: np.ndarray, gray: np.ndarray, tx: float, ty: float) -> tuple[float, float, float]:
         """Sub-pixel refinement of a shift estimate (tx, ty): the ROI of ``gray`` is resampled at
