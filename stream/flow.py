@@ -23,6 +23,9 @@ the per-frame speed is tracked through the window (:func:`speed_track`), every s
 back along the integrated displacement, and a bright object carried by the flow is a peak of the
 mean brightness at its material coordinate (:func:`material_events`) — straight Radon lines miss
 cells in strongly pulsatile flow, whose paths curve within a transit.
+The stage counts that brightness in SDs of the material profile (``event_unit="profile"``,
+:func:`profile_unit`), not of the kymograph's samples: camera noise averages out of the profile
+over the frames that saw each point, and a noisy camera would otherwise weaken every event.
 When the flow crosses the kymograph in less than half a window (fast flow), the window also gives
 time-resolved speeds (row cross-correlation on sub-windows of half a transit time), so that
 pulsatile flow is averaged over the cardiac cycle instead of locking onto one phase.
@@ -360,6 +363,26 @@ def profile_quality(ke: np.ndarray, prof: np.ndarray, rows: np.ndarray, min_rows
     return float(np.clip(np.var(prof[full]) / rv, 0.0, 1.0)) if rv > 0 else 0.0
 
 
+def profile_unit(ke: np.ndarray, profile: tuple, sd: float, floor: float = 0.3) -> float:
+    """The SD of a kymograph window's material profile that a bright event must be measured
+    against: ``√(sd² − var(residual))``, the residual being each sample minus its bin of the
+    profile (``profile = (X, m0, prof, rows)`` of :func:`material_profile`; robust SD, every
+    other row and column). Camera noise is independent from frame to frame and averages out of
+    the profile, red-cell texture moves with the blood and stays: with little noise this is
+    ≈ ``sd``; with strong noise (measured: a 0.35× contrast camera with noise σ 12 grey levels)
+    ≈ 0.7 ``sd``, and events counted in ``sd`` came out 25 % too weak. At least ``floor`` × ``sd``."""
+    X, m0, prof, rows = profile
+    t, n = ke.shape
+    if prof.size < 2 or t < 2:
+        return float(sd)
+    u = np.arange(0, n, 2, dtype=np.float64)[None, :] - np.asarray(X, np.float64)[::2, None] - float(m0)
+    i0 = np.clip(np.floor(u).astype(np.int64), 0, prof.size - 2)
+    f = np.clip(u - i0, 0.0, 1.0)
+    back = prof[i0] * (1.0 - f) + prof[i0 + 1] * f
+    r = radon.robust_sd((np.asarray(ke[::2, ::2], np.float64) - back).ravel())
+    return float(math.sqrt(max(sd * sd - r * r, (floor * sd) ** 2)))
+
+
 def tests_threshold(threshold: float, tests_per_frame: float, ref_tests_per_frame: float, slope: float,
                     floor: float, slope_above: float = 0.0) -> float:
     """Event threshold (SDs) for a window that tested ``tests_per_frame`` independent stretches of
@@ -497,6 +520,10 @@ class WindowAnalyzer:
     event_stat: str = "material"     # "material": mean brightness along the object's own path in the
     #                                  material profile (pulsatile flow); "mean": straight-line mean / sample
     #                                  SD; "rows": straight-line sum vs its speed's spread
+    event_unit: str = "kymograph"    # the SD the material events' strength is counted in: "kymograph" (of its
+    #                                  samples) or "profile" (:func:`profile_unit`: what the material
+    #                                  profile keeps of it — camera noise averages out over the frames
+    #                                  that saw the blood, red-cell texture does not)
     credible_quality: float = 0.35   # below this profile quality AND below ``credible_corr`` row
     credible_corr: float = 0.25      # correlation a gated window is not trusted (see ``analyze``)
     agree_corr: float = 0.12         # ... unless the row correlation is at least this and its speed
@@ -665,6 +692,8 @@ class WindowAnalyzer:
                     ev_k, log_sd = self._log_kymograph(raw, background, with_sd=True)
                     ev_prof = (prof[0], *_profile_from_x(ev_k, prof[0]))
                 ev_sd = radon.robust_sd(ev_k[::2, ::2].ravel()) or 1.0
+                if self.event_unit == "profile":
+                    ev_sd = profile_unit(ev_k, ev_prof, ev_sd)
                 vc = vessel_contrast
                 use_fraction = (self.event_min_fraction > 0 and bool(log_sd) and vc is not None
                                 and vc >= self.min_vessel_contrast)   # False for NaN

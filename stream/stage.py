@@ -125,9 +125,14 @@ class _Track:
 
 LIVE_DIRECTION_WINDOWS = 600   # windows (10 min at a 1-s hop) the live snapshot reads a loop's flow direction from
 EVENT_STAT = "material"     # see stream.flow.WindowAnalyzer.event_stat
-EVENT_MEAN_THRESHOLD = 3.4   # mean brightness along the cell's path in robust SDs of the (log grey level)
-#                              kymograph; chosen on dev seeds 301/303-306 (count error +13, -11, +10, -21,
-#                              +15 %; was +22, -4, -48, -62, +19 % at 4.2 on grey levels)
+EVENT_UNIT = "profile"      # see stream.flow.WindowAnalyzer.event_unit
+EVENT_MEAN_THRESHOLD = 3.54  # mean brightness along the cell's path in SDs of the (log grey level) material
+#                              profile (EVENT_UNIT). 3.4 in SDs of the kymograph was chosen on dev seeds
+#                              301/303-306; in the profile's SD (larger strengths wherever camera noise
+#                              averages out) 3.54 = 3.4 × 1.04 gave tuning seeds 201-211, 401 (60 s,
+#                              candidate log replayed) count error −0.3 % overall, every clip within
+#                              ±10 % (mean |error| 4.0 %, per loop 13 %; 3.4 in kymograph SDs: +2.3 %, 11 of
+#                              12, 5.9 %, 16 %). The slope and floor below are scaled alike
 EVENT_MIN_FRACTION = 0.5     # ... and, where the tissue around the loop is measured, the event must
 #                              brighten the blood column by ≥ this share of the loop's log contrast
 #                              log(tissue / vessel), read on the keyframe (kymograph.loop_contrast): a
@@ -146,9 +151,9 @@ EVENT_CLEAR_FRACTION = 0.3   # the texture) needs only this share. The share is 
 #                              0.5·I + 70 and 0.7·I + 60, counted the same: offset-lifted texture reads
 #                              3.4-4 SD)
 EVENT_REF_TESTS_PER_S = 40.0  # EVENT_MEAN_THRESHOLD holds for windows that test this many independent
-EVENT_TESTS_SLOPE = 0.4       # cell-sized stretches of blood per second (≈ 500 µm/s); slow flow tests fewer
-EVENT_TESTS_FLOOR = 2.8       # (fewer false events, more cells lost at one threshold): the threshold drops
-EVENT_TESTS_SLOPE_ABOVE = 0.1  # 0.4 SD per e-fold, to 2.8; fast flow more: it rises 0.1 per e-fold
+EVENT_TESTS_SLOPE = 0.42      # cell-sized stretches of blood per second (≈ 500 µm/s); slow flow tests fewer
+EVENT_TESTS_FLOOR = 2.9       # (fewer false events, more cells lost at one threshold): the threshold drops
+EVENT_TESTS_SLOPE_ABOVE = 0.1  # 0.42 SD per e-fold, to 2.9; fast flow more: it rises 0.1 per e-fold
 #                               (stream.flow.tests_threshold). Window replays of seeds 201-211 (60 s), count
 #                               error per speed band < 300 / 300-500 / 500-900 / ≥ 900 µm/s: fixed 3.4 SD
 #                               -28 / -17 / +7 / +9 % (old centerlines); this rule (lumen centerlines)
@@ -552,6 +557,7 @@ class AnalysisStage:
         smooth = EVENT_SIZE_UM / self.um_per_px if self.um_per_px else EVENT_SIZE_PX
         return (("n_frames", n), ("n_px", npx), ("anchor", tr.anchor), ("v_lo", lo), ("v_hi", hi),
                 ("event_threshold", EVENT_THRESHOLD), ("event_smooth_px", smooth), ("event_stat", EVENT_STAT),
+                ("event_unit", EVENT_UNIT),
                 ("event_mean_threshold", EVENT_MEAN_THRESHOLD), ("event_row_threshold", EVENT_ROW_THRESHOLD),
                 ("event_min_fraction", EVENT_MIN_FRACTION),
                 ("event_clear_strength", EVENT_CLEAR_STRENGTH), ("event_clear_fraction", EVENT_CLEAR_FRACTION),

@@ -393,3 +393,26 @@ def test_slow_flow_finds_weak_cells_without_more_false_events():
         same = _slow_events((20.0, 52.0), seed, v_mean=12.0, threshold=3.4, ref_tests_per_frame=1.0,
                             tests_slope=0.4, tests_floor=2.8)
         assert [e.t_frame for e in fast] == [e.t_frame for e in same]
+
+
+def test_profile_unit_keeps_the_texture_and_drops_the_camera_noise():
+    """Texture carried by the flow stays in the material profile, camera noise averages out over
+    the frames that saw each point: the unit events are counted in follows the texture's SD
+    (kymograph SD without noise; ≈ the texture's with noise 2× stronger than it), so a noisy
+    camera no longer weakens every event by the noise's share of the kymograph SD."""
+    rng = np.random.default_rng(5)
+    t, n, v = 80, 300, 6.0
+    tex = gaussian_filter1d(rng.standard_normal(n + int(v * t) + 16), 2.0)
+    tex /= tex.std()
+    rows = np.arange(t)[:, None]
+    cols = np.arange(n)[None, :]
+    clean = tex[(cols - v * rows + v * t).astype(int)]          # material m = c − v·t
+    d = np.full(t, v)
+    for noise, lo, hi in ((0.0, 0.9, 1.05), (2.0, 0.8, 1.3)):
+        k = clean + noise * rng.standard_normal(clean.shape)
+        k = k - k.mean(axis=1, keepdims=True)
+        sd = radon.robust_sd(k.ravel())
+        unit = flow.profile_unit(k, flow.material_profile(k, d, refine=0), sd)
+        assert lo < unit < hi, (noise, sd, unit)
+        if noise:
+            assert unit < 0.6 * sd       # the kymograph's SD is mostly noise (≈ 2.2)
