@@ -889,8 +889,9 @@ class AnalysisStage:
         if self.um_per_px is None:
             rep.warnings.append("uncalibrated: pixel size unknown, speeds in px/frame only (set --um-per-px)")
         sh = np.array(self.shifts, np.float64).reshape(-1, 4)
-        stab: dict = {"residual_px": None, "offset_px": None, "jitter_px": None, "confidence": None, "mean_shift_px": None, "max_shift_px": None,
-                      "max_rotation_deg": None, "reanchors": self.stabilizer.reanchors}
+        stab: dict = {"residual_px": None, "offset_px": None, "jitter_px": None, "confidence": None,
+                      "mean_shift_px": None, "max_shift_px": None, "max_rotation_deg": None,
+                      "reanchors": self.stabilizer.reanchors}
         if len(sh):
             mag = np.hypot(sh[:, 0], sh[:, 1])
             stab.update(confidence={"median": float(np.median(sh[:, 2])), "p05": float(np.percentile(sh[:, 2], 5)),
@@ -899,16 +900,15 @@ class AnalysisStage:
                         max_rotation_deg=float(np.degrees(np.abs(sh[:, 3]).max())))
             if true_shifts is not None:
                 ts = np.asarray(true_shifts, np.float64).reshape(-1, 2)[:len(sh)]
-                err = np.hypot(sh[:len(ts), 0] - ts[:, 0], sh[:len(ts), 1] - ts[:, 1])
-                stab["residual_px"] = _spread(err)
+                e = sh[:len(ts), :2] - ts
+                stab["residual_px"] = _spread(np.hypot(e[:, 0], e[:, 1]))
                 # the same error less its median: the reference is a noisy first frame (or a mean
                 # registered to one), so the whole coordinate frame may sit a fraction of a px off
                 # the first frame's true position; every kymograph is sampled in that frame, so
                 # what moves their samples is the jitter about it
-                off = np.median(sh[:len(ts), :2] - ts, axis=0)
+                off = np.median(e, axis=0)
                 stab["offset_px"] = [float(off[0]), float(off[1])]
-                stab["jitter_px"] = _spread(np.hypot(sh[:len(ts), 0] - ts[:, 0] - off[0],
-                                                     sh[:len(ts), 1] - ts[:, 1] - off[1]))
+                stab["jitter_px"] = _spread(np.hypot(e[:, 0] - off[0], e[:, 1] - off[1]))
             if np.median(sh[:, 2]) < 0.05:
                 rep.warnings.append("stabilization confidence is low (little texture or strong motion)")
         rep.stabilization = stab
