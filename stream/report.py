@@ -79,6 +79,13 @@ WBC_MARGIN_LOW = 1.3      # CapillaryFlow.wbc_margin below which the counted cel
 WBC_TRACKED_LOW = 0.25    # CapillaryFlow.wbc_tracked_frac below which the WBC count is unreliable (a warning)
 
 
+def wbc_count_unreliable(flow_state: str | None, tracked_frac: float | None) -> bool:
+    """A flowing loop whose blood column registered in fewer than ``WBC_TRACKED_LOW`` of its
+    flowing windows (``wbc_tracked_frac``): its WBC count is unreliable. A loop without a
+    measured flow (another ``flow_state``) says so through its speed instead."""
+    return flow_state == "flowing" and tracked_frac is not None and tracked_frac < WBC_TRACKED_LOW
+
+
 def _clean(x: Any) -> Any:
     """NaN/inf → None, numpy scalars → Python, floats rounded to 5 decimals, recursively."""
     if isinstance(x, dict):

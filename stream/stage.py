@@ -71,7 +71,8 @@ from stream.kymograph import (KymographBank, KymographBuffer, column_mean, destr
                               loop_contrast, tissue_level,
                               resample_polyline, sample_row, sampling_maps, to_uint8)
 from stream.radon import LineEvent
-from stream.report import OUT_OF_VIEW_WARN, WBC_TRACKED_LOW, CapillaryFlow, VideoReport, WbcEvent
+from stream.report import (OUT_OF_VIEW_WARN, WBC_TRACKED_LOW, CapillaryFlow, VideoReport, WbcEvent,
+                           wbc_count_unreliable)
 from stream.stabilize import Stabilizer, warp_to_reference
 
 log = logging.getLogger(__name__)
@@ -948,8 +949,7 @@ class AnalysisStage:
                                      speed_px_per_frame=abs(e.speed_px_per_frame), strength=e.strength)
                             for e in evs])
             rep.capillaries.append(cf)
-        lost = [c for c in rep.capillaries if c.flow_state == "flowing" and c.wbc_tracked_frac is not None
-                and c.wbc_tracked_frac < WBC_TRACKED_LOW]   # (a loop without a speed is flagged by that)
+        lost = [c for c in rep.capillaries if wbc_count_unreliable(c.flow_state, c.wbc_tracked_frac)]
         if lost:
             rep.warnings.append(
                 f"capillaries {', '.join(str(c.id) for c in lost)}: the blood column could be followed in fewer "

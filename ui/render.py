@@ -12,7 +12,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from stream.report import OUT_OF_VIEW_WARN, WBC_MARGIN_LOW, WBC_TRACKED_LOW
+from stream.report import OUT_OF_VIEW_WARN, WBC_MARGIN_LOW, wbc_count_unreliable
 
 # BGR colours per morphology class (overlay) — normal green, abnormal warm colours.
 CLASS_COLORS = {
@@ -235,8 +235,8 @@ def untracked_text(cap: dict) -> str:
     be followed there, so its WBC count is unreliable (synthetic loops there counted 0–0.56 of
     their cells)."""
     f = cap.get("wbc_tracked_frac")
-    if f is None or f >= WBC_TRACKED_LOW or cap.get("flow_state", "flowing") != "flowing":
-        return ""   # a loop without a measured flow says so through its speed
+    if not wbc_count_unreliable(cap.get("flow_state", "flowing"), f):
+        return ""
     return f"**WBC count unreliable**: blood column followed in {100 * f:.0f} % of the windows · "
 
 
