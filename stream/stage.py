@@ -306,6 +306,34 @@ def _bridged(c: Capillary, frames: list) -> Capillary:
     return alt
 
 
+def _apex_extended(c: Capillary, frames: list) -> Capillary:
+    """``c`` with its apex taken up to the top of a filled apex cap
+    (:func:`stream.capillaries.extend_filled_apex`), resampled at 1 px, if the texture moves at
+    least as coherently along the new path over the recent ``frames`` (:func:`_coherence`);
+    else ``c``."""
+    from stream.capillaries import extend_filled_apex
+    w = np.asarray(c.width_px, np.float64)
+    wf = w[np.isfinite(w) & (w > 0)] if w.ndim else np.asarray([float(w)])
+    if len(frames) < 8 or c.mask is None:
+        return c
+    ext = extend_filled_apex(c.centerline, c.apex_index, float(np.median(wf)) if wf.size else 3.0, c.mask, c.bbox)
+    if ext is None:
+        return c
+    cl, ai = ext
+    from scipy.spatial import cKDTree
+    old = np.asarray(c.centerline, np.float64)
+    wn = (w[cKDTree(old).query(cl)[1]] if w.ndim else np.full(len(cl), float(w))).astype(np.float32)  # nearest old point's
+    alt = _unit_spacing(dataclasses.replace(c, centerline=cl.astype(np.float32), width_px=wn, apex_index=ai,
+                                            apex=(float(cl[ai, 0]), float(cl[ai, 1]))))
+    base, sc = _coherence(c, frames), _coherence(alt, frames)
+    if sc < base:
+        return c
+    log.debug("capillary %s: apex taken up a filled cap, %.0f → %.0f px (coherence %.2f → %.2f)",
+              c.id, c.length_px, alt.length_px, base, sc)
+    alt.extra = dict(alt.extra, apex_extended=True)
+    return alt
+
+
 def _done(result) -> concurrent.futures.Future:
     """A finished future holding ``result``."""
     f: concurrent.futures.Future = concurrent.futures.Future()
@@ -706,6 +734,7 @@ class AnalysisStage:
         hist = list(self._history)
         c = _through_crossings(c, hist)
         c = _bridged(c, hist)
+        c = _apex_extended(c, hist)
         n = self.bank.add(c.id, c.centerline, c.width_px)
         if n != len(c.centerline):
             raise AssertionError("kymograph length must equal the centerline length")

@@ -397,3 +397,32 @@ def test_a_trace_passing_twice_through_a_junction_is_smoothed_onto_the_limbs():
     assert float(cKDTree(straight).query(out)[0].max()) < 1.5           # back on the limbs
     same, none = bridge_junctions(straight, width=8.0)
     assert none == [] and np.array_equal(same, straight)
+
+
+def test_a_filled_apex_cap_is_reached_and_an_open_apex_is_left_alone():
+    """Limbs running close below the apex: the mask fills the space between them, and a trace
+    along the cycle that closes below the cap turns short of the apex. The extension takes it up
+    to half a width below the mask's top; a loop whose apex is where its mask ends keeps it."""
+    from stream.capillaries import extend_filled_apex
+    w, top_y, x_l, x_r = 6, 20, 40, 60
+    mask = np.zeros((200, 100), bool)
+    mask[top_y:180, x_l - 3:x_l + 3] = True          # left limb
+    mask[top_y:180, x_r - 3:x_r + 3] = True          # right limb
+    mask[top_y:top_y + 25, x_l - 3:x_r + 3] = True   # filled cap over 25 px
+    # trace: up the left limb, across at y = 40 (the cycle closes below the cap), down the right
+    left = np.stack([np.full(140, x_l), np.arange(179, 39, -1)], 1)
+    across = np.stack([np.arange(x_l + 1, x_r), np.full(x_r - x_l - 1, 40)], 1)
+    right = np.stack([np.full(140, x_r), np.arange(40, 180)], 1)
+    cl = np.concatenate([left, across, right]).astype(np.float64)
+    ai = 140 + len(across) // 2
+    out = extend_filled_apex(cl, ai, float(w), mask, (0, 0, 100, 200))
+    assert out is not None
+    new, nai = out
+    assert new[nai, 1] == pytest.approx(top_y + w / 2, abs=0.01) and new[nai, 0] == pytest.approx(cl[ai, 0])
+    length = lambda p: float(np.hypot(*np.diff(p, axis=0).T).sum())   # noqa: E731
+    assert length(new) > length(cl) + 2 * 10                         # ≈ 2 × (40 − 23) px more
+    assert np.allclose(new[:20], cl[:20]) and np.allclose(new[-20:], cl[-20:])   # the limbs as they were
+    # an open apex: the mask ends half a width above the trace
+    mask2 = np.zeros_like(mask)
+    mask2[37:180, x_l - 3:x_r + 3] = True
+    assert extend_filled_apex(cl, ai, float(w), mask2, (0, 0, 100, 200)) is None
