@@ -44,8 +44,7 @@ the first frame; NaN/unknown values are ``null``)::
           "observed_s": 58.0,                      # time the capillary was sampled
           "wbc_count": 12,                         # bright-line events (white cells / plasma gaps)
           "wbc_per_min": 12.4,
-          "wbc_margin": 1.42,                      # median strength / threshold of those events:
-                                                   #  < 1.3 → cells near the texture, count may be low
+          "wbc_margin": 1.42,                      # median strength / threshold of those events
           "wbc_tracked_frac": 0.95,                # share of flowing windows whose blood column registered:
                                                    #  < 0.25 → count unreliable (a report warning)
           "wbc_events": [{"t_s": 3.15,             # time the event passes the apex
@@ -75,7 +74,6 @@ from nailfold.io import atomic_write_text
 SCHEMA = "nailfold.video-report/1"
 SET_SCHEMA = "nailfold.video-report-set/1"
 OUT_OF_VIEW_WARN = 0.02   # a capillary with this share of its samples outside the frame gets a warning
-WBC_MARGIN_LOW = 1.3      # CapillaryFlow.wbc_margin below which the counted cells are faint: the count may be low
 WBC_TRACKED_LOW = 0.25    # CapillaryFlow.wbc_tracked_frac below which the WBC count is unreliable (a warning)
 
 
@@ -130,10 +128,10 @@ class CapillaryFlow:
     observed_s: float = 0.0
     wbc_count: int = 0
     wbc_per_min: float | None = None
-    wbc_margin: float | None = None     # median strength / threshold of the counted events (null: none):
-    #                                     < WBC_MARGIN_LOW (1.3), the cells stand near the red-cell texture
-    #                                     and the count may be low (simulator variants: 0.2–0.9 of the
-    #                                     truth); ≥ 1.3: 0.85–0.95
+    wbc_margin: float | None = None     # median strength / threshold of the counted events (null: none).
+    #                                     How near the threshold the cells stood; not a reliability flag:
+    #                                     on 414 synthetic loops a low margin did not predict a low count
+    #                                     (docs/accuracy.md, stop 32); wbc_tracked_frac does
     wbc_tracked_frac: float | None = None  # share of the flowing windows in which the blood column
     #                                       registered (plasma gaps could be followed); null: no flow seen.
     #                                       < WBC_TRACKED_LOW (0.25): the count is unreliable (synthetic
