@@ -541,6 +541,29 @@ def limbs_swapped(est: dict, ref: dict, min_gain: float = 0.15) -> bool:
     return swapped + min_gain < straight
 
 
+KEYPOINT_MAX_OVER_MASK = 1.5   # a keypoint width above this × the mask's thickest diameter (+ 2 px) is not a width
+
+
+def plausible_keypoint_widths(kw: dict, mask: np.ndarray | None) -> tuple[dict, list[str]]:
+    """``kw`` (``{"left", "right", "apex"}`` px) with the widths no vessel in the instance ``mask``
+    (bool, bbox-sized) could have set to NaN, and their names. A vessel is no wider than the
+    mask's thickest part (2 × the largest distance to its edge, px) by more than
+    :data:`KEYPOINT_MAX_OVER_MASK` and 2 px (edge points may sit just outside the mask). On the
+    real reference image (2000 × 1500 px, mostly out of focus) the keypoint model gave limb widths
+    of 135–192 px on loops 46–64 px wide."""
+    if mask is None or not np.any(mask):
+        return kw, []
+    m = np.pad(np.asarray(mask, np.uint8), 1)
+    thick = 2.0 * float(cv2.distanceTransform(m, cv2.DIST_L2, cv2.DIST_MASK_PRECISE).max())
+    limit = KEYPOINT_MAX_OVER_MASK * thick + 2.0
+    out, dropped = dict(kw), []
+    for k in ("left", "right", "apex"):
+        if np.isfinite(out.get(k, np.nan)) and out[k] > limit:
+            out[k] = float("nan")
+            dropped.append(k)
+    return out, dropped
+
+
 def _swap_limbs(w: dict | None) -> dict | None:
     return None if w is None else dict(w, left=w["right"], right=w["left"])
 
@@ -558,6 +581,10 @@ def measure_capillary(cap: Capillary, labels: np.ndarray | None = None, keypoint
     notes: list[str] = []
     mw = mask_widths(cap)
     kw = keypoint_widths(keypoints) if keypoints else None
+    if kw is not None:
+        kw, dropped = plausible_keypoint_widths(kw, cap.mask)
+        if dropped:
+            notes.append("keypoint widths wider than the vessel's mask allows, not used: " + ", ".join(dropped))
     iw = None
     if image is not None:
         occupied = (labels != 0) if labels is not None else None
@@ -603,9 +630,9 @@ def measure_capillary(cap: Capillary, labels: np.ndarray | None = None, keypoint
         notes.append("only one limb measurable: arterial/venous assignment arbitrary")
     if cap.extra.get("single_limb"):
         notes.append("single limb found (limbs fused or one limb out of view): widths not measurable")
-        if kw is None:
-            widths = {k: float("nan") for k in widths}
-            source = {k: None for k in source}
+        for k in ("left", "right", "apex"):      # the fused mask's own widths are not the limbs'
+            if kw is None or source[k] == "mask":
+                widths[k], source[k] = float("nan"), None
     ven = "right" if side == "left" else "left"
     height = loop_height(cap.centerline, cap.apex_index)
     arc = cap.length_px

@@ -322,6 +322,26 @@ def test_keypoints_name_the_limbs_when_the_trace_swaps_them():
     assert limbs_swapped({"left": 10.0, "right": float("nan")}, {"left": 14.0, "right": 10.0}) is False
 
 
+def test_keypoint_widths_wider_than_the_mask_allows_are_dropped():
+    """A keypoint pair 100 px apart on a loop whose mask is ≈ 10 px thick is no width: dropped
+    with a note (the mask's width stands in); a 14-px pair on it is a width and is kept."""
+    from stream.morphology import plausible_keypoint_widths
+    pts = hairpin(sep=30)
+    mask = tube_mask((260, 200), pts, np.full(len(pts), 10.0))
+    cap, labels = one_cap(mask)
+    kp = {"up": (100, 40), "down": (100, 50), "left-left": (30, 120), "left-right": (130, 120),
+          "right-left": (110, 120), "right-right": (124, 120)}
+    m = measure_capillary(cap, labels, keypoints=kp, arterial_side="left")
+    assert np.isnan(m.keypoint_widths_px["left"]) and m.keypoint_widths_px["right"] == pytest.approx(14.0)
+    assert m.arterial_width_px == pytest.approx(m.mask_widths_px["left"]) and m.arterial_width_px < 12
+    assert any("wider than the vessel's mask allows" in t and "left" in t for t in m.notes)
+    limbs = mask[100:200]                                 # both limbs, 10 px thick: limit 1.5 × 10 + 2 = 17 px
+    kw, dropped = plausible_keypoint_widths({"left": 16.0, "right": 25.0, "apex": float("nan")}, limbs)
+    assert dropped == ["right"] and kw["left"] == 16.0 and np.isnan(kw["right"])
+    assert plausible_keypoint_widths({"left": 25.0, "right": 9.0, "apex": 9.0}, None) == (
+        {"left": 25.0, "right": 9.0, "apex": 9.0}, [])  # no mask: nothing to check against
+
+
 def test_fit_vessel_profile_recovers_diameter_and_rejects_flat():
     from stream.morphology import PROFILE_STEP_PX, cylinder_profile, fit_vessel_profile
     t = np.arange(-15, 15 + PROFILE_STEP_PX / 2, PROFILE_STEP_PX)
