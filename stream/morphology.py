@@ -550,7 +550,7 @@ def plausible_keypoint_widths(kw: dict, mask: np.ndarray | None) -> tuple[dict, 
     mask's thickest part (2 × the largest distance to its edge, px) by more than
     :data:`KEYPOINT_MAX_OVER_MASK` and 2 px (edge points may sit just outside the mask). On the
     real reference image (2000 × 1500 px, mostly out of focus) the keypoint model gave limb widths
-    of 135–192 px on loops 46–64 px wide."""
+    of 135–192 px on loops 40–64 px wide."""
     if mask is None or not np.any(mask):
         return kw, []
     m = np.pad(np.asarray(mask, np.uint8), 1)
