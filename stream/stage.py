@@ -19,7 +19,9 @@ Work split (for a live process with a second thread):
   segmentation of the stabilized mean of the last ``stage.keyframe_average`` frames every
   ``stage.keyframe_every`` frames (capillaries via ``extract_capillaries``, stable ids via
   ``match_ids``; a new capillary's centerline is moved onto the lumen ridge of the mean by
-  ``on_lumen`` and its kymograph back-filled from the recent frames; while the set
+  ``on_lumen`` — or the trace along its lumens where limbs touch, if the texture moves along
+  it more coherently (:func:`_better_trace`) — and its kymograph
+  back-filled from the recent frames; while the set
   of capillaries stays the same the interval doubles, up to 8×, and returns to the base on any
   change; where a new centerline passes back over itself — crossing or touching limbs — the
   variant that goes straight through the junction(s) is kept when its kymograph over the recent
@@ -249,6 +251,65 @@ def _coherence(c: Capillary, frames: list) -> float:
     return flow.xcorr_speed(k, max(8.0, len(c.centerline) / 3.0)).confidence
 
 
+def _column_quality(c: Capillary, frames: list) -> float:
+    """How well the blood column registers along ``c`` over ``frames`` (the stage's recent
+    history): :func:`stream.flow.profile_quality` of the material profile of the destriped,
+    normalized kymograph (speed from the row correlation, per-row speed track, smoothed along the
+    vessel over σ = 2 px), 0..1; 0 when no speed is seen. A path that strays off its vessel
+    somewhere averages the carried texture away there (< 0.6); a correct one keeps it (≈ 0.7–1)."""
+    maps = sampling_maps(c.centerline, c.width_px)
+    k = destripe(np.stack([sample_row(g, maps, dx, dy, a) for _, g, dx, dy, a in frames]))
+    k = k - k.mean(axis=1, keepdims=True)
+    sd = float(k.std())
+    if not sd > 0:
+        return 0.0
+    k = (k / sd).astype(np.float32)
+    v_max = max(8.0, len(c.centerline) / 3.0)
+    v0 = flow.xcorr_speed(k, v_max).speed_px_per_frame
+    if not (math.isfinite(v0) and v0 != 0.0):
+        return 0.0
+    from scipy.ndimage import gaussian_filter1d
+    ke = gaussian_filter1d(k, 2.0, axis=1, mode="nearest")
+    _, _, prof, rows = flow.material_profile(ke, flow.speed_track(k, v0, v_max))
+    return flow.profile_quality(ke, prof, rows)
+
+
+def _lumen_alternative(c: Capillary, mean: np.ndarray) -> Capillary | None:
+    """The trace along its lumens (:func:`stream.capillaries.lumen_trace`: where limbs touch or
+    cross, the skeleton's shortest path may cut across where they touch) of the new capillary
+    ``c`` in the keyframe ``mean``, as a Capillary prepared like ``c``: on the lumen ridge, 1 px
+    spaced, widths from ``c``'s nearest points (the lumen skeleton's own are narrower). None
+    when there is none. Only new tracks pay for it (≈ 3–5 ms a loop with junctions)."""
+    from scipy.spatial import cKDTree
+
+    from stream.capillaries import lumen_trace, on_lumen
+    alt_d = lumen_trace(c, mean)
+    if alt_d is None:
+        return None
+    cl = np.asarray(alt_d["centerline"], np.float32)
+    ai = int(alt_d["apex_index"])
+    w = np.asarray(c.width_px, np.float32)
+    wn = w[cKDTree(np.asarray(c.centerline, np.float64)).query(cl)[1]] if w.ndim else np.full(len(cl), float(w), np.float32)
+    return _unit_spacing(on_lumen(dataclasses.replace(
+        c, centerline=cl, width_px=wn, apex_index=ai, apex=(float(cl[ai, 0]), float(cl[ai, 1]))), mean))
+
+
+def _better_trace(c: Capillary, alt: Capillary, frames: list) -> Capillary:
+    """``alt`` (the lumen trace, after the same routing as ``c``) if the texture moves along it
+    more coherently over the recent ``frames`` (by ``CROSSING_MIN_GAIN``) and its blood column
+    registers at least as well (:func:`_column_quality`); else ``c``."""
+    base, sc = _coherence(c, frames), _coherence(alt, frames)
+    if sc < base + CROSSING_MIN_GAIN:
+        return c
+    qb, qa = _column_quality(c, frames), _column_quality(alt, frames)
+    log.debug("capillary %s: lumen trace %.0f → %.0f px, coherence %.2f → %.2f, column quality %.2f → %.2f",
+              c.id, c.length_px, alt.length_px, base, sc, qb, qa)
+    if qa < qb:
+        return c
+    alt.extra = dict(alt.extra, lumen_routed=True)
+    return alt
+
+
 def _through_crossings(c: Capillary, frames: list) -> Capillary:
     """Where the centerline passes back over itself (crossing or touching limbs) the skeleton
     trace may have turned at the junction instead of following the vessel through it, so that
@@ -332,6 +393,13 @@ def _apex_extended(c: Capillary, frames: list) -> Capillary:
               c.id, c.length_px, alt.length_px, base, sc)
     alt.extra = dict(alt.extra, apex_extended=True)
     return alt
+
+
+def _routed(c: Capillary, frames: list) -> Capillary:
+    """``c`` routed through its crossings, its junction passes smoothed and its apex taken up a
+    filled cap, each kept only where the texture moves along it at least as coherently over the
+    recent ``frames`` (:func:`_through_crossings`, :func:`_bridged`, :func:`_apex_extended`)."""
+    return _apex_extended(_bridged(_through_crossings(c, frames), frames), frames)
 
 
 def _done(result) -> concurrent.futures.Future:
@@ -732,9 +800,10 @@ class AnalysisStage:
         it), 1 px spaced, routed through crossings; back-fill its kymograph from the recent frames."""
         c = _unit_spacing(on_lumen(c, mean))
         hist = list(self._history)
-        c = _through_crossings(c, hist)
-        c = _bridged(c, hist)
-        c = _apex_extended(c, hist)
+        alt = _lumen_alternative(c, mean) if len(hist) >= 8 else None
+        c = _routed(c, hist)
+        if alt is not None:
+            c = _better_trace(c, _routed(alt, hist), hist)
         n = self.bank.add(c.id, c.centerline, c.width_px)
         if n != len(c.centerline):
             raise AssertionError("kymograph length must equal the centerline length")

@@ -1,4 +1,6 @@
 """Instance extraction: centerline order, apex, widths, merged loops, ids."""
+import dataclasses
+
 import cv2
 import numpy as np
 import pytest
@@ -426,3 +428,73 @@ def test_a_filled_apex_cap_is_reached_and_an_open_apex_is_left_alone():
     mask2 = np.zeros_like(mask)
     mask2[37:180, x_l - 3:x_r + 3] = True
     assert extend_filled_apex(cl, ai, float(w), mask2, (0, 0, 100, 200)) is None
+
+
+def _meander_touching_a_straight_limb(gap: float = 8.0):
+    """A loop (1 px samples, foot → apex → foot) whose left limb meanders 24 px out and back to
+    touch the straight right limb every 60 px (centerlines ``gap`` px apart there; 9-px vessels),
+    its dark vessel image (200 × 280) and that image's vessel mask."""
+    from stream.kymograph import resample_polyline
+    y = np.arange(60.0, 250.0, 0.25)
+    xl = 110 - gap - 18 * (1 - np.cos(2 * np.pi * (y - 60) / 60.0)) / 2
+    arc = np.linspace(np.pi, 0, 120)
+    apex = np.stack([110 - gap / 2 + gap / 2 * np.cos(arc), 60 - gap / 2 * np.sin(arc)], 1)
+    path = np.concatenate([np.stack([xl, y], 1)[::-1], apex, np.stack([np.full_like(y, 110.0), y], 1)])
+    path = resample_polyline(path, 1.0).astype(np.float64)
+    img = _vessel_image(path, 9.0, shape=(280, 200))
+    return path, img, (img < 185).astype(np.uint8)
+
+
+def _limb_swaps(trace, path) -> int:
+    """Jumps of the nearest point of ``path`` along ``trace`` by > 20 samples: a trace that follows
+    the vessel moves along ``path`` in order, one that swaps limbs jumps to its other side."""
+    from scipy.spatial import cKDTree
+    idx = cKDTree(path).query(np.asarray(trace, np.float64))[1]
+    return int(np.count_nonzero(np.abs(np.diff(idx)) > 20))
+
+
+def test_limbs_that_touch_get_a_lumen_trace_that_follows_them():
+    """Where a meandering limb touches the other, the mask joins them and the shortest skeleton
+    path swaps limbs at every touch; the skeleton of the lumens (``lumen_trace``) follows each
+    limb. A loop whose limbs never touch passes no junction and gets none."""
+    from scipy.spatial import cKDTree
+
+    from stream.capillaries import lumen_trace
+    path, img, mask = _meander_touching_a_straight_limb(8.0)
+    caps = extract_capillaries(mask, img)
+    assert len(caps) == 1
+    c = caps[0]
+    assert c.extra["junction_px"] > 0
+    alt = lumen_trace(c, img)
+    assert alt is not None
+    assert len(alt["centerline"]) == len(alt["width_px"]) and 0 < alt["apex_index"] < len(alt["centerline"]) - 1
+    assert _limb_swaps(c.centerline, path) >= 2 and _limb_swaps(alt["centerline"], path) == 0
+    assert np.percentile(cKDTree(path).query(alt["centerline"])[0], 95) < 2.0
+    apart, img2, mask2 = _meander_touching_a_straight_limb(12.0)
+    c2 = extract_capillaries(mask2, img2)[0]
+    assert c2.extra["junction_px"] == 0 and lumen_trace(c2, img2) is None
+    assert lumen_trace(c, img[:100]) is None                              # an image that does not hold it
+
+
+def test_the_stage_keeps_the_lumen_trace_where_the_texture_moves_along_it():
+    """Texture moving along the true loop: the stage takes the offered lumen trace (its texture
+    more coherent and its blood column registering better than along the limb-swapping skeleton
+    path, each after the same routing); a trace that gains nothing (here the main one reversed)
+    is not taken."""
+    from stream.stage import _better_trace, _column_quality, _lumen_alternative, _routed, _unit_spacing
+    path, img, mask = _meander_touching_a_straight_limb(8.0)
+    c = extract_capillaries(mask, img)[0]
+    frames = _frames_along(path, shape=(280, 200), v=6.0)   # flat dark discs: no lumen ridge in them
+    keyframe = img                                          # the vessels as a keyframe mean shows them
+    base = _unit_spacing(c)
+    alt = _lumen_alternative(base, keyframe)
+    assert alt is not None
+    assert np.isfinite(alt.width_px).all() and len(alt.width_px) == len(alt.centerline)
+    main = _routed(dataclasses.replace(base, extra={}), frames)
+    taken = _better_trace(main, _routed(alt, frames), frames)
+    assert taken.extra.get("lumen_routed")
+    assert _limb_swaps(taken.centerline, path) == 0 < _limb_swaps(main.centerline, path)
+    assert _column_quality(taken, frames) > _column_quality(main, frames) + 0.1
+    assert _lumen_alternative(dataclasses.replace(base, extra={}), keyframe) is None   # no junction: none
+    same = dataclasses.replace(main, centerline=main.centerline[::-1].copy(), apex_index=len(main.centerline) - 1 - main.apex_index)
+    assert not _better_trace(main, same, frames).extra.get("lumen_routed")
