@@ -51,6 +51,14 @@ def hairpin(x0=100.3, y_apex=40.0, height=160.0, sep=24.0, wave=0.0, cross=False
     return (pts - c) @ rot.T + c
 
 
+def ten_px_hairpin():
+    """(Capillary, labels, mask) of a 10-px-wide hairpin, limbs 30 px apart (apex (100, 40))."""
+    pts = hairpin(sep=30)
+    mask = tube_mask((260, 200), pts, np.full(len(pts), 10.0))
+    cap, labels = one_cap(mask)
+    return cap, labels, mask
+
+
 def one_cap(mask):
     labels = mask.astype(np.uint8) * CLEAR
     caps = extract_capillaries(labels, min_length_px=40)
@@ -119,9 +127,7 @@ def test_crossing_limbs_are_crossing():
 
 
 def test_keypoints_override_and_cross_check():
-    pts = hairpin(sep=30)
-    mask = tube_mask((260, 200), pts, np.full(len(pts), 10.0))
-    cap, labels = one_cap(mask)
+    cap, labels, mask = ten_px_hairpin()
     kp = {"up": (100, 40), "down": (100, 50), "left-left": (80, 120), "left-right": (90, 120),
           "right-left": (110, 120), "right-right": (126, 120)}
     m = measure_capillary(cap, labels, keypoints=kp, arterial_side="right")
@@ -149,9 +155,7 @@ def test_enlarged_giant_need_calibration_and_use_ranges():
 
 
 def test_haemorrhage_near_apex():
-    pts = hairpin(sep=30)
-    mask = tube_mask((260, 200), pts, np.full(len(pts), 10.0))
-    cap, labels = one_cap(mask)
+    cap, labels, mask = ten_px_hairpin()
     labels = labels.copy()
     assert measure_capillary(cap, labels).flags["haemorrhage_near"] is False
     cv2.circle(labels, (100, 15), 6, HAEMORRHAGE, -1)
@@ -326,9 +330,7 @@ def test_keypoint_widths_wider_than_the_mask_allows_are_dropped():
     """A keypoint pair 100 px apart on a loop whose mask is ≈ 10 px thick is no width: dropped
     with a note (the mask's width stands in); a 14-px pair on it is a width and is kept."""
     from stream.morphology import plausible_keypoint_widths
-    pts = hairpin(sep=30)
-    mask = tube_mask((260, 200), pts, np.full(len(pts), 10.0))
-    cap, labels = one_cap(mask)
+    cap, labels, mask = ten_px_hairpin()
     kp = {"up": (100, 40), "down": (100, 50), "left-left": (30, 120), "left-right": (130, 120),
           "right-left": (110, 120), "right-right": (124, 120)}
     m = measure_capillary(cap, labels, keypoints=kp, arterial_side="left")
