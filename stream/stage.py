@@ -242,13 +242,18 @@ CROSSING_MIN_GAIN = 0.05    # texture coherence a re-routed path must add to be 
 CROSSING_MAX_PLACES = 4     # crossing / touching places tried (every subset of them: ≤ 15 paths)
 
 
+def _history_kymograph(c: Capillary, frames: list) -> np.ndarray:
+    """The destriped kymograph (frames × centerline points) of ``c`` over ``frames``, the stage's
+    recent (frame no, gray, dx, dy, angle) history."""
+    maps = sampling_maps(c.centerline, c.width_px)
+    return destripe(np.stack([sample_row(g, maps, dx, dy, a) for _, g, dx, dy, a in frames]))
+
+
 def _coherence(c: Capillary, frames: list) -> float:
     """How consistently the texture moves along ``c``'s centerline over ``frames`` (the stage's
     recent (frame no, gray, dx, dy, angle) history): peak row correlation of the destriped kymograph
     (:func:`stream.flow.xcorr_speed`), 0..1."""
-    maps = sampling_maps(c.centerline, c.width_px)
-    k = destripe(np.stack([sample_row(g, maps, dx, dy, a) for _, g, dx, dy, a in frames]))
-    return flow.xcorr_speed(k, max(8.0, len(c.centerline) / 3.0)).confidence
+    return flow.xcorr_speed(_history_kymograph(c, frames), max(8.0, len(c.centerline) / 3.0)).confidence
 
 
 def _column_quality(c: Capillary, frames: list) -> float:
@@ -257,8 +262,7 @@ def _column_quality(c: Capillary, frames: list) -> float:
     normalized kymograph (speed from the row correlation, per-row speed track, smoothed along the
     vessel over σ = 2 px), 0..1; 0 when no speed is seen. A path that strays off its vessel
     somewhere averages the carried texture away there (< 0.6); a correct one keeps it (≈ 0.7–1)."""
-    maps = sampling_maps(c.centerline, c.width_px)
-    k = destripe(np.stack([sample_row(g, maps, dx, dy, a) for _, g, dx, dy, a in frames]))
+    k = _history_kymograph(c, frames)
     k = k - k.mean(axis=1, keepdims=True)
     sd = float(k.std())
     if not sd > 0:
