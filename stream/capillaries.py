@@ -604,6 +604,14 @@ def self_approaches(centerline: np.ndarray, near_px: float = 3.0, min_loop_px: f
     return sorted(out)
 
 
+def _hermite(p0: np.ndarray, t0: np.ndarray, p1: np.ndarray, t1: np.ndarray, m: int) -> np.ndarray:
+    """``m`` points (m, 2) of the cubic Hermite curve from ``p0`` (tangent ``t0``) to ``p1``
+    (tangent ``t1``), evenly spaced in its parameter, both ends included."""
+    s = np.linspace(0.0, 1.0, m)[:, None]
+    return ((2 * s ** 3 - 3 * s ** 2 + 1) * p0 + (s ** 3 - 2 * s ** 2 + s) * t0
+            + (-2 * s ** 3 + 3 * s ** 2) * p1 + (s ** 3 - s ** 2) * t1)
+
+
 def bridge_junctions(centerline: np.ndarray, width: float, near_px: float = 2.0, part: float = 1.0,
                      margin: float = 1.0, min_loop_px: float = 24.0, max_span: float = 8.0) -> tuple[np.ndarray, list[tuple[int, int]]]:
     """Smooth each pass of a centerline through a junction it passes twice.
@@ -660,10 +668,7 @@ def bridge_junctions(centerline: np.ndarray, width: float, near_px: float = 2.0,
         na, nb = float(np.linalg.norm(ta)), float(np.linalg.norm(tb))
         if chord <= 0 or na <= 0 or nb <= 0:
             continue
-        ta, tb = ta / na * chord, tb / nb * chord
-        s = np.linspace(0.0, 1.0, b - a + 1)[:, None]
-        out[a:b + 1] = ((2 * s ** 3 - 3 * s ** 2 + 1) * p[a] + (s ** 3 - 2 * s ** 2 + s) * ta
-                        + (-2 * s ** 3 + 3 * s ** 2) * p[b] + (s ** 3 - s ** 2) * tb)
+        out[a:b + 1] = _hermite(p[a], ta / na * chord, p[b], tb / nb * chord, b - a + 1)
         spans.append((a, b))
     return out, sorted(spans)
 
@@ -707,18 +712,13 @@ def extend_filled_apex(centerline: np.ndarray, apex_index: int, width: float, ma
     q = np.array([p[ai, 0], y0 + top + r])
     side = 1.0 if p[b, 0] >= p[a, 0] else -1.0
 
-    def hermite(p0, t0, p1, t1, m):
-        s = np.linspace(0.0, 1.0, m)[:, None]
-        return ((2 * s ** 3 - 3 * s ** 2 + 1) * p0 + (s ** 3 - 2 * s ** 2 + s) * t0
-                + (-2 * s ** 3 + 3 * s ** 2) * p1 + (s ** 3 - s ** 2) * t1)
-
     ta, tb = p[a] - p[a - 3], p[b + 3] - p[b]
     na, nb = float(np.linalg.norm(ta)), float(np.linalg.norm(tb))
     c1, c2 = float(np.linalg.norm(q - p[a])), float(np.linalg.norm(p[b] - q))
     if na <= 0 or nb <= 0 or c1 <= 0 or c2 <= 0:
         return None
-    up = hermite(p[a], ta / na * c1, q, np.array([side * c1, 0.0]), max(4, int(c1 * 1.5)))
-    down = hermite(q, np.array([side * c2, 0.0]), p[b], tb / nb * c2, max(4, int(c2 * 1.5)))
+    up = _hermite(p[a], ta / na * c1, q, np.array([side * c1, 0.0]), max(4, int(c1 * 1.5)))
+    down = _hermite(q, np.array([side * c2, 0.0]), p[b], tb / nb * c2, max(4, int(c2 * 1.5)))
     out = np.concatenate([p[:a], up, down[1:], p[b + 1:]])
     return out, a + len(up) - 1
 
