@@ -242,6 +242,23 @@ CROSSING_MIN_GAIN = 0.05    # texture coherence a re-routed path must add to be 
 CROSSING_MAX_PLACES = 4     # crossing / touching places tried (every subset of them: ≤ 15 paths)
 
 
+def _median_width(c: Capillary) -> float:
+    """Median of ``c``'s finite, positive widths (px); 3 px when it has none."""
+    w = np.asarray(c.width_px, np.float64)
+    wf = w[np.isfinite(w) & (w > 0)] if w.ndim else np.asarray([float(w)])
+    return float(np.median(wf)) if wf.size else 3.0
+
+
+def _widths_at(c: Capillary, cl: np.ndarray) -> np.ndarray:
+    """Widths (float32, px) for the points ``cl`` (M, 2) of a new path of ``c``: each that of
+    ``c``'s nearest centerline point."""
+    from scipy.spatial import cKDTree
+    w = np.asarray(c.width_px, np.float32)
+    if not w.ndim:
+        return np.full(len(cl), float(w), np.float32)
+    return w[cKDTree(np.asarray(c.centerline, np.float64)).query(np.asarray(cl, np.float64))[1]]
+
+
 def _history_kymograph(c: Capillary, frames: list) -> np.ndarray:
     """The destriped kymograph (frames × centerline points) of ``c`` over ``frames``, the stage's
     recent (frame no, gray, dx, dy, angle) history."""
@@ -284,18 +301,14 @@ def _lumen_alternative(c: Capillary, mean: np.ndarray) -> Capillary | None:
     ``c`` in the keyframe ``mean``, as a Capillary prepared like ``c``: on the lumen ridge, 1 px
     spaced, widths from ``c``'s nearest points (the lumen skeleton's own are narrower). None
     when there is none. Only new tracks pay for it (≈ 3–5 ms a loop with junctions)."""
-    from scipy.spatial import cKDTree
-
     from stream.capillaries import lumen_trace, on_lumen
     alt_d = lumen_trace(c, mean)
     if alt_d is None:
         return None
     cl = np.asarray(alt_d["centerline"], np.float32)
     ai = int(alt_d["apex_index"])
-    w = np.asarray(c.width_px, np.float32)
-    wn = w[cKDTree(np.asarray(c.centerline, np.float64)).query(cl)[1]] if w.ndim else np.full(len(cl), float(w), np.float32)
     return _unit_spacing(on_lumen(dataclasses.replace(
-        c, centerline=cl, width_px=wn, apex_index=ai, apex=(float(cl[ai, 0]), float(cl[ai, 1]))), mean))
+        c, centerline=cl, width_px=_widths_at(c, cl), apex_index=ai, apex=(float(cl[ai, 0]), float(cl[ai, 1]))), mean))
 
 
 def _better_trace(c: Capillary, alt: Capillary, frames: list) -> Capillary:
@@ -356,9 +369,7 @@ def _bridged(c: Capillary, frames: list) -> Capillary:
     resampled at 1 px, if the texture moves at least as coherently along the new path over the
     recent ``frames`` (:func:`_coherence`); else ``c``."""
     from stream.capillaries import bridge_junctions
-    w = np.asarray(c.width_px, np.float64)
-    wf = w[np.isfinite(w) & (w > 0)] if w.ndim else np.asarray([float(w)])
-    cl, spans = bridge_junctions(c.centerline, float(np.median(wf)) if wf.size else 3.0)
+    cl, spans = bridge_junctions(c.centerline, _median_width(c))
     if not spans or len(frames) < 8:
         return c
     alt = _unit_spacing(dataclasses.replace(c, centerline=cl.astype(np.float32)))
@@ -377,19 +388,14 @@ def _apex_extended(c: Capillary, frames: list) -> Capillary:
     least as coherently along the new path over the recent ``frames`` (:func:`_coherence`);
     else ``c``."""
     from stream.capillaries import extend_filled_apex
-    w = np.asarray(c.width_px, np.float64)
-    wf = w[np.isfinite(w) & (w > 0)] if w.ndim else np.asarray([float(w)])
     if len(frames) < 8 or c.mask is None:
         return c
-    ext = extend_filled_apex(c.centerline, c.apex_index, float(np.median(wf)) if wf.size else 3.0, c.mask, c.bbox)
+    ext = extend_filled_apex(c.centerline, c.apex_index, _median_width(c), c.mask, c.bbox)
     if ext is None:
         return c
     cl, ai = ext
-    from scipy.spatial import cKDTree
-    old = np.asarray(c.centerline, np.float64)
-    wn = (w[cKDTree(old).query(cl)[1]] if w.ndim else np.full(len(cl), float(w))).astype(np.float32)  # nearest old point's
-    alt = _unit_spacing(dataclasses.replace(c, centerline=cl.astype(np.float32), width_px=wn, apex_index=ai,
-                                            apex=(float(cl[ai, 0]), float(cl[ai, 1]))))
+    alt = _unit_spacing(dataclasses.replace(c, centerline=cl.astype(np.float32), width_px=_widths_at(c, cl),
+                                            apex_index=ai, apex=(float(cl[ai, 0]), float(cl[ai, 1]))))
     base, sc = _coherence(c, frames), _coherence(alt, frames)
     if sc < base:
         return c
