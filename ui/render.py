@@ -219,7 +219,7 @@ def capillary_markdown(cap: dict | None, calibrated: bool) -> str:
 
 def margin_text(cap: dict) -> str:
     """The loop's gap margin (``wbc_margin``: median strength / threshold of its counted cells),
-    e.g. ", gap margin 1.18×"; "" when no cell was counted. A number, not a verdict: on 413 loops
+    e.g. ", gap margin 1.18×"; "" when no cell was counted. A number, not a verdict: on 414 loops
     (clean and degraded synthetic clips, docs/accuracy.md) the margin did not predict a low
     count, so the panel no longer calls low margins "faint". The count's warning is
     :func:`untracked_text`'s."""
