@@ -363,6 +363,29 @@ def profile_quality(ke: np.ndarray, prof: np.ndarray, rows: np.ndarray, min_rows
     return float(np.clip(np.var(prof[full]) / rv, 0.0, 1.0)) if rv > 0 else 0.0
 
 
+def column_quality(kymo: np.ndarray, v_max: float, smooth_px: float = 2.0) -> float:
+    """How well the blood column of a destriped kymograph ``kymo`` (T frames × N points along the
+    vessel) registers, 0..1: :func:`profile_quality` of its material profile, with the speed from
+    the row correlation (:func:`xcorr_speed`, magnitudes up to ``v_max`` px/frame), the per-row
+    speed track (:func:`speed_track`) and the kymograph smoothed along the vessel over σ =
+    ``smooth_px`` px. 0 when it shows no texture or no speed. A centerline that strays off its
+    vessel somewhere averages the carried texture away there (< 0.6); a correct one keeps it
+    (≈ 0.7–1)."""
+    k = np.asarray(kymo, np.float32)
+    k = k - k.mean(axis=1, keepdims=True)
+    sd = float(k.std())
+    if not sd > 0:
+        return 0.0
+    k = (k / sd).astype(np.float32)
+    v0 = xcorr_speed(k, v_max).speed_px_per_frame
+    if not (math.isfinite(v0) and v0 != 0.0):
+        return 0.0
+    from scipy.ndimage import gaussian_filter1d
+    ke = gaussian_filter1d(k, float(smooth_px), axis=1, mode="nearest")
+    _, _, prof, rows = material_profile(ke, speed_track(k, v0, v_max))
+    return profile_quality(ke, prof, rows)
+
+
 def profile_unit(ke: np.ndarray, profile: tuple, sd: float, floor: float = 0.3) -> float:
     """The SD of a kymograph window's material profile that a bright event must be measured
     against: ``√(sd² − var(residual))``, the residual being each sample minus its bin of the

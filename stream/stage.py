@@ -266,33 +266,22 @@ def _history_kymograph(c: Capillary, frames: list) -> np.ndarray:
     return destripe(np.stack([sample_row(g, maps, dx, dy, a) for _, g, dx, dy, a in frames]))
 
 
+def _v_max(c: Capillary) -> float:
+    """Speed search limit (px/frame) of the trace checks: a third of the loop per frame, ≥ 8."""
+    return max(8.0, len(c.centerline) / 3.0)
+
+
 def _coherence(c: Capillary, frames: list) -> float:
     """How consistently the texture moves along ``c``'s centerline over ``frames`` (the stage's
     recent (frame no, gray, dx, dy, angle) history): peak row correlation of the destriped kymograph
     (:func:`stream.flow.xcorr_speed`), 0..1."""
-    return flow.xcorr_speed(_history_kymograph(c, frames), max(8.0, len(c.centerline) / 3.0)).confidence
+    return flow.xcorr_speed(_history_kymograph(c, frames), _v_max(c)).confidence
 
 
 def _column_quality(c: Capillary, frames: list) -> float:
     """How well the blood column registers along ``c`` over ``frames`` (the stage's recent
-    history): :func:`stream.flow.profile_quality` of the material profile of the destriped,
-    normalized kymograph (speed from the row correlation, per-row speed track, smoothed along the
-    vessel over σ = 2 px), 0..1; 0 when no speed is seen. A path that strays off its vessel
-    somewhere averages the carried texture away there (< 0.6); a correct one keeps it (≈ 0.7–1)."""
-    k = _history_kymograph(c, frames)
-    k = k - k.mean(axis=1, keepdims=True)
-    sd = float(k.std())
-    if not sd > 0:
-        return 0.0
-    k = (k / sd).astype(np.float32)
-    v_max = max(8.0, len(c.centerline) / 3.0)
-    v0 = flow.xcorr_speed(k, v_max).speed_px_per_frame
-    if not (math.isfinite(v0) and v0 != 0.0):
-        return 0.0
-    from scipy.ndimage import gaussian_filter1d
-    ke = gaussian_filter1d(k, 2.0, axis=1, mode="nearest")
-    _, _, prof, rows = flow.material_profile(ke, flow.speed_track(k, v0, v_max))
-    return flow.profile_quality(ke, prof, rows)
+    history): :func:`stream.flow.column_quality` of its kymograph, 0..1."""
+    return flow.column_quality(_history_kymograph(c, frames), _v_max(c))
 
 
 def _lumen_alternative(c: Capillary, mean: np.ndarray) -> Capillary | None:
@@ -315,10 +304,12 @@ def _better_trace(c: Capillary, alt: Capillary, frames: list) -> Capillary:
     """``alt`` (the lumen trace, after the same routing as ``c``) if the texture moves along it
     more coherently over the recent ``frames`` (by ``CROSSING_MIN_GAIN``) and its blood column
     registers at least as well (:func:`_column_quality`); else ``c``."""
-    base, sc = _coherence(c, frames), _coherence(alt, frames)
+    kc, ka = _history_kymograph(c, frames), _history_kymograph(alt, frames)
+    base = flow.xcorr_speed(kc, _v_max(c)).confidence
+    sc = flow.xcorr_speed(ka, _v_max(alt)).confidence
     if sc < base + CROSSING_MIN_GAIN:
         return c
-    qb, qa = _column_quality(c, frames), _column_quality(alt, frames)
+    qb, qa = flow.column_quality(kc, _v_max(c)), flow.column_quality(ka, _v_max(alt))
     log.debug("capillary %s: lumen trace %.0f → %.0f px, coherence %.2f → %.2f, column quality %.2f → %.2f",
               c.id, c.length_px, alt.length_px, base, sc, qb, qa)
     if qa < qb:

@@ -416,3 +416,16 @@ def test_profile_unit_keeps_the_texture_and_drops_the_camera_noise():
         assert lo < unit < hi, (noise, sd, unit)
         if noise:
             assert unit < 0.6 * sd       # the kymograph's SD is mostly noise (≈ 2.2)
+
+
+def test_column_quality_registered_vs_scrambled():
+    """A texture carried along the vessel registers (quality high); the same rows with their
+    order along the time axis shuffled (no consistent motion) or a blank kymograph do not."""
+    k, _, _ = _pulsatile_kymo(v_mean=6.0, amp=0.2, n_frames=60, noise=0.05)
+    k = _prepare(k)
+    good = flow.column_quality(k, v_max=40.0)
+    rng = np.random.default_rng(3)
+    scrambled = flow.column_quality(k[rng.permutation(k.shape[0])], v_max=40.0)
+    assert good > 0.7, good
+    assert scrambled < 0.5, scrambled
+    assert flow.column_quality(np.zeros_like(k), v_max=40.0) == 0.0
