@@ -900,6 +900,7 @@ class AnalysisStage:
                     "speed_px_per_frame": _r(sp["v"]), "speed_um_s": _r(self._um(sp["v"])),
                     "speed_xcorr_um_s": _r(self._um(sp["vx"])), "speed_confidence": _r(sp["confidence"]),
                     "stopped": bool(sp["stopped"] and not sp["gated"]), "flow_state": sp["state"],
+                    "windows_analyzed": len(tr.windows),
                     "wbc_count": len(tr.events),
                     "wbc_per_min": _r(len(tr.events) / obs * 60.0) if obs > 0 else None,
                     "wbc_margin": _wbc_margin(tr.events),

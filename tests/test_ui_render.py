@@ -140,3 +140,17 @@ def test_a_loop_without_measured_flow_shows_no_wbc_rate():
     assert "WBC **1.5 /min**" in render.capillary_markdown(cap, True)
     cap.update(flow_state="flowing", wbc_count=0, wbc_per_min=0.0)
     assert "WBC **0.0 /min**" in render.capillary_markdown(cap, True)
+
+
+def test_a_loop_without_speed_says_why():
+    """Beside a speed its confidence; without one the reason: no window analyzed yet, an
+    out-of-focus loop, or no coherent motion seen."""
+    cap = dict(SNAP["capillaries"][0], windows_analyzed=4)
+    assert "640 µm/s** (confidence 0.90)" in render.capillary_markdown(cap, True)
+    cap.update(speed_um_s=None, speed_px_per_frame=None, speed_confidence=0.0, flow_state="indeterminate")
+    assert "flow speed **–** (no coherent motion seen)" in render.capillary_markdown(cap, True)
+    cap["label"] = "blurred"
+    assert "(out of focus: no moving texture seen)" in render.capillary_markdown(cap, True)
+    cap["windows_analyzed"] = 0
+    md = render.capillary_markdown(cap, True)
+    assert "(measuring…)" in md and "confidence" not in md

@@ -57,6 +57,19 @@ def speed_text(cap: dict, calibrated: bool) -> str:
     return fmt(cap.get("speed_px_per_frame"), "px/frame", 1)
 
 
+def speed_note(cap: dict, calibrated: bool) -> str:
+    """What stands beside the loop's speed: its confidence, or, where there is no speed, why —
+    no window analyzed yet ("measuring…"), an out-of-focus loop, or no coherent motion seen
+    (``flow_state`` indeterminate: neither moving texture nor a still column in most windows)."""
+    if speed_text(cap, calibrated) != "–":
+        return f"confidence {fmt(cap.get('speed_confidence'), nd=2)}"
+    if not cap.get("windows_analyzed"):
+        return "measuring…"
+    if cap_class(cap) == "blurred" or cap.get("label") == "blurred":
+        return "out of focus: no moving texture seen"
+    return "no coherent motion seen"
+
+
 def _outlined_text(img: np.ndarray, text: str, org: tuple[int, int], scale: float, color) -> None:
     """``text`` in ``color`` with a black outline, readable on any background (in place)."""
     cv2.putText(img, text, org, cv2.FONT_HERSHEY_SIMPLEX, scale, (0, 0, 0), 3, cv2.LINE_AA)
@@ -210,7 +223,7 @@ def capillary_markdown(cap: dict | None, calibrated: bool) -> str:
         return "Select a capillary (dropdown, or click it on the image)."
     m = cap.get("morphology") or {}
     return (f"### Capillary {cap.get('id')}\n"
-            f"flow speed **{speed_text(cap, calibrated)}** (confidence {fmt(cap.get('speed_confidence'), nd=2)}) · "
+            f"flow speed **{speed_text(cap, calibrated)}** ({speed_note(cap, calibrated)}) · "
             f"WBC **{wbc_rate_text(cap, '/min')}** ({fmt(cap.get('wbc_count'))} events{margin_text(cap)}) · "
             + untracked_text(cap) +
             f"class {cap_class(cap) or '–'}" + (" · flags: " + ", ".join(m.get("flags", [])) if m.get("flags") else "")
