@@ -93,6 +93,10 @@ def die_with_parent() -> None:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     die_with_parent()
+    # OpenCV's own warnings (e.g. "backend is generally available but can't be used to capture by
+    # name" before our one-line error for a file that is not a video) only confuse; set the
+    # variable to see them. It must be set before cv2 is imported (by the subcommand's module).
+    os.environ.setdefault("OPENCV_LOG_LEVEL", "ERROR")
     command = next((a for a in argv if not a.startswith("-")), None)
     if command not in COMMANDS:
         command = None
