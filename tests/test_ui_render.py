@@ -154,3 +154,13 @@ def test_a_loop_without_speed_says_why():
     cap["windows_analyzed"] = 0
     md = render.capillary_markdown(cap, True)
     assert "(measuring…)" in md and "confidence" not in md
+
+
+def test_legend_names_every_overlay_colour():
+    md = render.legend_markdown()
+    for name, bgr in render.CLASS_COLORS.items():
+        if name is None:
+            continue
+        b, g, r = bgr
+        assert f'color:#{r:02x}{g:02x}{b:02x}">●</span> {name}' in md
+    assert "selected" in md

@@ -219,6 +219,7 @@ def build_app(dash: Dashboard, *, demo_mode: bool = False):
                 with gr.Column(scale=3):
                     live = gr.Image(label="Stabilized frame (click a capillary)", format="jpeg", interactive=False,
                                     elem_id="live-frame", buttons=["fullscreen"])
+                    gr.Markdown(render.legend_markdown(), elem_id="legend")
                 with gr.Column(scale=2):
                     with gr.Row():
                         stream_dd = gr.Dropdown(label="Stream", choices=[], elem_id="stream-select", scale=1)
@@ -256,7 +257,8 @@ def build_app(dash: Dashboard, *, demo_mode: bool = False):
                 with gr.Column():
                     b_in = gr.File(label="Biopsy image", file_types=list(IMAGE_EXTS), type="filepath",
                                    elem_id="biopsy-upload")
-                    b_um = gr.Number(label="µm/px (optional)", value=None)
+                    b_um = gr.Number(label="µm/px (optional)", value=None, minimum=0, placeholder="e.g. 0.5",
+                                     info="pixel size of the scan; empty or 0: lengths in px only")
                     b_btn = gr.Button("Analyze", elem_id="biopsy-run")
                 with gr.Column():
                     b_out = gr.Image(label="Overlay", format="jpeg", interactive=False, elem_id="biopsy-overlay")

@@ -22,6 +22,20 @@ CLASS_COLORS = {
 SELECTED = (255, 255, 0)
 
 
+def _css(bgr: tuple[int, int, int]) -> str:
+    b, g, r = bgr
+    return f"#{r:02x}{g:02x}{b:02x}"
+
+
+def legend_markdown() -> str:
+    """One line naming the overlay's colours (:data:`CLASS_COLORS`, the selected loop's
+    :data:`SELECTED`), each as a coloured dot."""
+    names = [k for k in CLASS_COLORS if k is not None]
+    dots = [f'<span style="color:{_css(CLASS_COLORS[k])}">●</span> {k}' for k in names]
+    dots.append(f'<span style="color:{_css(SELECTED)}">●</span> selected')
+    return "Loop colours: " + " · ".join(dots)
+
+
 def decode_jpeg(buf: bytes | None) -> np.ndarray | None:
     if not buf:
         return None
