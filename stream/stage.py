@@ -115,6 +115,7 @@ class _Track:
     n_flowing: int = 0      # gated windows so far, and those whose blood column registered
     n_tracked: int = 0      # (running counts of _tracked_frac's rule: the live snapshot need not rescan)
     contrast: float = float("nan")   # log(tissue / vessel) at the last keyframe that measured it
+    hits: int = 1           # keyframes whose segmentation found this capillary
 
     @property
     def anchor(self) -> float:
@@ -768,6 +769,7 @@ class AnalysisStage:
                 tr = self.tracks.get(c.id)
                 if tr is not None:
                     tr.missing = 0
+                    tr.hits += 1
                     _set_contrast(tr, mean, levels[id(c)])
                     if not tr.active:      # came back: resume sampling with its original geometry
                         self.bank.add(c.id, tr.cap.centerline, tr.cap.width_px)
@@ -1019,11 +1021,13 @@ class AnalysisStage:
             rep.warnings.append(f"only {n} frames: too short for flow analysis (need ≥ {MIN_FINAL_WINDOW})")
         if n and self.blank_frames >= 0.9 * n:
             rep.warnings.append("video is blank (no image content)")
-        if n >= MIN_FINAL_WINDOW and not self.tracks:
-            rep.warnings.append("no capillaries found")
+        unconfirmed = 0
         for cid in sorted(self.tracks):
             tr = self.tracks[cid]
             sp = self._speeds(tr)
+            if not _confirmed(tr, sp["state"]):
+                unconfirmed += 1
+                continue
             rev = sp["direction"] < 0
             cl = tr.cap.centerline[::-1] if rev else tr.cap.centerline
             obs = self._observed_s(tr)
@@ -1049,6 +1053,12 @@ class AnalysisStage:
                                      speed_px_per_frame=abs(e.speed_px_per_frame), strength=e.strength)
                             for e in evs])
             rep.capillaries.append(cf)
+        if unconfirmed:
+            rep.warnings.append(
+                f"{unconfirmed} vessel-like structure{'s' if unconfirmed > 1 else ''} segmented on a single keyframe, "
+                "with neither flow nor stasis seen, left out (noise, debris or a passing blur)")
+        if n >= MIN_FINAL_WINDOW and not rep.capillaries:
+            rep.warnings.append("no capillaries found")
         lost = [c for c in rep.capillaries if wbc_count_unreliable(c.flow_state, c.wbc_tracked_frac)]
         if lost:
             rep.warnings.append(
@@ -1062,6 +1072,16 @@ class AnalysisStage:
                 f"during the recording (up to {100 * max(c.out_of_view_frac for c in edge):.0f} % of their "
                 "samples, see out_of_view_frac): their WBC counts can be low")
         return rep
+
+
+def _confirmed(tr: _Track, flow_state: str) -> bool:
+    """A capillary the video report lists: segmented on at least two keyframes, or seen with a
+    flow verdict (flowing or stopped). A structure the segmenter found on one keyframe only and
+    in which no window saw moving texture or a still column is most likely not a vessel: in
+    videos of camera noise alone the shipped U-Net finds 25–78 such "loops" per video, each on one
+    keyframe's mean (the next keyframe's noise is another), none of them flowing; a real loop is
+    found again at the next keyframe, or its flow is seen."""
+    return tr.hits >= 2 or flow_state != "indeterminate"
 
 
 def _tracked_frac(windows) -> float | None:

@@ -112,6 +112,25 @@ def test_useless_videos_give_valid_reports(kind, tmp_path):
         assert d["capillaries"] == [] or all(c["flow_speed_px_per_frame"] is None for c in d["capillaries"])
 
 
+@pytest.mark.parametrize("kind", ["noise", "uniform_noise"])
+def test_camera_noise_alone_finds_no_capillaries(kind, tmp_path):
+    """A 1024×768 video of noise alone (the shipped U-Net, as `nailfold analyze` runs by
+    default): no capillaries and a warning saying so. Before, the registration followed chance
+    matches hundreds of px away and the U-Net found 25–78 "loops" in the keyframes, a few of them
+    "flowing" with white cells."""
+    rng = np.random.default_rng(7)
+    if kind == "noise":
+        frames = [np.clip(128 + rng.normal(0, 5, (768, 1024)), 0, 255).astype(np.uint8) for _ in range(100)]
+    else:
+        frames = [(rng.random((768, 1024)) * 255).astype(np.uint8) for _ in range(100)]
+    video = write_video(tmp_path / f"{kind}.avi", frames)
+    out = tmp_path / "r.json"
+    assert main(["analyze", str(video), "--out", str(out), "--um-per-px", "1.2", "--no-progress"]) == 0
+    d = json.loads(out.read_text())
+    assert d["capillaries"] == []
+    assert "no capillaries found" in d["warnings"]
+
+
 @pytest.mark.parametrize("kind", ["missing", "text", "empty_dir"])
 def test_bad_input_is_an_error_and_writes_nothing(kind, tmp_path, capsys):
     if kind == "missing":

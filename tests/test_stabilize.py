@@ -79,6 +79,16 @@ def test_blank_and_odd_frames_do_not_crash():
     assert (e.dx, e.dy) == (0.0, 0.0)
 
 
+def test_camera_noise_alone_holds_the_pose():
+    """Frames of independent noise match neither the reference nor each other: the pose stays
+    put (chained chance matches walked hundreds of px) and the confidence says there was no match."""
+    rng = np.random.default_rng(4)
+    st = Stabilizer()
+    est = [st.update((rng.random((768, 1024)) * 255).astype(np.uint8)) for _ in range(40)]
+    assert max(abs(e.dx) + abs(e.dy) for e in est) == 0.0
+    assert max(e.confidence for e in est[1:]) < Stabilizer.HOLD_CONFIDENCE
+
+
 def test_roi_follows_weight():
     w = np.zeros((400, 600), np.float32)
     w[250:330, 420:500] = 1

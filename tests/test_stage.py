@@ -715,3 +715,15 @@ def test_a_dead_window_worker_loses_no_window():
     rep = stage.finish("toy")
     assert stage.windows_local > 0 and any("window worker failed" in w for w in rep.warnings)
     assert [dataclasses.asdict(c) for c in ref.capillaries] == [dataclasses.asdict(c) for c in rep.capillaries]
+
+
+def test_the_report_lists_loops_seen_twice_or_with_a_flow_verdict():
+    """``_confirmed``: a structure segmented on one keyframe only, with neither flow nor stasis
+    seen, is left out of the video report; a second keyframe or a flow verdict keeps it."""
+    from types import SimpleNamespace
+
+    from stream.stage import _confirmed
+    assert not _confirmed(SimpleNamespace(hits=1), "indeterminate")
+    assert _confirmed(SimpleNamespace(hits=2), "indeterminate")
+    assert _confirmed(SimpleNamespace(hits=1), "flowing")
+    assert _confirmed(SimpleNamespace(hits=1), "stopped")
