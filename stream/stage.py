@@ -83,6 +83,8 @@ MAX_BACKLOG_WINDOWS = 3      # per capillary; older pending windows are skipped 
 KEYFRAME_BACKOFF_MAX = 8     # keyframe interval may grow to this × stage.keyframe_every
 RETIRE_AFTER_KEYFRAMES = 3   # a capillary missing from this many keyframes in a row stops being sampled
 MIN_FINAL_WINDOW = 8         # frames
+BLANK_SD = 3.0               # grey levels: a frame whose SD (every 8th pixel) is below this is blank (a
+#                              capillaroscopy frame's is ≥ 10; camera noise on black ≈ 1–2)
 MAX_QUEUED_BATCHES = 2       # per executor worker: window batches handed over and not finished; beyond
 #                              that the stage analyses a batch itself (the results are merged in order
 #                              either way), so neither side idles while the other has a backlog
@@ -521,17 +523,21 @@ class AnalysisStage:
             if self.stabilizer.shape == ref.shape:
                 self.stabilizer.reanchor(ref, static_mask=static)
         est = self.stabilizer.update(gray)
-        if est.confidence == 0.0 and float(gray[::8, ::8].std()) < 1.0:
+        # a blank frame (lens cap, black frames while the camera starts, a dropout) shows no
+        # vessel: it is not sampled and not averaged into keyframes, as if it had been dropped
+        blank = float(gray[::8, ::8].std()) < BLANK_SD
+        if blank:
             self.blank_frames += 1
         with self._lock:
             self._frame_no += step
             fno = self._frame_no
-            rows = self.bank.sample(gray, est.dx, est.dy, est.angle)
-            views = self.bank.in_view(gray.shape, est.dx, est.dy, est.angle)
-            for cid, row in rows.items():
-                self.tracks[cid].buffer.append(row, fno, views.get(cid))
-            self._history.append((fno, gray, est.dx, est.dy, est.angle))
-            self._latest = (gray, est.dx, est.dy, est.angle)
+            if not blank:
+                rows = self.bank.sample(gray, est.dx, est.dy, est.angle)
+                views = self.bank.in_view(gray.shape, est.dx, est.dy, est.angle)
+                for cid, row in rows.items():
+                    self.tracks[cid].buffer.append(row, fno, views.get(cid))
+                self._history.append((fno, gray, est.dx, est.dy, est.angle))
+            self._latest = (gray, est.dx, est.dy, est.angle)   # the live view shows the blank frame too
             self.shifts.append((est.dx, est.dy, est.confidence, est.angle))
             self.frames_in += 1
             if self.keyframe_delay:

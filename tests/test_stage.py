@@ -727,3 +727,24 @@ def test_the_report_lists_loops_seen_twice_or_with_a_flow_verdict():
     assert _confirmed(SimpleNamespace(hits=2), "indeterminate")
     assert _confirmed(SimpleNamespace(hits=1), "flowing")
     assert _confirmed(SimpleNamespace(hits=1), "stopped")
+
+
+def test_black_frames_are_not_sampled():
+    """Black frames (the camera starting, a dropout) are counted but neither sampled into the
+    kymographs nor averaged into keyframes: the loop's speed is the same as without them (with
+    them sampled, the Radon windows saw a step and one synthetic loop read +18 %)."""
+    cfg = load_config().with_overrides(um_per_px=1.2, fps=20.0)
+    scope = ToyScope(speeds=(8.0,), seed=9)
+    frames = [scope.frame(i) for i in range(200)]
+    for i in list(range(0, 15)) + list(range(100, 106)):
+        frames[i] = np.zeros_like(frames[i])
+    stage = AnalysisStage(cfg, segmenter=TruthSegmenter(scope.label_mask()), fps=20.0)
+    for i, img in enumerate(frames):
+        stage.process(Frame(FrameMeta(i, i / 20, 20.0, img.shape), img))
+        stage.step_background()
+    (tr,) = stage.tracks.values()
+    held = set(int(f) for f in tr.buffer._frame if f >= 0)
+    assert not held & set(range(100, 106)) and min(held) >= 15
+    rep = stage.finish()
+    assert stage.blank_frames == 21
+    assert rep.capillaries[0].flow_speed_px_per_frame == pytest.approx(8.0, rel=0.05)
