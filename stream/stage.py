@@ -83,8 +83,10 @@ MAX_BACKLOG_WINDOWS = 3      # per capillary; older pending windows are skipped 
 KEYFRAME_BACKOFF_MAX = 8     # keyframe interval may grow to this × stage.keyframe_every
 RETIRE_AFTER_KEYFRAMES = 3   # a capillary missing from this many keyframes in a row stops being sampled
 MIN_FINAL_WINDOW = 8         # frames
-BLANK_SD = 3.0               # grey levels: a frame whose SD (every 8th pixel) is below this is blank (a
-#                              capillaroscopy frame's is ≥ 10; camera noise on black ≈ 1–2)
+BLANK_SD = 3.0               # grey levels: a dark frame (mean < BLANK_DARK) whose SD (every 8th pixel) is
+BLANK_DARK = 40.0            # below BLANK_SD is blank (camera noise on black: SD ≈ 1–2), and so is any frame
+#                              with SD < 1 (flat or saturated). A capillaroscopy frame's SD is 15–36 (synthetic
+#                              scope), ≈ 3 under a 0.2× contrast, but its mean stays far above 40
 MAX_QUEUED_BATCHES = 2       # per executor worker: window batches handed over and not finished; beyond
 #                              that the stage analyses a batch itself (the results are merged in order
 #                              either way), so neither side idles while the other has a backlog
@@ -525,7 +527,9 @@ class AnalysisStage:
         est = self.stabilizer.update(gray)
         # a blank frame (lens cap, black frames while the camera starts, a dropout) shows no
         # vessel: it is not sampled and not averaged into keyframes, as if it had been dropped
-        blank = float(gray[::8, ::8].std()) < BLANK_SD
+        sub = gray[::8, ::8]
+        sd = float(sub.std())
+        blank = sd < 1.0 or (sd < BLANK_SD and float(sub.mean()) < BLANK_DARK)
         if blank:
             self.blank_frames += 1
         with self._lock:
