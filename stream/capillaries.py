@@ -33,10 +33,16 @@ branches meet (touching or crossing limbs); for such a loop :func:`lumen_trace` 
 skeleton of its lumens as an alternative (the stage keeps whichever the blood's texture moves
 along more coherently).
 
+Loops are assumed to point up (the nail at the top of the image). A recording whose loops point
+down (a camera mounted the other way up) is traced in the image turned by half a turn
+(``extract_capillaries(..., apex_down=True)``, results in the image's own coordinates;
+:func:`apices_point_down` tells the two apart from how many whole hairpins each way finds).
+
 :func:`match_ids` keeps ids stable between keyframes by one-to-one mask overlap (IoU).
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 
@@ -311,7 +317,6 @@ def on_lumen(cap: Capillary, gray: np.ndarray) -> Capillary:
     :func:`stream.stage._unit_spacing` smooths it over σ = 2 points, as every centerline, and
     resamples it at 1 px (on the real reference still, σ = 1 left the paths a median 4 % longer
     than the smoothed axis, σ = 2 2 %)."""
-    import dataclasses
     cl = refine_to_lumen(cap.centerline, cap.width_px, gray).astype(np.float32)
     ai = int(np.clip(cap.apex_index, 0, len(cl) - 1))
     return dataclasses.replace(cap, centerline=cl, apex=(float(cl[ai, 0]), float(cl[ai, 1])))
@@ -480,16 +485,58 @@ def _split_fused_limbs(cap: Capillary, mask: np.ndarray, gray: np.ndarray, x0: i
     return [out]
 
 
+def turned(cap: Capillary, shape: tuple[int, int]) -> Capillary:
+    """``cap`` moved by a half turn of an image of ``shape`` (H, W): (x, y) → (W − 1 − x,
+    H − 1 − y); centerline, apex, half-open bbox and mask follow. Its own inverse."""
+    h, w = int(shape[0]), int(shape[1])
+    cl = np.asarray(cap.centerline, np.float32).copy()
+    cl[:, 0] = (w - 1) - cl[:, 0]
+    cl[:, 1] = (h - 1) - cl[:, 1]
+    x0, y0, x1, y1 = cap.bbox
+    mask = None if cap.mask is None else np.ascontiguousarray(np.asarray(cap.mask)[::-1, ::-1])
+    return dataclasses.replace(cap, centerline=cl, apex=(float((w - 1) - cap.apex[0]), float((h - 1) - cap.apex[1])),
+                               bbox=(w - x1, h - y1, w - x0, h - y0), mask=mask, extra=dict(cap.extra))
+
+
+def complete_loops(caps: list[Capillary]) -> int:
+    """How many of ``caps`` are whole hairpins: two limbs, two skeleton ends."""
+    return sum(1 for c in caps if not c.extra.get("single_limb") and c.extra.get("n_ends", 0) == 2)
+
+
+def apices_point_down(upright: list[Capillary], turned_caps: list[Capillary], min_loops: int = 3) -> bool | None:
+    """Whether the loops of an image point down (apex at the bottom, e.g. a camera mounted the
+    other way up), from its loops traced as it is (``upright``) and in the image turned by half a
+    turn (``turned_caps``, :func:`extract_capillaries` with ``apex_down=True``). Tracing starts at
+    the apex nearest the image's top, so an upside-down loop comes out as a single limb or in two
+    pieces. True when the turned image gives at least 1.5 × + 2 as many whole hairpins
+    (:func:`complete_loops`). Keyframe means of 36 synthetic seeds: upright, 7–20 whole hairpins
+    against 0–6 turned (never True); turned upside down, 6–20 against 0–6 (always True); None
+    when neither gives ``min_loops``."""
+    up, down = complete_loops(upright), complete_loops(turned_caps)
+    if max(up, down) < min_loops:
+        return None
+    return down >= 1.5 * up + 2
+
+
 def extract_capillaries(labels: np.ndarray, image: np.ndarray | None = None, *, min_length_px: float = 40,
-                        prune_px: float = 10, max_limb_px: float = 350.0) -> list[Capillary]:
+                        prune_px: float = 10, max_limb_px: float = 350.0, apex_down: bool = False) -> list[Capillary]:
     """Capillary loops of a label mask (see module docstring), sorted by apex x.
 
     ``max_limb_px`` bounds the geodesic length of a limb (default 350 px ≈ 420 µm at 1.2 µm/px,
     longer than any limb), so a loop merged into a deeper vessel network is cut at a plausible
-    length; scale it with the image resolution."""
+    length; scale it with the image resolution. ``apex_down``: the loops point down (see
+    :func:`apices_point_down`): they are traced in the image turned by half a turn and returned
+    in the image's own coordinates (apex = the point nearest the image's bottom)."""
     labels = np.asarray(labels)
     if labels.ndim != 2:
         raise ValueError(f"labels must be 2-D, got shape {labels.shape}")
+    if apex_down:
+        img = None if image is None else np.ascontiguousarray(np.asarray(image)[::-1, ::-1])
+        caps = [turned(c, labels.shape) for c in extract_capillaries(
+            np.ascontiguousarray(labels[::-1, ::-1]), img, min_length_px=min_length_px, prune_px=prune_px,
+            max_limb_px=max_limb_px)]
+        caps.sort(key=lambda c: c.apex[0])
+        return caps
     gray = None
     if image is not None:
         try:

@@ -18,6 +18,7 @@ import logging
 import numpy as np
 
 from nailfold.config import Config
+from stream.capillaries import turned
 from stream.capillary import Capillary
 from stream.morphology import fast_track, giant_present, measure_capillary, summarize_image
 
@@ -37,14 +38,27 @@ def arterial_side_from_flow(cap: Capillary, reversed_flow: bool | None) -> str |
 
 
 def measure_live(caps: list[tuple[Capillary, bool | None]], shape: tuple[int, ...], cfg: Config,
-                 image: np.ndarray | None = None, classifier=None, cache: dict | None = None
-                 ) -> tuple[dict[int, dict], dict]:
+                 image: np.ndarray | None = None, classifier=None, cache: dict | None = None,
+                 apex_down: bool = False) -> tuple[dict[int, dict], dict]:
     """Measure tracked capillaries (see module docstring). ``image``: uint8 gray/BGR frame in the
     capillaries' coordinates (the stage's stabilized frame); ``classifier``: a
     :class:`models.classifier.Classifier` (its ``probs_image`` is used), or None. ``cache``: a dict
     the caller keeps between calls; a capillary whose geometry and flow direction are unchanged
     (they change only at keyframes) is not measured again (image-profile widths cost ≈ 0.1 s a
-    loop)."""
+    loop). ``apex_down``: the loops point down (the stage's ``apex_down``): they are measured in
+    the frame turned by half a turn, where they point up as the morphology expects (the distal
+    row is then the one nearest the frame's bottom); ``apex_px`` is given back in the frame's
+    own coordinates."""
+    if apex_down:
+        hw = tuple(shape[:2])
+        caps = [(turned(c, hw), r) for c, r in caps]
+        image = None if image is None else np.ascontiguousarray(np.asarray(image)[::-1, ::-1])
+        out, summary = measure_live(caps, shape, cfg, image=image, classifier=classifier, cache=cache)
+        back = {}
+        for k, d in out.items():   # copies: the cache keeps the turned ones
+            a = d.get("apex_px")
+            back[k] = d if a is None else dict(d, apex_px=[hw[1] - 1 - a[0], hw[0] - 1 - a[1]])
+        return back, summary
     um = cfg.device.um_per_px
     ranges = cfg.morphology.normal_ranges
     cache = {} if cache is None else cache

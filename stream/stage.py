@@ -66,7 +66,8 @@ import numpy as np
 
 from nailfold.config import Config
 from stream import flow, kernels
-from stream.capillaries import extract_capillaries, match_ids, on_lumen   # at import: it loads scikit-image (~0.3 s)
+from stream.capillaries import (apices_point_down, extract_capillaries, match_ids,   # at import: it loads
+                                on_lumen, turned)                                    # scikit-image (~0.3 s)
 from stream.capillary import BLURRED, CLEAR, LABEL_NAMES, Capillary
 from stream.frames import Frame, to_gray
 from stream.kymograph import (KymographBank, KymographBuffer, column_mean, destripe, fill_out_of_view, in_view,
@@ -378,18 +379,24 @@ def _bridged(c: Capillary, frames: list) -> Capillary:
     return alt
 
 
-def _apex_extended(c: Capillary, frames: list) -> Capillary:
+def _apex_extended(c: Capillary, frames: list, turn_shape: tuple[int, int] | None = None) -> Capillary:
     """``c`` with its apex taken up to the top of a filled apex cap
     (:func:`stream.capillaries.extend_filled_apex`), resampled at 1 px, if the texture moves at
     least as coherently along the new path over the recent ``frames`` (:func:`_coherence`);
-    else ``c``."""
+    else ``c``. ``turn_shape``: the image's (H, W) when the loops point down (the cap is then
+    looked for in the image turned by half a turn)."""
     from stream.capillaries import extend_filled_apex
     if len(frames) < 8 or c.mask is None:
         return c
-    ext = extend_filled_apex(c.centerline, c.apex_index, _median_width(c), c.mask, c.bbox)
+    u = turned(c, turn_shape) if turn_shape is not None else c
+    ext = extend_filled_apex(u.centerline, u.apex_index, _median_width(u), u.mask, u.bbox)
     if ext is None:
         return c
     cl, ai = ext
+    if turn_shape is not None:
+        cl = np.asarray(cl, np.float64).copy()
+        cl[:, 0] = (turn_shape[1] - 1) - cl[:, 0]
+        cl[:, 1] = (turn_shape[0] - 1) - cl[:, 1]
     alt = _unit_spacing(dataclasses.replace(c, centerline=cl.astype(np.float32), width_px=_widths_at(c, cl),
                                             apex_index=ai, apex=(float(cl[ai, 0]), float(cl[ai, 1]))))
     base, sc = _coherence(c, frames), _coherence(alt, frames)
@@ -401,11 +408,12 @@ def _apex_extended(c: Capillary, frames: list) -> Capillary:
     return alt
 
 
-def _routed(c: Capillary, frames: list) -> Capillary:
+def _routed(c: Capillary, frames: list, turn_shape: tuple[int, int] | None = None) -> Capillary:
     """``c`` routed through its crossings, its junction passes smoothed and its apex taken up a
     filled cap, each kept only where the texture moves along it at least as coherently over the
-    recent ``frames`` (:func:`_through_crossings`, :func:`_bridged`, :func:`_apex_extended`)."""
-    return _apex_extended(_bridged(_through_crossings(c, frames), frames), frames)
+    recent ``frames`` (:func:`_through_crossings`, :func:`_bridged`, :func:`_apex_extended`, which
+    takes ``turn_shape``)."""
+    return _apex_extended(_bridged(_through_crossings(c, frames), frames), frames, turn_shape)
 
 
 def _done(result) -> concurrent.futures.Future:
@@ -463,6 +471,7 @@ class AnalysisStage:
         self._history: collections.deque = collections.deque(maxlen=self.keyframe_average + self.keyframe_delay)
         self._pending_keyframe: tuple[int, list] | None = None
         self._keyframe_jobs: collections.deque = collections.deque()   # (frame it takes effect, future)
+        self._apex_down: bool | None = None   # loops point down (fixed by the first keyframe that shows it)
         self._kf_interval = self.keyframe_every   # grows (×2, up to ×KEYFRAME_BACKOFF_MAX) while the
         #                                           capillary set is unchanged; back to the base on change
         self._last_keyframe_frame: int | None = None
@@ -755,19 +764,31 @@ class AnalysisStage:
             if labels.shape != mean.shape:
                 labels = cv2.resize(labels.astype(np.uint8), (mean.shape[1], mean.shape[0]),
                                     interpolation=cv2.INTER_NEAREST)
-            caps = extract_capillaries(labels, mean)
+            down = self._apex_down
+            caps = extract_capillaries(labels, mean, apex_down=bool(down))
+            if down is None:
+                # the recording's orientation, until a keyframe shows it: loops traced both ways
+                turned_caps = extract_capillaries(labels, mean, apex_down=True)
+                down = apices_point_down(caps, turned_caps)
+                if down:
+                    caps = turned_caps
         except Exception:   # a failing segmenter must not stop the flow analysis of known loops
             log.exception("keyframe segmentation failed")
             return None
         # pixels outside the vessels: their appearance does not change with the flow
         static = ((labels != CLEAR) & (labels != BLURRED)).astype(np.uint8)
-        return mean, caps, _tissue_levels(mean, labels, caps), static
+        return mean, caps, _tissue_levels(mean, labels, caps), static, down
 
     def _apply_keyframe(self, mean: np.ndarray, caps: list[Capillary], levels: dict[int, float],
-                        static: np.ndarray | None = None) -> None:
+                        static: np.ndarray | None = None, down: bool | None = None) -> None:
         """Match a computed keyframe's capillaries to the tracks: ids, new tracks (back-filled),
-        contrast, retirement, keyframe interval, first re-anchoring."""
+        contrast, retirement, keyframe interval, first re-anchoring; the first keyframe that shows
+        which way the loops point fixes it for the recording (``down``, see :meth:`_compute_keyframe`)."""
         with self._lock:
+            if self._apex_down is None and down is not None:
+                self._apex_down = bool(down)
+                if down:
+                    log.info("capillary apices point down in this recording: loops traced upside down")
             self._next_id = match_ids(self._prev_caps, caps, self._next_id)
             self._prev_caps = caps
             self.keyframes_done += 1
@@ -813,8 +834,10 @@ class AnalysisStage:
         it), 1 px spaced, routed through crossings; back-fill its kymograph from the recent frames."""
         c = _unit_spacing(on_lumen(c, mean))
         hist = list(self._history)
-        alt = _lumen_alternative(c, mean) if len(hist) >= 8 else None
-        c = _routed(c, hist)
+        turn = mean.shape[:2] if self._apex_down else None
+        # (the lumen trace assumes loops that point up)
+        alt = _lumen_alternative(c, mean) if len(hist) >= 8 and turn is None else None
+        c = _routed(c, hist, turn)
         if alt is not None:
             c = _better_trace(c, _routed(alt, hist), hist)
         n = self.bank.add(c.id, c.centerline, c.width_px)
@@ -962,6 +985,12 @@ class AnalysisStage:
             view = tr.buffer.latest_view()
         return to_uint8(destripe(fill_out_of_view(k, view, column_mean(k, view))))
 
+    @property
+    def apex_down(self) -> bool:
+        """The recording's loops point down (apex at the bottom of the frame), as the first
+        keyframe that could tell showed (:func:`stream.capillaries.apices_point_down`)."""
+        return bool(self._apex_down)
+
     def stabilized_frame(self) -> np.ndarray | None:
         """Latest frame warped into reference (first-frame) coordinates, uint8 gray."""
         with self._lock:
@@ -1063,6 +1092,8 @@ class AnalysisStage:
                                      speed_px_per_frame=abs(e.speed_px_per_frame), strength=e.strength)
                             for e in evs])
             rep.capillaries.append(cf)
+        if self._apex_down:
+            rep.warnings.append("the capillary loops point down (apex at the bottom of the frame): traced upside down")
         if unconfirmed:
             rep.warnings.append(
                 f"{unconfirmed} vessel-like structure{'s' if unconfirmed > 1 else ''} segmented on a single keyframe, "

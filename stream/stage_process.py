@@ -177,7 +177,8 @@ class StageProcess:
         if caps and slot.shape:
             from stream.image_cli import get_classifier
             slot.morphology, slot.summary = measure_live(caps, slot.shape, self.cfg, image=stage.stabilized_frame(),
-                                                         classifier=get_classifier(), cache=slot.morph_cache)
+                                                         classifier=get_classifier(), cache=slot.morph_cache,
+                                                         apex_down=stage.apex_down)
 
     def _on_frame(self, msg: wire.Message) -> None:
         slot = self._slot(msg.stream, float(msg.header["fps"]), msg.image.shape)

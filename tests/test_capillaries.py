@@ -498,3 +498,28 @@ def test_the_stage_keeps_the_lumen_trace_where_the_texture_moves_along_it():
     assert _lumen_alternative(dataclasses.replace(base, extra={}), keyframe) is None   # no junction: none
     same = dataclasses.replace(main, centerline=main.centerline[::-1].copy(), apex_index=len(main.centerline) - 1 - main.apex_index)
     assert not _better_trace(main, same, frames).extra.get("lumen_routed")
+
+
+def test_loops_pointing_down_are_traced_whole_and_recognized():
+    """A recording whose loops point down (camera the other way up): traced as they are, each
+    comes out as single limbs; ``apex_down`` traces them in the half-turned image and returns them
+    in the image's own coordinates (apex at the bottom, whole hairpins, mask and bbox moved), and
+    ``apices_point_down`` tells the two orientations apart."""
+    from stream.capillaries import apices_point_down, complete_loops, turned
+    up = loop_labels(xs=(60, 150, 240, 330))
+    down = np.ascontiguousarray(up[::-1])
+    h = up.shape[0]
+    assert complete_loops(extract_capillaries(down)) < 4
+    caps = extract_capillaries(down, apex_down=True)
+    assert len(caps) == 4 and complete_loops(caps) == 4
+    for c, x in zip(caps, (60, 150, 240, 330)):
+        assert abs(c.apex[0] - x) < 3 and abs(c.apex[1] - (h - 1 - 50)) < 3      # the apex at the bottom
+        assert c.apex_index == int(np.argmax(c.centerline[:, 1]))
+        x0, y0, x1, y1 = c.bbox
+        assert c.mask.shape == (y1 - y0, x1 - x0)
+        assert down[y0:y1, x0:x1][c.mask].all()                                # the mask lies on the vessel
+        back = turned(turned(c, up.shape), up.shape)
+        assert np.allclose(back.centerline, c.centerline) and back.bbox == c.bbox and (back.mask == c.mask).all()
+    assert apices_point_down(extract_capillaries(down), extract_capillaries(down, apex_down=True)) is True
+    assert apices_point_down(extract_capillaries(up), extract_capillaries(up, apex_down=True)) is False
+    assert apices_point_down([], []) is None

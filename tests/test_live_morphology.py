@@ -73,3 +73,26 @@ def test_live_uses_the_frame_and_classifier_like_nailfold_image_and_caches(monke
     assert per2 == per and not calls            # unchanged loops are not measured again
     per3, _ = measure_live([(c, True) for c in caps[:1]], (300, 600), cfg, image=img, classifier=clf, cache=cache)
     assert len(calls) == 1 and len(cache) == 1  # a changed loop is; vanished loops leave the cache
+
+
+def test_loops_pointing_down_are_measured_turned():
+    """``apex_down``: loops pointing down are measured in the half-turned frame, where they point
+    up as the morphology expects: the same heights and widths as the same loops upright, apex
+    given back in the frame's own coordinates (also from the cache)."""
+    import pytest
+    cfg = load_config("synthetic.yaml")
+    lab = _loops()
+    up = measure_live([(c, None) for c in _caps()], lab.shape, cfg)[0]
+    down_caps = extract_capillaries(np.ascontiguousarray(lab[::-1, ::-1]), apex_down=True)
+    for i, c in enumerate(sorted(down_caps, key=lambda c: -c.apex[0]), 1):
+        c.id = i                       # turned, the first upright loop is the last from the left
+    cache: dict = {}
+    h, w = lab.shape
+    for _ in range(2):                 # the second call answers from the cache
+        down = measure_live([(c, None) for c in down_caps], lab.shape, cfg, cache=cache, apex_down=True)[0]
+        assert sorted(down) == sorted(up)
+        for k in up:
+            assert down[k]["height_px"] == pytest.approx(up[k]["height_px"], abs=2)
+            assert down[k]["venous_width_px"] == pytest.approx(up[k]["venous_width_px"], abs=1.5)
+            ax, ay = up[k]["apex_px"]
+            assert down[k]["apex_px"] == pytest.approx([w - 1 - ax, h - 1 - ay], abs=3)

@@ -748,3 +748,24 @@ def test_black_frames_are_not_sampled():
     rep = stage.finish()
     assert stage.blank_frames == 21
     assert rep.capillaries[0].flow_speed_px_per_frame == pytest.approx(8.0, rel=0.05)
+
+
+def test_a_recording_whose_loops_point_down():
+    """The toy scope turned upside down (the camera mounted the other way up): the first keyframe
+    shows the loops pointing down, they are traced whole, their speeds are measured and the
+    report says how they were traced."""
+    cfg = load_config().with_overrides(um_per_px=1.2, fps=20.0)
+    scope = ToyScope(speeds=(6.0, 12.0, -20.0), seed=5)
+    stage = AnalysisStage(cfg, segmenter=TruthSegmenter(np.ascontiguousarray(scope.label_mask()[::-1])), fps=20.0)
+    for i in range(200):
+        img = np.ascontiguousarray(scope.frame(i)[::-1])
+        stage.process(Frame(FrameMeta(i, i / 20, 20.0, img.shape), img))
+        stage.step_background()
+    rep = stage.finish()
+    assert stage._apex_down is True
+    assert any("point down" in w for w in rep.warnings)
+    caps = sorted(rep.capillaries, key=lambda c: c.apex_px[0])
+    assert len(caps) == 3
+    for c, v in zip(caps, (6.0, 12.0, 20.0)):
+        assert c.apex_px[1] > 200                                  # apex at the bottom of the frame
+        assert c.flow_speed_px_per_frame == pytest.approx(v, rel=0.05)
