@@ -35,7 +35,7 @@ from nailfold import __version__
 from nailfold.config import load_config
 from nailfold.errors import InputError, NailfoldError
 from stream import image_report as rep
-from stream.capillaries import extract_capillaries, orient_arterial_first
+from stream.capillaries import apices_point_down, extract_capillaries, orient_arterial_first, turned
 from stream.morphology import measure_capillary, subject_of, summarize_image, summarize_subject
 
 log = logging.getLogger(__name__)
@@ -138,8 +138,17 @@ def analyse_image(img: np.ndarray, segmenter, um_per_px: float | None, ranges, m
         classifier = get_classifier()
     labels = segmenter.segment(img)
     scale = img.shape[1] / 1024.0
-    caps = extract_capillaries(labels, img, min_length_px=min_length_px * scale, prune_px=10 * scale,
-                                max_limb_px=350 * scale)
+    kw = dict(min_length_px=min_length_px * scale, prune_px=10 * scale, max_limb_px=350 * scale)
+    caps = extract_capillaries(labels, img, **kw)
+    if apices_point_down(caps, extract_capillaries(labels, img, apex_down=True, **kw)):
+        # loops pointing down (a camera mounted the other way up): the whole analysis runs on the
+        # image turned by half a turn, where they point up as the morphology expects (the distal
+        # row is then the one nearest the image's bottom); coordinates come back unturned
+        entry, caps_t, morphs, kps_t = analyse_image(np.ascontiguousarray(img[::-1, ::-1]),
+                                                     _Labels(np.ascontiguousarray(labels[::-1, ::-1])), um_per_px,
+                                                     ranges, min_clear, min_length_px, kp_model, classifier)
+        return (_unturned_entry(entry, img.shape), [turned(c, img.shape[:2]) for c in caps_t], morphs,
+                {k: _unturned_points(v, img.shape) for k, v in kps_t.items()})
     for i, c in enumerate(caps):
         c.id = i
     kps: dict = {}
@@ -188,6 +197,45 @@ def analyse_image(img: np.ndarray, segmenter, um_per_px: float | None, ranges, m
         "summary": rep._clean(summary.to_dict()),
     }
     return entry, caps, morphs, kps
+
+
+class _Labels:
+    """A segmenter that returns labels already computed."""
+
+    def __init__(self, labels: np.ndarray):
+        self.labels = labels
+
+    def segment(self, image: np.ndarray) -> np.ndarray:
+        return self.labels
+
+
+def _unturn(x: float, y: float, shape: tuple) -> list[float]:
+    return [float(shape[1] - 1 - x), float(shape[0] - 1 - y)]
+
+
+def _unturned_points(points: dict | None, shape: tuple) -> dict | None:
+    return None if points is None else {k: _unturn(x, y, shape) for k, (x, y) in points.items()}
+
+
+def _unturned_entry(entry: dict, shape: tuple) -> dict:
+    """An :func:`analyse_image` entry computed on the image turned by half a turn, with its
+    coordinates (apex, bbox, centerline, keypoints) in the image's own, and a note saying so."""
+    h, w = shape[:2]
+    caps = []
+    for r in entry["capillaries"]:
+        r = dict(r)
+        if r.get("apex_px") is not None:
+            r["apex_px"] = _unturn(*r["apex_px"], shape)
+        if r.get("bbox_px") is not None:
+            x0, y0, x1, y1 = r["bbox_px"]
+            r["bbox_px"] = [w - x1, h - y1, w - x0, h - y0]
+        if r.get("centerline_px") is not None:
+            r["centerline_px"] = [_unturn(x, y, shape) for x, y in r["centerline_px"]]
+        r["keypoints_px"] = _unturned_points(r.get("keypoints_px"), shape)
+        caps.append(r)
+    return dict(entry, capillaries=caps, warnings=list(entry["warnings"]) + [
+        "the capillary loops point down (apex at the bottom of the image): measured in the image turned by "
+        "half a turn"])
 
 
 def run(args: argparse.Namespace) -> int:
