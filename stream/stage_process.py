@@ -238,6 +238,7 @@ class StageProcess:
             "sender": sender, "malformed": self.rx.stats.malformed,
             "gaps": slot.gaps[-20:], "n_gaps": len(slot.gaps), "queue": self.rx.pending(),
             "um_per_px": self.cfg.device.um_per_px, "calibrated": self.cfg.device.calibrated,
+            "apex_down": slot.stage.apex_down,
         }
 
     @staticmethod

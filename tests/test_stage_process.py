@@ -92,6 +92,8 @@ def test_publish_with_many_capillaries_stays_within_the_wire_limits():
     from stream.stage_process import StageProcess, StreamSlot
 
     class _Stage:
+        apex_down = False
+
         def snapshot(self):
             return {"capillaries": [{"id": i, "apex_px": [i, 1]} for i in range(1, 100)], "health": {}}
 

@@ -229,7 +229,8 @@ def health_markdown(health: dict | None, *, age_s: float, source: str = "") -> s
             f" upstream {fmt(recent.get('upstream'))}, stage {fmt(recent.get('stage'))}"
             f" (since start {fmt(sender.get('drops'))} / {fmt(health.get('upstream_missing'))} / {fmt(health.get('stage_drops'))})"
             f" · gaps {fmt(health.get('n_gaps'))} · stabilization confidence {fmt(stab.get('confidence'), nd=2)}"
-            f" · calibration: {calib}" + (f" · **recording** `{rec}`" if rec else ""))
+            f" · calibration: {calib}" + (f" · **recording** `{rec}`" if rec else "")
+            + (" · loops point down (traced turned)" if health.get("apex_down") else ""))
 
 
 def capillary_markdown(cap: dict | None, calibrated: bool) -> str:
