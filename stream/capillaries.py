@@ -485,17 +485,30 @@ def _split_fused_limbs(cap: Capillary, mask: np.ndarray, gray: np.ndarray, x0: i
     return [out]
 
 
-def turned(cap: Capillary, shape: tuple[int, int]) -> Capillary:
-    """``cap`` moved by a half turn of an image of ``shape`` (H, W): (x, y) → (W − 1 − x,
-    H − 1 − y); centerline, apex, half-open bbox and mask follow. Its own inverse."""
+def turned_points(xy, shape: tuple[int, ...], dtype=np.float64) -> np.ndarray:
+    """Points ``xy`` ((N, 2) or (2,), (x, y) px) of an image of ``shape`` (H, W, …) moved by a half
+    turn of it: (x, y) → (W − 1 − x, H − 1 − y), as ``dtype``. Its own inverse."""
+    p = np.array(xy, dtype=dtype)
+    p[..., 0] = (int(shape[1]) - 1) - p[..., 0]
+    p[..., 1] = (int(shape[0]) - 1) - p[..., 1]
+    return p
+
+
+def turned_bbox(bbox, shape: tuple[int, ...]) -> tuple[int, int, int, int]:
+    """A half-open (x0, y0, x1, y1) box of an image of ``shape`` (H, W, …) moved by a half turn of it."""
     h, w = int(shape[0]), int(shape[1])
-    cl = np.asarray(cap.centerline, np.float32).copy()
-    cl[:, 0] = (w - 1) - cl[:, 0]
-    cl[:, 1] = (h - 1) - cl[:, 1]
-    x0, y0, x1, y1 = cap.bbox
+    x0, y0, x1, y1 = (int(v) for v in bbox)
+    return w - x1, h - y1, w - x0, h - y0
+
+
+def turned(cap: Capillary, shape: tuple[int, ...]) -> Capillary:
+    """``cap`` moved by a half turn of an image of ``shape`` (H, W, …) (:func:`turned_points`);
+    centerline, apex, half-open bbox and mask follow. Its own inverse."""
     mask = None if cap.mask is None else np.ascontiguousarray(np.asarray(cap.mask)[::-1, ::-1])
-    return dataclasses.replace(cap, centerline=cl, apex=(float((w - 1) - cap.apex[0]), float((h - 1) - cap.apex[1])),
-                               bbox=(w - x1, h - y1, w - x0, h - y0), mask=mask, extra=dict(cap.extra))
+    ax, ay = turned_points(cap.apex, shape)
+    return dataclasses.replace(cap, centerline=turned_points(cap.centerline, shape, np.float32),
+                               apex=(float(ax), float(ay)), bbox=turned_bbox(cap.bbox, shape), mask=mask,
+                               extra=dict(cap.extra))
 
 
 def complete_loops(caps: list[Capillary]) -> int:

@@ -35,7 +35,8 @@ from nailfold import __version__
 from nailfold.config import load_config
 from nailfold.errors import InputError, NailfoldError
 from stream import image_report as rep
-from stream.capillaries import apices_point_down, extract_capillaries, orient_arterial_first, turned
+from stream.capillaries import (apices_point_down, extract_capillaries, orient_arterial_first, turned, turned_bbox,
+                                turned_points)
 from stream.morphology import measure_capillary, subject_of, summarize_image, summarize_subject
 
 log = logging.getLogger(__name__)
@@ -136,18 +137,25 @@ def analyse_image(img: np.ndarray, segmenter, um_per_px: float | None, ranges, m
     limb geometry."""
     if isinstance(classifier, str) and classifier == AUTO:
         classifier = get_classifier()
-    labels = segmenter.segment(img)
+    return _analyse_labels(img, segmenter.segment(img), um_per_px, ranges, min_clear, min_length_px, kp_model,
+                           classifier)
+
+
+def _analyse_labels(img: np.ndarray, labels: np.ndarray, um_per_px: float | None, ranges, min_clear: int,
+                    min_length_px: float, kp_model, classifier, check_turn: bool = True) -> tuple[dict, list, list, dict]:
+    """:func:`analyse_image` of ``img`` segmented as ``labels``. With ``check_turn``, loops
+    pointing down (a camera mounted the other way up, :func:`stream.capillaries.apices_point_down`)
+    are analysed in the image turned by half a turn, where they point up as the morphology
+    expects (the distal row is then the one nearest the image's bottom); coordinates come back
+    unturned."""
     scale = img.shape[1] / 1024.0
     kw = dict(min_length_px=min_length_px * scale, prune_px=10 * scale, max_limb_px=350 * scale)
     caps = extract_capillaries(labels, img, **kw)
-    if apices_point_down(caps, extract_capillaries(labels, img, apex_down=True, **kw)):
-        # loops pointing down (a camera mounted the other way up): the whole analysis runs on the
-        # image turned by half a turn, where they point up as the morphology expects (the distal
-        # row is then the one nearest the image's bottom); coordinates come back unturned
-        entry, caps_t, morphs, kps_t = analyse_image(np.ascontiguousarray(img[::-1, ::-1]),
-                                                     _Labels(np.ascontiguousarray(labels[::-1, ::-1])), um_per_px,
-                                                     ranges, min_clear, min_length_px, kp_model, classifier)
-        return (_unturned_entry(entry, img.shape), [turned(c, img.shape[:2]) for c in caps_t], morphs,
+    if check_turn and apices_point_down(caps, extract_capillaries(labels, img, apex_down=True, **kw)):
+        entry, caps_t, morphs, kps_t = _analyse_labels(
+            np.ascontiguousarray(img[::-1, ::-1]), np.ascontiguousarray(labels[::-1, ::-1]), um_per_px, ranges,
+            min_clear, min_length_px, kp_model, classifier, check_turn=False)
+        return (_unturned_entry(entry, img.shape), [turned(c, img.shape) for c in caps_t], morphs,
                 {k: _unturned_points(v, img.shape) for k, v in kps_t.items()})
     for i, c in enumerate(caps):
         c.id = i
@@ -199,38 +207,22 @@ def analyse_image(img: np.ndarray, segmenter, um_per_px: float | None, ranges, m
     return entry, caps, morphs, kps
 
 
-class _Labels:
-    """A segmenter that returns labels already computed."""
-
-    def __init__(self, labels: np.ndarray):
-        self.labels = labels
-
-    def segment(self, image: np.ndarray) -> np.ndarray:
-        return self.labels
-
-
-def _unturn(x: float, y: float, shape: tuple) -> list[float]:
-    return [float(shape[1] - 1 - x), float(shape[0] - 1 - y)]
-
-
 def _unturned_points(points: dict | None, shape: tuple) -> dict | None:
-    return None if points is None else {k: _unturn(x, y, shape) for k, (x, y) in points.items()}
+    return None if points is None else {k: turned_points(p, shape).tolist() for k, p in points.items()}
 
 
 def _unturned_entry(entry: dict, shape: tuple) -> dict:
     """An :func:`analyse_image` entry computed on the image turned by half a turn, with its
     coordinates (apex, bbox, centerline, keypoints) in the image's own, and a note saying so."""
-    h, w = shape[:2]
     caps = []
     for r in entry["capillaries"]:
         r = dict(r)
         if r.get("apex_px") is not None:
-            r["apex_px"] = _unturn(*r["apex_px"], shape)
+            r["apex_px"] = turned_points(r["apex_px"], shape).tolist()
         if r.get("bbox_px") is not None:
-            x0, y0, x1, y1 = r["bbox_px"]
-            r["bbox_px"] = [w - x1, h - y1, w - x0, h - y0]
-        if r.get("centerline_px") is not None:
-            r["centerline_px"] = [_unturn(x, y, shape) for x, y in r["centerline_px"]]
+            r["bbox_px"] = list(turned_bbox(r["bbox_px"], shape))
+        if r.get("centerline_px"):
+            r["centerline_px"] = turned_points(r["centerline_px"], shape).tolist()
         r["keypoints_px"] = _unturned_points(r.get("keypoints_px"), shape)
         caps.append(r)
     return dict(entry, capillaries=caps, warnings=list(entry["warnings"]) + [

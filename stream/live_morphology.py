@@ -18,7 +18,7 @@ import logging
 import numpy as np
 
 from nailfold.config import Config
-from stream.capillaries import turned
+from stream.capillaries import turned, turned_points
 from stream.capillary import Capillary
 from stream.morphology import fast_track, giant_present, measure_capillary, summarize_image
 
@@ -57,7 +57,7 @@ def measure_live(caps: list[tuple[Capillary, bool | None]], shape: tuple[int, ..
         back = {}
         for k, d in out.items():   # copies: the cache keeps the turned ones
             a = d.get("apex_px")
-            back[k] = d if a is None else dict(d, apex_px=[hw[1] - 1 - a[0], hw[0] - 1 - a[1]])
+            back[k] = d if a is None else dict(d, apex_px=turned_points(a, hw).tolist())
         return back, summary
     um = cfg.device.um_per_px
     ranges = cfg.morphology.normal_ranges

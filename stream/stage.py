@@ -66,8 +66,9 @@ import numpy as np
 
 from nailfold.config import Config
 from stream import flow, kernels
-from stream.capillaries import (apices_point_down, extract_capillaries, match_ids,   # at import: it loads
-                                on_lumen, turned)                                    # scikit-image (~0.3 s)
+from stream.capillaries import (apices_point_down, bridge_junctions, extend_filled_apex,   # at import: it
+                                extract_capillaries, lumen_trace, match_ids, on_lumen,     # loads scikit-image
+                                reverse_sections, self_approaches, turned, turned_points)  # (~0.3 s)
 from stream.capillary import BLURRED, CLEAR, LABEL_NAMES, Capillary
 from stream.frames import Frame, to_gray
 from stream.kymograph import (KymographBank, KymographBuffer, column_mean, destripe, fill_out_of_view, in_view,
@@ -296,7 +297,6 @@ def _lumen_alternative(c: Capillary, mean: np.ndarray) -> Capillary | None:
     ``c`` in the keyframe ``mean``, as a Capillary prepared like ``c``: on the lumen ridge, 1 px
     spaced, widths from ``c``'s nearest points (the lumen skeleton's own are narrower). None
     when there is none. Only new tracks pay for it (≈ 3–5 ms a loop with junctions)."""
-    from stream.capillaries import lumen_trace, on_lumen
     alt_d = lumen_trace(c, mean)
     if alt_d is None:
         return None
@@ -336,7 +336,6 @@ def _through_crossings(c: Capillary, frames: list) -> Capillary:
         return c
     from itertools import combinations
 
-    from stream.capillaries import reverse_sections, self_approaches
     cands = self_approaches(c.centerline)[:CROSSING_MAX_PLACES]
     if not cands:
         return c
@@ -365,7 +364,6 @@ def _bridged(c: Capillary, frames: list) -> Capillary:
     (:func:`stream.capillaries.bridge_junctions`: fused limbs, a bud between them, a crossing),
     resampled at 1 px, if the texture moves at least as coherently along the new path over the
     recent ``frames`` (:func:`_coherence`); else ``c``."""
-    from stream.capillaries import bridge_junctions
     cl, spans = bridge_junctions(c.centerline, _median_width(c))
     if not spans or len(frames) < 8:
         return c
@@ -385,7 +383,6 @@ def _apex_extended(c: Capillary, frames: list, turn_shape: tuple[int, int] | Non
     least as coherently along the new path over the recent ``frames`` (:func:`_coherence`);
     else ``c``. ``turn_shape``: the image's (H, W) when the loops point down (the cap is then
     looked for in the image turned by half a turn)."""
-    from stream.capillaries import extend_filled_apex
     if len(frames) < 8 or c.mask is None:
         return c
     u = turned(c, turn_shape) if turn_shape is not None else c
@@ -394,9 +391,7 @@ def _apex_extended(c: Capillary, frames: list, turn_shape: tuple[int, int] | Non
         return c
     cl, ai = ext
     if turn_shape is not None:
-        cl = np.asarray(cl, np.float64).copy()
-        cl[:, 0] = (turn_shape[1] - 1) - cl[:, 0]
-        cl[:, 1] = (turn_shape[0] - 1) - cl[:, 1]
+        cl = turned_points(cl, turn_shape)
     alt = _unit_spacing(dataclasses.replace(c, centerline=cl.astype(np.float32), width_px=_widths_at(c, cl),
                                             apex_index=ai, apex=(float(cl[ai, 0]), float(cl[ai, 1]))))
     base, sc = _coherence(c, frames), _coherence(alt, frames)
