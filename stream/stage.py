@@ -63,6 +63,7 @@ from dataclasses import dataclass, field
 
 import cv2
 import numpy as np
+from scipy.spatial import cKDTree
 
 from nailfold.config import Config
 from stream import flow, kernels
@@ -122,6 +123,8 @@ class _Track:
     n_tracked: int = 0      # (running counts of _tracked_frac's rule: the live snapshot need not rescan)
     contrast: float = float("nan")   # log(tissue / vessel) at the last keyframe that measured it
     hits: int = 1           # keyframes whose segmentation found this capillary
+    # static detail (flow.static_detail) of the latest windows that saw features move (see _still)
+    moving_detail: collections.deque = field(default_factory=lambda: collections.deque(maxlen=MOVING_DETAIL_WINDOWS))
 
     @property
     def anchor(self) -> float:
@@ -174,6 +177,9 @@ NOISY_STOPPED_RATIO = 2.0    # stream.flow.stopped_flow's noisy-camera branch, f
 EVENT_THRESHOLD = 6.0        # robust z of a bright line against its speed's background
 EVENT_SIZE_UM = 4.0          # σ of the along-vessel smoothing for the event search (a plasma gap / WBC
 EVENT_SIZE_PX = 3.0          # is ~10 µm); in px when uncalibrated
+LINES_ONLY_EVENNESS = 0.45   # flow.row_evenness below which a window's motion is a few bright lines, not
+#                              texture (clips 1101 30 s: texture-free columns 0.12–0.22 unless the flow is so
+#                              slow that a gap stays in view all window; default texture 0.73–0.97)
 TEXTURE_MIN_CORR = 0.25      # whole-window row correlation below which a window has no usable texture
 XCORR_TRUST_CORR = 0.5       # ... and above which its row-correlation speed replaces a Radon-maximum
 #                              window speed (no registered column, no sub-window speeds); chosen on
@@ -184,6 +190,14 @@ EVENT_MIN_SEP_FRAMES = 3.0   # events closer than this are one event
 SIDELOBE_FRAMES = 6.0        # a much weaker event this close to a strong one is its side lobe
 SIDELOBE_RATIO = 0.5
 MIN_VERDICT_FRACTION = 0.5   # below this share of windows with flow seen or flow stopped, no speed
+FROZEN_DETAIL_RATIO = 1.25   # a "stopped" window of a loop seen to flow must show this × the static
+#                              detail of its flowing windows (red-cell texture standing still), else it
+#                              only saw nothing move (see AnalysisStage._still). A blood column without
+#                              visible texture between its plasma gaps: ratio 0.98–1.02 (30-s clips
+#                              1101, texture SD 0); 7 s of stasis on the default scope: 2.3–2.7
+RETRACE_SHARE = 0.6         # a new keyframe capillary this much on an active track's centerline ...
+RETRACE_TOL_WIDTHS = 0.4     # ... within this × its width is that loop traced again (AnalysisStage._retraced)
+MOVING_DETAIL_WINDOWS = 50   # flowing windows a loop's reference static detail is the median of
 
 
 def _merge_event(events: list, e: LineEvent) -> None:
@@ -259,7 +273,6 @@ def _median_width(c: Capillary) -> float:
 def _widths_at(c: Capillary, cl: np.ndarray) -> np.ndarray:
     """Widths (float32, px) for the points ``cl`` (M, 2) of a new path of ``c``: each that of
     ``c``'s nearest centerline point."""
-    from scipy.spatial import cKDTree
     w = np.asarray(c.width_px, np.float32)
     if not w.ndim:
         return np.full(len(cl), float(w), np.float32)
@@ -709,6 +722,8 @@ class AnalysisStage:
         with self._lock:
             tr.windows.append(res)
             tr.n_flowing += bool(res.gated)
+            if res.gated and res.xcorr.confidence >= TEXTURE_MIN_CORR and math.isfinite(res.static_detail):
+                tr.moving_detail.append(res.static_detail)
             tr.n_tracked += _column_registered(res)
             for e in res.events:
                 _merge_event(tr.events, e)
@@ -803,6 +818,14 @@ class AnalysisStage:
                     continue
                 if len(c.centerline) < 16:
                     continue
+                again = self._retraced(c)
+                if again is not None:
+                    # part (or more) of a loop already tracked, traced differently this time (e.g.
+                    # red cells standing still in its lumen split the mask): that track, not a second
+                    c.id = again.cap.id
+                    seen.add(c.id)
+                    again.missing = 0
+                    continue
                 self._new_track(c, mean)
                 _set_contrast(self.tracks[c.id], mean, levels[id(c)])
             for cid, tr in self.tracks.items():
@@ -822,6 +845,26 @@ class AnalysisStage:
                 # residual 0.65 → 0.16 px on the synthetic scope); it is in first-frame coordinates
                 self._reanchor_image = (mean, static)
                 self._reanchored = True
+
+    def _retraced(self, c: Capillary) -> _Track | None:
+        """The active track whose loop the new capillary ``c`` traces again (lock held): at
+        least ``RETRACE_SHARE`` of ``c``'s centerline lies within ``RETRACE_TOL_WIDTHS`` × the
+        track's median width (≥ 3 px) of the track's centerline, or as much of the track's lies
+        as near ``c``'s. None if ``c`` is a loop of its own."""
+        pts = np.asarray(c.centerline, np.float64)
+        tree = cKDTree(pts)
+        for tr in self.tracks.values():
+            if not tr.active:
+                continue
+            cl = np.asarray(tr.cap.centerline, np.float64)
+            tol = max(3.0, RETRACE_TOL_WIDTHS * _median_width(tr.cap))
+            if not (np.all(pts.max(0) + tol >= cl.min(0)) and np.all(cl.max(0) + tol >= pts.min(0))):
+                continue
+            near_c = float(np.mean(cKDTree(cl).query(pts, distance_upper_bound=tol)[0] <= tol))
+            near_t = float(np.mean(tree.query(cl, distance_upper_bound=tol)[0] <= tol))
+            if max(near_c, near_t) >= RETRACE_SHARE:
+                return tr
+        return None
 
     def _new_track(self, c: Capillary, mean: np.ndarray) -> None:
         """Create a track (lock held): its centerline on the lumen ridge of the keyframe ``mean``
@@ -847,10 +890,27 @@ class AnalysisStage:
         self.tracks[c.id] = _Track(c, buf, first, first, first, maps)
 
     # ------------------------------------------------------------------ outputs
+    @staticmethod
+    def _still(tr: _Track, wins: list) -> tuple[list, int]:
+        """``(stopped, featureless)``: the windows of ``wins`` whose verdict is stopped flow, and
+        how many "stopped" windows are not. A window is called stopped (:func:`stream.flow.stopped_flow`)
+        when nothing in it moves though the vessel shows detail — but a blood column without
+        visible red-cell texture shows only its fixed structure between two plasma gaps, flowing
+        or not. Once a loop has been seen to flow (≥ 2 windows whose rows correlate), a stopped
+        window must show red-cell texture standing still: static detail ≥ ``FROZEN_DETAIL_RATIO``
+        × that of its flowing windows (moving texture averages out of their mean). The others saw
+        no motion, which is not a verdict."""
+        stopped = [w for w in wins if w.stopped]
+        ref = _median(tr.moving_detail) if len(tr.moving_detail) >= 2 else float("nan")
+        if not stopped or not math.isfinite(ref):
+            return stopped, 0
+        still = [w for w in stopped if not (w.static_detail < FROZEN_DETAIL_RATIO * ref)]
+        return still, len(stopped) - len(still)
+
     def _speeds(self, tr: _Track, last_windows: int | None = None) -> dict:
         wins = tr.windows[-last_windows:] if last_windows else tr.windows
         gated = [w for w in wins if w.gated and math.isfinite(w.speed_px_per_frame)]
-        stopped = [w for w in wins if w.stopped]
+        stopped, featureless = self._still(tr, wins)
         evs = tr.events if last_windows is None else [e for e in tr.events if wins and e.t_frame >= wins[0].start_frame]
         signed = [w.speed_px_per_frame for w in gated] + [e.speed_px_per_frame for e in evs]
         direction = 1.0 if not signed or _median(signed) >= 0 else -1.0
@@ -861,7 +921,13 @@ class AnalysisStage:
         # enter the median only when no window gives a speed.
         mags = []
         for w in gated:
-            if math.isfinite(w.material_speed):
+            if w.row_evenness < LINES_ONLY_EVENNESS:
+                # a blood column without visible red-cell texture: the window's motion is a plasma
+                # gap or two (flow.row_evenness), whose own slopes are the measurement; its material
+                # displacement and Radon maximum extrapolate one transit over the whole window
+                # (measured +15 % on a 1296-µm/s loop)
+                mags.extend(abs(e.speed_px_per_frame) for e in w.events)
+            elif math.isfinite(w.material_speed):
                 # net displacement of the registered blood column over the window: pulsation
                 # averaged exactly, ≈ 1 % precision on clear loops
                 mags.append(abs(w.material_speed))
@@ -886,7 +952,8 @@ class AnalysisStage:
             mags = [abs(e.speed_px_per_frame) for e in evs]
         v = _trimmed_mean(mags) if mags else float("nan")
         frac = (len(gated) + len(stopped)) / len(wins) if wins else 0.0
-        if len(wins) >= 3 and frac < MIN_VERDICT_FRACTION:
+        judged = len(wins) - featureless      # a window that saw no motion in a featureless column: no vote
+        if judged >= 3 and (len(gated) + len(stopped)) / judged < MIN_VERDICT_FRACTION:
             # most windows saw neither moving texture nor a still column: a speed from the few
             # that did (or from their bright lines) would be a guess shown as a measurement
             v = float("nan")

@@ -512,7 +512,7 @@ def test_speed_is_null_when_most_windows_see_neither_flow_nor_stasis():
         return w
 
     class T:  # the parts of a track _speeds reads
-        pass
+        moving_detail = ()
     few = T()
     few.windows = [win(True, 17.6)] + [win(False) for _ in range(9)]
     few.events = []
@@ -541,7 +541,7 @@ def test_a_confident_row_correlation_replaces_a_radon_maximum_window_speed():
     st = AnalysisStage(load_config().with_overrides(um_per_px=1.2, fps=20.0), segmenter=TruthSegmenter(np.zeros((8, 8), np.uint8)), fps=20.0)
 
     class T:  # the parts of a track _speeds reads
-        pass
+        moving_detail = ()
 
     def speed(radon_v, xc_v, xc_conf, material=float("nan")):
         t = T()
@@ -769,3 +769,125 @@ def test_a_recording_whose_loops_point_down():
     for c, v in zip(caps, (6.0, 12.0, 20.0)):
         assert c.apex_px[1] > 200                                  # apex at the bottom of the frame
         assert c.flow_speed_px_per_frame == pytest.approx(v, rel=0.05)
+
+
+def _hairpin_cap(x0: float, cid: int = -1, width: float = 10.0) -> "Capillary":
+    """An upright hairpin capillary (limbs 30 px apart, 120 px tall) with its left limb at ``x0``."""
+    from stream.capillary import Capillary
+    up = np.stack([np.full(120, x0), np.linspace(200, 81, 120)], 1)
+    th = np.linspace(np.pi, 0, 48)
+    cap = np.stack([x0 + 15 + 15 * np.cos(th), 80 - 15 * np.sin(th)], 1)
+    down = np.stack([np.full(120, x0 + 30), np.linspace(81, 200, 120)], 1)
+    cl = np.concatenate([up, cap, down]).astype(np.float32)
+    ai = int(np.argmin(cl[:, 1]))
+    return Capillary(cl, (float(cl[ai, 0]), float(cl[ai, 1])), ai, np.full(len(cl), width, np.float32),
+                     (int(x0) - 6, 60, int(x0) + 37, 206), np.ones((146, 43), bool), id=cid)
+
+
+def test_a_loop_traced_again_differently_is_not_a_second_capillary():
+    """A keyframe whose segmentation traces a tracked loop differently (only one limb and the apex:
+    e.g. red cells standing still split its mask), so that its overlap with the previous keyframe's
+    instance is too small to keep the id, is that loop again (AnalysisStage._retraced), not a new
+    capillary the report would list twice; a loop beside it is its own."""
+    from stream.kymograph import KymographBuffer
+    from stream.stage import _Track
+    st = AnalysisStage(load_config().with_overrides(um_per_px=1.2, fps=20.0),
+                       segmenter=TruthSegmenter(np.zeros((8, 8), np.uint8)), fps=20.0)
+    whole = _hairpin_cap(100.0, cid=1)
+    st.tracks[1] = _Track(whole, KymographBuffer(len(whole.centerline), 10), 0, 0, 0, (None, None))
+    half = _hairpin_cap(100.0)
+    half.centerline = half.centerline[:150]
+    assert st._retraced(half) is st.tracks[1]
+    shifted = _hairpin_cap(102.0)              # the whole loop, traced 2 px aside
+    assert st._retraced(shifted) is st.tracks[1]
+    neighbour = _hairpin_cap(160.0)            # the next loop of the row: 30 px further
+    assert st._retraced(neighbour) is None
+    st.tracks[1].active = False                # a retired track is not matched
+    assert st._retraced(half) is None
+
+
+def test_a_featureless_column_between_gaps_is_not_stopped_flow():
+    """A loop without visible red-cell texture flows between its plasma gaps without showing
+    anything move: those windows look stopped (fixed structure, no motion). Once the loop has been
+    seen to flow, a stopped verdict needs red-cell texture standing still (static detail above that
+    of the flowing windows); the windows without it neither count as 0 µm/s nor count against the
+    verdict. Texture that stands still (stasis) still counts as stopped, and a loop never seen to
+    flow keeps its stopped verdict."""
+    from stream import flow
+    from stream.radon import LineEvent
+    st = AnalysisStage(load_config().with_overrides(um_per_px=1.2, fps=20.0),
+                       segmenter=TruthSegmenter(np.zeros((8, 8), np.uint8)), fps=20.0)
+
+    def win(gated, static, v=float("nan")):
+        w = flow.WindowResult(0, 60, v if gated else 0.0, 30.0, flow.XcorrSpeed(v, 0.6, 8),
+                              stopped=not gated, gated=gated, material_speed=v, static_detail=static,
+                              row_evenness=0.9)
+        if gated:
+            w.events = [LineEvent(10.0, v, 5.0)]
+        return w
+
+    class T:
+        pass
+
+    def track(windows, moving):
+        t = T()
+        t.windows, t.events, t.moving_detail = windows, [], list(moving)
+        return t
+    flowing = [win(True, 1.3, 40.0) for _ in range(4)]
+    featureless = track(flowing + [win(False, 1.31) for _ in range(8)], [1.3] * 4)
+    sp = st._speeds(featureless)
+    assert sp["v"] == pytest.approx(40.0) and sp["state"] == "flowing" and sp["stopped"] == 0
+    stasis = track(flowing + [win(False, 3.2) for _ in range(8)], [1.3] * 4)
+    sp = st._speeds(stasis)
+    assert sp["stopped"] == 8 and 0.0 < sp["v"] < 0.5 * 40.0      # the stasis windows count as 0
+    never_flowed = track([win(False, 1.31) for _ in range(8)], [])
+    sp = st._speeds(never_flowed)
+    assert sp["v"] == 0.0 and sp["state"] == "stopped"
+
+
+def test_a_window_carried_by_a_few_bright_lines_takes_their_slopes():
+    """A gated window whose motion is one plasma gap crossing a texture-free column in a few frames
+    (low flow.row_evenness) gives its events' speeds, not a material displacement extrapolated over
+    the window; a textured window keeps its material speed."""
+    from stream import flow
+    from stream.radon import LineEvent
+    st = AnalysisStage(load_config().with_overrides(um_per_px=1.2, fps=20.0),
+                       segmenter=TruthSegmenter(np.zeros((8, 8), np.uint8)), fps=20.0)
+
+    class T:
+        moving_detail = ()
+
+    def speed(evenness):
+        t = T()
+        t.events = []
+        t.windows = [flow.WindowResult(0, 60, 60.0, 30.0, flow.XcorrSpeed(60.0, 0.6, 8), gated=True,
+                                       material_speed=60.0, row_evenness=evenness,
+                                       events=[LineEvent(20.0, 52.0, 9.0)]) for _ in range(5)]
+        return st._speeds(t)["v"]
+    assert speed(0.15) == pytest.approx(52.0)
+    assert speed(0.85) == pytest.approx(60.0)
+
+
+def test_row_evenness_tells_texture_from_a_lone_bright_line():
+    """flow.row_evenness: texture moving through every frame reads high; a single bright line
+    crossing a noisy texture-free column in a few frames reads low; static_detail is the fixed
+    detail of the window's mean row, which moving texture averages out of."""
+    from stream import flow
+    rng = np.random.default_rng(3)
+    t, n = 60, 200
+    tex = rng.standard_normal(n + 4 * t)
+    textured = np.stack([tex[4 * t - 4 * i: 4 * t - 4 * i + n] for i in range(t)]).astype(np.float32)
+    line = rng.normal(0, 0.3, (t, n)).astype(np.float32)
+    for i in range(20, 26):                    # a gap crossing the loop at 40 px/frame
+        x = (i - 20) * 40.0
+        line[i] += 4.0 * np.exp(-0.5 * ((np.arange(n) - x) / 5.0) ** 2)
+
+    def destriped(k):
+        k = k - k.mean(axis=0, keepdims=True)
+        return k - k.mean(axis=1, keepdims=True)
+    from stream.stage import LINES_ONLY_EVENNESS
+    assert flow.row_evenness(destriped(textured)) > 0.6 > LINES_ONLY_EVENNESS
+    assert flow.row_evenness(destriped(line)) < LINES_ONLY_EVENNESS
+    fixed = np.tile(np.sin(np.arange(n) * 1.3), (t, 1)).astype(np.float32)
+    assert flow.static_detail(fixed + 0.01 * rng.standard_normal((t, n)).astype(np.float32)) > 0.5
+    assert flow.static_detail(textured) < 0.5 * flow.static_detail(fixed + textured)
