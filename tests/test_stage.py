@@ -891,3 +891,46 @@ def test_row_evenness_tells_texture_from_a_lone_bright_line():
     fixed = np.tile(np.sin(np.arange(n) * 1.3), (t, 1)).astype(np.float32)
     assert flow.static_detail(fixed + 0.01 * rng.standard_normal((t, n)).astype(np.float32)) > 0.5
     assert flow.static_detail(textured) < 0.5 * flow.static_detail(fixed + textured)
+
+
+def test_faint_structures_without_a_flow_verdict_are_left_out():
+    """A structure segmented on several keyframes that never showed flow or stasis and whose
+    contrast is a small fraction of the flowing loops' (smooth background texture the U-Net takes
+    for an out-of-focus vessel) is left out of the report and the live view, with a warning; a
+    deep loop of ordinary contrast stays, and nothing is left out without loops to compare with."""
+    from stream.stage import FAINT_CONTRAST_SHARE, _faint, _reference_contrast
+
+    class T:
+        def __init__(self, contrast):
+            self.contrast = contrast
+    tracks = {1: T(0.8), 2: T(0.9), 3: T(0.05), 4: T(0.3), 5: T(float("nan"))}
+    states = {1: "flowing", 2: "stopped", 3: "indeterminate", 4: "indeterminate", 5: "indeterminate"}
+    ref = _reference_contrast(tracks, states)
+    assert ref == pytest.approx(0.85)
+    assert _faint(tracks[3], "indeterminate", ref)
+    assert not _faint(tracks[3], "flowing", ref)              # flow seen: a vessel, however faint
+    assert not _faint(tracks[4], "indeterminate", ref)        # 0.35 × the reference: a deep loop
+    assert not _faint(tracks[5], "indeterminate", ref)        # contrast not measured
+    assert 0.05 < FAINT_CONTRAST_SHARE * ref < 0.3
+    alone = {3: T(0.05), 1: T(0.8)}
+    assert not math.isfinite(_reference_contrast(alone, {1: "flowing", 3: "indeterminate"}))
+    assert not _faint(alone[3], "indeterminate", float("nan"))
+
+
+def test_toy_scope_blotchy_background_is_not_reported_as_capillaries():
+    """End to end with the shipped U-Net on the tests' toy scope (1024×768, six loops on a smooth
+    blotchy background, none of it from the synthetic scope): the report lists the six loops with
+    their speeds, not the vessel-like blotches of the background."""
+    from stream.stage import default_segmenter
+    scope = ToyScope(speeds=(4.0, 9.0, 16.0, -22.0, 35.0, 50.0), shape=(768, 1024), seed=5)
+    cfg = load_config().with_overrides(um_per_px=1.0, fps=20.0)
+    st = AnalysisStage(cfg, segmenter=default_segmenter("unet"), fps=20.0, keyframe_delay=40)
+    for i in range(200):
+        img = scope.frame(i)
+        st.process(Frame(FrameMeta(i, i / 20.0, 20.0, img.shape), img))
+        st.step_background()
+    rep = st.finish("toy")
+    assert len(rep.capillaries) == 6, [(c.apex_px, c.flow_state, c.vessel_contrast) for c in rep.capillaries]
+    assert any("faint vessel-like" in w for w in rep.warnings)
+    got = sorted(c.flow_speed_px_per_frame for c in rep.capillaries)
+    assert got == pytest.approx([4.0, 9.0, 16.0, 22.0, 35.0, 50.0], rel=0.05)
