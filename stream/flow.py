@@ -32,6 +32,7 @@ pulsatile flow is averaged over the cardiac cycle instead of locking onto one ph
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import math
@@ -446,6 +447,7 @@ def material_events(ke: np.ndarray, sd: float, anchor: float, d: np.ndarray, thr
     ``ref_tests_per_frame`` > 0 the threshold follows the number of independent stretches of blood
     the window tested (complete bins / ``min_sep_px``, per frame): :func:`tests_threshold`.
     Its time is when that material crosses ``anchor`` (fractional row), its speed ``d`` there,
+    its ``transit_speed`` the distance its path covers in the window over the frames it takes,
     its strength the mean brightness (SDs), its ``threshold`` the one it cleared."""
     t, n = ke.shape
     X, m0, prof, rows = profile if profile is not None else material_profile(ke, d)
@@ -472,7 +474,9 @@ def material_events(ke: np.ndarray, sd: float, anchor: float, d: np.ndarray, thr
         if not (min(X[0], X[-1]) <= target <= max(X[0], X[-1])):
             continue
         tf = float(np.interp(target, X, rowsi) if forward else np.interp(-target, -X, rowsi))
-        out.append(radon.LineEvent(tf, float(vx[int(np.clip(round(tf), 0, t - 1))]), float(stat[p]), float(threshold)))
+        chord = math.copysign(float(cover[p]) / (rows[p] - 1), X[-1] - X[0]) if rows[p] > 1 else float("nan")
+        out.append(radon.LineEvent(tf, float(vx[int(np.clip(round(tf), 0, t - 1))]), float(stat[p]), float(threshold),
+                                   chord))
     return out
 
 
@@ -770,8 +774,7 @@ class WindowAnalyzer:
                         if e.strength * ev_sd * log_sd < share * vc:
                             continue    # brightening (log units) below the required share of the vessel's contrast
                     if t_lo <= e.t_frame < t_hi and 0.5 <= e.t_frame <= self.n_frames - 1.5:
-                        res.events.append(radon.LineEvent(start_frame + e.t_frame, e.speed_px_per_frame, e.strength,
-                                                          e.threshold))
+                        res.events.append(dataclasses.replace(e, t_frame=start_frame + e.t_frame))
                 return res
         if z is None:
             grid, z, cnt = radon.row_sinogram(ke, self.anchor, fine, g_lo, g_hi, step)

@@ -39,6 +39,9 @@ class LineEvent:
     speed_px_per_frame: float   # signed
     strength: float       # robust z-score of the line sum against its speed's background
     threshold: float = float("nan")   # the strength it had to reach in its window (NaN: not recorded)
+    transit_speed: float = float("nan")   # signed mean speed over the frames the object was followed in its
+    #                                       window: its path's chord (pulsation within the transit averaged;
+    #                                       NaN: not measured)
 
 
 def speed_grid(v_min: float, v_max: float, ratio: float = 1.04, signed: bool = True) -> np.ndarray:

@@ -92,6 +92,28 @@ def test_material_events_finds_cells_in_pulsatile_flow():
         assert abs(e.speed_px_per_frame - np.interp(e.t_frame, np.arange(len(v)), v)) < 0.15 * 12.0
 
 
+def test_material_events_give_each_cell_its_transit_speed():
+    """Besides its speed where it crosses the apex (one phase of the pulsation), each event has the
+    chord of its path: distance over frames while it was followed in the window, the mean speed of
+    its transit (what a texture-free loop's speed is measured from)."""
+    gaps = (14.0, 33.5, 52.0, 68.0)
+    k, v, anchor = _pulsatile_kymo(gaps=gaps, seed=3)
+    t = np.arange(len(v), dtype=np.float64)
+    X = np.concatenate([[0.0], np.cumsum(0.5 * (v[1:] + v[:-1]))])
+    kn = _prepare(k)
+    d = flow.speed_track(kn, v0=12.0, v_max=100.0)
+    ke = gaussian_filter1d(kn, 3.0, axis=1, mode="nearest")
+    evs = flow.material_events(ke, radon.robust_sd(ke[::2, ::2].ravel()), anchor, d, threshold=3.5, min_sep_px=8.0)
+    assert len(evs) == len(gaps)
+    for e in evs:
+        mg = anchor - np.interp(e.t_frame, t, X)                   # the cell's material coordinate
+        seen = t[(mg + X >= 0) & (mg + X <= k.shape[1] - 1)]
+        chord = (np.interp(seen[-1], t, X) - np.interp(seen[0], t, X)) / (seen[-1] - seen[0])
+        assert abs(e.transit_speed - chord) < 0.05 * chord, (e, chord)
+    assert max(abs(e.transit_speed - 12.0) for e in evs) < 0.1 * 12.0
+    assert max(abs(e.speed_px_per_frame - 12.0) for e in evs) > 0.15 * 12.0   # apex speeds: pulsation phases
+
+
 def test_material_events_none_without_cells():
     k, _, anchor = _pulsatile_kymo(gaps=(), seed=4)
     kn = _prepare(k)

@@ -845,10 +845,12 @@ def test_a_featureless_column_between_gaps_is_not_stopped_flow():
     assert sp["v"] == 0.0 and sp["state"] == "stopped"
 
 
-def test_a_window_carried_by_a_few_bright_lines_takes_their_slopes():
-    """A gated window whose motion is one plasma gap crossing a texture-free column in a few frames
-    (low flow.row_evenness) gives its events' speeds, not a material displacement extrapolated over
-    the window; a textured window keeps its material speed."""
+def test_a_loop_whose_motion_is_a_few_bright_lines_takes_their_transits():
+    """A loop without visible red-cell texture, whose flowing windows are carried by a plasma gap
+    crossing in a few frames (low flow.row_evenness), gets its speed from its events' transit
+    speeds (their chords), not from the windows' material displacement (one transit extrapolated
+    over the window) nor from a window that passed the gate on something else; a textured loop
+    keeps its windows' material speeds, and takes a lone lines-only window's transits."""
     from stream import flow
     from stream.radon import LineEvent
     st = AnalysisStage(load_config().with_overrides(um_per_px=1.2, fps=20.0),
@@ -857,15 +859,21 @@ def test_a_window_carried_by_a_few_bright_lines_takes_their_slopes():
     class T:
         moving_detail = ()
 
-    def speed(evenness):
+    def window(evenness, material=60.0, events=()):
+        return flow.WindowResult(0, 60, material, 30.0, flow.XcorrSpeed(material, 0.6, 8), gated=True,
+                                 material_speed=material, row_evenness=evenness, events=list(events))
+
+    def speed(windows):
         t = T()
-        t.events = []
-        t.windows = [flow.WindowResult(0, 60, 60.0, 30.0, flow.XcorrSpeed(60.0, 0.6, 8), gated=True,
-                                       material_speed=60.0, row_evenness=evenness,
-                                       events=[LineEvent(20.0, 52.0, 9.0)]) for _ in range(5)]
+        t.windows = windows
+        t.events = [e for w in windows for e in w.events]
         return st._speeds(t)["v"]
-    assert speed(0.15) == pytest.approx(52.0)
-    assert speed(0.85) == pytest.approx(60.0)
+    cells = [LineEvent(20.0 + i, 58.0, 9.0, 3.5, 50.0) for i in range(4)]
+    lines = [window(0.15, events=[e]) for e in cells] + [window(0.5, material=3.0)]
+    assert speed(lines) == pytest.approx(50.0)
+    assert speed([window(0.85) for _ in range(5)]) == pytest.approx(60.0)
+    assert speed([window(0.85) for _ in range(9)] + [window(0.15, events=[LineEvent(5.0, 58.0, 9.0)])]) \
+        == pytest.approx(60.0)          # the trimmed mean drops the one 58
 
 
 def test_row_evenness_tells_texture_from_a_lone_bright_line():
