@@ -942,3 +942,22 @@ def test_toy_scope_blotchy_background_is_not_reported_as_capillaries():
     assert any("faint vessel-like" in w for w in rep.warnings)
     got = sorted(c.flow_speed_px_per_frame for c in rep.capillaries)
     assert got == pytest.approx([4.0, 9.0, 16.0, 22.0, 35.0, 50.0], rel=0.05)
+
+
+def test_shallow_but_clear_gaps_are_counted():
+    """White cells that brighten the blood column by a third of the vessel's contrast (gaps of 25
+    gray levels in a 70-gray column on a 150–200 background, ≈ 5 SD above the red-cell texture):
+    an event far above its window's threshold is a cell however shallow (EVENT_CLEAR_FRACTION);
+    the share test that keeps offset-lifted texture out applies to events near the threshold
+    only. Before, 15 of 117 such cells were counted on this scope at 1024×768."""
+    cfg = load_config().with_overrides(um_per_px=1.0, fps=20.0)
+    scope = ToyScope(speeds=(9.0, 22.0), seed=5, gap_amp=25.0)
+    _, rep = run_stage(scope, 400, cfg)
+    caps = _match_caps(rep, scope)
+    for k in range(len(scope.loops)):
+        truth = scope.wbc_times_s(k, rep.duration_s - 0.5)
+        truth = truth[truth > 0.5]
+        got = np.array([e.t_s for e in caps[k].wbc_events])
+        hits = sum(np.any(np.abs(got - t) < 0.15) for t in truth)
+        assert hits >= 0.6 * len(truth), (k, len(truth), got)
+        assert len(got) <= len(truth) + 2, (k, truth, got)
