@@ -193,7 +193,8 @@ XCORR_TRUST_CORR = 0.5       # ... and above which its row-correlation speed rep
 EVENT_MIN_SEP_FRAMES = 3.0   # events closer than this are one event
 SIDELOBE_FRAMES = 6.0        # a much weaker event this close to a strong one is its side lobe
 SIDELOBE_RATIO = 0.5
-FAINT_CONTRAST_SHARE = 0.15  # an indeterminate structure below this × the flowing loops' contrast is left out (_faint)
+FAINT_CONTRAST_SHARE = 0.15  # an indeterminate structure below this × the flowing loops' contrast is left out (_faint),
+FAINT_CONTRAST_FLOOR = 0.08  # or below this log contrast in a video where no loop has a flow verdict
 MIN_VERDICT_FRACTION = 0.5   # below this share of windows with flow seen or flow stopped, no speed
 FROZEN_DETAIL_RATIO = 1.25   # a "stopped" window of a loop seen to flow must show this × the static
 #                              detail of its flowing windows (red-cell texture standing still), else it
@@ -1192,8 +1193,9 @@ class AnalysisStage:
         if faint:
             rep.warnings.append(
                 f"{faint} faint vessel-like structure{'s' if faint > 1 else ''} (contrast below "
-                f"{100 * FAINT_CONTRAST_SHARE:.0f} % of the loops with a flow verdict), with neither flow nor stasis "
-                "seen, left out (background texture or deep out-of-focus vessels)")
+                + (f"{100 * FAINT_CONTRAST_SHARE:.0f} % of the loops with a flow verdict" if math.isfinite(ref)
+                   else f"{FAINT_CONTRAST_FLOOR:g} in log units, and no loop with a flow verdict")
+                + "), with neither flow nor stasis seen, left out (background texture or deep out-of-focus vessels)")
         if n >= MIN_FINAL_WINDOW and not rep.capillaries:
             rep.warnings.append("no capillaries found")
         lost = [c for c in rep.capillaries if wbc_count_unreliable(c.flow_state, c.wbc_tracked_frac)]
@@ -1232,12 +1234,16 @@ def _reference_contrast(tracks: dict, states: dict) -> float:
 
 def _faint(tr: _Track, flow_state: str, reference: float) -> bool:
     """A structure the report leaves out although segmented on several keyframes: no flow verdict
-    and a log contrast below ``FAINT_CONTRAST_SHARE`` × ``reference`` (:func:`_reference_contrast`).
-    A smooth background texture gives the U-Net vessel-like blobs: on a toy scope, 21 of them at
-    0.04–0.07 against 0.77–0.88 for its six loops; the synthetic scope's deep background loops read
-    0.22–0.41 × its distal row. False without a reference or a measured contrast."""
-    return (flow_state == "indeterminate" and math.isfinite(reference) and math.isfinite(tr.contrast)
-            and tr.contrast < FAINT_CONTRAST_SHARE * reference)
+    and a log contrast below ``FAINT_CONTRAST_SHARE`` × ``reference`` (:func:`_reference_contrast`),
+    or, without a reference (no loop in the video flows or stands still), below
+    ``FAINT_CONTRAST_FLOOR``. A smooth background texture gives the U-Net vessel-like blobs: on a
+    toy scope, 21 of them at 0.04–0.07 against 0.77–0.88 for its six loops, and 60 at 0.015–0.074
+    in the same background without loops; the synthetic scope's deep background loops read
+    0.22–0.41 × its distal row, 0.096–0.18. False if the contrast was not measured."""
+    if flow_state != "indeterminate" or not math.isfinite(tr.contrast):
+        return False
+    limit = FAINT_CONTRAST_SHARE * reference if math.isfinite(reference) else FAINT_CONTRAST_FLOOR
+    return tr.contrast < limit
 
 
 def _tracked_frac(windows) -> float | None:

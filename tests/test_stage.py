@@ -905,7 +905,8 @@ def test_faint_structures_without_a_flow_verdict_are_left_out():
     """A structure segmented on several keyframes that never showed flow or stasis and whose
     contrast is a small fraction of the flowing loops' (smooth background texture the U-Net takes
     for an out-of-focus vessel) is left out of the report and the live view, with a warning; a
-    deep loop of ordinary contrast stays, and nothing is left out without loops to compare with."""
+    deep loop of ordinary contrast stays. Without loops to compare with (a single flowing loop is
+    not a reference), an absolute floor decides."""
     from stream.stage import FAINT_CONTRAST_SHARE, _faint, _reference_contrast
 
     class T:
@@ -922,7 +923,8 @@ def test_faint_structures_without_a_flow_verdict_are_left_out():
     assert 0.05 < FAINT_CONTRAST_SHARE * ref < 0.3
     alone = {3: T(0.05), 1: T(0.8)}
     assert not math.isfinite(_reference_contrast(alone, {1: "flowing", 3: "indeterminate"}))
-    assert not _faint(alone[3], "indeterminate", float("nan"))
+    assert _faint(alone[3], "indeterminate", float("nan"))        # below the absolute floor
+    assert not _faint(T(0.12), "indeterminate", float("nan"))     # a deep loop of a video that does not flow
 
 
 def test_toy_scope_blotchy_background_is_not_reported_as_capillaries():
@@ -942,6 +944,22 @@ def test_toy_scope_blotchy_background_is_not_reported_as_capillaries():
     assert any("faint vessel-like" in w for w in rep.warnings)
     got = sorted(c.flow_speed_px_per_frame for c in rep.capillaries)
     assert got == pytest.approx([4.0, 9.0, 16.0, 22.0, 35.0, 50.0], rel=0.05)
+
+
+def test_a_blotchy_background_without_loops_is_a_video_without_capillaries():
+    """The toy scope's background alone (no loop flows, so no contrast to compare with): the
+    blotches the U-Net takes for out-of-focus vessels (log contrast 0.015–0.074) are left out by
+    the absolute floor, and the report says no capillaries were found."""
+    from stream.stage import default_segmenter
+    scope = ToyScope(speeds=(), shape=(768, 1024), seed=5)
+    st = AnalysisStage(load_config().with_overrides(um_per_px=1.0, fps=20.0), segmenter=default_segmenter("unet"),
+                       fps=20.0, keyframe_delay=40)
+    feed(st, scope, 160)
+    rep = st.finish("toy")
+    assert rep.capillaries == [], [(c.apex_px, c.vessel_contrast) for c in rep.capillaries]
+    assert any("faint vessel-like" in w and "no loop with a flow verdict" in w for w in rep.warnings)
+    assert "no capillaries found" in rep.warnings
+    assert st.snapshot()["capillaries"] == []
 
 
 def test_shallow_but_clear_gaps_are_counted():
