@@ -164,6 +164,24 @@ def loop_contrast(image: np.ndarray, maps: tuple[np.ndarray, np.ndarray], tissue
     return float(np.median(math.log(max(float(tissue), 1.0)) - np.log(np.maximum(vessel, 1.0))))
 
 
+FAINT_CONTRAST_SHARE = 0.15   # a structure below this × the reference contrast is faint (see faint_contrast) ...
+FAINT_CONTRAST_FLOOR = 0.08   # ... or, without a reference, below this log contrast
+
+
+def faint_contrast(contrast: float, reference: float) -> bool:
+    """True when a vessel-like structure's log contrast (:func:`loop_contrast`) is too faint to
+    be a capillary the analysis can use: below ``FAINT_CONTRAST_SHARE`` × ``reference`` (the median
+    contrast of the loops known to be vessels: flowing, or in focus), or below
+    ``FAINT_CONTRAST_FLOOR`` when there is no reference (NaN). A smooth blotchy tissue background
+    gives the U-Net out-of-focus "vessels" at 0.015–0.074 (the tests' toy scope, whose six loops
+    read 0.77–0.88); the synthetic scope's deep background loops read 0.096–0.18, 0.22–0.41 × its
+    distal row. False when the contrast was not measured."""
+    if not math.isfinite(contrast):
+        return False
+    limit = FAINT_CONTRAST_SHARE * reference if math.isfinite(reference) else FAINT_CONTRAST_FLOOR
+    return contrast < limit
+
+
 def destripe(kymo: np.ndarray) -> np.ndarray:
     """Remove static banding (per-column temporal mean) and per-row mean; float32, zero mean."""
     k = np.asarray(kymo, np.float32)

@@ -72,8 +72,9 @@ from stream.capillaries import (apices_point_down, bridge_junctions, extend_fill
                                 reverse_sections, self_approaches, turned, turned_points)  # (~0.3 s)
 from stream.capillary import BLURRED, CLEAR, LABEL_NAMES, Capillary
 from stream.frames import Frame, to_gray
-from stream.kymograph import (KymographBank, KymographBuffer, column_mean, destripe, fill_out_of_view, in_view,
-                              loop_contrast, tissue_level,
+from stream.kymograph import (FAINT_CONTRAST_FLOOR, FAINT_CONTRAST_SHARE, KymographBank, KymographBuffer,
+                              column_mean, destripe, faint_contrast, fill_out_of_view, in_view, loop_contrast,
+                              tissue_level,
                               resample_polyline, sample_row, sampling_maps, to_uint8)
 from stream.radon import LineEvent
 from stream.report import (OUT_OF_VIEW_WARN, WBC_TRACKED_LOW, CapillaryFlow, VideoReport, WbcEvent,
@@ -193,8 +194,6 @@ XCORR_TRUST_CORR = 0.5       # ... and above which its row-correlation speed rep
 EVENT_MIN_SEP_FRAMES = 3.0   # events closer than this are one event
 SIDELOBE_FRAMES = 6.0        # a much weaker event this close to a strong one is its side lobe
 SIDELOBE_RATIO = 0.5
-FAINT_CONTRAST_SHARE = 0.15  # an indeterminate structure below this × the flowing loops' contrast is left out (_faint),
-FAINT_CONTRAST_FLOOR = 0.08  # or below this log contrast in a video where no loop has a flow verdict
 MIN_VERDICT_FRACTION = 0.5   # below this share of windows with flow seen or flow stopped, no speed
 FROZEN_DETAIL_RATIO = 1.25   # a "stopped" window of a loop seen to flow must show this × the static
 #                              detail of its flowing windows (red-cell texture standing still), else it
@@ -1234,16 +1233,10 @@ def _reference_contrast(tracks: dict, states: dict) -> float:
 
 def _faint(tr: _Track, flow_state: str, reference: float) -> bool:
     """A structure the report leaves out although segmented on several keyframes: no flow verdict
-    and a log contrast below ``FAINT_CONTRAST_SHARE`` × ``reference`` (:func:`_reference_contrast`),
-    or, without a reference (no loop in the video flows or stands still), below
-    ``FAINT_CONTRAST_FLOOR``. A smooth background texture gives the U-Net vessel-like blobs: on a
-    toy scope, 21 of them at 0.04–0.07 against 0.77–0.88 for its six loops, and 60 at 0.015–0.074
-    in the same background without loops; the synthetic scope's deep background loops read
-    0.22–0.41 × its distal row, 0.096–0.18. False if the contrast was not measured."""
-    if flow_state != "indeterminate" or not math.isfinite(tr.contrast):
-        return False
-    limit = FAINT_CONTRAST_SHARE * reference if math.isfinite(reference) else FAINT_CONTRAST_FLOOR
-    return tr.contrast < limit
+    and too faint (:func:`stream.kymograph.faint_contrast`) against ``reference``
+    (:func:`_reference_contrast`; NaN when no loop of the video flows or stands still). The toy
+    scope's blotchy background gave 21 such "capillaries" beside its six loops, 51 without them."""
+    return flow_state == "indeterminate" and faint_contrast(tr.contrast, reference)
 
 
 def _tracked_frac(windows) -> float | None:

@@ -114,3 +114,22 @@ def test_an_image_whose_loops_point_down(tmp_path):
     downs = sorted([w - 1 - c["apex_px"][0], h - 1 - c["apex_px"][1]] for c in down["capillaries"])
     near = [abs(a[0] - b[0]) <= 4 and abs(a[1] - b[1]) <= 4 for a, b in zip(ups, downs)]
     assert sum(near) >= 0.8 * len(near)      # (the U-Net segments the turned image a little differently)
+
+
+def test_a_blotchy_background_does_not_add_blurred_capillaries(tmp_path):
+    """A still of the tests' toy scope (six loops drawn on a smooth blotchy background, not the
+    synthetic scope): the U-Net takes blotches for out-of-focus vessels; those far fainter than the
+    loops in focus are left out with a warning, and the report lists the six loops."""
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_stage import ToyScope
+    img = ToyScope(speeds=(4.0, 9.0, 16.0, -22.0, 35.0, 50.0), shape=(768, 1024), seed=5).frame(0)
+    p = tmp_path / "toy.png"
+    cv2.imwrite(str(p), img)
+    out = tmp_path / "toy.json"
+    assert main(["image", str(p), "--out", str(out)]) == 0
+    entry = json.loads(out.read_text())["images"][0]
+    assert entry["summary"]["n_capillaries"] == 6 and len(entry["capillaries"]) == 6
+    assert entry["summary"]["distal_row_ids"] == [0, 1, 2, 3, 4, 5]
+    assert any("faint out-of-focus" in w for w in entry["warnings"])

@@ -771,7 +771,7 @@ def test_a_recording_whose_loops_point_down():
         assert c.flow_speed_px_per_frame == pytest.approx(v, rel=0.05)
 
 
-def _hairpin_cap(x0: float, cid: int = -1, width: float = 10.0) -> "Capillary":
+def _hairpin_cap(x0: float, cid: int = -1, width: float = 10.0):
     """An upright hairpin capillary (limbs 30 px apart, 120 px tall) with its left limb at ``x0``."""
     from stream.capillary import Capillary
     up = np.stack([np.full(120, x0), np.linspace(200, 81, 120)], 1)
@@ -907,7 +907,8 @@ def test_faint_structures_without_a_flow_verdict_are_left_out():
     for an out-of-focus vessel) is left out of the report and the live view, with a warning; a
     deep loop of ordinary contrast stays. Without loops to compare with (a single flowing loop is
     not a reference), an absolute floor decides."""
-    from stream.stage import FAINT_CONTRAST_SHARE, _faint, _reference_contrast
+    from stream.kymograph import FAINT_CONTRAST_SHARE
+    from stream.stage import _faint, _reference_contrast
 
     class T:
         def __init__(self, contrast):
