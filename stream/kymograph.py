@@ -86,9 +86,19 @@ def sample_row(gray: np.ndarray, maps: tuple[np.ndarray, np.ndarray], dx: float 
                dy: float = 0.0, angle: float = 0.0) -> np.ndarray:
     """One kymograph row ``(N,)`` float32 from ``gray`` (uint8/float) whose content has the pose
     ``(dx, dy, angle)`` relative to the maps' reference coordinates."""
-    x, y = frame_maps(maps, gray.shape, dx, dy, angle)
+    return _remap_row(gray, *frame_maps(maps, gray.shape, dx, dy, angle))
+
+
+def _remap_row(gray: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Mean over the across-samples of ``gray`` sampled at frame coordinates ``(x, y)``."""
     v = cv2.remap(gray, x, y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
     return v.astype(np.float32).mean(axis=0)
+
+
+def _inside(x: np.ndarray, y: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """Every across-sample of each point at frame coordinates ``(x, y)`` inside ``shape``."""
+    h, w = shape[:2]
+    return ((x >= 0) & (x <= w - 1) & (y >= 0) & (y <= h - 1)).all(axis=0)
 
 
 def in_view(maps: tuple[np.ndarray, np.ndarray], shape: tuple[int, ...], dx: float = 0.0,
@@ -96,9 +106,7 @@ def in_view(maps: tuple[np.ndarray, np.ndarray], shape: tuple[int, ...], dx: flo
     """``(N,)`` bool: every across-sample of each centerline point lies inside a frame of
     ``shape`` ``(H, W, …)`` under the pose ``(dx, dy, angle)`` (the interpolation support
     included)."""
-    h, w = shape[:2]
-    x, y = frame_maps(maps, shape, dx, dy, angle)
-    return ((x >= 0) & (x <= w - 1) & (y >= 0) & (y <= h - 1)).all(axis=0)
+    return _inside(*frame_maps(maps, shape, dx, dy, angle), shape)
 
 
 def column_mean(rows: np.ndarray, view: np.ndarray | None = None) -> np.ndarray:
@@ -334,13 +342,26 @@ class KymographBank:
         row = sample_row(gray, (self._mx, self._my), dx, dy, angle)
         return {k: row[e.start:e.start + e.length] for k, e in self._entries.items()}
 
+    def sample_in_view(self, gray: np.ndarray, dx: float = 0.0, dy: float = 0.0,
+                       angle: float = 0.0) -> tuple[dict[int, np.ndarray], dict[int, np.ndarray | None]]:
+        """:meth:`sample` and :meth:`in_view` of one frame, its sampling maps moved once."""
+        if not self._entries:
+            return {}, {}
+        x, y = frame_maps((self._mx, self._my), gray.shape, dx, dy, angle)
+        row = _remap_row(gray, x, y)
+        return ({k: row[e.start:e.start + e.length] for k, e in self._entries.items()},
+                self._views(_inside(x, y, gray.shape)))
+
     def in_view(self, shape: tuple[int, ...], dx: float = 0.0, dy: float = 0.0,
                 angle: float = 0.0) -> dict[int, np.ndarray | None]:
         """``{key: (N,) bool}`` of :func:`in_view` for every capillary; ``None`` for a capillary
         entirely in view (the common case: no per-sample flags to store)."""
         if not self._entries:
             return {}
-        v = in_view((self._mx, self._my), shape, dx, dy, angle)
+        return self._views(in_view((self._mx, self._my), shape, dx, dy, angle))
+
+    def _views(self, v: np.ndarray) -> dict[int, np.ndarray | None]:
+        """Per-capillary split of the bank's in-view flags (None where all are in view)."""
         if v.all():
             return {k: None for k in self._entries}
         out = {}

@@ -117,6 +117,7 @@ class _Track:
     active: bool = True
     missing: int = 0
     analyzers: dict = field(default_factory=dict)
+    specs: dict = field(default_factory=dict)       # window length → AnalysisStage._analyzer_spec
     windows: list = field(default_factory=list)     # flow.WindowResult
     events: list = field(default_factory=list)      # LineEvent, absolute frames
     skipped_windows: int = 0
@@ -564,8 +565,7 @@ class AnalysisStage:
             self._frame_no += step
             fno = self._frame_no
             if not blank:
-                rows = self.bank.sample(gray, est.dx, est.dy, est.angle)
-                views = self.bank.in_view(gray.shape, est.dx, est.dy, est.angle)
+                rows, views = self.bank.sample_in_view(gray, est.dx, est.dy, est.angle)
                 for cid, row in rows.items():
                     self.tracks[cid].buffer.append(row, fno, views.get(cid))
                 self._history.append((fno, gray, est.dx, est.dy, est.angle))
@@ -687,7 +687,13 @@ class AnalysisStage:
 
     def _analyzer_spec(self, tr: _Track, n: int) -> tuple:
         """The :class:`stream.flow.WindowAnalyzer` arguments of ``tr``'s ``n``-frame windows, as a
-        hashable tuple of (name, value) pairs."""
+        hashable tuple of (name, value) pairs (kept per track: its geometry and label are fixed)."""
+        spec = tr.specs.get(n)
+        if spec is None:
+            spec = tr.specs[n] = self._new_analyzer_spec(tr, n)
+        return spec
+
+    def _new_analyzer_spec(self, tr: _Track, n: int) -> tuple:
         npx = tr.buffer.length
         lo, hi = flow.speed_range_px_per_frame(self.config.stage.speed_min_um_s, self.config.stage.speed_max_um_s,
                                                self.um_per_px, self.fps, npx, n)

@@ -158,3 +158,24 @@ def test_tissue_level_is_the_ring_around_the_loop_without_other_vessels():
     # no ring left (the loop fills the image): NaN, not a vessel's grey level
     full = np.ones((20, 20), bool)
     assert np.isnan(tissue_level(np.full((20, 20), 90, np.uint8), full, (0, 0, 20, 20), full))
+
+
+def test_bank_samples_and_flags_a_frame_in_one_pass():
+    """KymographBank.sample_in_view gives what sample and in_view give (one map move per frame)."""
+    import numpy as np
+    from stream.kymograph import KymographBank
+    rng = np.random.default_rng(0)
+    gray = (rng.random((120, 160)) * 255).astype(np.uint8)
+    bank = KymographBank()
+    bank.add(1, np.stack([np.linspace(5, 150, 80), np.full(80, 60.0)], 1), 6.0)
+    bank.add(2, np.stack([np.full(50, 80.0), np.linspace(2, 115, 50)], 1), 4.0)
+    for pose in ((0.0, 0.0, 0.0), (3.5, -7.25, 0.0), (-9.0, 4.0, 0.02)):
+        rows, views = bank.sample_in_view(gray, *pose)
+        ref_rows, ref_views = bank.sample(gray, *pose), bank.in_view(gray.shape, *pose)
+        assert rows.keys() == ref_rows.keys() == views.keys() == ref_views.keys()
+        for k in rows:
+            np.testing.assert_array_equal(rows[k], ref_rows[k])
+            assert (views[k] is None) == (ref_views[k] is None)
+            if views[k] is not None:
+                np.testing.assert_array_equal(views[k], ref_views[k])
+    assert any(v is not None for v in bank.sample_in_view(gray, -9.0, 4.0, 0.02)[1].values())
