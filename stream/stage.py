@@ -934,8 +934,8 @@ class AnalysisStage:
         # trimmed mean of time-resolved window speeds (local sub-window speeds for fast flow, the
         # window's speed otherwise); stopped windows count as 0 px/frame (stopped flow is a
         # result, not a gap).
-        # Event speeds are single transits, biased towards the extremes of pulsatile flow: they
-        # enter the median only when no window gives a speed.
+        # Event speeds at the apex are single phases of a pulsatile flow: they enter only when no
+        # window gives a speed; a loop without visible texture takes its events' transit speeds.
         mags = []
         lines = [w for w in gated if w.row_evenness < LINES_ONLY_EVENNESS]
         if lines and len(lines) > 0.5 * len(gated):
