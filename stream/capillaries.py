@@ -571,6 +571,8 @@ def extract_capillaries(labels: np.ndarray, image: np.ndarray | None = None, *, 
             found = _split_fused_limbs(found[0], sub, gray[y:y + h, x:x + w].astype(np.float32), int(x), int(y),
                                        labels[y:y + h, x:x + w], min_length_px, prune_px, max_limb_px)
         caps.extend(found)
+    if gray is not None:
+        caps = join_open_apices(caps, gray)
     # a loop split across two touching components can yield the same apex twice: keep the longer
     caps.sort(key=lambda c: -c.length_px)
     kept: list[Capillary] = []
@@ -579,6 +581,147 @@ def extract_capillaries(labels: np.ndarray, image: np.ndarray | None = None, *, 
             kept.append(c)
     kept.sort(key=lambda c: c.apex[0])
     return kept
+
+
+JOIN_MAX_GAP_PX = 120.0     # join_open_apices: the two limbs' tops at most this far apart (at 1024 px wide) ...
+JOIN_MIN_SHARE = 0.3        # ... over a path whose median darkness is ≥ this share of the limbs' (tissue → limb)
+JOIN_FLOOR_SHARE = 0.12     # ... and nowhere (beyond 10 % of its points) below this share
+
+
+def _open_top(c: Capillary) -> bool:
+    """A fragment traced as one limb: its highest point is (within 10 %) one end of its centerline."""
+    n = len(c.centerline)
+    return n >= 10 and (c.apex_index <= 0.1 * n or c.apex_index >= 0.9 * n)
+
+
+def _footward(c: Capillary) -> np.ndarray:
+    """``c``'s centerline ordered from its foot up to its top (float64)."""
+    cl = np.asarray(c.centerline, np.float64)
+    return cl if c.apex_index >= len(cl) / 2 else cl[::-1]
+
+
+def _pixels(c: Capillary, shape: tuple[int, int]) -> np.ndarray:
+    """``c``'s own mask pixels as a bool image of ``shape``."""
+    out = np.zeros(shape, bool)
+    x0, y0, x1, y1 = c.bbox
+    X0, Y0, X1, Y1 = max(0, x0), max(0, y0), min(shape[1], x1), min(shape[0], y1)
+    if X1 > X0 and Y1 > Y0:
+        out[Y0:Y1, X0:X1] = np.asarray(c.mask, bool)[Y0 - y0:Y1 - y0, X0 - x0:X1 - x0]
+    return out
+
+
+def _apex_path(a: Capillary, b: Capillary, gray: np.ndarray, others: np.ndarray, scale: float) -> np.ndarray | None:
+    """The darkest path ``(M, 2)`` (x, y) px from the top of limb fragment ``a`` to that of ``b``
+    over an apex the segmentation missed, or None when there is no such apex: tops too far apart
+    or at different heights, limbs not hanging down from them, a path that crosses another vessel
+    (``others``, bool) or that is not dark enough (``JOIN_MIN_SHARE``, ``JOIN_FLOOR_SHARE`` of the
+    way from the tissue's gray level to the limbs')."""
+    from skimage.graph import route_through_array
+    fa, fb = _footward(a), _footward(b)
+    pa, pb = fa[-1], fb[-1]
+    if pa[0] > pb[0]:
+        fa, fb, pa, pb = fb, fa, pb, pa
+    dx = float(pb[0] - pa[0])
+    if not (10.0 * scale <= dx <= JOIN_MAX_GAP_PX * scale) or abs(pa[1] - pb[1]) > 0.5 * dx + 10.0 * scale:
+        return None
+    if fa[0, 1] - pa[1] < 20.0 * scale or fb[0, 1] - pb[1] < 20.0 * scale:
+        return None                                    # limbs that do not hang down from their tops
+    h, w = gray.shape
+    x0, x1 = int(max(0, math.floor(pa[0] - 5))), int(min(w, math.ceil(pb[0] + 6)))
+    y0 = int(max(0, math.floor(min(pa[1], pb[1]) - 0.75 * dx - 10 * scale)))
+    y1 = int(min(h, math.ceil(max(pa[1], pb[1]) + 6)))
+    if x1 - x0 < 3 or y1 - y0 < 3:
+        return None
+    box = gray[y0:y1, x0:x1].astype(np.float32)
+    limb = float(np.median(map_coordinates(gray.astype(np.float32), [np.concatenate([fa[:, 1], fb[:, 1]]),
+                                                                      np.concatenate([fa[:, 0], fb[:, 0]])], order=1)))
+    free = ~others[y0:y1, x0:x1]
+    tissue = float(np.percentile(box[free], 75)) if free.sum() > 50 else float("nan")
+    if not (math.isfinite(tissue) and tissue - limb > 4.0):
+        return None
+    share = np.clip((tissue - cv2.blur(box, (3, 3))) / (tissue - limb), 0.0, 1.5)
+    cost = 1.0 / (0.05 + share)
+    cost[~free] = 1e4
+    start = (int(round(pa[1])) - y0, int(round(pa[0])) - x0)
+    end = (int(round(pb[1])) - y0, int(round(pb[0])) - x0)
+    if not all(0 <= r < box.shape[0] and 0 <= c < box.shape[1] for r, c in (start, end)):
+        return None
+    idx, _ = route_through_array(cost, start, end, fully_connected=True, geometric=True)
+    idx = np.asarray(idx)
+    inner = idx[int(0.1 * len(idx)):max(int(0.9 * len(idx)), int(0.1 * len(idx)) + 1)]
+    if (~free[inner[:, 0], inner[:, 1]]).any() or len(idx) > 3.0 * dx + 20:
+        return None
+    sh = share[inner[:, 0], inner[:, 1]]
+    if float(np.median(sh)) < JOIN_MIN_SHARE or float(np.mean(sh < JOIN_FLOOR_SHARE)) > 0.1:
+        return None
+    return np.stack([idx[:, 1] + x0, idx[:, 0] + y0], 1).astype(np.float64)
+
+
+def join_open_apices(caps: list[Capillary], gray: np.ndarray) -> list[Capillary]:
+    """``caps`` with pairs of limb fragments joined into one loop over the apex the segmentation
+    missed: a giant or faint apex cap can be left out of the mask while both limbs are found, and
+    each limb would be a "capillary" of its own. Candidates are fragments whose highest point is an
+    end of their centerline (:func:`_open_top`); two of them are joined when a dark path runs from
+    one top to the other (:func:`_apex_path`), the nearest pairs first. ``gray`` (2-D, the image
+    the capillaries were traced on). Joined loops carry ``extra["joined_apex"] = True``."""
+    opens = [c for c in caps if _open_top(c)]
+    if len(opens) < 2:
+        return caps
+    g = np.asarray(gray, np.float32)
+    scale = g.shape[1] / 1024.0
+    masks = {id(c): _pixels(c, g.shape) for c in caps}
+    everything = np.zeros(g.shape, bool)
+    for m in masks.values():
+        everything |= m
+    tops = {id(c): _footward(c)[-1] for c in opens}
+    pairs = sorted(((float(np.hypot(*(tops[id(a)] - tops[id(b)]))), i, j)
+                    for i, a in enumerate(opens) for j, b in enumerate(opens) if i < j))
+    used: set = set()
+    joined: list[Capillary] = []
+    for d, i, j in pairs:
+        a, b = opens[i], opens[j]
+        if id(a) in used or id(b) in used or d > JOIN_MAX_GAP_PX * scale * 1.2:
+            continue
+        others = everything & ~masks[id(a)] & ~masks[id(b)]
+        path = _apex_path(a, b, g, others, scale)
+        if path is None:
+            continue
+        used |= {id(a), id(b)}
+        joined.append(_joined(a, b, path, masks[id(a)] | masks[id(b)]))
+    if not joined:
+        return caps
+    return sorted([c for c in caps if id(c) not in used] + joined, key=lambda c: c.apex[0])
+
+
+def _joined(a: Capillary, b: Capillary, path: np.ndarray, pixels: np.ndarray) -> Capillary:
+    """One loop: ``a``'s limb foot → top, ``path`` over the apex, ``b``'s limb top → foot (left limb
+    first), 1-px spaced; widths of the limbs kept, the path's the mean of theirs; mask and bbox the
+    union with the path drawn at that width."""
+    fa, fb = _footward(a), _footward(b)
+    if fa[-1, 0] > fb[-1, 0]:
+        a, b, fa, fb = b, a, fb, fa
+    p = path if np.hypot(*(path[0] - fa[-1])) <= np.hypot(*(path[-1] - fa[-1])) else path[::-1]
+    cl = resample_polyline(np.concatenate([fa, p[1:-1], fb[::-1]]), 1.0, 1.5)
+    wa, wb = float(np.nanmedian(a.width_px)), float(np.nanmedian(b.width_px))
+    from scipy.spatial import cKDTree
+    src = np.concatenate([fa, fb])
+    wsrc = np.concatenate([np.asarray(a.width_px if a.apex_index >= len(a.centerline) / 2 else a.width_px[::-1], np.float32),
+                           np.asarray(b.width_px if b.apex_index >= len(b.centerline) / 2 else b.width_px[::-1], np.float32)])
+    d, k = cKDTree(src).query(cl)
+    width = np.where(d <= 1.5, wsrc[k], 0.5 * (wa + wb)).astype(np.float32)
+    pix = pixels.copy().astype(np.uint8)
+    cv2.polylines(pix, [np.round(p).astype(np.int32)], False, 1, max(1, int(round(0.5 * (wa + wb)))))
+    ys, xs = np.nonzero(pix)
+    bbox = (int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1)
+    seg = np.sqrt((np.diff(p, axis=0) ** 2).sum(1))
+    s = np.concatenate([[0.0], np.cumsum(seg)])
+    mid = np.array([np.interp(s[-1] / 2, s, p[:, 0]), np.interp(s[-1] / 2, s, p[:, 1])])
+    ai = int(np.argmin(((cl - mid) ** 2).sum(1)))      # the middle of the path over the apex
+    label = CLEAR if CLEAR in (a.label, b.label) else BLURRED
+    extra = {**a.extra, **b.extra, "joined_apex": True}
+    extra.pop("single_limb", None)
+    return Capillary(centerline=cl, apex=(float(cl[ai, 0]), float(cl[ai, 1])), apex_index=ai, width_px=width,
+                     bbox=bbox, mask=pix[bbox[1]:bbox[3], bbox[0]:bbox[2]].astype(bool), label=label, extra=extra)
 
 
 def _iou_matrix(prev: list[Capillary], cur: list[Capillary]) -> np.ndarray:

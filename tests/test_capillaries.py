@@ -523,3 +523,45 @@ def test_loops_pointing_down_are_traced_whole_and_recognized():
     assert apices_point_down(extract_capillaries(down), extract_capillaries(down, apex_down=True)) is True
     assert apices_point_down(extract_capillaries(up), extract_capillaries(up, apex_down=True)) is False
     assert apices_point_down([], []) is None
+
+
+def _giant_scene(arc_darkness: float, between: bool = False):
+    """Two vertical limbs (x 300 and 360, y 200–420, 12 px wide, gray 80 on tissue 170) in the
+    mask; an apex arc over them (radius 30 px, 14 px wide) drawn ``arc_darkness`` of the way from
+    tissue to limb gray but left out of the mask, as a U-Net misses a faint giant apex; with
+    ``between`` a third vessel runs across the gap in the mask."""
+    img = np.full((600, 700), 170.0, np.float32)
+    lab = np.zeros((600, 700), np.uint8)
+    for x in (300, 360):
+        cv2.line(img, (x, 200), (x, 420), 80.0, 12)
+        cv2.line(lab, (x, 200), (x, 420), CLEAR, 12)
+    arc = np.full_like(img, 170.0)
+    cv2.ellipse(arc, (330, 200), (30, 30), 0, 180, 360, 170.0 - arc_darkness * 90.0, 14)
+    img = np.minimum(img, arc)
+    if between:
+        cv2.line(img, (330, 120), (330, 260), 80.0, 8)
+        cv2.line(lab, (330, 120), (330, 260), CLEAR, 8)
+    img = cv2.GaussianBlur(img, (0, 0), 1.5)
+    return np.clip(img, 0, 255).astype(np.uint8), lab
+
+
+def test_limbs_of_a_loop_whose_apex_the_mask_missed_are_one_loop():
+    """A giant apex the segmentation left out: its two limbs were two "capillaries". When a dark
+    path runs over from one limb's top to the other's, they are one loop, foot → apex → foot,
+    its apex at the middle of the path; without such a path (tissue between the tops), or with
+    another vessel in the way, they stay apart."""
+    from stream.capillaries import join_open_apices
+    img, lab = _giant_scene(0.5)
+    caps = extract_capillaries(lab, img)
+    assert len(caps) == 1, [c.apex for c in caps]
+    c = caps[0]
+    assert c.extra.get("joined_apex") and not c.extra.get("single_limb")
+    assert c.apex[0] == pytest.approx(330, abs=4) and c.apex[1] == pytest.approx(172, abs=6)
+    assert c.centerline[0, 1] > 400 and c.centerline[-1, 1] > 400           # both feet
+    assert 0.3 * len(c.centerline) < c.apex_index < 0.7 * len(c.centerline)
+    assert len(extract_capillaries(lab, None)) == 2                          # no image: no join
+    for scene in (_giant_scene(0.0), _giant_scene(0.5, between=True)):
+        caps = [c for c in extract_capillaries(*scene[::-1]) if c.extra.get("joined_apex")]
+        assert caps == []
+    plain = extract_capillaries(*_giant_scene(0.0)[::-1])
+    assert join_open_apices(plain, _giant_scene(0.0)[0]) == plain
