@@ -874,6 +874,11 @@ def test_a_loop_whose_motion_is_a_few_bright_lines_takes_their_transits():
     assert speed([window(0.85) for _ in range(5)]) == pytest.approx(60.0)
     assert speed([window(0.85) for _ in range(9)] + [window(0.15, events=[LineEvent(5.0, 58.0, 9.0)])]) \
         == pytest.approx(60.0)          # the trimmed mean drops the one 58
+    # under camera noise the windows between cells are neither flowing nor still: with three
+    # transits or more the loop still has a speed; a single transit among them is not enough
+    blank = flow.WindowResult(0, 60, float("nan"), 1.5, flow.XcorrSpeed(float("nan"), 0.0, 0), row_evenness=0.9)
+    assert speed(lines[:3] + [blank] * 12) == pytest.approx(50.0)
+    assert math.isnan(speed(lines[:1] + [blank] * 12))
 
 
 def test_row_evenness_tells_texture_from_a_lone_bright_line():
@@ -894,7 +899,7 @@ def test_row_evenness_tells_texture_from_a_lone_bright_line():
         k = k - k.mean(axis=0, keepdims=True)
         return k - k.mean(axis=1, keepdims=True)
     from stream.stage import LINES_ONLY_EVENNESS
-    assert flow.row_evenness(destriped(textured)) > 0.6 > LINES_ONLY_EVENNESS
+    assert flow.row_evenness(destriped(textured)) > 0.7 > LINES_ONLY_EVENNESS
     assert flow.row_evenness(destriped(line)) < LINES_ONLY_EVENNESS
     fixed = np.tile(np.sin(np.arange(n) * 1.3), (t, 1)).astype(np.float32)
     assert flow.static_detail(fixed + 0.01 * rng.standard_normal((t, n)).astype(np.float32)) > 0.5
@@ -966,7 +971,7 @@ def test_a_blotchy_background_without_loops_is_a_video_without_capillaries():
 def test_shallow_but_clear_gaps_are_counted():
     """White cells that brighten the blood column by a third of the vessel's contrast (gaps of 25
     gray levels in a 70-gray column on a 150–200 background, ≈ 5 SD above the red-cell texture):
-    an event far above its window's threshold is a cell however shallow (EVENT_CLEAR_FRACTION);
+    an event far above its window's threshold needs only 0.2 of that contrast (EVENT_CLEAR_FRACTION);
     the share test that keeps offset-lifted texture out applies to events near the threshold
     only. Before, 15 of 117 such cells were counted on this scope at 1024×768."""
     cfg = load_config().with_overrides(um_per_px=1.0, fps=20.0)
