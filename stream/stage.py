@@ -169,7 +169,9 @@ EVENT_CLEAR_FRACTION = 0.2   # the texture) needs only this share. The share is 
 #                              had a share below 0.3, so their counts are the same; the tests' toy scope
 #                              with gaps of 25 gray levels (share 0.22-0.29 at 1.3-2 ×) counted 15 → 92 of
 #                              117 cells. Not 0: texture-free columns then counted echoes of their gaps
-#                              (1.4-2 ×, ≈ 0.8 s before or after a cell, share < 0.2): 1101 +27 %, 1102 +12 %)
+#                              (1.4-2 ×, 0.7-1 s off a cell, share < 0.2: where a loop's limbs touch, the
+#                              sampling across one limb sees part of a gap passing in the other): 1101
+#                              +27 %, 1102 +12 %)
 EVENT_REF_TESTS_PER_S = 40.0  # EVENT_MEAN_THRESHOLD holds for windows that test this many independent
 EVENT_TESTS_SLOPE = 0.42      # cell-sized stretches of blood per second (≈ 500 µm/s); slow flow tests fewer
 EVENT_TESTS_FLOOR = 2.9       # (fewer false events, more cells lost at one threshold): the threshold drops
