@@ -613,7 +613,8 @@ def _pixels(c: Capillary, shape: tuple[int, int]) -> np.ndarray:
 def _apex_path(a: Capillary, b: Capillary, gray: np.ndarray, others: np.ndarray, scale: float) -> np.ndarray | None:
     """The darkest path ``(M, 2)`` (x, y) px from the top of limb fragment ``a`` to that of ``b``
     over an apex the segmentation missed, or None when there is no such apex: tops too far apart
-    or at different heights, limbs not hanging down from them, a path that crosses another vessel
+    or at different heights, limbs not hanging down from them, of different lengths (> 2 ×) or
+    closer at their feet than at their tops, a path that dips below the tops or crosses another vessel
     (``others``, bool) or that is not dark enough (``JOIN_MIN_SHARE``, ``JOIN_FLOOR_SHARE`` of the
     way from the tissue's gray level to the limbs')."""
     from skimage.graph import route_through_array
@@ -622,10 +623,13 @@ def _apex_path(a: Capillary, b: Capillary, gray: np.ndarray, others: np.ndarray,
     if pa[0] > pb[0]:
         fa, fb, pa, pb = fb, fa, pb, pa
     dx = float(pb[0] - pa[0])
-    if not (10.0 * scale <= dx <= JOIN_MAX_GAP_PX * scale) or abs(pa[1] - pb[1]) > 0.5 * dx + 10.0 * scale:
-        return None
+    if not (10.0 * scale <= dx <= JOIN_MAX_GAP_PX * scale) or abs(pa[1] - pb[1]) > 0.4 * dx + 5.0 * scale:
+        return None                                    # tops at one height (the real reference image's
+        #                                                false joins: 0.32–0.63 × the gap apart in height)
     if fa[0, 1] - pa[1] < 20.0 * scale or fb[0, 1] - pb[1] < 20.0 * scale:
         return None                                    # limbs that do not hang down from their tops
+    if fb[0, 0] - fa[0, 0] < 0.8 * dx:
+        return None                                    # feet closer than the tops: not a hairpin's limbs
     h, w = gray.shape
     x0, x1 = int(max(0, math.floor(pa[0] - 5))), int(min(w, math.ceil(pb[0] + 6)))
     y0 = int(max(0, math.floor(min(pa[1], pb[1]) - 0.75 * dx - 10 * scale)))
@@ -648,6 +652,11 @@ def _apex_path(a: Capillary, b: Capillary, gray: np.ndarray, others: np.ndarray,
         return None
     idx, _ = route_through_array(cost, start, end, fully_connected=True, geometric=True)
     idx = np.asarray(idx)
+    if idx[:, 0].max() + y0 > max(pa[1], pb[1]) + 5.0 * scale:
+        return None                                    # an apex stays above the limbs' tops: no dip
+    la, lb = (float(np.sqrt((np.diff(f, axis=0) ** 2).sum(1)).sum()) for f in (fa, fb))
+    if max(la, lb) > 2.0 * min(la, lb):
+        return None                                    # the limbs of one loop are of a length
     inner = idx[int(0.1 * len(idx)):max(int(0.9 * len(idx)), int(0.1 * len(idx)) + 1)]
     if (~free[inner[:, 0], inner[:, 1]]).any() or len(idx) > 3.0 * dx + 20:
         return None

@@ -565,3 +565,7 @@ def test_limbs_of_a_loop_whose_apex_the_mask_missed_are_one_loop():
         assert caps == []
     plain = extract_capillaries(*_giant_scene(0.0)[::-1])
     assert join_open_apices(plain, _giant_scene(0.0)[0]) == plain
+    img, lab = _giant_scene(0.5)                 # one limb's top 40 px lower: two vessels, not a loop
+    img[150:240, 352:368] = img[150:240, 340:356]
+    lab[150:240, 352:368] = 0
+    assert not any(c.extra.get("joined_apex") for c in extract_capillaries(lab, img))
