@@ -38,7 +38,7 @@ from stream import image_report as rep
 from stream.capillaries import (apices_point_down, extract_capillaries, orient_arterial_first, turned, turned_bbox,
                                 turned_points)
 from stream.capillary import BLURRED
-from stream.kymograph import faint_contrast, loop_contrast, sampling_maps, tissue_level
+from stream.kymograph import faint_contrast, loop_contrast, sampling_maps, tissue_levels
 from stream.morphology import measure_capillary, subject_of, summarize_image, summarize_subject, vessel_channel
 
 log = logging.getLogger(__name__)
@@ -223,12 +223,11 @@ def _without_faint(img: np.ndarray, labels: np.ndarray, caps: list) -> tuple[lis
     if not caps:
         return caps, 0
     gray = vessel_channel(img)
-    vessels = np.asarray(labels) > 0
+    tissue = tissue_levels(gray, labels, caps)
     contrast = []
     for c in caps:
         try:
-            tissue = tissue_level(gray, c.mask, c.bbox, vessels)
-            contrast.append(loop_contrast(gray, sampling_maps(c.centerline, c.width_px), tissue))
+            contrast.append(loop_contrast(gray, sampling_maps(c.centerline, c.width_px), tissue[id(c)]))
         except (ValueError, TypeError, IndexError, cv2.error):
             contrast.append(float("nan"))
     clear = [k for c, k in zip(caps, contrast) if c.label != BLURRED and np.isfinite(k)]

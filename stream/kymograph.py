@@ -157,6 +157,21 @@ def tissue_level(image: np.ndarray, mask: np.ndarray, bbox: tuple[int, int, int,
     return float(np.median(vals)) if vals.size >= min_pixels else float("nan")
 
 
+def tissue_levels(image: np.ndarray, labels: np.ndarray, caps: list) -> dict[int, float]:
+    """``id(capillary)`` → :func:`tissue_level` of each of ``caps`` (:class:`stream.capillary.Capillary`)
+    on ``image`` segmented as ``labels`` (any non-zero label is vessel); NaN where it cannot be
+    measured — never raises."""
+    vessels = np.asarray(labels) > 0
+    out = {}
+    for c in caps:
+        try:
+            out[id(c)] = tissue_level(image, c.mask, c.bbox, vessels)
+        except (ValueError, TypeError, IndexError, cv2.error):
+            log.debug("no tissue level for a loop at %s", c.bbox, exc_info=True)
+            out[id(c)] = float("nan")
+    return out
+
+
 def loop_contrast(image: np.ndarray, maps: tuple[np.ndarray, np.ndarray], tissue: float) -> float:
     """A loop's log contrast on one image: the median over its kymograph columns of
     log(``tissue`` / vessel), the vessel grey level sampled from ``image`` (2-D gray, in the maps'

@@ -74,7 +74,7 @@ from stream.capillary import BLURRED, CLEAR, LABEL_NAMES, Capillary
 from stream.frames import Frame, to_gray
 from stream.kymograph import (FAINT_CONTRAST_FLOOR, FAINT_CONTRAST_SHARE, KymographBank, KymographBuffer,
                               column_mean, destripe, faint_contrast, fill_out_of_view, in_view, loop_contrast,
-                              tissue_level,
+                              tissue_levels,
                               resample_polyline, sample_row, sampling_maps, to_uint8)
 from stream.radon import LineEvent
 from stream.report import (OUT_OF_VIEW_WARN, WBC_TRACKED_LOW, CapillaryFlow, VideoReport, WbcEvent,
@@ -226,20 +226,6 @@ def _merge_event(events: list, e: LineEvent) -> None:
                                            and o.strength < SIDELOBE_RATIO * e.strength)]
     events.append(e)
     events.sort(key=lambda x: x.t_frame)
-
-
-def _tissue_levels(image: np.ndarray, labels: np.ndarray, caps: list[Capillary]) -> dict[int, float]:
-    """``id(capillary)`` → :func:`stream.kymograph.tissue_level` of each loop on a keyframe (NaN
-    where it cannot be measured; never raises: the events then use the noise test alone)."""
-    vessels = np.asarray(labels) > 0
-    out = {}
-    for c in caps:
-        try:
-            out[id(c)] = tissue_level(image, c.mask, c.bbox, vessels)
-        except (ValueError, TypeError, IndexError, cv2.error):
-            log.debug("no tissue level for a loop at %s", c.bbox, exc_info=True)
-            out[id(c)] = float("nan")
-    return out
 
 
 def _set_contrast(tr: "_Track", image: np.ndarray, tissue: float) -> None:
@@ -811,7 +797,7 @@ class AnalysisStage:
             return None
         # pixels outside the vessels: their appearance does not change with the flow
         static = ((labels != CLEAR) & (labels != BLURRED)).astype(np.uint8)
-        return mean, caps, _tissue_levels(mean, labels, caps), static, down
+        return mean, caps, tissue_levels(mean, labels, caps), static, down
 
     def _apply_keyframe(self, mean: np.ndarray, caps: list[Capillary], levels: dict[int, float],
                         static: np.ndarray | None = None, down: bool | None = None) -> None:
