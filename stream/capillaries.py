@@ -596,8 +596,12 @@ def _open_top(c: Capillary) -> bool:
 
 def _footward(c: Capillary) -> np.ndarray:
     """``c``'s centerline ordered from its foot up to its top (float64)."""
-    cl = np.asarray(c.centerline, np.float64)
-    return cl if c.apex_index >= len(cl) / 2 else cl[::-1]
+    return _foot_first(c, np.asarray(c.centerline, np.float64))
+
+
+def _foot_first(c: Capillary, values: np.ndarray) -> np.ndarray:
+    """``values`` given along ``c``'s centerline (its points, its widths) in foot-to-top order."""
+    return values if c.apex_index >= len(c.centerline) / 2 else values[::-1]
 
 
 def _pixels(c: Capillary, shape: tuple[int, int]) -> np.ndarray:
@@ -630,6 +634,8 @@ def _apex_path(a: Capillary, b: Capillary, gray: np.ndarray, others: np.ndarray,
         return None                                    # limbs that do not hang down from their tops
     if fb[0, 0] - fa[0, 0] < 0.8 * dx:
         return None                                    # feet closer than the tops: not a hairpin's limbs
+    if max(a.length_px, b.length_px) > 2.0 * min(a.length_px, b.length_px):
+        return None                                    # the limbs of one loop are of a length
     h, w = gray.shape
     x0, x1 = int(max(0, math.floor(pa[0] - 5))), int(min(w, math.ceil(pb[0] + 6)))
     y0 = int(max(0, math.floor(min(pa[1], pb[1]) - 0.75 * dx - 10 * scale)))
@@ -654,9 +660,6 @@ def _apex_path(a: Capillary, b: Capillary, gray: np.ndarray, others: np.ndarray,
     idx = np.asarray(idx)
     if idx[:, 0].max() + y0 > max(pa[1], pb[1]) + 5.0 * scale:
         return None                                    # an apex stays above the limbs' tops: no dip
-    la, lb = (float(np.sqrt((np.diff(f, axis=0) ** 2).sum(1)).sum()) for f in (fa, fb))
-    if max(la, lb) > 2.0 * min(la, lb):
-        return None                                    # the limbs of one loop are of a length
     inner = idx[int(0.1 * len(idx)):max(int(0.9 * len(idx)), int(0.1 * len(idx)) + 1)]
     if (~free[inner[:, 0], inner[:, 1]]).any() or len(idx) > 3.0 * dx + 20:
         return None
@@ -678,18 +681,21 @@ def join_open_apices(caps: list[Capillary], gray: np.ndarray) -> list[Capillary]
         return caps
     g = np.asarray(gray, np.float32)
     scale = g.shape[1] / 1024.0
-    masks = {id(c): _pixels(c, g.shape) for c in caps}
+    tops = {id(c): _footward(c)[-1] for c in opens}
+    pairs = sorted(d_ij for d_ij in ((float(np.hypot(*(tops[id(a)] - tops[id(b)]))), i, j)
+                                     for i, a in enumerate(opens) for j, b in enumerate(opens) if i < j)
+                   if d_ij[0] <= JOIN_MAX_GAP_PX * scale * 1.2)
+    if not pairs:
+        return caps
+    masks = {id(c): _pixels(c, g.shape) for c in caps}      # full-image masks: only when a pair is in reach
     everything = np.zeros(g.shape, bool)
     for m in masks.values():
         everything |= m
-    tops = {id(c): _footward(c)[-1] for c in opens}
-    pairs = sorted(((float(np.hypot(*(tops[id(a)] - tops[id(b)]))), i, j)
-                    for i, a in enumerate(opens) for j, b in enumerate(opens) if i < j))
     used: set = set()
     joined: list[Capillary] = []
     for d, i, j in pairs:
         a, b = opens[i], opens[j]
-        if id(a) in used or id(b) in used or d > JOIN_MAX_GAP_PX * scale * 1.2:
+        if id(a) in used or id(b) in used:
             continue
         others = everything & ~masks[id(a)] & ~masks[id(b)]
         path = _apex_path(a, b, g, others, scale)
@@ -714,8 +720,7 @@ def _joined(a: Capillary, b: Capillary, path: np.ndarray, pixels: np.ndarray) ->
     wa, wb = float(np.nanmedian(a.width_px)), float(np.nanmedian(b.width_px))
     from scipy.spatial import cKDTree
     src = np.concatenate([fa, fb])
-    wsrc = np.concatenate([np.asarray(a.width_px if a.apex_index >= len(a.centerline) / 2 else a.width_px[::-1], np.float32),
-                           np.asarray(b.width_px if b.apex_index >= len(b.centerline) / 2 else b.width_px[::-1], np.float32)])
+    wsrc = np.concatenate([_foot_first(c, np.asarray(c.width_px, np.float32)) for c in (a, b)])
     d, k = cKDTree(src).query(cl)
     width = np.where(d <= 1.5, wsrc[k], 0.5 * (wa + wb)).astype(np.float32)
     pix = pixels.copy().astype(np.uint8)
