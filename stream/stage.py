@@ -930,8 +930,9 @@ class AnalysisStage:
         # Event speeds at the apex are single phases of a pulsatile flow: they enter only when no
         # window gives a speed; a loop without visible texture takes its events' transit speeds.
         mags = []
-        lines = [w for w in gated if w.row_evenness < LINES_ONLY_EVENNESS]
-        if lines and len(lines) > 0.5 * len(gated):
+        n_lines = sum(w.row_evenness < LINES_ONLY_EVENNESS for w in gated)
+        texture_free = n_lines > 0 and n_lines > 0.5 * len(gated)
+        if texture_free:
             # a blood column without visible red-cell texture: what moves is a plasma gap now and
             # then (flow.row_evenness), and the loop's speed is their transits (each one's chord
             # over the frames it was followed: a slow transit spans heartbeats). The windows'
@@ -972,7 +973,7 @@ class AnalysisStage:
         v = _trimmed_mean(mags) if mags else float("nan")
         frac = (len(gated) + len(stopped)) / len(wins) if wins else 0.0
         judged = len(wins) - featureless      # a window that saw no motion in a featureless column: no vote
-        gaps_only = bool(lines) and len(lines) > 0.5 * len(gated) and len(evs) >= MIN_TRANSITS
+        gaps_only = texture_free and len(evs) >= MIN_TRANSITS
         if judged >= 3 and (len(gated) + len(stopped)) / judged < MIN_VERDICT_FRACTION and not gaps_only:
             # most windows saw neither moving texture nor a still column: a speed from the few
             # that did (or from their bright lines) would be a guess shown as a measurement. Not
