@@ -406,11 +406,11 @@ def test_a_filled_apex_cap_is_reached_and_an_open_apex_is_left_alone():
     along the cycle that closes below the cap turns short of the apex. The extension takes it up
     to half a width below the mask's top; a loop whose apex is where its mask ends keeps it."""
     from stream.capillaries import extend_filled_apex
-    w, top_y, x_l, x_r = 6, 20, 40, 60
+    w, top_y, x_l, x_r = 6, 29, 40, 60
     mask = np.zeros((200, 100), bool)
     mask[top_y:180, x_l - 3:x_l + 3] = True          # left limb
     mask[top_y:180, x_r - 3:x_r + 3] = True          # right limb
-    mask[top_y:top_y + 25, x_l - 3:x_r + 3] = True   # filled cap over 25 px
+    mask[top_y:top_y + 16, x_l - 3:x_r + 3] = True   # filled cap over 16 px
     # trace: up the left limb, across at y = 40 (the cycle closes below the cap), down the right
     left = np.stack([np.full(140, x_l), np.arange(179, 39, -1)], 1)
     across = np.stack([np.arange(x_l + 1, x_r), np.full(x_r - x_l - 1, 40)], 1)
@@ -422,12 +422,42 @@ def test_a_filled_apex_cap_is_reached_and_an_open_apex_is_left_alone():
     new, nai = out
     assert new[nai, 1] == pytest.approx(top_y + w / 2, abs=0.01) and new[nai, 0] == pytest.approx(cl[ai, 0])
     length = lambda p: float(np.hypot(*np.diff(p, axis=0).T).sum())   # noqa: E731
-    assert length(new) > length(cl) + 2 * 10                         # ≈ 2 × (40 − 23) px more
+    assert length(new) > length(cl) + 3     # up 8 px and back, less the square corners it rounds
     assert np.allclose(new[:20], cl[:20]) and np.allclose(new[-20:], cl[-20:])   # the limbs as they were
     # an open apex: the mask ends half a width above the trace
     mask2 = np.zeros_like(mask)
     mask2[37:180, x_l - 3:x_r + 3] = True
     assert extend_filled_apex(cl, ai, float(w), mask2, (0, 0, 100, 200)) is None
+
+
+def test_a_blob_against_the_apex_is_not_a_filled_cap():
+    """A haemorrhage (static blood) or another vessel segmented with the loop above its apex: the
+    mask reaches far above the traced apex, or bulges over a neck. A path up there would run
+    through blood that does not flow (synthetic seed 1203 read a loop 50 % fast that way), so the
+    trace keeps its apex; a cap that narrows upwards as a loop's top does is still reached."""
+    from stream.capillaries import extend_filled_apex
+    w, x_l, x_r = 6, 40, 60
+    left = np.stack([np.full(140, x_l), np.arange(179, 39, -1)], 1)
+    across = np.stack([np.arange(x_l + 1, x_r), np.full(x_r - x_l - 1, 40)], 1)
+    right = np.stack([np.full(140, x_r), np.arange(40, 180)], 1)
+    cl = np.concatenate([left, across, right]).astype(np.float64)
+    ai = 140 + len(across) // 2
+    yy, xx = np.mgrid[0:200, 0:100]
+    loop = np.zeros((200, 100), bool)
+    loop[37:180, x_l - 3:x_l + 3] = loop[37:180, x_r - 3:x_r + 3] = True
+    loop[37:44, x_l - 3:x_r + 3] = True                     # the apex as traced (open below it)
+    neck = loop.copy()
+    neck[30:37, 46:55] = True                                # a 9-px neck ...
+    neck |= ((xx - 50) / 15.0) ** 2 + ((yy - 22) / 9.0) ** 2 <= 1.0   # ... under a 31-px blob
+    assert extend_filled_apex(cl, ai, float(w), neck, (0, 0, 100, 200)) is None
+    bulge = loop | (((xx - 50) / 16.0) ** 2 + ((yy - 34) / 10.0) ** 2 <= 1.0)   # wider than the loop
+    assert extend_filled_apex(cl, ai, float(w), bulge, (0, 0, 100, 200)) is None
+    deep = loop.copy()
+    deep[12:44, x_l - 3:x_r + 3] = True                      # a straight column 4.5 widths above
+    assert extend_filled_apex(cl, ai, float(w), deep, (0, 0, 100, 200)) is None
+    cap = loop | ((((xx - 50) / 13.0) ** 2 + ((yy - 40) / 10.0) ** 2 <= 1.0) & (yy <= 40))
+    out = extend_filled_apex(cl, ai, float(w), cap, (0, 0, 100, 200))   # a rounded top: a cap
+    assert out is not None and out[0][out[1], 1] == pytest.approx(30 + w / 2, abs=0.01)
 
 
 def _meander_touching_a_straight_limb(gap: float = 8.0):

@@ -717,6 +717,32 @@ def test_a_dead_window_worker_loses_no_window():
     assert [dataclasses.asdict(c) for c in ref.capillaries] == [dataclasses.asdict(c) for c in rep.capillaries]
 
 
+def test_a_loop_with_a_haemorrhage_on_its_apex_is_traced_along_the_loop():
+    """Synthetic seed 1203 (30 fps) has haemorrhages at two loops' apices; the U-Net segments the
+    one at x ≈ 890 with its loop. The trace once went round it (a "filled cap", 25 % longer than
+    the loop), and the loop read 50 % fast with five times its cells; it keeps its own apex now."""
+    from stream.stage import default_segmenter
+    from stream.synthetic import SimParams, SyntheticScope
+    p = SimParams(seed=1203, duration_s=60.0, fps=30.0)
+    scope = SyntheticScope(p)
+    loops = [c for c in scope.truth()["capillaries"] if c.get("haemorrhage")]
+    assert any(abs(c["apex_px"][0] - 892) < 5 for c in loops)
+    cfg = load_config().with_overrides(um_per_px=p.um_per_px, fps=p.fps)
+    st = AnalysisStage(cfg, segmenter=default_segmenter("unet"), fps=p.fps, keyframe_delay=0)
+    for i in range(45):
+        img = scope.frame(i)
+        st.process(Frame(FrameMeta(i, i / p.fps, p.fps, img.shape), img))
+        st.step_background()
+    st._apply_keyframes(all_=True)
+    for lp in loops:
+        true_len = float(np.hypot(*np.diff(np.asarray(lp["centerline_px"]), axis=0).T).sum())
+        ax, ay = lp["apex_px"]
+        tr = min(st.tracks.values(), key=lambda t: math.hypot(t.cap.apex[0] - ax, t.cap.apex[1] - ay))
+        assert math.hypot(tr.cap.apex[0] - ax, tr.cap.apex[1] - ay) < 15
+        assert not tr.cap.extra.get("apex_extended")
+        assert tr.cap.length_px < 1.1 * true_len
+
+
 def test_the_report_lists_loops_seen_twice_or_with_a_flow_verdict():
     """``_confirmed``: a structure segmented on one keyframe only, with neither flow nor stasis
     seen, is left out of the video report; a second keyframe or a flow verdict keeps it."""
