@@ -812,7 +812,12 @@ class AnalysisStage:
                         static: np.ndarray | None = None, down: bool | None = None) -> None:
         """Match a computed keyframe's capillaries to the tracks: ids, new tracks (back-filled),
         contrast, retirement, keyframe interval, first re-anchoring; the first keyframe that shows
-        which way the loops point fixes it for the recording (``down``, see :meth:`_compute_keyframe`)."""
+        which way the loops point fixes it for the recording (``down``, see :meth:`_compute_keyframe`).
+
+        New tracks are traced and back-filled without the stage's lock (:meth:`_prepare_track`,
+        ≈ 10 ms a loop: 0.2 s for a first keyframe of 20 loops, during which a live stage's
+        :meth:`process` used to wait and the frames queue up) and inserted under it, with the
+        frames that arrived meanwhile. Offline nothing arrives in between: the same report."""
         with self._lock:
             if self._apex_down is None and down is not None:
                 self._apex_down = bool(down)
@@ -824,6 +829,7 @@ class AnalysisStage:
             seen = set()
             n_tracks_before = len(self.tracks)
             active_before = {cid for cid, t in self.tracks.items() if t.active}
+            fresh = []
             for c in caps:
                 seen.add(c.id)
                 tr = self.tracks.get(c.id)
@@ -835,18 +841,18 @@ class AnalysisStage:
                         self.bank.add(c.id, tr.cap.centerline, tr.cap.width_px)
                         tr.active = True
                     continue
-                if len(c.centerline) < 16:
+                if len(c.centerline) < 16 or self._map_retraced(c, seen):
                     continue
-                again = self._retraced(c)
-                if again is not None:
-                    # part (or more) of a loop already tracked, traced differently this time (e.g.
-                    # red cells standing still in its lumen split the mask): that track, not a second
-                    c.id = again.cap.id
-                    seen.add(c.id)
-                    again.missing = 0
-                    continue
-                self._new_track(c, mean)
-                _set_contrast(self.tracks[c.id], mean, levels[id(c)])
+                fresh.append(c)
+            hist = list(self._history)
+            turn = mean.shape[:2] if self._apex_down else None
+        prepared = [self._prepare_track(c, mean, hist, turn) for c in fresh]
+        with self._lock:
+            for c, (traced, buf, maps) in zip(fresh, prepared):
+                # a loop traced twice in this keyframe: the second is the first one's track
+                if not self._map_retraced(c, seen):
+                    self._insert_track(traced, buf, maps, hist[-1][0] if hist else None)
+                    _set_contrast(self.tracks[traced.id], mean, levels[id(c)])
             for cid, tr in self.tracks.items():
                 if cid not in seen and tr.active:
                     tr.missing += 1
@@ -864,6 +870,19 @@ class AnalysisStage:
                 # residual 0.65 → 0.16 px on the synthetic scope); it is in first-frame coordinates
                 self._reanchor_image = (mean, static)
                 self._reanchored = True
+
+    def _map_retraced(self, c: Capillary, seen: set) -> bool:
+        """If ``c`` traces an active track's loop again (:meth:`_retraced`; lock held): give it
+        that track's id, mark the track seen and return True."""
+        again = self._retraced(c)
+        if again is None:
+            return False
+        # part (or more) of a loop already tracked, traced differently this time (e.g. red cells
+        # standing still in its lumen split the mask): that track, not a second
+        c.id = again.cap.id
+        seen.add(c.id)
+        again.missing = 0
+        return True
 
     def _retraced(self, c: Capillary) -> _Track | None:
         """The active track whose loop the new capillary ``c`` traces again (lock held): at
@@ -885,27 +904,37 @@ class AnalysisStage:
                 return tr
         return None
 
-    def _new_track(self, c: Capillary, mean: np.ndarray) -> None:
-        """Create a track (lock held): its centerline on the lumen ridge of the keyframe ``mean``
+    def _prepare_track(self, c: Capillary, mean: np.ndarray, hist: list,
+                       turn: tuple[int, int] | None) -> tuple[Capillary, KymographBuffer, tuple]:
+        """A new track's trace and kymograph, from the keyframe ``mean`` and the recent frames
+        ``hist`` (lock not needed): the centerline on the lumen ridge of ``mean``
         (:func:`stream.capillaries.on_lumen`; a track keeps its geometry, so only new ones need
-        it), 1 px spaced, routed through crossings; back-fill its kymograph from the recent frames."""
+        it), 1 px spaced, routed through crossings; its sampling maps; its kymograph back-filled
+        from ``hist``. ``turn``: the image's (H, W) when the loops point down. → ``(capillary,
+        buffer, maps)``."""
         c = _unit_spacing(on_lumen(c, mean))
-        hist = list(self._history)
-        turn = mean.shape[:2] if self._apex_down else None
         # (the lumen trace assumes loops that point up)
         alt = _lumen_alternative(c, mean) if len(hist) >= 8 and turn is None else None
         c = _routed(c, hist, turn)
         if alt is not None:
             c = _better_trace(c, _routed(alt, hist), hist)
-        n = self.bank.add(c.id, c.centerline, c.width_px)
-        if n != len(c.centerline):
-            raise AssertionError("kymograph length must equal the centerline length")
         maps = sampling_maps(c.centerline, c.width_px)
-        cap_rows = max(self.window * 2, int(round(10 * self.fps)))
-        buf = KymographBuffer(n, cap_rows)
+        buf = KymographBuffer(len(c.centerline), max(self.window * 2, int(round(10 * self.fps))))
         for fno, g, dx, dy, a in hist:
             buf.append(sample_row(g, maps, dx, dy, a), fno, in_view(maps, g.shape, dx, dy, a))
-        first = hist[0][0] if hist else self._frame_no + 1
+        return c, buf, maps
+
+    def _insert_track(self, c: Capillary, buf: KymographBuffer, maps: tuple, last: int | None) -> None:
+        """Add a prepared track (:meth:`_prepare_track`; lock held): sampled from the next frame
+        on, its kymograph completed with the frames after ``last`` (the newest frame it was
+        back-filled with, None for none) that arrived while it was prepared."""
+        n = self.bank.add(c.id, c.centerline, c.width_px)
+        if n != len(c.centerline) or n != buf.length:
+            raise AssertionError("kymograph length must equal the centerline length")
+        for fno, g, dx, dy, a in self._history:
+            if last is None or fno > last:
+                buf.append(sample_row(g, maps, dx, dy, a), fno, in_view(maps, g.shape, dx, dy, a))
+        first = buf.first_frame if buf.count else self._frame_no + 1
         self.tracks[c.id] = _Track(c, buf, first, first, first, maps)
 
     # ------------------------------------------------------------------ outputs

@@ -1035,3 +1035,38 @@ def test_centerline_smoothing_keeps_the_bends_of_a_tortuous_loop():
         out = _unit_spacing(c)
         assert out.length_px == pytest.approx(arc(true), rel=0.005), (amp, lam)
         assert np.allclose(np.hypot(*np.diff(out.centerline, axis=0).T), 1.0, atol=0.02)
+
+
+def test_live_frames_are_sampled_while_new_tracks_are_prepared():
+    """A live stage applies keyframes in its background thread. Tracing and back-filling a first
+    keyframe's loops takes ≈ 10 ms each (0.2 s for 20 loops); under the stage's lock that stalled
+    ``process()`` and the frames queued up. The preparation now runs without the lock, and the new
+    tracks take the frames that arrived meanwhile."""
+    import threading
+    scope = ToyScope(seed=4)
+    cfg = load_config().with_overrides(um_per_px=1.0, fps=scope.fps)
+    st = AnalysisStage(cfg, segmenter=TruthSegmenter(scope.label_mask()), fps=scope.fps)
+    n = cfg.stage.keyframe_average
+    for i in range(n):       # enough frames for the first keyframe, not yet applied
+        img = scope.frame(i)
+        st.process(Frame(FrameMeta(i, i / scope.fps, scope.fps, img.shape), img))
+    real = AnalysisStage._prepare_track
+    entered, release = threading.Event(), threading.Event()
+
+    def slow_prepare(self, *a, **k):
+        entered.set()
+        assert release.wait(10), "process() never ran while the tracks were prepared"
+        return real(self, *a, **k)
+
+    st._prepare_track = slow_prepare.__get__(st)
+    bg = threading.Thread(target=st.step_background)
+    bg.start()
+    assert entered.wait(10)
+    for i in range(n, n + 3):  # frames arriving while the new tracks are prepared
+        img = scope.frame(i)
+        st.process(Frame(FrameMeta(i, i / scope.fps, scope.fps, img.shape), img))
+    release.set()
+    bg.join(10)
+    assert not bg.is_alive() and len(st.tracks) == len(scope.speeds)
+    for tr in st.tracks.values():
+        assert tr.buffer.last_frame == st._frame_no and tr.buffer.count == n + 3   # nothing missed
