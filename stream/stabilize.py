@@ -15,8 +15,9 @@ applied here, never passed to ``cv2.phaseCorrelate``, which multiplies its input
 place in OpenCV 5.0) gives the translation of the frame centre; the fine stage refines the pose at
 full resolution by ECC translations (enhanced correlation coefficient maximization, Evangelidis &
 Psarakis 2008) of a square ROI rich in capillaries (chosen from a segmentation mask when one is
-given, else where the image shows structure in every direction: :func:`structure_tensor`) and, for the rotation, of a second ROI far from it,
-starting from the previous frame's angular velocity. The ECC runs compiled
+given, else where the image shows structure in every direction: :func:`structure_tensor`) and,
+for the rotation, of a second ROI far from it, starting from the previous frame's angular
+velocity. The ECC runs compiled
 (:func:`stream.kernels.ecc_translation`, ``fine="compiled"``, the default: 0.4 ms per 256-px ROI)
 or as ``cv2.findTransformECC`` (``fine="ecc"``: 2.3 ms; measured on 7 synthetic 10 s clips the
 compiled one registers a little better, grid error median 0.081 vs 0.090 px, worst p95 0.58 vs
