@@ -432,6 +432,13 @@ def _routed(c: Capillary, frames: list, turn_shape: tuple[int, int] | None = Non
     return _apex_extended(_bridged(_through_crossings(c, frames), frames), frames, turn_shape)
 
 
+def _append_frames(buf: KymographBuffer, maps: tuple, frames: list) -> None:
+    """Append to ``buf`` one row per frame of ``frames`` (the stage's (frame no, gray, dx, dy,
+    angle) history), sampled with ``maps``, with its in-view flags."""
+    for fno, g, dx, dy, a in frames:
+        buf.append(sample_row(g, maps, dx, dy, a), fno, in_view(maps, g.shape, dx, dy, a))
+
+
 def _done(result) -> concurrent.futures.Future:
     """A finished future holding ``result``."""
     f: concurrent.futures.Future = concurrent.futures.Future()
@@ -920,8 +927,7 @@ class AnalysisStage:
             c = _better_trace(c, _routed(alt, hist), hist)
         maps = sampling_maps(c.centerline, c.width_px)
         buf = KymographBuffer(len(c.centerline), max(self.window * 2, int(round(10 * self.fps))))
-        for fno, g, dx, dy, a in hist:
-            buf.append(sample_row(g, maps, dx, dy, a), fno, in_view(maps, g.shape, dx, dy, a))
+        _append_frames(buf, maps, hist)
         return c, buf, maps
 
     def _insert_track(self, c: Capillary, buf: KymographBuffer, maps: tuple, last: int | None) -> None:
@@ -931,9 +937,7 @@ class AnalysisStage:
         n = self.bank.add(c.id, c.centerline, c.width_px)
         if n != len(c.centerline) or n != buf.length:
             raise AssertionError("kymograph length must equal the centerline length")
-        for fno, g, dx, dy, a in self._history:
-            if last is None or fno > last:
-                buf.append(sample_row(g, maps, dx, dy, a), fno, in_view(maps, g.shape, dx, dy, a))
+        _append_frames(buf, maps, [f for f in self._history if last is None or f[0] > last])
         first = buf.first_frame if buf.count else self._frame_no + 1
         self.tracks[c.id] = _Track(c, buf, first, first, first, maps)
 
