@@ -351,29 +351,18 @@ class KymographBank:
             if o.start > e.start:
                 o.start -= e.length
 
-    def sample(self, gray: np.ndarray, dx: float = 0.0, dy: float = 0.0, angle: float = 0.0) -> dict[int, np.ndarray]:
-        if not self._entries:
-            return {}
-        row = sample_row(gray, (self._mx, self._my), dx, dy, angle)
-        return {k: row[e.start:e.start + e.length] for k, e in self._entries.items()}
-
     def sample_in_view(self, gray: np.ndarray, dx: float = 0.0, dy: float = 0.0,
                        angle: float = 0.0) -> tuple[dict[int, np.ndarray], dict[int, np.ndarray | None]]:
-        """:meth:`sample` and :meth:`in_view` of one frame, its sampling maps moved once."""
+        """One frame's rows and in-view flags for every capillary, its sampling maps moved once:
+        ``({key: (N,) row}, {key: (N,) bool})`` — each row as :func:`sample_row`, each flag as
+        :func:`in_view` gives it for that capillary alone, ``None`` for a capillary entirely in
+        view (the common case: no per-sample flags to store)."""
         if not self._entries:
             return {}, {}
         x, y = frame_maps((self._mx, self._my), gray.shape, dx, dy, angle)
         row = _remap_row(gray, x, y)
         return ({k: row[e.start:e.start + e.length] for k, e in self._entries.items()},
                 self._views(_inside(x, y, gray.shape)))
-
-    def in_view(self, shape: tuple[int, ...], dx: float = 0.0, dy: float = 0.0,
-                angle: float = 0.0) -> dict[int, np.ndarray | None]:
-        """``{key: (N,) bool}`` of :func:`in_view` for every capillary; ``None`` for a capillary
-        entirely in view (the common case: no per-sample flags to store)."""
-        if not self._entries:
-            return {}
-        return self._views(in_view((self._mx, self._my), shape, dx, dy, angle))
 
     def _views(self, v: np.ndarray) -> dict[int, np.ndarray | None]:
         """Per-capillary split of the bank's in-view flags (None where all are in view)."""

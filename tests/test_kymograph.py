@@ -48,11 +48,12 @@ def test_bank_matches_single_sampling_and_removal():
     bank = KymographBank()
     bank.add(1, a, 3.0)
     bank.add(2, b, 5.0)
-    rows = bank.sample(img, 0.5, -0.25)
+    rows = bank.sample_in_view(img, 0.5, -0.25)[0]
     assert np.allclose(rows[1], sample_row(img, sampling_maps(a, 3.0), 0.5, -0.25))
     assert np.allclose(rows[2], sample_row(img, sampling_maps(b, 5.0), 0.5, -0.25))
     bank.remove(1)
-    assert list(bank.sample(img)) == [2] and np.allclose(bank.sample(img)[2], sample_row(img, sampling_maps(b, 5.0)))
+    rows = bank.sample_in_view(img)[0]
+    assert list(rows) == [2] and np.allclose(rows[2], sample_row(img, sampling_maps(b, 5.0)))
 
 
 def test_buffer_window_with_missing_frames():
@@ -77,7 +78,7 @@ def test_samples_carried_outside_the_frame_are_flagged():
     bank = KymographBank()
     bank.add(1, cl, 6.0)
     bank.add(2, np.stack([np.arange(400, 450.0), np.full(50, 300.0)], 1), 6.0)
-    views = bank.in_view((768, 1024), dx=-1.0)
+    views = bank.sample_in_view(np.zeros((768, 1024), np.uint8), dx=-1.0)[1]
     assert views[2] is None and views[1] is not None and not views[1].any()   # None = all in view
 
 
@@ -161,17 +162,22 @@ def test_tissue_level_is_the_ring_around_the_loop_without_other_vessels():
 
 
 def test_bank_samples_and_flags_a_frame_in_one_pass():
-    """KymographBank.sample_in_view gives what sample and in_view give (one map move per frame)."""
+    """KymographBank.sample_in_view gives, for each capillary, what sample_row and in_view give for
+    it alone (one map move per frame for all of them)."""
     import numpy as np
     from stream.kymograph import KymographBank
     rng = np.random.default_rng(0)
     gray = (rng.random((120, 160)) * 255).astype(np.uint8)
     bank = KymographBank()
-    bank.add(1, np.stack([np.linspace(5, 150, 80), np.full(80, 60.0)], 1), 6.0)
-    bank.add(2, np.stack([np.full(50, 80.0), np.linspace(2, 115, 50)], 1), 4.0)
+    loops = {1: (np.stack([np.linspace(5, 150, 80), np.full(80, 60.0)], 1), 6.0),
+             2: (np.stack([np.full(50, 80.0), np.linspace(2, 115, 50)], 1), 4.0)}
+    for k, (cl, w) in loops.items():
+        bank.add(k, cl, w)
     for pose in ((0.0, 0.0, 0.0), (3.5, -7.25, 0.0), (-9.0, 4.0, 0.02)):
         rows, views = bank.sample_in_view(gray, *pose)
-        ref_rows, ref_views = bank.sample(gray, *pose), bank.in_view(gray.shape, *pose)
+        ref_rows = {k: sample_row(gray, sampling_maps(cl, w), *pose) for k, (cl, w) in loops.items()}
+        ref_views = {k: in_view(sampling_maps(cl, w), gray.shape, *pose) for k, (cl, w) in loops.items()}
+        ref_views = {k: None if v.all() else v for k, v in ref_views.items()}
         assert rows.keys() == ref_rows.keys() == views.keys() == ref_views.keys()
         for k in rows:
             np.testing.assert_array_equal(rows[k], ref_rows[k])
