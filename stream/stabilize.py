@@ -140,14 +140,6 @@ def choose_roi(weight: np.ndarray, size: int, margin: int) -> tuple[int, int, in
     return int(lo_x + cx - half), int(lo_y + cy - half), size
 
 
-def gradient_weight(gray: np.ndarray) -> np.ndarray:
-    """Gradient energy (Scharr magnitude, lightly smoothed) — a scalar ROI weight."""
-    g = cv2.GaussianBlur(gray, (0, 0), 1.5)
-    gx = cv2.Scharr(g, cv2.CV_32F, 1, 0)
-    gy = cv2.Scharr(g, cv2.CV_32F, 0, 1)
-    return cv2.magnitude(gx, gy)
-
-
 def structure_tensor(gray: np.ndarray) -> np.ndarray:
     """Per-pixel structure tensor ``(gx², gx·gy, gy²)`` (float32 (H, W, 3), Scharr gradients of
     the lightly smoothed image, scaled to ~unit magnitude) — the ROI weight before a mask exists
