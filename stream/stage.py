@@ -246,9 +246,11 @@ def _unit_spacing(c: Capillary) -> Capillary:
     both but also pulls every bend inwards: a tortuous loop's windings 33 px apart lost 7 % of
     their amplitude, the centerline was 4 % shorter than its lumen ridge and 10 % shorter than the
     vessel (synthetic seed 1303: 422 px for 469, speed −10 %). The twice-smoothed difference is
-    added back (``2·G(p) − G(G(p))``, the first-order correction of the shrinkage): on a
-    pixel-rounded sine of 8-px amplitude and 33-px wavelength the arc length reads 575.2 px for
-    575.5 (one Gaussian: 554.7, the pixel path 613.8), on a straight line 399.2 for 399."""
+    added back (``2·G(p) − G(G(p))``, the first-order correction of the shrinkage). With the
+    resampling's own σ = 1.5 smoothing (:func:`stream.capillaries.resample_polyline`), a
+    pixel-rounded, slightly noisy sine of 8-px amplitude and 33-px wavelength reads 574.4 px for
+    575.5 (one Gaussian: 543.7, the pixel path 613.8), a straight line 399.2 for 399. That second
+    smoothing still shrinks an already smooth path (the same sine without pixel steps: 561.5)."""
     cl = np.asarray(c.centerline, np.float64)
     if len(cl) >= 7:
         from scipy.ndimage import gaussian_filter1d
