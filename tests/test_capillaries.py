@@ -401,6 +401,15 @@ def test_a_trace_passing_twice_through_a_junction_is_smoothed_onto_the_limbs():
     assert none == [] and np.array_equal(same, straight)
 
 
+def _square_trace(x_l: int, x_r: int) -> tuple[np.ndarray, int]:
+    """A loop's trace (float64 (N, 2), apex index): up a limb at ``x_l`` from y = 179, across at
+    y = 40, down a limb at ``x_r`` to y = 179."""
+    left = np.stack([np.full(140, x_l), np.arange(179, 39, -1)], 1)
+    across = np.stack([np.arange(x_l + 1, x_r), np.full(x_r - x_l - 1, 40)], 1)
+    right = np.stack([np.full(140, x_r), np.arange(40, 180)], 1)
+    return np.concatenate([left, across, right]).astype(np.float64), 140 + len(across) // 2
+
+
 def test_a_filled_apex_cap_is_reached_and_an_open_apex_is_left_alone():
     """Limbs running close below the apex: the mask fills the space between them, and a trace
     along the cycle that closes below the cap turns short of the apex. The extension takes it up
@@ -412,11 +421,7 @@ def test_a_filled_apex_cap_is_reached_and_an_open_apex_is_left_alone():
     mask[top_y:180, x_r - 3:x_r + 3] = True          # right limb
     mask[top_y:top_y + 16, x_l - 3:x_r + 3] = True   # filled cap over 16 px
     # trace: up the left limb, across at y = 40 (the cycle closes below the cap), down the right
-    left = np.stack([np.full(140, x_l), np.arange(179, 39, -1)], 1)
-    across = np.stack([np.arange(x_l + 1, x_r), np.full(x_r - x_l - 1, 40)], 1)
-    right = np.stack([np.full(140, x_r), np.arange(40, 180)], 1)
-    cl = np.concatenate([left, across, right]).astype(np.float64)
-    ai = 140 + len(across) // 2
+    cl, ai = _square_trace(x_l, x_r)
     out = extend_filled_apex(cl, ai, float(w), mask, (0, 0, 100, 200))
     assert out is not None
     new, nai = out
@@ -437,11 +442,7 @@ def test_a_blob_against_the_apex_is_not_a_filled_cap():
     trace keeps its apex; a cap that narrows upwards as a loop's top does is still reached."""
     from stream.capillaries import extend_filled_apex
     w, x_l, x_r = 6, 40, 60
-    left = np.stack([np.full(140, x_l), np.arange(179, 39, -1)], 1)
-    across = np.stack([np.arange(x_l + 1, x_r), np.full(x_r - x_l - 1, 40)], 1)
-    right = np.stack([np.full(140, x_r), np.arange(40, 180)], 1)
-    cl = np.concatenate([left, across, right]).astype(np.float64)
-    ai = 140 + len(across) // 2
+    cl, ai = _square_trace(x_l, x_r)
     yy, xx = np.mgrid[0:200, 0:100]
     loop = np.zeros((200, 100), bool)
     loop[37:180, x_l - 3:x_l + 3] = loop[37:180, x_r - 3:x_r + 3] = True
