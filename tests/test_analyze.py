@@ -184,3 +184,37 @@ def test_decode_threads_follow_the_codec(fourcc, ext, threads, tmp_path, monkeyp
     assert asked[-1] == threads, asked
     plain = [f.image for f in sources.VideoFileSource(path)]
     assert len(auto) == 6 and all(np.array_equal(a, b) for a, b in zip(auto, plain))
+
+
+def test_the_reader_runs_ahead_by_a_memory_budget_and_keeps_order():
+    """The reader thread may hold ``PREFETCH_BYTES`` of decoded gray frames (85 of 1024×768),
+    at least 8 of any size; a stalled consumer never makes it read further than that, and every
+    item arrives once, in order, with the source's exception after them."""
+    import threading
+    import time
+
+    from stream.analyze import PREFETCH_BYTES, _prefetch, prefetch_depth
+    assert prefetch_depth((768, 1024)) == PREFETCH_BYTES // (768 * 1024) >= 64
+    assert prefetch_depth((768, 1024, 3)) == prefetch_depth((768, 1024))   # analysed as one plane
+    assert prefetch_depth((4000, 6000)) == 8 and prefetch_depth(None) == 8
+    assert prefetch_depth((48, 64)) == 1024
+    read = []
+
+    def source():
+        for i in range(40):
+            read.append(i)
+            yield i
+        raise ValueError("corrupt frame 40")
+
+    it = _prefetch(source(), depth=10)
+    assert next(it) == 0
+    deadline = time.monotonic() + 5
+    while len(read) < 12 and time.monotonic() < deadline:   # 1 handed out + 10 queued + 1 waiting
+        time.sleep(0.01)
+    time.sleep(0.1)
+    assert len(read) <= 12 and threading.active_count() >= 2
+    rest = []
+    with pytest.raises(ValueError, match="corrupt frame 40"):
+        for x in it:
+            rest.append(x)
+    assert rest == list(range(1, 40))
