@@ -174,6 +174,27 @@ def test_window_speed_is_the_net_material_displacement():
         assert res.speed_px_per_frame == res.material_speed
 
 
+def test_a_fair_blood_column_still_gives_the_net_displacement():
+    """Fast pulsatile flow (50 px/frame ± 26 %) under noise that leaves the registered column at
+    profile quality 0.6–0.7: the net material displacement is still within 5 % of the true mean
+    (as on the synthetic scope's windows: 3.8–5.4 % there), while the sub-window speeds that used
+    to stand in below 0.7 read up to 24 % off: they succeed mostly in one phase of the cycle."""
+    fair, old_errs = 0, []
+    for seed in range(30, 38):
+        k, v, anchor = _pulsatile_kymo(v_mean=50.0, amp=0.26, period=20.0, n_px=480, seed=seed, noise=0.5)
+        true_mean = float(np.mean(0.5 * (v[1:] + v[:-1])))
+        an = _analyzer(*k.shape, anchor)
+        res = an.analyze(k, k.mean(axis=0), 0)
+        if not an.material_speed_quality <= res.material_quality < an.material_min_quality:
+            continue
+        fair += 1
+        assert res.speed_px_per_frame == res.material_speed
+        assert abs(res.material_speed / true_mean - 1) < 0.05, (seed, res.material_speed, true_mean)
+        an.material_speed_quality = an.material_min_quality      # the former rule
+        old_errs.append(abs(an.analyze(k, k.mean(axis=0), 0).speed_px_per_frame / true_mean - 1))
+    assert fair >= 4 and max(old_errs) > 0.1, (fair, old_errs)
+
+
 def test_profile_quality_drops_when_part_of_the_path_runs_against_the_flow():
     k, v, anchor = _pulsatile_kymo(v_mean=12.0, amp=0.1, n_px=400, seed=21)
     good = _analyzer(*k.shape, anchor).analyze(k, k.mean(axis=0), 0)
