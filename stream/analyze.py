@@ -170,10 +170,9 @@ def default_workers() -> int:
     serialize with the per-frame work. Windows go to the workers in one batch per hop
     (:meth:`stream.stage.AnalysisStage._submit_batch`). The workers are niced
     (:func:`stream.flow.window_pool`), so on 2 cores two of them fill the gaps the analysis
-    process leaves at least as well as one: benchmark clip, alternated, median of 5–6 runs
-    9.8 / 10.0 / 9.9× with one worker, 9.9 / 10.4 / 10.1× with two; ``benchmarks/stage.py``'s own
-    runs 9.9 / 8.9 / 10.3 / 10.3× with one, 10.1 / 8.9 / 10.6 / 9.9× with two (within its noise;
-    one was the better before the niceness)."""
+    process leaves as well as one: ``benchmarks/stage.py`` (5 alternated rounds) read 9.5× with
+    one and 9.4× with two in stop 36, 9.2 / 9.4× in stop 35, within its noise (stop 33, on less
+    work per frame: 9.9–10.3× either way; one was the better before the niceness)."""
     return 2 if (os.cpu_count() or 1) >= 2 else 0
 
 
