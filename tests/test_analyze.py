@@ -162,6 +162,28 @@ def test_the_reader_hands_the_stage_the_green_plane_it_would_extract():
     assert out[1] is frames[1]                      # gray frames pass through untouched
 
 
+def test_a_video_file_decodes_into_one_buffer_and_hands_out_planes_of_their_own(tmp_path):
+    """``nailfold analyze`` reads a video file's gray planes (:meth:`VideoFileSource.gray_frames`,
+    through the reader's ``_gray_frames``): the green channel of every frame the source yields,
+    each its own array although the colour image is decoded into one reused buffer."""
+    from stream.analyze import _gray_frames
+    from stream.sources import VideoFileSource
+    path = tmp_path / "clip.avi"
+    wr = cv2.VideoWriter(str(path), cv2.CAP_FFMPEG, cv2.VideoWriter_fourcc(*"MJPG"), 20.0, (64, 48))
+    rng = np.random.default_rng(1)
+    for _ in range(7):
+        wr.write(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8))
+    wr.release()
+    colour = list(VideoFileSource(path))
+    gray = list(_gray_frames(VideoFileSource(path)))      # all held at once, as the prefetch queue does
+    assert len(colour) == len(gray) == 7
+    assert [f.meta.seq for f in gray] == list(range(7))
+    for c, g in zip(colour, gray):
+        assert g.image.shape == (48, 64) and g.image.flags.c_contiguous and g.meta.shape == (48, 64)
+        assert np.array_equal(g.image, c.image[:, :, 1])
+    assert not any(np.shares_memory(a.image, b.image) for i, a in enumerate(gray) for b in gray[i + 1:])
+
+
 @pytest.mark.parametrize("fourcc,ext,threads", [("MJPG", ".avi", 1), ("FFV1", ".mkv", None)])
 def test_decode_threads_follow_the_codec(fourcc, ext, threads, tmp_path, monkeypatch):
     """``nailfold analyze`` opens files with ``decode_threads="auto"``: one FFmpeg thread for
