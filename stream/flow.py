@@ -662,16 +662,21 @@ class WindowAnalyzer:
         return acc / d
 
     def analyze(self, raw: np.ndarray, background: np.ndarray, start_frame: int,
-                own: tuple[float, float] | None = None, vessel_contrast: float | None = None) -> WindowResult:
+                own: tuple[float, float] | None = None, vessel_contrast: float | None = None,
+                claim: tuple[float, float] | None = None) -> WindowResult:
         """See :meth:`_analyze`; the result also carries the window's :func:`static_detail`."""
-        res = self._analyze(raw, background, start_frame, own, vessel_contrast)
+        res = self._analyze(raw, background, start_frame, own, vessel_contrast, claim)
         res.static_detail = static_detail(raw)
         return res
 
     def _analyze(self, raw: np.ndarray, background: np.ndarray, start_frame: int,
-                 own: tuple[float, float] | None = None, vessel_contrast: float | None = None) -> WindowResult:
-        """``raw`` window rows, ``background`` = static per-column mean; events are kept only when
-        they cross the apex within ``own`` = [lo, hi) (frames relative to the window start).
+                 own: tuple[float, float] | None = None, vessel_contrast: float | None = None,
+                 claim: tuple[float, float] | None = None) -> WindowResult:
+        """``raw`` window rows, ``background`` = static per-column mean; the time-resolved speeds
+        and the fine sinogram cover ``own`` = [lo, hi) (frames relative to the window start, plus
+        a margin), and events are kept only when they cross the apex within ``claim`` (default
+        ``own``; a window standing for skipped neighbours claims their spans too: every event of
+        the material statistic, the straight-line ones within ``own``'s margin).
         ``vessel_contrast``: the loop's log contrast log(tissue / vessel) (:func:`stream.kymograph.loop_contrast`)
         for the events' contrast test (``event_min_fraction``); None or NaN = noise test only. (The
         straight-line "rows" events of a column that does not register skip that test.)"""
@@ -701,6 +706,7 @@ class WindowAnalyzer:
         fine = radon.speed_grid(lo, max(hi, lo), self.fine_ratio, signed=False)
         fine = fine if v0 > 0 else -fine[::-1]
         t_lo, t_hi = (0.0, float(self.n_frames)) if own is None else own
+        c_lo, c_hi = (t_lo, t_hi) if claim is None else claim
         # fine sinogram over the owned span plus a margin (robust statistics need some lines)
         margin = max(4.0, 0.25 * (t_hi - t_lo))
         g_lo, g_hi = max(0.0, t_lo - margin), min(float(self.n_frames), t_hi + margin)
@@ -780,7 +786,7 @@ class WindowAnalyzer:
                             share = min(share, self.event_clear_fraction)
                         if e.strength * ev_sd * log_sd < share * vc:
                             continue    # brightening (log units) below the required share of the vessel's contrast
-                    if t_lo <= e.t_frame < t_hi and 0.5 <= e.t_frame <= self.n_frames - 1.5:
+                    if c_lo <= e.t_frame < c_hi and 0.5 <= e.t_frame <= self.n_frames - 1.5:
                         res.events.append(dataclasses.replace(e, t_frame=start_frame + e.t_frame))
                 return res
         if z is None:
@@ -816,7 +822,7 @@ class WindowAnalyzer:
             if not any(self._cross(e, o) for o in kept):
                 kept.append(e)
         for e in sorted(kept, key=lambda e: e.t_frame):
-            if t_lo <= e.t_frame < t_hi and 0.5 <= e.t_frame <= self.n_frames - 1.5:
+            if c_lo <= e.t_frame < c_hi and 0.5 <= e.t_frame <= self.n_frames - 1.5:
                 res.events.append(radon.LineEvent(start_frame + e.t_frame, e.speed_px_per_frame, e.strength))
         return res
 
@@ -892,15 +898,16 @@ def _cached_analyzer(spec: tuple) -> WindowAnalyzer:
 
 
 def analyze_window(spec: tuple, raw: np.ndarray, background: np.ndarray, start_frame: int,
-                   own: tuple[float, float] | None, vessel_contrast: float | None = None) -> WindowResult:
-    """``WindowAnalyzer(**dict(spec)).analyze(raw, background, start_frame, own, vessel_contrast)`` —
-    picklable, for a process pool (:func:`window_pool`); the same result as in-process analysis."""
-    return _cached_analyzer(spec).analyze(raw, background, start_frame, own, vessel_contrast)
+                   own: tuple[float, float] | None, vessel_contrast: float | None = None,
+                   claim: tuple[float, float] | None = None) -> WindowResult:
+    """``WindowAnalyzer(**dict(spec)).analyze(raw, background, start_frame, own, vessel_contrast, claim)``
+    — picklable, for a process pool (:func:`window_pool`); the same result as in-process analysis."""
+    return _cached_analyzer(spec).analyze(raw, background, start_frame, own, vessel_contrast, claim)
 
 
 def analyze_windows(items: list) -> list[WindowResult]:
-    """:func:`analyze_window` of every ``(spec, raw, background, start_frame, own, vessel_contrast)``
-    in ``items``, in order: one executor task for the windows that became ready together."""
+    """:func:`analyze_window` of every ``(spec, raw, background, start_frame, own, vessel_contrast[,
+    claim])`` in ``items``, in order: one executor task for the windows that became ready together."""
     return [analyze_window(*it) for it in items]
 
 

@@ -28,7 +28,9 @@ Work split (for a live process with a second thread):
   frames is more coherent, see :func:`_through_crossings`), and rolling
   ``stage.window_s`` / ``stage.hop_s`` windows (:mod:`stream.flow`; a window's speed is the net
   displacement of the registered blood column when the material profile is good, else Radon /
-  time-resolved cross-correlation). When it falls behind,
+  time-resolved cross-correlation; an out-of-focus (BLURRED) loop's windows start every
+  ``BLURRED_HOPS`` hops, each analysed over its own hop and claiming the skipped ones' events).
+  When it falls behind,
   stale keyframes and windows are skipped and counted (``skipped_keyframes``/``skipped_windows``);
   kymograph rows of accepted frames are never skipped.
 - Offline (``window_executor``, e.g. a process pool from :func:`stream.flow.window_pool`): the
@@ -84,6 +86,11 @@ from stream.stabilize import Stabilizer, warp_to_reference
 log = logging.getLogger(__name__)
 
 MAX_BACKLOG_WINDOWS = 3      # per capillary; older pending windows are skipped when behind
+BLURRED_HOPS = 2             # an out-of-focus (BLURRED) loop's windows start this many hops apart: each
+#                              is analysed as with a window every hop and claims the skipped windows'
+#                              events (the window is longer than the stride). Mostly deep vessels and
+#                              blur without a flow verdict: half of the benchmark clip's loops, ~40 %
+#                              of its window CPU
 KEYFRAME_BACKOFF_MAX = 8     # keyframe interval may grow to this × stage.keyframe_every
 RETIRE_AFTER_KEYFRAMES = 3   # a capillary missing from this many keyframes in a row stops being sampled
 MIN_FINAL_WINDOW = 8         # frames
@@ -434,6 +441,11 @@ def _routed(c: Capillary, frames: list, turn_shape: tuple[int, int] | None = Non
     return _apex_extended(_bridged(_through_crossings(c, frames), frames), frames, turn_shape)
 
 
+def _hops(tr: _Track) -> int:
+    """Hops from one of ``tr``'s windows to the next: ``BLURRED_HOPS`` for an out-of-focus loop."""
+    return BLURRED_HOPS if tr.cap.label == BLURRED else 1
+
+
 def _append_frames(buf: KymographBuffer, maps: tuple, frames: list) -> None:
     """Append to ``buf`` one row per frame of ``frames`` (the stage's (frame no, gray, dx, dy,
     angle) history), sampled with ``maps``, with its in-view flags."""
@@ -693,7 +705,7 @@ class AnalysisStage:
                 return None
             tr, start = best
             own_hi = start + (self.window + self.hop) // 2
-            tr.next_start += self.hop
+            tr.next_start += self.hop * _hops(tr)
             return tr, start, self.window, own_hi
 
     def _analyzer_spec(self, tr: _Track, n: int) -> tuple:
@@ -734,17 +746,23 @@ class AnalysisStage:
             # carried outside it take that mean (no texture) instead of border-replicated pixels
             background = column_mean(tr.buffer.latest(), tr.buffer.latest_view())
             raw = fill_out_of_view(raw, tr.buffer.window_view(start, n), background)
-            own_lo = max(tr.owned_until, start)
+            claim_lo = max(tr.owned_until, start)
+            own_lo = claim_lo
+            if _hops(tr) > 1 and claim_lo > start:
+                # standing for the skipped windows before it: analysed over its own hop, as with a
+                # window every hop, it claims their events too
+                own_lo = max(claim_lo, own_hi - self.hop)
             tr.owned_until = max(tr.owned_until, own_hi)
             contrast = tr.contrast
         if valid.mean() < 0.5:
             return
         m = EVENT_MIN_SEP_FRAMES   # margin: boundary events are caught by both windows, then merged
         own = (own_lo - start - m, own_hi - start + m)
+        claim = None if claim_lo == own_lo else (claim_lo - start - m, own_hi - start + m)
         if self._executor is not None:     # sent with the others of this step (_submit_batch)
-            self._window_batch.append((tr, self._analyzer_spec(tr, n), raw, background, start, own, contrast))
+            self._window_batch.append((tr, self._analyzer_spec(tr, n), raw, background, start, own, contrast, claim))
             return
-        self._store_window(tr, self._analyzer(tr, n).analyze(raw, background, start, own, contrast))
+        self._store_window(tr, self._analyzer(tr, n).analyze(raw, background, start, own, contrast, claim))
 
     def _store_window(self, tr: _Track, res: flow.WindowResult) -> None:
         with self._lock:

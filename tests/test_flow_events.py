@@ -162,6 +162,24 @@ def test_gap_strength_does_not_depend_on_vessel_darkness():
     assert lin_dark > 1.15 * lin_pale, (lin_pale, lin_dark)
 
 
+def test_a_window_claims_the_events_of_skipped_neighbours_without_changing_its_analysis():
+    """``claim``: a window standing for skipped neighbours (an out-of-focus loop's windows start
+    two hops apart) keeps the cells crossing the apex in their spans too, while its speed, flow
+    verdict and everything else come out as with its own span alone."""
+    gaps = (12.0, 27.0, 43.0, 58.0)
+    k, _, anchor = _pulsatile_kymo(gaps=gaps, seed=5, gap_amp=2.5)
+    an = _analyzer(*k.shape, anchor)
+    own, wide = (35.0, 65.0), (5.0, 65.0)
+    mine = an.analyze(k, k.mean(axis=0), 100, own)
+    claimed = an.analyze(k, k.mean(axis=0), 100, own, claim=wide)
+    assert sorted(round(e.t_frame - 100) for e in mine.events) == [43, 58]
+    assert sorted(round(e.t_frame - 100) for e in claimed.events) == [12, 27, 43, 58]
+    assert claimed.gated and claimed.speed_px_per_frame == mine.speed_px_per_frame
+    assert (claimed.local_speeds, claimed.material_quality, claimed.stopped) == \
+        (mine.local_speeds, mine.material_quality, mine.stopped)
+    assert an.analyze(k, k.mean(axis=0), 100, own, claim=own).events == mine.events
+
+
 def test_window_speed_is_the_net_material_displacement():
     # strongly pulsatile flow (±35 %): the window speed is the blood's net displacement over the
     # window divided by its duration — the exact time average, not a phase of the cycle

@@ -184,6 +184,34 @@ def test_toy_wbc_events(toy_run):
     assert not any("unreliable" in w for w in rep.warnings), rep.warnings
 
 
+def test_an_out_of_focus_loop_is_analysed_every_other_hop_and_loses_no_cell():
+    """A BLURRED loop (mostly deep vessels and blur with no flow verdict) has its windows start
+    ``BLURRED_HOPS`` hops apart, each owning the events of all of them: a flowing one still
+    reads its speed and every cell; the CLEAR loops keep a window every hop."""
+    from stream.capillary import BLURRED
+    from stream.stage import BLURRED_HOPS
+    assert BLURRED_HOPS == 2
+    cfg = load_config().with_overrides(um_per_px=1.2, fps=20.0)
+    scope = ToyScope(speeds=(9.0, 16.0), seed=12)
+    mask = scope.label_mask()
+    first = mask[:, :int(scope.loops[0]["cl"][:, 0].max()) + 20]     # the first loop, out of focus
+    first[first > 0] = BLURRED
+    stage, rep = run_stage(scope, 240, cfg, segmenter=TruthSegmenter(mask))
+    caps = _match_caps(rep, scope)
+    assert {caps[0].label, caps[1].label} == {"blurred", "capillary"}
+    for k, stride in ((0, BLURRED_HOPS), (1, 1)):
+        tr = stage.tracks[caps[k].id]
+        starts = sorted({w.start_frame for w in tr.windows if w.n_frames == stage.window})  # + the tail's
+        assert len(starts) >= 3 and set(np.diff(starts)) == {stride * stage.hop}, (k, starts)
+        v = abs(scope.loops[k]["v"])
+        assert caps[k].flow_speed_px_per_frame == pytest.approx(v, rel=0.05)
+        truth = scope.wbc_times_s(k, rep.duration_s - 0.5)
+        truth = truth[truth > 0.5]
+        got = np.array([e.t_s for e in caps[k].wbc_events])
+        assert sum(np.any(np.abs(got - t) < 0.15) for t in truth) >= 0.9 * len(truth), (k, truth, got)
+        assert len(got) <= len(truth) + 2, (k, truth, got)
+
+
 def test_a_loop_whose_blood_column_does_not_register_has_its_count_flagged():
     """``wbc_tracked_frac``: share of the flowing windows whose registered blood column held
     together (material profile quality ≥ 0.7); below 0.25 the report warns that the loop's WBC
