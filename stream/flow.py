@@ -675,8 +675,8 @@ class WindowAnalyzer:
         """``raw`` window rows, ``background`` = static per-column mean; the time-resolved speeds
         and the fine sinogram cover ``own`` = [lo, hi) (frames relative to the window start, plus
         a margin), and events are kept only when they cross the apex within ``claim`` (default
-        ``own``; a window standing for skipped neighbours claims their spans too: every event of
-        the material statistic, the straight-line ones within ``own``'s margin).
+        ``own``; a window standing for skipped neighbours claims their spans too; the straight-line
+        events then come from a fine sinogram over the claim).
         ``vessel_contrast``: the loop's log contrast log(tissue / vessel) (:func:`stream.kymograph.loop_contrast`)
         for the events' contrast test (``event_min_fraction``); None or NaN = noise test only. (The
         straight-line "rows" events of a column that does not register skip that test.)"""
@@ -789,8 +789,10 @@ class WindowAnalyzer:
                     if c_lo <= e.t_frame < c_hi and 0.5 <= e.t_frame <= self.n_frames - 1.5:
                         res.events.append(dataclasses.replace(e, t_frame=start_frame + e.t_frame))
                 return res
-        if z is None:
-            grid, z, cnt = radon.row_sinogram(ke, self.anchor, fine, g_lo, g_hi, step)
+        e_lo, e_hi = max(0.0, min(g_lo, c_lo - margin)), min(float(self.n_frames), max(g_hi, c_hi + margin))
+        if z is None or (e_lo, e_hi) != (g_lo, g_hi):
+            # (a claim beyond the own span: the straight lines of the whole claim, plus the margin)
+            grid, z, cnt = radon.row_sinogram(ke, self.anchor, fine, e_lo, e_hi, step)
             valid = cnt >= 4
         if stat == "mean":
             # mean brightness along the line in robust SDs of the (smoothed) kymograph: a plasma gap

@@ -284,6 +284,12 @@ def test_fast_flow_whose_texture_decorrelates_is_still_measured():
         strict = _analyzer(*k.shape, k.shape[1] / 2.0)
         strict.agree_corr = 1.0                                  # without the agreement rule
         assert not strict.analyze(k, np.zeros(k.shape[1], np.float32), 0).gated
+        # a window standing for a skipped neighbour finds the straight lines of its claim too
+        own = an.analyze(k, np.zeros(k.shape[1], np.float32), 0, (45.0, 75.0))
+        claimed = an.analyze(k, np.zeros(k.shape[1], np.float32), 0, (45.0, 75.0), claim=(15.0, 75.0))
+        assert [round(e.t_frame) for e in own.events] == [60]
+        assert sorted(round(e.t_frame) for e in claimed.events) == [30, 60]
+        assert claimed.speed_px_per_frame == own.speed_px_per_frame
 
 
 def test_stopped_flow_under_noise_stronger_than_the_texture():
