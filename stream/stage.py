@@ -69,7 +69,7 @@ from scipy.spatial import cKDTree
 
 from nailfold.config import Config
 from stream import flow, kernels
-from stream.capillaries import (apices_point_down, bridge_junctions, extend_filled_apex,   # at import: it
+from stream.capillaries import (apices_point_down, bridge_junctions, clearly_upright, extend_filled_apex,   # at import: it
                                 extract_capillaries, lumen_trace, match_ids, on_lumen,     # loads scikit-image
                                 reverse_sections, self_approaches, turned, turned_points)  # (~0.3 s)
 from stream.capillary import BLURRED, CLEAR, LABEL_NAMES, Capillary
@@ -822,7 +822,9 @@ class AnalysisStage:
                                     interpolation=cv2.INTER_NEAREST)
             down = self._apex_down
             caps = extract_capillaries(labels, mean, apex_down=bool(down))
-            if down is None:
+            if down is None and clearly_upright(caps):
+                down = False
+            elif down is None:
                 # the recording's orientation, until a keyframe shows it: loops traced both ways
                 turned_caps = extract_capillaries(labels, mean, apex_down=True)
                 down = apices_point_down(caps, turned_caps)

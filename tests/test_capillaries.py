@@ -556,6 +556,22 @@ def test_loops_pointing_down_are_traced_whole_and_recognized():
     assert apices_point_down([], []) is None
 
 
+def test_a_row_of_whole_upright_hairpins_settles_the_orientation_without_the_turned_tracing():
+    """``clearly_upright``: ten or more whole hairpins traced as the image is mean the loops point
+    up, whatever the turned tracing finds (it would need 17 to win); the same row upside down is
+    not clearly upright, so the stage and ``nailfold image`` still trace it turned and turn it."""
+    from stream.capillaries import CLEARLY_UPRIGHT_LOOPS, apices_point_down, clearly_upright, complete_loops
+    assert CLEARLY_UPRIGHT_LOOPS == 10
+    up = loop_labels(xs=tuple(range(40, 1000, 80)), shape=(260, 1024))        # 12 loops
+    down = np.ascontiguousarray(up[::-1])
+    caps = extract_capillaries(up)
+    assert complete_loops(caps) == 12 and clearly_upright(caps)
+    assert apices_point_down(caps, extract_capillaries(up, apex_down=True)) is False   # the same answer
+    assert not clearly_upright(extract_capillaries(down))
+    assert apices_point_down(extract_capillaries(down), extract_capillaries(down, apex_down=True)) is True
+    assert not clearly_upright(caps[:9])
+
+
 def _giant_scene(arc_darkness: float, between: bool = False):
     """Two vertical limbs (x 300 and 360, y 200–420, 12 px wide, gray 80 on tissue 170) in the
     mask; an apex arc over them (radius 30 px, 14 px wide) drawn ``arc_darkness`` of the way from
