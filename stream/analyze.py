@@ -174,9 +174,9 @@ def default_workers() -> int:
     serialize with the per-frame work. Windows go to the workers in one batch per hop
     (:meth:`stream.stage.AnalysisStage._submit_batch`). The workers are niced
     (:func:`stream.flow.window_pool`), so on 2 cores two of them fill the gaps the analysis
-    process leaves as well as one: ``benchmarks/stage.py`` (5 alternated rounds) read 9.7× with
-    one and 10.0× with two in stop 37, 9.5 / 9.4× in stop 36, 9.2 / 9.4× in stop 35, within its
-    noise (earlier, with less
+    process leaves as well as one: ``benchmarks/stage.py`` (5 alternated rounds) read 10.4× with
+    one and 10.4× with two in stop 37 (9.9 / 10.1× on a slower box), 9.5 / 9.4× in stop 36,
+    9.2 / 9.4× in stop 35, within its noise (earlier, with less
     work per frame: 8.9–10.3× with one, 8.9–10.6× with two; one was the better before the
     niceness)."""
     return 2 if (os.cpu_count() or 1) >= 2 else 0
