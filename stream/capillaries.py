@@ -544,6 +544,17 @@ def apices_point_down(upright: list[Capillary], turned_caps: list[Capillary], mi
     return down >= 1.5 * up + 2
 
 
+def orientation(upright: list[Capillary], trace_turned) -> tuple[bool | None, list[Capillary] | None]:
+    """``(down, turned_caps)``: :func:`apices_point_down` of an image's loops traced as it is
+    (``upright``) and in the image turned by half a turn (``trace_turned()``, e.g. :func:`extract_capillaries`
+    with ``apex_down=True``), that tracing skipped (``turned_caps`` None, ``down`` False) when
+    the upright loops settle it (:func:`clearly_upright`)."""
+    if clearly_upright(upright):
+        return False, None
+    turned_caps = trace_turned()
+    return apices_point_down(upright, turned_caps), turned_caps
+
+
 def extract_capillaries(labels: np.ndarray, image: np.ndarray | None = None, *, min_length_px: float = 40,
                         prune_px: float = 10, max_limb_px: float = 350.0, apex_down: bool = False) -> list[Capillary]:
     """Capillary loops of a label mask (see module docstring), sorted by apex x.

@@ -35,8 +35,8 @@ from nailfold import __version__
 from nailfold.config import load_config
 from nailfold.errors import InputError, NailfoldError
 from stream import image_report as rep
-from stream.capillaries import (apices_point_down, clearly_upright, extract_capillaries, orient_arterial_first, turned,
-                                turned_bbox, turned_points)
+from stream.capillaries import (extract_capillaries, orient_arterial_first, orientation, turned, turned_bbox,
+                                turned_points)
 from stream.capillary import BLURRED
 from stream.kymograph import faint_contrast, loop_contrast, sampling_maps, tissue_levels
 from stream.morphology import measure_capillary, subject_of, summarize_image, summarize_subject, vessel_channel
@@ -153,8 +153,7 @@ def _analyse_labels(img: np.ndarray, labels: np.ndarray, um_per_px: float | None
     scale = img.shape[1] / 1024.0
     kw = dict(min_length_px=min_length_px * scale, prune_px=10 * scale, max_limb_px=350 * scale)
     caps = extract_capillaries(labels, img, **kw)
-    if check_turn and not clearly_upright(caps) and \
-            apices_point_down(caps, extract_capillaries(labels, img, apex_down=True, **kw)):
+    if check_turn and orientation(caps, lambda: extract_capillaries(labels, img, apex_down=True, **kw))[0]:
         entry, caps_t, morphs, kps_t = _analyse_labels(
             np.ascontiguousarray(img[::-1, ::-1]), np.ascontiguousarray(labels[::-1, ::-1]), um_per_px, ranges,
             min_clear, min_length_px, kp_model, classifier, check_turn=False)

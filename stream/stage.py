@@ -69,9 +69,10 @@ from scipy.spatial import cKDTree
 
 from nailfold.config import Config
 from stream import flow, kernels
-from stream.capillaries import (apices_point_down, bridge_junctions, clearly_upright, extend_filled_apex,   # at import: it
+from stream.capillaries import (bridge_junctions, extend_filled_apex,                     # at import: it
                                 extract_capillaries, lumen_trace, match_ids, on_lumen,     # loads scikit-image
-                                reverse_sections, self_approaches, turned, turned_points)  # (~0.3 s)
+                                orientation, reverse_sections, self_approaches, turned,    # (~0.3 s)
+                                turned_points)
 from stream.capillary import BLURRED, CLEAR, LABEL_NAMES, Capillary
 from stream.frames import Frame, to_gray
 from stream.kymograph import (FAINT_CONTRAST_FLOOR, FAINT_CONTRAST_SHARE, KymographBank, KymographBuffer,
@@ -822,12 +823,9 @@ class AnalysisStage:
                                     interpolation=cv2.INTER_NEAREST)
             down = self._apex_down
             caps = extract_capillaries(labels, mean, apex_down=bool(down))
-            if down is None and clearly_upright(caps):
-                down = False
-            elif down is None:
+            if down is None:
                 # the recording's orientation, until a keyframe shows it: loops traced both ways
-                turned_caps = extract_capillaries(labels, mean, apex_down=True)
-                down = apices_point_down(caps, turned_caps)
+                down, turned_caps = orientation(caps, lambda: extract_capillaries(labels, mean, apex_down=True))
                 if down:
                     caps = turned_caps
         except Exception:   # a failing segmenter must not stop the flow analysis of known loops

@@ -559,8 +559,10 @@ def test_loops_pointing_down_are_traced_whole_and_recognized():
 def test_a_row_of_whole_upright_hairpins_settles_the_orientation_without_the_turned_tracing():
     """``clearly_upright``: ten or more whole hairpins traced as the image is mean the loops point
     up, whatever the turned tracing finds (it would need 17 to win); the same row upside down is
-    not clearly upright, so the stage and ``nailfold image`` still trace it turned and turn it."""
-    from stream.capillaries import CLEARLY_UPRIGHT_LOOPS, apices_point_down, clearly_upright, complete_loops
+    not clearly upright, so ``orientation`` (the stage's and ``nailfold image``'s test) still
+    traces it turned and turns it."""
+    from stream.capillaries import (CLEARLY_UPRIGHT_LOOPS, apices_point_down, clearly_upright, complete_loops,
+                                    orientation)
     assert CLEARLY_UPRIGHT_LOOPS == 10
     up = loop_labels(xs=tuple(range(40, 1000, 80)), shape=(260, 1024))        # 12 loops
     down = np.ascontiguousarray(up[::-1])
@@ -570,6 +572,13 @@ def test_a_row_of_whole_upright_hairpins_settles_the_orientation_without_the_tur
     assert not clearly_upright(extract_capillaries(down))
     assert apices_point_down(extract_capillaries(down), extract_capillaries(down, apex_down=True)) is True
     assert not clearly_upright(caps[:9])
+
+    def never():
+        raise AssertionError("traced turned although the upright loops settle it")
+    assert orientation(caps, never) == (False, None)
+    down_caps = extract_capillaries(down, apex_down=True)
+    found, turned_caps = orientation(extract_capillaries(down), lambda: down_caps)
+    assert found is True and turned_caps is down_caps
 
 
 def _giant_scene(arc_darkness: float, between: bool = False):
