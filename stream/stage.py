@@ -692,12 +692,13 @@ class AnalysisStage:
             best = None
             for tr in self.tracks.values():
                 last = tr.buffer.last_frame
-                ready = (last - (tr.next_start + self.window - 1)) // self.hop + 1 if last >= 0 else 0
+                stride = self.hop * _hops(tr)        # frames from one of its windows to the next
+                ready = (last - (tr.next_start + self.window - 1)) // stride + 1 if last >= 0 else 0
                 if ready <= 0:
                     continue
                 if ready > MAX_BACKLOG_WINDOWS:      # behind: skip the oldest windows
                     skip = ready - MAX_BACKLOG_WINDOWS
-                    tr.next_start += skip * self.hop
+                    tr.next_start += skip * stride
                     tr.owned_until = max(tr.owned_until, tr.next_start + (self.window - self.hop) // 2)
                     tr.skipped_windows += skip
                 if best is None or tr.next_start < best[1]:
@@ -706,7 +707,7 @@ class AnalysisStage:
                 return None
             tr, start = best
             own_hi = start + (self.window + self.hop) // 2
-            tr.next_start += self.hop * _hops(tr)
+            tr.next_start += self.hop * _hops(tr)   # (a blurred loop's stride)
             return tr, start, self.window, own_hi
 
     def _analyzer_spec(self, tr: _Track, n: int) -> tuple:
