@@ -119,7 +119,7 @@ def evaluate_morphology_metrics(args) -> dict:
                                   "json": None, **args})
     from models import data_synthetic as DS
     from stream.synthetic import render_still
-    seeds = _seeds(getattr(args, "seeds", "0:20"))
+    seeds = _seeds(getattr(args, "seeds", None) or "0:20")
     cfg = load_config(getattr(args, "config", None))
     ranges, min_clear = cfg.morphology.normal_ranges, cfg.morphology.min_clear_capillaries
     seg_name = getattr(args, "segmenter", "classical") or "classical"

@@ -1,4 +1,4 @@
-"""``nailfold evaluate seg|keypoints|classifier|morphology|biopsy`` on held-out data.
+"""``nailfold evaluate seg|keypoints|classifier|morphology|biopsy|stage`` on held-out data.
 
 In:  held-out synthetic seeds (``--seeds A:B``, default 0:20 — the 0–999 range is never trained
      on), the simulator varied as in training (``models.data_synthetic.sim_params``); ``--segmenter``
@@ -13,6 +13,9 @@ Out: a printed table; ``--json FILE`` writes the numbers.
 - classifier: accuracy and confusion matrix on crops centred on the true loops (balanced class mix).
 - morphology → ``models.eval_morphology.evaluate_morphology(args)``; biopsy →
   ``biopsy.evaluate.evaluate(args)`` (other modules).
+- stage → ``stream.evaluation.evaluate_stage(args)``: the analysis stage on 60-s synthetic clips
+  (``--seeds``, default 1201:1207, ``--seconds``, ``--jobs``, ``--sim``) or one report against its
+  truth (``--report R.json --truth T.json`` from ``nailfold simulate`` + ``nailfold analyze``).
 """
 from __future__ import annotations
 
@@ -33,8 +36,10 @@ log = logging.getLogger(__name__)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("what", choices=("seg", "keypoints", "classifier", "morphology", "biopsy"))
-    p.add_argument("--seeds", default="0:20", help="held-out synthetic seed range A:B (within 0..999)")
+    p.add_argument("what", choices=("seg", "keypoints", "classifier", "morphology", "biopsy", "stage"))
+    p.add_argument("--seeds", default=None,
+                   help="held-out synthetic seed range A:B (models: within 0..999, default 0:20; "
+                        "stage: within 0..9999, default 1201:1207)")
     p.add_argument("--segmenter", default="unet", choices=("unet", "classical", "auto"))
     p.add_argument("--backend", default="eager", choices=("auto", "eager", "compile", "tensorrt"))
     p.add_argument("--weights", default=None, help="checkpoint (default: shipped weights)")
@@ -49,6 +54,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-classifier", dest="classifier", action="store_false",
                    help="morphology: crossing/tortuous flags from limb geometry only (default: classifier + geometry)")
     p.add_argument("--classifier-weights", default=None, help="morphology: classifier checkpoint (default: shipped)")
+    p.add_argument("--seconds", type=float, default=60.0, help="stage: clip length (s)")
+    p.add_argument("--jobs", type=int, default=1, help="stage: clips analysed in parallel (processes)")
+    p.add_argument("--sim", default=None, help='stage: SimParams overrides as JSON, e.g. \'{"noise_sigma": 8}\'')
+    p.add_argument("--report", default=None, help="stage: score this video report (with --truth) instead of running clips")
+    p.add_argument("--truth", default=None, help="stage: the simulator truth JSON for --report")
+    p.add_argument("--tol-s", type=float, default=0.3, help="stage: a counted WBC within this many s of a true cell is that cell")
 
 
 def _seed_range(spec: str) -> list[int]:
@@ -62,12 +73,17 @@ def _seed_range(spec: str) -> list[int]:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.seeds is None and args.what != "stage":
+        args.seeds = "0:20"
     if args.what == "morphology":
         from models.eval_morphology import evaluate_morphology
         return int(evaluate_morphology(args) or 0)
     if args.what == "biopsy":
         from biopsy.evaluate import evaluate
         return int(evaluate(args) or 0)
+    if args.what == "stage":
+        from stream.evaluation import evaluate_stage
+        return int(evaluate_stage(args) or 0)
     torch.set_num_threads(max(1, args.threads))
     res = {"seg": eval_seg, "keypoints": eval_keypoints, "classifier": eval_classifier}[args.what](args)
     if args.json:

@@ -15,6 +15,7 @@ import pytest
 from nailfold.config import load_config
 from stream.capillary import CLEAR
 from stream.frames import Frame, FrameMeta
+from stream.evaluation import match_truth, run_synthetic
 from stream.stage import AnalysisStage
 
 
@@ -325,47 +326,6 @@ def test_a_loop_at_the_frame_edge_is_flagged_and_its_flow_still_measured():
 
 
 # ----------------------------------------------------------------------------- the project simulator
-def match_truth(truth_caps: list, reported: list, tol_px: float = 5.0, min_frac: float = 0.6,
-                apex_px: float = 15.0) -> list:
-    """For each truth capillary the reported one that traces the same vessel, or None: both the
-    share of the truth centerline within ``tol_px`` of the reported one and the share of the
-    reported within ``tol_px`` of the truth must be ≥ ``min_frac``; one-to-one, greedy by the
-    smaller share; a truth loop left over takes the nearest free reported apex within ``apex_px``. (An apex-distance rule misses bushy loops whose top-most point is another top
-    of the same loop, and loops whose reported apex moved along the arc.)"""
-    from scipy.spatial import cKDTree
-    scores = []
-    for i, tc in enumerate(truth_caps):
-        t = np.asarray(tc.get("centerline_px", []), float).reshape(-1, 2)
-        if len(t) < 2:
-            continue
-        tt = cKDTree(t)
-        for j, c in enumerate(reported):
-            r = np.asarray(c.centerline_px, float).reshape(-1, 2)
-            if len(r) < 2:
-                continue
-            prec = float((tt.query(r)[0] <= tol_px).mean())
-            rec = float((cKDTree(r).query(t)[0] <= tol_px).mean())
-            if min(prec, rec) >= min_frac:
-                scores.append((min(prec, rec), i, j))
-    out: list = [None] * len(truth_caps)
-    used: set = set()
-    for _, i, j in sorted(scores, reverse=True):
-        if out[i] is None and j not in used:
-            out[i] = reported[j]
-            used.add(j)
-    # a loop reported with a wrong trace still counts (as it would for the clinician): the
-    # nearest unused reported apex within ``apex_px``
-    for i, tc in enumerate(truth_caps):
-        if out[i] is not None:
-            continue
-        free = [(math.dist(c.apex_px, tc["apex_px"]), j) for j, c in enumerate(reported) if j not in used]
-        if free and min(free)[0] <= apex_px:
-            j = min(free)[1]
-            out[i] = reported[j]
-            used.add(j)
-    return out
-
-
 def evaluate_synthetic(seed: int, seconds: float, segmenter_name: str = "classical", verbose: bool = False,
                        keyframe_delay_s: float = 0.0, **sim) -> dict:
     """Run the stage on a SyntheticScope clip and compare with its truth (``keyframe_delay_s``:
@@ -375,23 +335,7 @@ def evaluate_synthetic(seed: int, seconds: float, segmenter_name: str = "classic
     Returns {"residual": {...}, "caps": [(truth_speed_um_s, measured_um_s, truth_wbc, measured_wbc)],
     "unmatched": n}. Truth capillaries are matched to reported ones by centerline overlap
     (:func:`match_truth`)."""
-    synth = pytest.importorskip("stream.synthetic")
-    from stream.stage import default_segmenter
-    params = synth.SimParams(seed=seed, duration_s=seconds, **sim)
-    scope = synth.SyntheticScope(params)
-    truth = scope.truth()
-    fps = float(truth.get("fps", getattr(params, "fps", 20.0)))
-    um = float(truth.get("um_per_px", getattr(params, "um_per_px", 1.2)))
-    cfg = load_config().with_overrides(um_per_px=um, fps=fps)
-    n = int(round(seconds * fps))
-    stage = AnalysisStage(cfg, segmenter=default_segmenter(segmenter_name), fps=fps,
-                          keyframe_delay=int(round(keyframe_delay_s * fps)))
-    for i in range(n):
-        img = scope.frame(i)
-        stage.process(Frame(FrameMeta(i, i / fps, fps, img.shape), img))
-        stage.step_background()
-    true_shift = np.array([scope.shift(i) for i in range(n)], float)
-    rep = stage.finish(f"synthetic:seed={seed}", true_shifts=true_shift - true_shift[0])
+    rep, truth = run_synthetic(seed, seconds, sim, segmenter_name, keyframe_delay_s)
     caps, unmatched = [], 0
     matched = match_truth(truth["capillaries"], rep.capillaries)
     for tc, best in zip(truth["capillaries"], matched):
