@@ -344,7 +344,8 @@ def print_summary(summ: dict) -> None:
     print(f"  speed within 10 %          {summ['speed_within_10pct']}/{summ['loops_scored']} loops "
           f"(median |error| {_fmt(summ['speed_err_pct_median_abs'], '.1f')} %)")
     for w in summ["speed_worst"]:
-        print(f"    {w['source']} loop {w['truth_id']}: {w['truth_um_s']} → {w['got_um_s']} µm/s ({_fmt(w['err_pct'])} %)")
+        print(f"    {w['source']} loop {w['truth_id']}: {_fmt(w['truth_um_s'], '.0f')} → {_fmt(w['got_um_s'], '.0f')} µm/s "
+              f"({_fmt(w['err_pct'])} %)")
     print(f"  WBC per clip within 10 %   {summ['wbc_clips_within_10pct']}/{summ['wbc_clips']} clips; "
           f"without loops flagged unreliable {summ['wbc_clips_within_10pct_reliable']}/{summ['wbc_clips']} "
           f"({summ['loops_count_unreliable']} loops flagged)")
