@@ -916,7 +916,7 @@ def bridge_junctions(centerline: np.ndarray, width: float, near_px: float = 2.0,
 
 def extend_filled_apex(centerline: np.ndarray, apex_index: int, width: float, mask: np.ndarray,
                        bbox: tuple[int, int, int, int], min_excess: float = 0.75,
-                       max_excess: float = 2.0) -> tuple[np.ndarray, int] | None:
+                       max_excess: float = 2.0, cap_only: bool = True) -> tuple[np.ndarray, int] | None:
     """A centerline whose apex reaches the top of a filled apex cap, or None.
 
     In:  ``centerline`` (N, 2) px (x, y), image coordinates, ``apex_index``, ``width`` the
@@ -952,7 +952,7 @@ def extend_filled_apex(centerline: np.ndarray, apex_index: int, width: float, ma
     excess = (cy - top) - r
     if excess <= max(2.0, min_excess * float(width)) or excess > max_excess * float(width):
         return None
-    if not _narrows_upwards(mask[top:cy + 1], cx, max(2.0, 0.2 * float(width))):
+    if cap_only and not _narrows_upwards(mask[top:cy + 1], cx, max(2.0, 0.2 * float(width))):
         return None
     k = int(round(2.0 * excess + float(width)))
     a, b = ai - k, ai + k
