@@ -36,21 +36,11 @@ from types import SimpleNamespace
 import numpy as np
 
 from nailfold.config import load_config
-from nailfold.errors import InputError
 from stream.capillaries import extract_capillaries
+from stream.evaluation import seed_range
 from stream.morphology import measure_capillary, summarize_image
 
 log = logging.getLogger(__name__)
-
-
-def _seeds(spec: str) -> list[int]:
-    try:
-        a, b = (int(x) for x in str(spec).split(":"))
-    except ValueError:
-        raise InputError(f"--seeds must be A:B, got {spec!r}") from None
-    if not (0 <= a < b <= 1000):
-        raise InputError("--seeds must lie in the held-out range 0:1000")
-    return list(range(a, b))
 
 
 def _binary(pred: list[bool], true: list[bool]) -> dict:
@@ -119,7 +109,7 @@ def evaluate_morphology_metrics(args) -> dict:
                                   "json": None, **args})
     from models import data_synthetic as DS
     from stream.synthetic import render_still
-    seeds = _seeds(getattr(args, "seeds", None) or "0:20")
+    seeds = seed_range(getattr(args, "seeds", None) or "0:20")
     cfg = load_config(getattr(args, "config", None))
     ranges, min_clear = cfg.morphology.normal_ranges, cfg.morphology.min_clear_capillaries
     seg_name = getattr(args, "segmenter", "classical") or "classical"

@@ -31,6 +31,7 @@ import torch
 from models import data_synthetic as DS
 from models import metrics as M
 from nailfold.errors import InputError
+from stream.evaluation import seed_range
 
 log = logging.getLogger(__name__)
 
@@ -60,16 +61,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--report", default=None, help="stage: score this video report (with --truth) instead of running clips")
     p.add_argument("--truth", default=None, help="stage: the simulator truth JSON for --report")
     p.add_argument("--tol-s", type=float, default=0.3, help="stage: a counted WBC within this many s of a true cell is that cell")
-
-
-def _seed_range(spec: str) -> list[int]:
-    try:
-        a, b = (int(x) for x in spec.split(":"))
-    except ValueError:
-        raise InputError(f"--seeds must be A:B, got {spec!r}") from None
-    if not (0 <= a < b <= 1000):
-        raise InputError("--seeds must lie in the held-out range 0:1000")
-    return list(range(a, b))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -145,7 +136,7 @@ def eval_seg(args) -> dict:
     if args.image:
         return _seg_one(seg, args)
     rows = []
-    for s in _seed_range(args.seeds):
+    for s in seed_range(args.seeds):
         img, _, lab = _render(s)
         t = time.perf_counter()
         pred = seg.segment(img)
@@ -183,7 +174,7 @@ def eval_keypoints(args) -> dict:
     seg = get_segmenter("unet", args.backend, getattr(args, "seg_weights", None)) if args.centers == "seg" else None
     n_true, n_apex, n_found = 0, 0, 0
     perr, werr, side_ok, ms = [], {k: [] for k in PAIRS}, [], []
-    for s in _seed_range(args.seeds):
+    for s in seed_range(args.seeds):
         img, truth, _ = _render(s)
         caps = [c for c in truth["capillaries"] if c["row"] == "distal" and c.get("in_view", True)
                 and "up" in c.get("keypoints", {})
@@ -236,7 +227,7 @@ def eval_classifier(args) -> dict:
     clf = Classifier(args.backend, args.weights)
     idx = {c: i for i, c in enumerate(CLASS_NAMES)}
     y, crops = [], []
-    for s in _seed_range(args.seeds):
+    for s in seed_range(args.seeds):
         img, truth, _ = _render(s, DS.BALANCED_MIX)
         for c in truth["capillaries"]:
             if not c.get("in_view", True):

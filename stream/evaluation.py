@@ -365,14 +365,16 @@ def _read_json(path: str, what: str) -> dict:
         raise InputError(f"cannot read the {what} {path}: {e}") from None
 
 
-def stage_seeds(spec: str) -> list[int]:
-    """``A:B`` → seeds A..B−1 (0 ≤ A < B ≤ 10000; the models train on seeds ≥ 10000)."""
+def seed_range(spec: str, upper: int = 1000, why: str = "the held-out range") -> list[int]:
+    """``A:B`` → synthetic seeds A..B−1, which must lie in ``0:upper`` (``why`` says why, in the
+    error). The models are never trained on seeds < 1000 and the stage takes any seed < 10000
+    (the models train on seeds ≥ 10000)."""
     try:
-        a, b = (int(x) for x in spec.split(":"))
+        a, b = (int(x) for x in str(spec).split(":"))
     except ValueError:
         raise InputError(f"--seeds must be A:B, got {spec!r}") from None
-    if not (0 <= a < b <= 10000):
-        raise InputError("stage --seeds must lie in 0:10000 (seeds ≥ 10000 train the models)")
+    if not (0 <= a < b <= upper):
+        raise InputError(f"--seeds must lie in {why}: 0:{upper}")
     return list(range(a, b))
 
 
@@ -397,7 +399,7 @@ def evaluate_stage(args: argparse.Namespace) -> int:
             raise InputError(f"--sim must be a JSON object: {e}") from None
         if sim is not None and not isinstance(sim, dict):
             raise InputError("--sim must be a JSON object of SimParams fields")
-        seeds = stage_seeds(args.seeds or "1201:1207")
+        seeds = seed_range(args.seeds or "1201:1207", 10000, "the stage's range (seeds ≥ 10000 train the models)")
         if args.seconds <= 0:
             raise InputError("--seconds must be > 0")
         jobs = max(1, min(int(args.jobs), len(seeds)))
