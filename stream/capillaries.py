@@ -853,6 +853,28 @@ def _hermite(p0: np.ndarray, t0: np.ndarray, p1: np.ndarray, t1: np.ndarray, m: 
             + (-2 * s ** 3 + 3 * s ** 2) * p1 + (s ** 3 - s ** 2) * t1)
 
 
+def bridge_section(centerline: np.ndarray, a: int, b: int) -> tuple[np.ndarray, int] | None:
+    """The centerline with its points ``a+1 .. b−1`` replaced by a cubic Hermite curve from point
+    ``a`` to point ``b`` leaving and arriving along the path's own directions (chord-length
+    tangents), about 1.5 points per px of chord.
+
+    In:  ``centerline`` (N, 2) px, ``3 ≤ a < b ≤ N − 4``.
+    Out: ``(centerline (M, 2) float64, index of the curve's middle point)``, or None when the
+         indices leave no room for the tangents or the path has no direction there."""
+    p = np.asarray(centerline, np.float64)
+    n = len(p)
+    if not (3 <= a < b <= n - 4):
+        return None
+    ta, tb = p[a] - p[a - 3], p[b + 3] - p[b]
+    chord = float(np.linalg.norm(p[b] - p[a]))
+    na, nb = float(np.linalg.norm(ta)), float(np.linalg.norm(tb))
+    if chord <= 0 or na <= 0 or nb <= 0:
+        return None
+    m = max(4, int(round(1.5 * chord)))
+    curve = _hermite(p[a], ta / na * chord, p[b], tb / nb * chord, m)
+    return np.concatenate([p[:a], curve, p[b + 1:]]), a + m // 2
+
+
 def bridge_junctions(centerline: np.ndarray, width: float, near_px: float = 2.0, part: float = 1.0,
                      margin: float = 1.0, min_loop_px: float = 24.0, max_span: float = 8.0) -> tuple[np.ndarray, list[tuple[int, int]]]:
     """Smooth each pass of a centerline through a junction it passes twice.

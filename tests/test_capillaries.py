@@ -625,3 +625,17 @@ def test_limbs_of_a_loop_whose_apex_the_mask_missed_are_one_loop():
     img[150:240, 352:368] = img[150:240, 340:356]
     lab[150:240, 352:368] = 0
     assert not any(c.extra.get("joined_apex") for c in extract_capillaries(lab, img))
+
+
+def test_bridge_section_replaces_a_detour_by_a_curve_along_the_path():
+    from stream.capillaries import bridge_section
+    x = np.arange(0.0, 100.0)
+    line = np.stack([x, np.zeros_like(x)], 1)
+    bump = np.stack([np.full(30, 50.0), np.arange(1.0, 31.0)], 1)       # a 30-px excursion and back at x = 50
+    path = np.concatenate([line[:50], bump, bump[::-1], line[50:]])
+    a, b = 45, len(path) - 46                                              # x = 45 before, x = 54 after it
+    out, mid = bridge_section(path, a, b)
+    seg = np.hypot(*np.diff(out, axis=0).T)
+    assert abs(seg.sum() - 99.0) < 1.0                                     # the detour is gone
+    assert np.abs(out[:, 1]).max() < 1e-9 and 45 <= out[mid, 0] <= 54     # straight through, middle in the gap
+    assert bridge_section(path, 1, b) is None and bridge_section(path, a, len(path) - 2) is None

@@ -728,12 +728,12 @@ def test_a_loop_with_a_haemorrhage_on_its_apex_is_traced_along_the_loop():
         assert tr.cap.length_px < 1.1 * true_len
 
 
-def _first_keyframe_track(seed: int, apex: tuple[float, float], frames: int = 45):
-    """The stage's track nearest ``apex`` after its first keyframe on synthetic ``seed``, and
-    the truth loop there."""
+def _first_keyframe_track(seed: int, apex: tuple[float, float], frames: int = 45, **sim):
+    """The stage's track nearest ``apex`` after its first keyframe on synthetic ``seed`` (with
+    ``sim``: SimParams overrides), the truth loop there and its true length (px)."""
     from stream.stage import default_segmenter
     from stream.synthetic import SimParams, SyntheticScope
-    p = SimParams(seed=seed, duration_s=60.0)
+    p = SimParams(seed=seed, duration_s=60.0, **sim)
     scope = SyntheticScope(p)
     tc = min(scope.truth()["capillaries"], key=lambda c: math.dist(c["apex_px"], apex))
     cfg = load_config().with_overrides(um_per_px=p.um_per_px, fps=p.fps)
@@ -769,6 +769,18 @@ def test_a_twisted_loops_filled_top_lobe_is_traced_and_kept():
     assert cap.extra.get("apex_extended") and "static_ring_px" not in cap.extra
     assert abs(cap.length_px - true_len) < 0.05 * true_len, (cap.length_px, true_len)
     assert math.dist(cap.apex, tc["apex_px"]) < 5
+
+
+def test_a_static_stretch_over_the_apex_is_bridged():
+    """Seed 1501 at 1.0 µm/px (a variant since stop 35): the skeleton runs up through a
+    haemorrhage over a crossing loop's apex and over its top, 29 px above the true apex (544 px
+    for 476; the loop read +21 %). The texture does not change along that stretch: it is
+    replaced by a curve between its ends."""
+    cap, tc, true_len = _first_keyframe_track(1501, (597.6, 122.2), um_per_px=1.0)
+    assert tc.get("haemorrhage")
+    assert cap.extra.get("static_apex_px", 0) > 40
+    assert abs(cap.length_px - true_len) < 0.05 * true_len, (cap.length_px, true_len)
+    assert math.dist(cap.apex, tc["apex_px"]) < 10
 
 
 def test_the_report_lists_loops_seen_twice_or_with_a_flow_verdict():
