@@ -853,6 +853,20 @@ def _hermite(p0: np.ndarray, t0: np.ndarray, p1: np.ndarray, t1: np.ndarray, m: 
             + (-2 * s ** 3 + 3 * s ** 2) * p1 + (s ** 3 - s ** 2) * t1)
 
 
+def _path_hermite(p: np.ndarray, a: int, b: int, m: int | None = None) -> np.ndarray | None:
+    """``m`` points (default ≈ 1.5 per px of chord, ≥ 4) of the cubic Hermite curve from ``p[a]``
+    to ``p[b]`` (``p`` (N, 2) float64, ``3 ≤ a < b ≤ N − 4``) leaving and arriving along the
+    path's own directions there (over 3 points; chord-length tangents); None when the path has no
+    direction there or the ends coincide."""
+    ta, tb = p[a] - p[a - 3], p[b + 3] - p[b]
+    chord = float(np.linalg.norm(p[b] - p[a]))
+    na, nb = float(np.linalg.norm(ta)), float(np.linalg.norm(tb))
+    if chord <= 0 or na <= 0 or nb <= 0:
+        return None
+    m = max(4, int(round(1.5 * chord))) if m is None else m
+    return _hermite(p[a], ta / na * chord, p[b], tb / nb * chord, m)
+
+
 def bridge_section(centerline: np.ndarray, a: int, b: int) -> tuple[np.ndarray, int] | None:
     """The centerline with its points ``a+1 .. b−1`` replaced by a cubic Hermite curve from point
     ``a`` to point ``b`` leaving and arriving along the path's own directions (chord-length
@@ -862,17 +876,12 @@ def bridge_section(centerline: np.ndarray, a: int, b: int) -> tuple[np.ndarray, 
     Out: ``(centerline (M, 2) float64, index of the curve's middle point)``, or None when the
          indices leave no room for the tangents or the path has no direction there."""
     p = np.asarray(centerline, np.float64)
-    n = len(p)
-    if not (3 <= a < b <= n - 4):
+    if not (3 <= a < b <= len(p) - 4):
         return None
-    ta, tb = p[a] - p[a - 3], p[b + 3] - p[b]
-    chord = float(np.linalg.norm(p[b] - p[a]))
-    na, nb = float(np.linalg.norm(ta)), float(np.linalg.norm(tb))
-    if chord <= 0 or na <= 0 or nb <= 0:
+    curve = _path_hermite(p, a, b)
+    if curve is None:
         return None
-    m = max(4, int(round(1.5 * chord)))
-    curve = _hermite(p[a], ta / na * chord, p[b], tb / nb * chord, m)
-    return np.concatenate([p[:a], curve, p[b + 1:]]), a + m // 2
+    return np.concatenate([p[:a], curve, p[b + 1:]]), a + len(curve) // 2
 
 
 def bridge_junctions(centerline: np.ndarray, width: float, near_px: float = 2.0, part: float = 1.0,
@@ -926,12 +935,10 @@ def bridge_junctions(centerline: np.ndarray, width: float, near_px: float = 2.0,
             continue
         if any(a <= b0 and a0 <= b for a0, b0 in spans):
             continue
-        ta, tb = p[a] - p[a - 3], p[b + 3] - p[b]
-        chord = float(np.linalg.norm(p[b] - p[a]))
-        na, nb = float(np.linalg.norm(ta)), float(np.linalg.norm(tb))
-        if chord <= 0 or na <= 0 or nb <= 0:
+        curve = _path_hermite(p, a, b, b - a + 1)
+        if curve is None:
             continue
-        out[a:b + 1] = _hermite(p[a], ta / na * chord, p[b], tb / nb * chord, b - a + 1)
+        out[a:b + 1] = curve
         spans.append((a, b))
     return out, sorted(spans)
 

@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from nailfold.errors import InputError
+from stream.report import wbc_count_unreliable
 
 log = logging.getLogger(__name__)
 
@@ -199,7 +200,6 @@ def score_clip(report: Any, truth: dict, seconds: float | None = None,
     their apex outside [0, seconds) are not expected. A truth loop is *in band* when it is in view
     and its true speed lies in ``band`` (µm/s); stopped loops and out-of-band ones are listed but
     not scored."""
-    from stream.report import wbc_count_unreliable
     secs = float(seconds if seconds is not None else _get(report, "duration_s", 0.0))
     um = _get(report, "um_per_px")
     if um is None:

@@ -316,11 +316,18 @@ def _v_max(c: Capillary) -> float:
     return max(8.0, len(c.centerline) / 3.0)
 
 
+def _texture(c: Capillary, frames: list) -> tuple[np.ndarray, float]:
+    """``c``'s destriped kymograph over ``frames`` (:func:`_history_kymograph`) and how
+    consistently the texture moves along it (:func:`_coherence`)."""
+    kymo = _history_kymograph(c, frames)
+    return kymo, flow.xcorr_speed(kymo, _v_max(c)).confidence
+
+
 def _coherence(c: Capillary, frames: list) -> float:
     """How consistently the texture moves along ``c``'s centerline over ``frames`` (the stage's
     recent (frame no, gray, dx, dy, angle) history): peak row correlation of the destriped kymograph
     (:func:`stream.flow.xcorr_speed`), 0..1."""
-    return flow.xcorr_speed(_history_kymograph(c, frames), _v_max(c)).confidence
+    return _texture(c, frames)[1]
 
 
 def _column_quality(c: Capillary, frames: list) -> float:
@@ -448,7 +455,7 @@ def _apex_extended(c: Capillary, frames: list, turn_shape: tuple[int, int] | Non
     return alt
 
 
-def _without_static_ring(c: Capillary, frames: list) -> Capillary:
+def _without_static_ring(c: Capillary, frames: list, texture: tuple[np.ndarray, float] | None = None) -> Capillary:
     """``c`` without a ring its trace goes round at the apex when the blood does not move along it.
 
     A haemorrhage or a blob against the apex, segmented with the loop, can leave a ring in the
@@ -464,7 +471,8 @@ def _without_static_ring(c: Capillary, frames: list) -> Capillary:
     the flowing sections (a twisted or crossing loop's top lobe) ≥ 0.37 × as coherent (a short
     section of a fast bushy loop, seed 1716: the texture moves most of the section's length per
     frame) and ≥ 0.64 × the change. The neck below the ring, which the path passes up and
-    down, goes too: the apex moves to where the two passes part."""
+    down, goes too: the apex moves to where the two passes part. ``texture``: ``c``'s
+    :func:`_texture` if already computed."""
     n, ai = len(c.centerline), int(c.apex_index)
     if len(frames) < 8 or n < 16:
         return c
@@ -473,8 +481,7 @@ def _without_static_ring(c: Capillary, frames: list) -> Capillary:
         return c
     i1, j1 = min(rings, key=lambda s: s[1] - s[0])
     vmax = _v_max(c)
-    kymo = _history_kymograph(c, frames)
-    full = flow.xcorr_speed(kymo, vmax).confidence
+    kymo, full = texture or _texture(c, frames)
     if full < RING_MIN_COHERENCE:
         return c
     w = np.asarray(c.width_px, np.float32)
@@ -506,7 +513,7 @@ def _without_static_ring(c: Capillary, frames: list) -> Capillary:
     return alt
 
 
-def _static_apex_bridged(c: Capillary, frames: list) -> Capillary:
+def _static_apex_bridged(c: Capillary, frames: list, texture: tuple[np.ndarray, float] | None = None) -> Capillary:
     """``c`` with a static stretch of its trace at the apex replaced by a curve between its ends.
 
     A haemorrhage or a blob over the apex, segmented with the loop, can carry the skeleton up
@@ -518,13 +525,13 @@ def _static_apex_bridged(c: Capillary, frames: list) -> Capillary:
     vessel widths and at most ``RING_MAX_FRAC`` of the trace is bridged
     (:func:`stream.capillaries.bridge_section`); the bridge is kept if the texture moves at least
     as coherently along the new path (:func:`_coherence`). Loops whose texture moves less
-    coherently than ``RING_MIN_COHERENCE`` are left alone."""
+    coherently than ``RING_MIN_COHERENCE`` are left alone. ``texture``: ``c``'s :func:`_texture`
+    if already computed."""
     from scipy.ndimage import median_filter
     n, ai = len(c.centerline), int(c.apex_index)
     if len(frames) < 8 or n < 16:
         return c
-    kymo = _history_kymograph(c, frames)
-    full = flow.xcorr_speed(kymo, _v_max(c)).confidence
+    kymo, full = texture or _texture(c, frames)
     if full < RING_MIN_COHERENCE:
         return c
     sd = median_filter(kymo.std(axis=0), size=5, mode="nearest")
@@ -553,14 +560,25 @@ def _static_apex_bridged(c: Capillary, frames: list) -> Capillary:
     return alt
 
 
+def _without_static_apex(c: Capillary, frames: list) -> Capillary:
+    """``c`` without a static ring at its apex (:func:`_without_static_ring`), then with a static
+    stretch over its apex bridged (:func:`_static_apex_bridged`); ``c``'s kymograph is sampled
+    once for both."""
+    if len(frames) < 8 or len(c.centerline) < 16:
+        return c
+    texture = _texture(c, frames)
+    cut = _without_static_ring(c, frames, texture)
+    return _static_apex_bridged(cut, frames, texture if cut is c else None)
+
+
 def _routed(c: Capillary, frames: list, turn_shape: tuple[int, int] | None = None) -> Capillary:
     """``c`` without a static ring at its apex, a static stretch over its apex bridged, routed
     through its crossings, its junction passes smoothed and its apex taken up a filled cap, each
     kept only where the texture moves along it at least as coherently over the recent ``frames``
     (:func:`_without_static_ring`, :func:`_static_apex_bridged`, :func:`_through_crossings`,
     :func:`_bridged`, :func:`_apex_extended`, which takes ``turn_shape``)."""
-    return _apex_extended(_bridged(_through_crossings(_static_apex_bridged(_without_static_ring(c, frames), frames),
-                                                      frames), frames), frames, turn_shape)
+    return _apex_extended(_bridged(_through_crossings(_without_static_apex(c, frames), frames), frames),
+                          frames, turn_shape)
 
 
 def _hops(tr: _Track) -> int:

@@ -15,7 +15,7 @@ import pytest
 from nailfold.config import load_config
 from stream.capillary import CLEAR
 from stream.frames import Frame, FrameMeta
-from stream.evaluation import match_truth, run_synthetic
+from stream.evaluation import run_synthetic, score_clip
 from stream.stage import AnalysisStage
 
 
@@ -334,20 +334,16 @@ def evaluate_synthetic(seed: int, seconds: float, segmenter_name: str = "classic
 
     Returns {"residual": {...}, "caps": [(truth_speed_um_s, measured_um_s, truth_wbc, measured_wbc)],
     "unmatched": n}. Truth capillaries are matched to reported ones by centerline overlap
-    (:func:`match_truth`)."""
+    (:func:`stream.evaluation.score_clip`)."""
     rep, truth = run_synthetic(seed, seconds, sim, segmenter_name, keyframe_delay_s)
-    caps, unmatched = [], 0
-    matched = match_truth(truth["capillaries"], rep.capillaries)
-    for tc, best in zip(truth["capillaries"], matched):
-        if best is None:
-            unmatched += 1
-            continue
-        apex = np.asarray(tc["apex_px"], float)
-        t_wbc = [e for e in tc.get("wbc_events", []) if 0 <= e["t_apex_s"] < seconds]
-        caps.append((tc.get("flow_speed_um_s"), best.flow_speed_um_s, len(t_wbc), best.wbc_count))
-        if verbose:
-            print(f"seed {seed} cap@{apex.round(0)}: speed truth {tc.get('flow_speed_um_s')} got "
-                  f"{best.flow_speed_um_s} (xcorr {best.speed_xcorr_um_s}); wbc truth {len(t_wbc)} got {best.wbc_count}")
+    score = score_clip(rep, truth, seconds, seed=seed)
+    caps = [(lp.truth_speed_um_s, lp.speed_um_s, lp.truth_wbc, lp.wbc) for lp in score.loops if lp.matched]
+    unmatched = sum(not lp.matched for lp in score.loops)
+    if verbose:
+        for lp in score.loops:
+            if lp.matched:
+                print(f"seed {seed} truth loop {lp.truth_id}: speed truth {lp.truth_speed_um_s} got {lp.speed_um_s}; "
+                      f"wbc truth {lp.truth_wbc} got {lp.wbc}")
     return {"residual": rep.stabilization["residual_px"], "caps": caps, "unmatched": unmatched, "report": rep}
 
 
