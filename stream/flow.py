@@ -87,6 +87,14 @@ class XcorrSpeed:
 
 
 XCORR_LAGS = (1, 2, 3, 4, 6, 8, 12, 16)   # frames between correlated rows (xcorr_speed)
+TRACK_MIN_Z = 2.0   # speed_track: a sub-window's correlation peak must stand this many robust SDs above
+#                     the rest of its search range. A plasma gap passing through the sub-window and the
+#                     broad correlation of blurred texture widen that spread, so at 3.0 the sub-windows
+#                     around a passing cell failed together and the track was held flat over them,
+#                     across the turn of the heartbeat: paths 30-70 px off the blood, the cell smeared
+#                     out of the material profile (synthetic seed 1202: 14 of its 130 cells had paths
+#                     ≥ 16 px off, 9 of them lost; at 2.0, 2 and 0). The running-median outlier test
+#                     and the correlation floor still reject wrong peaks
 
 
 class RowSpectra:
@@ -226,7 +234,8 @@ def local_xcorr_speeds(k: np.ndarray, starts: list[int], length: int, v_min: flo
 
 def speed_track(k: np.ndarray, v0: float, v_max: float, step: int = 1, band: float = 1.6,
                 outlier: float = 0.6, max_len: int = 8,
-                spectra: RowSpectra | None = None, sparse_share: float = 0.5) -> np.ndarray:
+                spectra: RowSpectra | None = None, sparse_share: float = 0.5,
+                min_z: float | None = None) -> np.ndarray:
     """Per-row speed (px/frame, signed like ``v0``) through a destriped, normalized kymograph
     window ``k`` (T, N): :func:`local_xcorr_track` on sub-windows of half a transit time, 6 to
     ``max_len`` frames (short enough to follow a heartbeat at 20 fps), every ``step`` rows, searched within ``[|v0|/band, band·|v0|]``; estimates more
@@ -235,7 +244,8 @@ def speed_track(k: np.ndarray, v0: float, v_max: float, step: int = 1, band: flo
     linearly over the rows. Fewer than two estimates → ``v0`` everywhere; so is slow flow (transit
     ≥ half the window) where fewer than ``sparse_share`` of the sub-windows gave one. Follows
     pulsatile flow within the cardiac cycle, which a single straight line cannot. ``spectra``:
-    :class:`RowSpectra` of ``k`` (saves the FFTs)."""
+    :class:`RowSpectra` of ``k`` (saves the FFTs). ``min_z``: the sub-windows' peak significance
+    (:func:`local_xcorr_track`; default :data:`TRACK_MIN_Z`)."""
     t, n = k.shape
     av = abs(float(v0))
     if not math.isfinite(av) or av <= 0:
@@ -245,7 +255,7 @@ def speed_track(k: np.ndarray, v0: float, v_max: float, step: int = 1, band: flo
         return np.full(t, float(v0))
     starts = list(range(0, t - length + 1, max(1, step)))
     track = local_xcorr_track(k, starts, length, av / band, min(av * band, v_max), math.copysign(1.0, v0),
-                              min_z=3.0, min_rho=0.15, spectra=spectra)
+                              min_z=TRACK_MIN_Z if min_z is None else float(min_z), min_rho=0.15, spectra=spectra)
     if len(track) < 2:
         return np.full(t, float(v0))
     rows = np.array([c for c, _ in track])
