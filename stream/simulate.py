@@ -13,6 +13,7 @@ written as a folder of PNG frames ``<stem>_frames/000000.png …`` instead (a wa
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import time
@@ -29,23 +30,25 @@ log = logging.getLogger(__name__)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The options; their defaults are :class:`SimParams`' own (one place to change them)."""
+    d = {f.name: f.default for f in dataclasses.fields(SimParams)}
     p.add_argument("--out", required=True, help="output video (.mkv) or, with --still, image (.png/.jpg)")
     p.add_argument("--truth", required=True, help="ground-truth JSON")
     p.add_argument("--masks", default=None, help="folder for the label mask PNG")
     p.add_argument("--seconds", type=float, default=10.0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--um-per-px", type=float, default=1.2)
-    p.add_argument("--fps", type=float, default=20.0)
+    p.add_argument("--seed", type=int, default=d["seed"])
+    p.add_argument("--um-per-px", type=float, default=d["um_per_px"])
+    p.add_argument("--fps", type=float, default=d["fps"])
     p.add_argument("--loops", type=int, default=None, help="distal-row loops (default: 5–12 per mm)")
-    p.add_argument("--jitter", type=float, default=3.0, help="tremor amplitude (px)")
-    p.add_argument("--noise", type=float, default=4.0, help="sensor noise sigma (grey levels)")
-    p.add_argument("--speed-range", type=float, nargs=2, default=(100.0, 1500.0), metavar=("LO", "HI"))
-    p.add_argument("--wbc-rate", type=float, default=12.0, help="WBC events per capillary per minute")
-    p.add_argument("--wbc-depth", type=float, nargs=2, default=(0.85, 0.85), metavar=("LO", "HI"),
+    p.add_argument("--jitter", type=float, default=d["jitter_px"], help="tremor amplitude (px)")
+    p.add_argument("--noise", type=float, default=d["noise_sigma"], help="sensor noise sigma (grey levels)")
+    p.add_argument("--speed-range", type=float, nargs=2, default=d["speed_range_um_s"], metavar=("LO", "HI"))
+    p.add_argument("--wbc-rate", type=float, default=d["wbc_rate_per_min"], help="WBC events per capillary per minute")
+    p.add_argument("--wbc-depth", type=float, nargs=2, default=d["wbc_depth"], metavar=("LO", "HI"),
                    help="plasma-gap depth per WBC (share of the red-cell absorbance removed), drawn in [LO, HI]")
-    p.add_argument("--wbc-sigma-um", type=float, nargs=2, default=(6.0, 6.0), metavar=("LO", "HI"),
+    p.add_argument("--wbc-sigma-um", type=float, nargs=2, default=d["wbc_sigma_um"], metavar=("LO", "HI"),
                    help="plasma-gap size per WBC (Gaussian σ along the vessel, µm), drawn in [LO, HI]")
-    p.add_argument("--rbc-texture", type=float, nargs=2, default=(0.22, 0.22), metavar=("LO", "HI"),
+    p.add_argument("--rbc-texture", type=float, nargs=2, default=d["rbc_texture"], metavar=("LO", "HI"),
                    help="red-cell density SD per loop, drawn in [LO, HI]")
     p.add_argument("--still", action="store_true", help="one still image (morphology mode)")
     p.add_argument("--gray", action="store_true", help="gray frames")

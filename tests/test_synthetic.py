@@ -285,3 +285,19 @@ def test_gap_depth_size_and_texture_can_vary():
     assert not np.array_equal(fixed.frame(7), varied.frame(7))
     with pytest.raises(ValueError):
         SimParams(wbc_depth=(0.9, 0.5))
+
+
+def test_simulate_cli_defaults_are_the_simulators():
+    """`nailfold simulate` without options renders the scope `nailfold evaluate stage` scores
+    (SimParams' defaults): the CLI takes its defaults from SimParams."""
+    import argparse
+
+    from stream.simulate import add_arguments
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    a = p.parse_args(["--out", "x.mkv", "--truth", "t.json"])
+    d = SimParams()
+    assert (a.um_per_px, a.fps, a.jitter, a.noise, a.wbc_rate) == (d.um_per_px, d.fps, d.jitter_px, d.noise_sigma,
+                                                                   d.wbc_rate_per_min)
+    assert tuple(a.speed_range) == d.speed_range_um_s and tuple(a.wbc_depth) == d.wbc_depth
+    assert tuple(a.wbc_sigma_um) == d.wbc_sigma_um and tuple(a.rbc_texture) == d.rbc_texture
