@@ -235,7 +235,7 @@ def local_xcorr_speeds(k: np.ndarray, starts: list[int], length: int, v_min: flo
 def speed_track(k: np.ndarray, v0: float, v_max: float, step: int = 1, band: float = 1.6,
                 outlier: float = 0.6, max_len: int = 8,
                 spectra: RowSpectra | None = None, sparse_share: float = 0.5,
-                min_z: float | None = None) -> np.ndarray:
+                min_z: float = TRACK_MIN_Z) -> np.ndarray:
     """Per-row speed (px/frame, signed like ``v0``) through a destriped, normalized kymograph
     window ``k`` (T, N): :func:`local_xcorr_track` on sub-windows of half a transit time, 6 to
     ``max_len`` frames (short enough to follow a heartbeat at 20 fps), every ``step`` rows, searched within ``[|v0|/band, band·|v0|]``; estimates more
@@ -245,7 +245,7 @@ def speed_track(k: np.ndarray, v0: float, v_max: float, step: int = 1, band: flo
     ≥ half the window) where fewer than ``sparse_share`` of the sub-windows gave one. Follows
     pulsatile flow within the cardiac cycle, which a single straight line cannot. ``spectra``:
     :class:`RowSpectra` of ``k`` (saves the FFTs). ``min_z``: the sub-windows' peak significance
-    (:func:`local_xcorr_track`; default :data:`TRACK_MIN_Z`)."""
+    (:func:`local_xcorr_track`)."""
     t, n = k.shape
     av = abs(float(v0))
     if not math.isfinite(av) or av <= 0:
@@ -255,7 +255,7 @@ def speed_track(k: np.ndarray, v0: float, v_max: float, step: int = 1, band: flo
         return np.full(t, float(v0))
     starts = list(range(0, t - length + 1, max(1, step)))
     track = local_xcorr_track(k, starts, length, av / band, min(av * band, v_max), math.copysign(1.0, v0),
-                              min_z=TRACK_MIN_Z if min_z is None else float(min_z), min_rho=0.15, spectra=spectra)
+                              min_z=min_z, min_rho=0.15, spectra=spectra)
     if len(track) < 2:
         return np.full(t, float(v0))
     rows = np.array([c for c, _ in track])
