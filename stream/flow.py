@@ -278,11 +278,12 @@ def _running_median5(vals: np.ndarray) -> np.ndarray:
     return kernels.running_median5(np.ascontiguousarray(vals, np.float64))
 
 
-def _material_span(X: np.ndarray, m0: float, nb: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+def _material_span(X: np.ndarray, m0: float, nb: int, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """For every 1-px material bin ``b`` (coordinate ``m0 + b``) of a kymograph with ``n``
     columns and per-row displacement ``X``: how many rows see it inside the kymograph
-    (``0 ≤ m + X(t) ≤ n − 1``) and the distance it covers there (largest − smallest ``X(t)``
-    among those rows; 0 if none). O((T + nb) log T) with the rows sorted by displacement
+    (``0 ≤ m + X(t) ≤ n − 1``), the distance it covers there (largest − smallest ``X(t)``
+    among those rows; 0 if none) and half the frame steps that straddle the kymograph's ends
+    (the distance it travelled inside is ``cover + gap`` ± ``gap``). O((T + nb) log T) with the rows sorted by displacement
     (compiled: :func:`stream.kernels.material_span`)."""
     return kernels.material_span(np.ascontiguousarray(X, np.float64), float(m0), int(nb), int(n))
 
@@ -295,7 +296,7 @@ def _profile_from_x(ke: np.ndarray, X: np.ndarray, with_rows: bool = True) -> tu
     prof = np.where(c > 1e-6, s / np.maximum(c, 1e-6), 0.0)
     if not with_rows:
         return m0, prof, None
-    rows, _ = _material_span(X, m0, c.size, ke.shape[1])
+    rows, _, _ = _material_span(X, m0, c.size, ke.shape[1])
     rows[c <= 1e-6] = 0.0          # no sample landed in this bin (bin finer than the sampling)
     return m0, prof, rows
 
@@ -466,8 +467,11 @@ def material_events(ke: np.ndarray, sd: float, anchor: float, d: np.ndarray, thr
     # complete paths only: the material crossed ≥ min_fill of the kymograph's length inside the
     # window, or stayed in it for ≥ min_fill of the window (slow flow). A fixed share of the
     # longest path would drop cells that pass in the fast phase of a pulsating flow.
-    _, cover = _material_span(X, m0, prof.size, n)
-    full = (rows >= min_rows) & ((cover >= min_fill * (n - 1)) | (rows >= min_fill * t))
+    # (fast flow: the distance a path covers between its first and last frame inside falls short
+    # of what the material travelled by up to two frame steps, which depend on when the frames
+    # were taken; the midpoint estimate cover + gap is compared)
+    _, cover, gap = _material_span(X, m0, prof.size, n)
+    full = (rows >= min_rows) & ((cover + gap >= min_fill * (n - 1)) | (rows >= min_fill * t))
     stat = np.where(full, prof / max(sd, 1e-9), -np.inf)
     sep = max(1, int(round(min_sep_px)))
     if ref_tests_per_frame > 0:

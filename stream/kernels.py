@@ -526,14 +526,23 @@ def running_median5(v: np.ndarray) -> np.ndarray:
 @numba.njit(cache=True, nogil=True)
 def material_span(X: np.ndarray, m0: float, nb: int, n: int):
     """For every 1-px material bin ``b`` (coordinate ``m0 + b``) of a kymograph with ``n``
-    columns and per-row displacement ``X`` (float64): ``(rows, cover)`` — how many rows see it
+    columns and per-row displacement ``X`` (float64): ``(rows, cover, gap)`` — how many rows see it
     inside the kymograph (``0 ≤ m + X(t) ≤ n − 1``) and the distance it covers there (largest −
     smallest ``X(t)`` among those rows; 0 if none). Rows sorted by displacement; the two ends of
-    each bin's row range move monotonically with the bin (:func:`stream.flow._material_span`)."""
+    each bin's row range move monotonically with the bin (:func:`stream.flow._material_span`).
+
+    Also ``gap`` (px): half the sum of the two displacement steps that straddle the kymograph's
+    ends — from the last row that saw the material before it entered (``m + X < 0``) to the
+    first that saw it inside, and likewise at the exit — 0 at an end the window's rows do not
+    reach past. The material travelled ``cover`` … ``cover + 2·gap`` inside the kymograph;
+    ``cover + gap`` is the midpoint (fast flow moves tens of px between frames, so ``cover``
+    alone falls short of the length by up to two frame steps depending on when the frames
+    happened to be taken)."""
     xs = np.sort(X)
     k = xs.shape[0]
     rows = np.zeros(nb)
     cover = np.zeros(nb)
+    gap = np.zeros(nb)
     # lo = #{xs < −mb}, hi = #{xs ≤ n − 1 − mb}: both only decrease as b grows, so two pointers
     # walk down from their values at b = 0 (np.searchsorted's left / right conventions)
     lo = np.searchsorted(xs, -m0, side="left")
@@ -548,7 +557,13 @@ def material_span(X: np.ndarray, m0: float, nb: int, n: int):
         if r > 0:
             rows[b] = r
             cover[b] = xs[min(max(hi - 1, 0), k - 1)] - xs[min(max(lo, 0), k - 1)]
-    return rows, cover
+            g = 0.0
+            if lo > 0:
+                g += xs[lo] - xs[lo - 1]
+            if hi < k:
+                g += xs[hi] - xs[hi - 1]
+            gap[b] = 0.5 * g
+    return rows, cover, gap
 
 
 def warm_up() -> None:

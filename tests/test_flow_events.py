@@ -540,3 +540,30 @@ def test_speed_track_keeps_following_the_heartbeat_while_a_cell_passes():
     # the track itself: flat at the old setting over ≥ 8 rows around the cell, not now
     r = int(rel)
     assert np.ptp(old[r - 4:r + 5]) < 1.0 < np.ptp(new[r - 4:r + 5])
+
+
+def test_fast_cells_seen_in_a_few_frames_count_whatever_the_frame_timing():
+    """At 60 px/frame a cell is inside a 250-px kymograph for 4 frames and the distance between
+    its first and last sighting (180 px) falls short of the 0.75 × length a complete path needs,
+    depending on where the frames happened to catch it: the steps straddling the two ends are
+    counted half (cover + gap), so every cell counts, and a cell-free window still has none."""
+    gaps = (20.3, 30.6, 40.3, 60.1)     # first sightings 47, 29, 47, 59 px: four frames each
+    n_px = 250
+    k, v, anchor = _pulsatile_kymo(v_mean=60.0, amp=0.0, n_px=n_px, n_frames=80, gaps=gaps, seed=5)
+    kn = _prepare(k)
+    ke = gaussian_filter1d(kn, 3.0, axis=1, mode="nearest")
+    sd = radon.robust_sd(ke[::2, ::2].ravel())
+    X, m0, prof, rows = flow.material_profile(ke, v, refine=0)
+    _, cover, gap = flow._material_span(X, m0, prof.size, n_px)
+    t = np.arange(len(v), dtype=np.float64)
+    for tg in gaps:
+        b = int(round(anchor - np.interp(tg, t, X) - m0))
+        assert rows[b] == 4 and cover[b] < 0.75 * (n_px - 1) <= cover[b] + gap[b]
+    evs = flow.material_events(ke, sd, anchor, v, threshold=3.5, min_sep_px=8.0, profile=(X, m0, prof, rows))
+    times = sorted(e.t_frame for e in evs)
+    assert len(times) == len(gaps), times
+    assert max(abs(a - b) for a, b in zip(times, gaps)) < 0.5
+    k0, v0, _ = _pulsatile_kymo(v_mean=60.0, amp=0.0, n_px=n_px, n_frames=80, gaps=(), seed=5)
+    ke0 = gaussian_filter1d(_prepare(k0), 3.0, axis=1, mode="nearest")
+    assert flow.material_events(ke0, radon.robust_sd(ke0[::2, ::2].ravel()), anchor, v0, threshold=3.5,
+                                min_sep_px=8.0) == []

@@ -98,13 +98,18 @@ def test_material_span_equals_its_definition(seed):
     X = np.concatenate([np.cumsum(rng.uniform(-1.0, 4.0, 40)), [3.0, 3.0, 3.0]])
     m0 = -X.max() - 7.5
     nb = int(X.max() - X.min()) + n + 20
-    rows, cover = kernels.material_span(X, m0, nb, n)
+    rows, cover, gap = kernels.material_span(X, m0, nb, n)
     xs = np.sort(X)
     for b in range(nb):
         mb = m0 + b
         lo, hi = np.searchsorted(xs, -mb, "left"), np.searchsorted(xs, (n - 1) - mb, "right")
         assert rows[b] == max(0, hi - lo)
         assert cover[b] == (xs[hi - 1] - xs[lo] if hi > lo else 0.0)
+        # half the steps straddling the two ends (none at an end no row reaches past)
+        g = 0.0
+        if hi > lo:
+            g = 0.5 * ((xs[lo] - xs[lo - 1] if lo > 0 else 0.0) + (xs[hi] - xs[hi - 1] if hi < xs.size else 0.0))
+        assert gap[b] == pytest.approx(g, abs=1e-12)
 
 
 def test_row_line_scores_keep_the_best_intercept_per_bin():
@@ -222,7 +227,7 @@ def test_material_span_equals_numpy():
     X = np.cumsum(rng.uniform(0.5, 3.0, 60))
     n, m0 = 90, -float(np.ceil(X.max()))
     nb = int(n - m0) + 2
-    rows, cover = kernels.material_span(X, m0, nb, n)
+    rows, cover, gap = kernels.material_span(X, m0, nb, n)
     xs = np.sort(X)
     for b in range(nb):
         seen = xs[(m0 + b + xs >= 0) & (m0 + b + xs <= n - 1)]
