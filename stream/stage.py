@@ -292,6 +292,12 @@ RING_STATIC_RATIO = 0.5     # ... and cut where its texture moves less than this
 RING_MIN_COHERENCE = 0.3    # (only judged on loops whose texture moves at least this coherently)
 RING_NECK_PX = 3.0          # the path's two passes up and down the neck below such a ring lie this close
 CROSSING_MAX_PLACES = 4     # crossing / touching places tried (every subset of them: ≤ 15 paths)
+BRIDGE_MAX_QUALITY_LOSS = 0.05  # smoothed junction passes are kept only if the blood column registers
+#                             at most this much worse along them (flow.column_quality). Stop 41, 8-s
+#                             clips of 1701-1720, 801, 1501-1505: 40 smoothed traces, the quality
+#                             changed by −0.02 … +0.45; 401 at 1.5 µm/px, a loop whose limbs
+#                             twist round each other three times (279 px): the passes cut 285 → 244 px,
+#                             coherence 0.82 → 0.82 but quality 0.83 → 0.69, speed −15.3 %
 
 
 def _median_width(c: Capillary) -> float:
@@ -414,16 +420,27 @@ def _bridged(c: Capillary, frames: list) -> Capillary:
     """``c`` with each pass through a junction it passes twice smoothed
     (:func:`stream.capillaries.bridge_junctions`: fused limbs, a bud between them, a crossing),
     resampled at 1 px, if the texture moves at least as coherently along the new path over the
-    recent ``frames`` (:func:`_coherence`); else ``c``."""
+    recent ``frames`` (:func:`stream.flow.xcorr_speed`'s confidence, as :func:`_coherence`) and its
+    blood column registers nearly as well (:func:`stream.flow.column_quality`, at most
+    ``BRIDGE_MAX_QUALITY_LOSS`` lower); else ``c``."""
     cl, spans = bridge_junctions(c.centerline, _median_width(c))
     if not spans or len(frames) < 8:
         return c
     alt = _unit_spacing(dataclasses.replace(c, centerline=cl.astype(np.float32)))
-    base, sc = _coherence(c, frames), _coherence(alt, frames)
+    kc, ka = _history_kymograph(c, frames), _history_kymograph(alt, frames)
+    base = flow.xcorr_speed(kc, _v_max(c)).confidence
+    sc = flow.xcorr_speed(ka, _v_max(alt)).confidence
     if sc < base:
         return c
-    log.debug("capillary %s: %d junction pass(es) smoothed, %.0f → %.0f px (coherence %.2f → %.2f)",
-              c.id, len(spans), c.length_px, alt.length_px, base, sc)
+    qb, qa = flow.column_quality(kc, _v_max(c)), flow.column_quality(ka, _v_max(alt))
+    if qa < qb - BRIDGE_MAX_QUALITY_LOSS:
+        # the smoothed passes cut corners the blood goes round (limbs twisted round each other:
+        # at each crossing the path jumps ahead of the blood, and the column no longer registers)
+        log.debug("capillary %s: junction passes kept, %.0f → %.0f px would lose column quality %.2f → %.2f",
+                  c.id, c.length_px, alt.length_px, qb, qa)
+        return c
+    log.debug("capillary %s: %d junction pass(es) smoothed, %.0f → %.0f px (coherence %.2f → %.2f, "
+              "column quality %.2f → %.2f)", c.id, len(spans), c.length_px, alt.length_px, base, sc, qb, qa)
     alt.extra = dict(alt.extra, bridged_junctions=len(spans))
     return alt
 
