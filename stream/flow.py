@@ -283,8 +283,8 @@ def _material_span(X: np.ndarray, m0: float, nb: int, n: int) -> tuple[np.ndarra
     columns and per-row displacement ``X``: how many rows see it inside the kymograph
     (``0 ≤ m + X(t) ≤ n − 1``), the distance it covers there (largest − smallest ``X(t)``
     among those rows; 0 if none) and half the frame steps that straddle the kymograph's ends
-    (the distance it travelled inside is ``cover + gap`` ± ``gap``). O((T + nb) log T) with the rows sorted by displacement
-    (compiled: :func:`stream.kernels.material_span`)."""
+    (the distance it travelled inside is ``cover + gap`` ± ``gap``). O((T + nb) log T) with the
+    rows sorted by displacement (compiled: :func:`stream.kernels.material_span`)."""
     return kernels.material_span(np.ascontiguousarray(X, np.float64), float(m0), int(nb), int(n))
 
 
@@ -454,7 +454,9 @@ def material_events(ke: np.ndarray, sd: float, anchor: float, d: np.ndarray, thr
     (:func:`material_profile`) an event is a local maximum ≥ ``threshold`` (mean brightness along
     the object's own, possibly curved, path in units of ``sd``), at least ``min_sep_px`` from a
     stronger one, whose path inside the window covers ≥ ``min_fill`` of the kymograph's length
-    or ≥ ``min_fill`` of the window's frames (slow flow), and ≥ ``min_rows`` frames. With
+    (the distance between its first and last sighting plus half the frame steps that straddle
+    the kymograph's ends: :func:`_material_span`'s ``cover + gap``) or ≥ ``min_fill`` of the
+    window's frames (slow flow), and ≥ ``min_rows`` frames. With
     ``ref_tests_per_frame`` > 0 the threshold follows the number of independent stretches of blood
     the window tested (complete bins / ``min_sep_px``, per frame): :func:`tests_threshold`.
     Its time is when that material crosses ``anchor`` (fractional row), its speed ``d`` there,
