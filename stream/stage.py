@@ -367,9 +367,7 @@ def _better_trace(c: Capillary, alt: Capillary, frames: list) -> Capillary:
     """``alt`` (the lumen trace, after the same routing as ``c``) if the texture moves along it
     more coherently over the recent ``frames`` (by ``CROSSING_MIN_GAIN``) and its blood column
     registers at least as well (:func:`_column_quality`); else ``c``."""
-    kc, ka = _history_kymograph(c, frames), _history_kymograph(alt, frames)
-    base = flow.xcorr_speed(kc, _v_max(c)).confidence
-    sc = flow.xcorr_speed(ka, _v_max(alt)).confidence
+    (kc, base), (ka, sc) = _texture(c, frames), _texture(alt, frames)
     if sc < base + CROSSING_MIN_GAIN:
         return c
     qb, qa = flow.column_quality(kc, _v_max(c)), flow.column_quality(ka, _v_max(alt))
@@ -420,16 +418,13 @@ def _bridged(c: Capillary, frames: list) -> Capillary:
     """``c`` with each pass through a junction it passes twice smoothed
     (:func:`stream.capillaries.bridge_junctions`: fused limbs, a bud between them, a crossing),
     resampled at 1 px, if the texture moves at least as coherently along the new path over the
-    recent ``frames`` (:func:`stream.flow.xcorr_speed`'s confidence, as :func:`_coherence`) and its
-    blood column registers nearly as well (:func:`stream.flow.column_quality`, at most
-    ``BRIDGE_MAX_QUALITY_LOSS`` lower); else ``c``."""
+    recent ``frames`` (:func:`_texture`) and its blood column registers nearly as well
+    (:func:`stream.flow.column_quality`, at most ``BRIDGE_MAX_QUALITY_LOSS`` lower); else ``c``."""
     cl, spans = bridge_junctions(c.centerline, _median_width(c))
     if not spans or len(frames) < 8:
         return c
     alt = _unit_spacing(dataclasses.replace(c, centerline=cl.astype(np.float32)))
-    kc, ka = _history_kymograph(c, frames), _history_kymograph(alt, frames)
-    base = flow.xcorr_speed(kc, _v_max(c)).confidence
-    sc = flow.xcorr_speed(ka, _v_max(alt)).confidence
+    (kc, base), (ka, sc) = _texture(c, frames), _texture(alt, frames)
     if sc < base:
         return c
     qb, qa = flow.column_quality(kc, _v_max(c)), flow.column_quality(ka, _v_max(alt))

@@ -227,7 +227,7 @@ def test_material_span_equals_numpy():
     X = np.cumsum(rng.uniform(0.5, 3.0, 60))
     n, m0 = 90, -float(np.ceil(X.max()))
     nb = int(n - m0) + 2
-    rows, cover, gap = kernels.material_span(X, m0, nb, n)
+    rows, cover, _ = kernels.material_span(X, m0, nb, n)
     xs = np.sort(X)
     for b in range(nb):
         seen = xs[(m0 + b + xs >= 0) & (m0 + b + xs <= n - 1)]
