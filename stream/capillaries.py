@@ -884,11 +884,18 @@ def bridge_section(centerline: np.ndarray, a: int, b: int) -> tuple[np.ndarray, 
     return np.concatenate([p[:a], curve, p[b + 1:]]), a + len(curve) // 2
 
 
-def bridge_junctions(centerline: np.ndarray, width: float, near_px: float = 2.0, part: float = 1.0,
-                     margin: float = 1.0, min_loop_px: float = 24.0, max_span: float = 8.0) -> tuple[np.ndarray, list[tuple[int, int]]]:
+BRIDGE_EXTENTS = ((1.0, 1.0), (1.0, 0.5), (0.75, 0.5), (0.75, 0.0))
+"""(part, margin) of :func:`bridge_junctions`' bridges, in widths, widest first."""
+
+
+def bridge_junctions(centerline: np.ndarray, width: float, near_px: float = 2.0,
+                     extents: tuple[tuple[float, float], ...] = BRIDGE_EXTENTS, mask: np.ndarray | None = None,
+                     bbox: tuple[int, int, int, int] | None = None, min_depth: float = 0.7,
+                     min_loop_px: float = 24.0, max_span: float = 8.0) -> tuple[np.ndarray, list[tuple[int, int]]]:
     """Smooth each pass of a centerline through a junction it passes twice.
 
-    In:  ``centerline`` (N, 2) px, 1-px spaced; ``width`` the vessel's (median) width, px.
+    In:  ``centerline`` (N, 2) px (x, y), 1-px spaced; ``width`` the vessel's (median) width, px;
+         optionally the instance ``mask`` (bool, bbox-sized) and its ``bbox`` (x0, y0, x1, y1).
     Out: ``(centerline (N, 2) float64, [(a, b), …])`` — the points ``a..b`` of each pass replaced
          by a cubic Hermite curve from ``a`` to ``b`` with the path's own directions there
          (chord-length tangents); no pass: the input and ``[]``.
@@ -898,9 +905,23 @@ def bridge_junctions(centerline: np.ndarray, width: float, near_px: float = 2.0,
     ``near_px``, ≥ ``min_loop_px`` apart along the path): both passes bend into the middle of the
     fused region and out again, where the vessels run straight past each other. Each pass is
     bridged from ``margin`` widths (along the path) before it comes within ``part`` widths of
-    the other pass to ``margin`` widths after it parts from it (a bridge longer than
-    ``max_span`` widths, or one reaching an end of the path, is not made). Measured on a
-    bushy synthetic loop (seed 801): the trace 365 px, the vessel 340 px, its speed +15 %."""
+    the other pass to ``margin`` widths after it parts from it, for the first ``(part, margin)``
+    of ``extents`` whose bridge runs inside the vessel: every point at least ``min_depth`` times
+    as deep in the mask (distance to its edge) as the median point of the trace, which runs along
+    the mask's middle. Without a mask the first extent is taken; with one, a pass no bridge
+    stays inside is left as it is. A bridge longer than ``max_span`` widths, or one reaching an
+    end of the path, is not made.
+
+    The widest bridge takes a trace bent into a fused region back onto straight limbs (a bushy
+    synthetic loop, seed 801: the trace 365 px, the vessel 340 px, its speed +15 %). Where the
+    limbs of a tortuous loop really bend towards each other and touch, the trace follows them
+    and any bridge cuts their corners, across the background for the widest. On the traces of
+    8-s synthetic clips with a junction passed twice (seeds 1701–1720, 1801–1830, 801,
+    1501–1505; 149 traces), the length error against the true vessel was, on average: +1.6 %
+    unbridged (tortuous loops +1.3 %, crossing loops +1.8 %), −4.3 % with the widest bridge
+    everywhere (tortuous −9.2 %, seed 1715 −9.8 % and its speed −10.4 %; crossing +0.1 %), and
+    −0.8 % with bridges kept inside the vessel (tortuous −1.8 %, crossing +0.2 %; mean |error|
+    2.9 → 4.9 → 1.6 %)."""
     from scipy.spatial import cKDTree
     p = np.asarray(centerline, np.float64)
     n = len(p)
@@ -916,31 +937,61 @@ def bridge_junctions(centerline: np.ndarray, width: float, near_px: float = 2.0,
         return p, []
     idx = np.unique(pairs.ravel())
     runs = np.split(idx, np.flatnonzero(np.diff(idx) > 3) + 1)
-    radius = part * w
+    depth = _depth_along(mask, bbox) if mask is not None and bbox is not None else None
+    deep = min_depth * _median_depth(mask, bbox, p) if depth is not None else 0.0
 
-    def clear(k: int) -> bool:      # no point of another pass within `radius`
+    def clear(k: int, radius: float) -> bool:      # no point of another pass within `radius`
         js = np.asarray(tree.query_ball_point(p[k], radius), np.int64)
         return not np.any(np.abs(js - k) >= min_loop_px)
 
     out, spans = p.copy(), []
     for r in runs:
-        a, b = int(r[0]), int(r[-1])
-        while a > 0 and not clear(a):
-            a -= 1
-        while b < n - 1 and not clear(b):
-            b += 1
-        # where the passes part the trace is still bent towards the junction: one more width
-        a, b = a - int(round(margin * w)), b + int(round(margin * w))
-        if a < 3 or b > n - 4 or b - a < 3 or b - a > max_span * w:
+        chosen = None
+        for part, margin in extents:
+            a, b = int(r[0]), int(r[-1])
+            while a > 0 and not clear(a, part * w):
+                a -= 1
+            while b < n - 1 and not clear(b, part * w):
+                b += 1
+            # where the passes part the trace is still bent towards the junction: `margin` more
+            a, b = a - int(round(margin * w)), b + int(round(margin * w))
+            if a < 3 or b > n - 4 or b - a < 3 or b - a > max_span * w:
+                continue
+            if any(a <= b0 and a0 <= b for a0, b0 in spans):
+                continue
+            curve = _path_hermite(p, a, b, b - a + 1)
+            if curve is None:
+                continue
+            if depth is None or depth(curve) >= deep:
+                chosen = (a, b, curve)
+                break
+        if chosen is None:
             continue
-        if any(a <= b0 and a0 <= b for a0, b0 in spans):
-            continue
-        curve = _path_hermite(p, a, b, b - a + 1)
-        if curve is None:
-            continue
+        a, b, curve = chosen
         out[a:b + 1] = curve
         spans.append((a, b))
     return out, sorted(spans)
+
+
+def _depth_along(mask: np.ndarray, bbox: tuple[int, int, int, int], reduce=np.min):
+    """A function of points (M, 2) px (x, y), image coordinates → ``reduce`` (default the least)
+    of their distances (px) to the nearest pixel outside ``mask`` (bool, bbox-sized; outside the
+    bbox counts as 0)."""
+    dt = cv2.distanceTransform(np.pad(np.asarray(mask, np.uint8), 1), cv2.DIST_L2, 5)[1:-1, 1:-1]
+    x0, y0 = int(bbox[0]), int(bbox[1])
+
+    def depth(q: np.ndarray) -> float:
+        x = np.round(q[:, 0] - x0).astype(np.int64)
+        y = np.round(q[:, 1] - y0).astype(np.int64)
+        ok = (x >= 0) & (y >= 0) & (x < dt.shape[1]) & (y < dt.shape[0])
+        return float(reduce(np.where(ok, dt[np.clip(y, 0, dt.shape[0] - 1), np.clip(x, 0, dt.shape[1] - 1)], 0.0)))
+    return depth
+
+
+def _median_depth(mask: np.ndarray, bbox: tuple[int, int, int, int], centerline: np.ndarray) -> float:
+    """The median distance (px) from the points of ``centerline`` (N, 2) px to the edge of ``mask``
+    (bool, bbox-sized): about half the vessel's width where the centerline is the mask's skeleton."""
+    return _depth_along(mask, bbox, np.median)(centerline)
 
 
 def extend_filled_apex(centerline: np.ndarray, apex_index: int, width: float, mask: np.ndarray,

@@ -420,7 +420,7 @@ def _bridged(c: Capillary, frames: list) -> Capillary:
     resampled at 1 px, if the texture moves at least as coherently along the new path over the
     recent ``frames`` (:func:`_texture`) and its blood column registers nearly as well
     (:func:`stream.flow.column_quality`, at most ``BRIDGE_MAX_QUALITY_LOSS`` lower); else ``c``."""
-    cl, spans = bridge_junctions(c.centerline, _median_width(c))
+    cl, spans = bridge_junctions(c.centerline, _median_width(c), mask=c.mask, bbox=c.bbox)
     if not spans or len(frames) < 8:
         return c
     alt = _unit_spacing(dataclasses.replace(c, centerline=cl.astype(np.float32)))

@@ -401,6 +401,42 @@ def test_a_trace_passing_twice_through_a_junction_is_smoothed_onto_the_limbs():
     assert none == [] and np.array_equal(same, straight)
 
 
+def _tube(path: np.ndarray, width: int, shape: tuple[int, int], blob=None) -> np.ndarray:
+    """A mask (bool ``shape``) of ``path`` (N, 2) px drawn ``width`` px thick, plus the filled
+    rectangle ``blob`` ((x0, y0), (x1, y1)) if given."""
+    import cv2
+    m = np.zeros(shape, np.uint8)
+    cv2.polylines(m, [np.round(path).astype(np.int32).reshape(-1, 1, 2)], False, 1, width)
+    if blob is not None:
+        cv2.rectangle(m, *blob, 1, -1)
+    return m.astype(bool)
+
+
+def test_a_bridge_through_a_junction_stays_inside_the_vessel():
+    """With the loop's mask: where the limbs run straight and a blob between them fuses them, the
+    trace's passes are bridged back onto the limbs as without a mask; where the limbs really bend
+    towards each other and touch (a tortuous loop), the widest bridge would cut their corners
+    across the background, and no bridge that stays inside the vessel exists: the trace, which
+    follows the vessel, is left as it is."""
+    from scipy.spatial import cKDTree
+
+    from stream.capillaries import bridge_junctions
+    length = lambda p: float(np.sqrt((np.diff(p, axis=0) ** 2).sum(1)).sum())  # noqa: E731
+    kinked, straight = _hairpin_through_a_junction(True)
+    bbox = (0, 0, 200, 320)
+    fused = _tube(straight, 8, (320, 200), blob=((90, 194), (110, 206)))
+    out, spans = bridge_junctions(kinked, 8.0, mask=fused, bbox=bbox)
+    assert len(spans) == 2
+    assert abs(length(out) - length(straight)) < 0.02 * length(straight)
+    assert float(cKDTree(straight).query(out)[0].max()) < 1.5
+    touching = _tube(kinked, 8, (320, 200))                # the vessel is where the trace runs
+    widest, _ = bridge_junctions(kinked, 8.0)                                # no mask: the widest
+    assert length(widest) < length(kinked) - 10                           # corners cut: −12 px
+    assert float(cKDTree(kinked).query(widest)[0].max()) > 6.0
+    out, spans = bridge_junctions(kinked, 8.0, mask=touching, bbox=bbox)
+    assert spans == [] and np.array_equal(out, kinked)
+
+
 def _square_trace(x_l: int, x_r: int) -> tuple[np.ndarray, int]:
     """A loop's trace (float64 (N, 2), apex index): up a limb at ``x_l`` from y = 179, across at
     y = 40, down a limb at ``x_r`` to y = 179."""
