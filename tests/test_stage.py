@@ -767,17 +767,27 @@ def test_a_twisted_loops_filled_top_lobe_is_traced_and_kept():
     assert math.dist(cap.apex, tc["apex_px"]) < 5
 
 
-def test_limbs_twisted_round_each_other_keep_their_passes_through_the_crossings():
+def test_limbs_twisted_round_each_other_keep_their_passes_through_the_crossings(monkeypatch):
     """Seed 401 at 1.5 µm/px (stop 41): a loop whose limbs twist round each other three times
-    (279 px). Routed through its crossings the trace is right (285 px), but smoothing its passes
-    through the junctions cut the corners the blood goes round (244 px, speed −15.3 %) at the same
-    texture coherence; along the cut path the blood column no longer registers (column quality
-    0.83 → 0.69), so the passes are kept."""
+    (279 px). Routed through its crossings the trace is right (285 px). Smoothing its passes
+    through the junctions with the widest bridges (stop 41's) cut the corners the blood goes round
+    (244 px, speed −15.3 %) at the same texture coherence; along the cut path the blood column no
+    longer registers (column quality 0.83 → 0.69), so those passes are kept. Bridges that stay
+    inside the vessel (stop 42) keep the trace within 5 % either way."""
+    import functools
+
+    import stream.stage as stage_module
+    from stream.capillaries import bridge_junctions
     cap, tc, true_len = _first_keyframe_track(401, (27.1, 107.2), um_per_px=1.5)
-    assert tc["class"] == "tortuous"
-    assert cap.extra.get("rerouted_crossing") and "bridged_junctions" not in cap.extra
+    assert tc["class"] == "tortuous" and cap.extra.get("rerouted_crossing")
     assert abs(cap.length_px - true_len) < 0.05 * true_len, (cap.length_px, true_len)
     assert math.dist(cap.apex, tc["apex_px"]) < 5
+    # the guard: the widest bridges everywhere, as before stop 42, are refused
+    widest = functools.partial(bridge_junctions, extents=((1.0, 1.0),))
+    monkeypatch.setattr(stage_module, "bridge_junctions", lambda cl, w, **_: widest(cl, w))
+    cap, tc, true_len = _first_keyframe_track(401, (27.1, 107.2), um_per_px=1.5)
+    assert cap.extra.get("rerouted_crossing") and "bridged_junctions" not in cap.extra
+    assert abs(cap.length_px - true_len) < 0.05 * true_len, (cap.length_px, true_len)
 
 
 def test_a_static_stretch_over_the_apex_is_bridged():
