@@ -909,8 +909,8 @@ def bridge_junctions(centerline: np.ndarray, width: float, near_px: float = 2.0,
     of ``extents`` whose bridge runs inside the vessel: every point at least ``min_depth`` times
     as deep in the mask (distance to its edge) as the median point of the trace, which runs along
     the mask's middle. Without a mask the first extent that can be made is taken; with one, a
-    pass no bridge stays inside is left as it is. A bridge longer than ``max_span`` widths, or one reaching an
-    end of the path, is not made.
+    pass no bridge stays inside is left as it is. A bridge longer than ``max_span`` widths, or
+    one reaching an end of the path, is not made.
 
     The widest bridge takes a trace bent into a fused region back onto straight limbs (a bushy
     synthetic loop, seed 801: the trace 365 px, the vessel 340 px, its speed +15 %). Where the
