@@ -937,8 +937,8 @@ def bridge_junctions(centerline: np.ndarray, width: float, near_px: float = 2.0,
         return p, []
     idx = np.unique(pairs.ravel())
     runs = np.split(idx, np.flatnonzero(np.diff(idx) > 3) + 1)
-    depth = _depth_along(mask, bbox) if mask is not None and bbox is not None else None
-    deep = min_depth * _median_depth(mask, bbox, p) if depth is not None else 0.0
+    depth = _depths_at(mask, bbox) if mask is not None and bbox is not None else None
+    deep = min_depth * float(np.median(depth(p))) if depth is not None else 0.0
 
     def clear(k: int, radius: float) -> bool:      # no point of another pass within `radius`
         js = np.asarray(tree.query_ball_point(p[k], radius), np.int64)
@@ -962,7 +962,7 @@ def bridge_junctions(centerline: np.ndarray, width: float, near_px: float = 2.0,
             curve = _path_hermite(p, a, b, b - a + 1)
             if curve is None:
                 continue
-            if depth is None or depth(curve) >= deep:
+            if depth is None or float(depth(curve).min()) >= deep:
                 chosen = (a, b, curve)
                 break
         if chosen is None:
@@ -973,25 +973,19 @@ def bridge_junctions(centerline: np.ndarray, width: float, near_px: float = 2.0,
     return out, sorted(spans)
 
 
-def _depth_along(mask: np.ndarray, bbox: tuple[int, int, int, int], reduce=np.min):
-    """A function of points (M, 2) px (x, y), image coordinates → ``reduce`` (default the least)
-    of their distances (px) to the nearest pixel outside ``mask`` (bool, bbox-sized; outside the
-    bbox counts as 0)."""
+def _depths_at(mask: np.ndarray, bbox: tuple[int, int, int, int]):
+    """A function of points (M, 2) px (x, y), image coordinates → their distances (M,) px to the
+    nearest pixel outside ``mask`` (bool, bbox-sized; a point outside the bbox is at 0). The
+    distance transform is computed once, here."""
     dt = cv2.distanceTransform(np.pad(np.asarray(mask, np.uint8), 1), cv2.DIST_L2, 5)[1:-1, 1:-1]
     x0, y0 = int(bbox[0]), int(bbox[1])
 
-    def depth(q: np.ndarray) -> float:
+    def depths(q: np.ndarray) -> np.ndarray:
         x = np.round(q[:, 0] - x0).astype(np.int64)
         y = np.round(q[:, 1] - y0).astype(np.int64)
         ok = (x >= 0) & (y >= 0) & (x < dt.shape[1]) & (y < dt.shape[0])
-        return float(reduce(np.where(ok, dt[np.clip(y, 0, dt.shape[0] - 1), np.clip(x, 0, dt.shape[1] - 1)], 0.0)))
-    return depth
-
-
-def _median_depth(mask: np.ndarray, bbox: tuple[int, int, int, int], centerline: np.ndarray) -> float:
-    """The median distance (px) from the points of ``centerline`` (N, 2) px to the edge of ``mask``
-    (bool, bbox-sized): about half the vessel's width where the centerline is the mask's skeleton."""
-    return _depth_along(mask, bbox, np.median)(centerline)
+        return np.where(ok, dt[np.clip(y, 0, dt.shape[0] - 1), np.clip(x, 0, dt.shape[1] - 1)], 0.0)
+    return depths
 
 
 def extend_filled_apex(centerline: np.ndarray, apex_index: int, width: float, mask: np.ndarray,
