@@ -363,14 +363,25 @@ def _lumen_alternative(c: Capillary, mean: np.ndarray) -> Capillary | None:
         c, centerline=cl, width_px=_widths_at(c, cl), apex_index=ai, apex=(float(cl[ai, 0]), float(cl[ai, 1]))), mean))
 
 
+def _trace_scores(c: Capillary, alt: Capillary, frames: list,
+                  min_gain: float) -> tuple[float, float, float, float] | None:
+    """``(coherence of c, of alt, column quality of c, of alt)`` over the recent ``frames``
+    (:func:`_texture`, :func:`stream.flow.column_quality` on the same kymographs), or None when
+    ``alt``'s coherence is below ``c``'s + ``min_gain`` (the qualities are then not computed)."""
+    (kc, base), (ka, sc) = _texture(c, frames), _texture(alt, frames)
+    if sc < base + min_gain:
+        return None
+    return base, sc, flow.column_quality(kc, _v_max(c)), flow.column_quality(ka, _v_max(alt))
+
+
 def _better_trace(c: Capillary, alt: Capillary, frames: list) -> Capillary:
     """``alt`` (the lumen trace, after the same routing as ``c``) if the texture moves along it
     more coherently over the recent ``frames`` (by ``CROSSING_MIN_GAIN``) and its blood column
-    registers at least as well (:func:`_column_quality`); else ``c``."""
-    (kc, base), (ka, sc) = _texture(c, frames), _texture(alt, frames)
-    if sc < base + CROSSING_MIN_GAIN:
+    registers at least as well (:func:`_trace_scores`); else ``c``."""
+    scores = _trace_scores(c, alt, frames, CROSSING_MIN_GAIN)
+    if scores is None:
         return c
-    qb, qa = flow.column_quality(kc, _v_max(c)), flow.column_quality(ka, _v_max(alt))
+    base, sc, qb, qa = scores
     log.debug("capillary %s: lumen trace %.0f → %.0f px, coherence %.2f → %.2f, column quality %.2f → %.2f",
               c.id, c.length_px, alt.length_px, base, sc, qb, qa)
     if qa < qb:
@@ -418,16 +429,16 @@ def _bridged(c: Capillary, frames: list) -> Capillary:
     """``c`` with each pass through a junction it passes twice smoothed
     (:func:`stream.capillaries.bridge_junctions`: fused limbs, a bud between them, a crossing),
     resampled at 1 px, if the texture moves at least as coherently along the new path over the
-    recent ``frames`` (:func:`_texture`) and its blood column registers nearly as well
-    (:func:`stream.flow.column_quality`, at most ``BRIDGE_MAX_QUALITY_LOSS`` lower); else ``c``."""
+    recent ``frames`` and its blood column registers nearly as well (:func:`_trace_scores`: the
+    column quality at most ``BRIDGE_MAX_QUALITY_LOSS`` lower); else ``c``."""
     cl, spans = bridge_junctions(c.centerline, _median_width(c), mask=c.mask, bbox=c.bbox)
     if not spans or len(frames) < 8:
         return c
     alt = _unit_spacing(dataclasses.replace(c, centerline=cl.astype(np.float32)))
-    (kc, base), (ka, sc) = _texture(c, frames), _texture(alt, frames)
-    if sc < base:
+    scores = _trace_scores(c, alt, frames, 0.0)
+    if scores is None:
         return c
-    qb, qa = flow.column_quality(kc, _v_max(c)), flow.column_quality(ka, _v_max(alt))
+    base, sc, qb, qa = scores
     if qa < qb - BRIDGE_MAX_QUALITY_LOSS:
         # the smoothed passes cut corners the blood goes round (limbs twisted round each other:
         # at each crossing the path jumps ahead of the blood, and the column no longer registers)
