@@ -2,7 +2,7 @@
 
 ``nailfold simulate --out video.mkv --truth truth.json [--masks DIR] [--seconds S] [--seed K]
 [--um-per-px X] [--fps F] [--still] [--gray] [--jitter PX] [--noise SIGMA] [--loops N]
-[--wbc-depth LO HI] [--wbc-sigma-um LO HI] [--rbc-texture LO HI]``
+[--wbc-depth LO HI] [--wbc-sigma-um LO HI] [--rbc-texture LO HI] [--exposure F]``
 
 Out: a lossless FFV1/MKV video (or, with ``--still``, a PNG/JPEG image named by ``--out``), the truth
 JSON (schema ``nailfold.sim-truth/1``, docs/simulator.md) and, with ``--masks``, the frame-0 label
@@ -50,6 +50,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="plasma-gap size per WBC (Gaussian σ along the vessel, µm), drawn in [LO, HI]")
     p.add_argument("--rbc-texture", type=float, nargs=2, default=d["rbc_texture"], metavar=("LO", "HI"),
                    help="red-cell density SD per loop, drawn in [LO, HI]")
+    p.add_argument("--exposure", type=float, default=d["exposure"],
+                   help="camera exposure as a fraction of the frame interval, 0..1: the tremor blurs "
+                        "each frame along its path (default 0: no motion blur)")
     p.add_argument("--still", action="store_true", help="one still image (morphology mode)")
     p.add_argument("--gray", action="store_true", help="gray frames")
 
@@ -60,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
                            n_loops=args.loops, jitter_px=args.jitter, noise_sigma=args.noise,
                            speed_range_um_s=tuple(args.speed_range), wbc_rate_per_min=args.wbc_rate,
                            wbc_depth=tuple(args.wbc_depth), wbc_sigma_um=tuple(args.wbc_sigma_um),
-                           rbc_texture=tuple(args.rbc_texture), color=not args.gray)
+                           rbc_texture=tuple(args.rbc_texture), exposure=args.exposure, color=not args.gray)
     except ValueError as e:
         raise InputError(str(e)) from None
     if args.seconds <= 0:

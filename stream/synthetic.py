@@ -23,7 +23,8 @@ Physics, simplified but honest:
 - Camera: tremor (two sinusoids 3–8 Hz, ``jitter_px``) + slow bounded drift, applied as a
   sub-pixel translation of a larger static canvas; optionally a rotational tremor of the finger
   about the frame centre (``rotation_deg``, 0.4–1.2 Hz; ``angle(i)``, off by default); sensor
-  noise from a seeded bank; optional optical blur, focus-loss bursts.
+  noise from a seeded bank; optional optical blur, focus-loss bursts, and motion blur of the
+  camera's motion over an exposure (``exposure``, a fraction of the frame interval; off by default).
 
 Everything is a deterministic function of ``(seed, frame index)``: random access is allowed and
 ``frame(i)`` for i beyond ``n_frames`` continues the simulation (endless live demo). Static parts
@@ -69,6 +70,9 @@ class SimParams:
     rotation_deg: float = 0.0          # amplitude of a rotational tremor about the frame centre (0 = none)
     noise_sigma: float = 4.0
     blur_sigma: float = 0.0
+    exposure: float = 0.0              # camera exposure as a fraction of the frame interval (0..1): the
+    #                                    tremor moves the image during it, smearing the frame along
+    #                                    its path (0 = instantaneous, no motion blur)
     background_rows: bool = True
     haemorrhage_prob: float = 0.1
     color: bool = True
@@ -93,6 +97,8 @@ class SimParams:
                                   ("rbc_texture", self.rbc_texture, 1.0)):
             if not 0 <= a <= b <= top:
                 raise ValueError(f"SimParams: {name} must be a range 0 <= low <= high <= {top:g}")
+        if not 0.0 <= self.exposure <= 1.0:
+            raise ValueError("SimParams: exposure must be a fraction of the frame interval, 0..1")
 
 
 @dataclass
@@ -233,12 +239,44 @@ class SyntheticScope:
         d = self._drift_amp * math.sin(2 * np.pi * t / self._drift_period)
         return dx + d * self._drift_dir[0], dy + d * self._drift_dir[1]
 
+    EXPOSURE_SAMPLES = 32   # points of the image's path over an exposure (motion blur)
+
+    def _exposure_path(self, i: int) -> np.ndarray:
+        """(EXPOSURE_SAMPLES, 2) camera positions (px, as :meth:`_motion`) over frame i's
+        exposure, centred on the frame's time; one point (the frame's time) without exposure."""
+        p = self.params
+        t0 = i / p.fps
+        if p.exposure <= 0:
+            return np.array([self._motion(t0)])
+        taus = (np.arange(self.EXPOSURE_SAMPLES) + 0.5) / self.EXPOSURE_SAMPLES - 0.5
+        return np.array([self._motion(t0 + tau * p.exposure / p.fps) for tau in taus])
+
+    def motion_kernel(self, i: int) -> np.ndarray:
+        """float32 kernel (odd × odd, sums to 1, centroid at its centre) of frame i's camera-motion
+        blur: the image's path over the exposure relative to its mean position (the frame's
+        :meth:`shift`), splatted bilinearly, mirrored for ``cv2.filter2D`` (a correlation).
+        Rotation during the exposure is neglected."""
+        path = self._exposure_path(i)
+        offs = -(path - path.mean(axis=0))            # correlation kernel: the path mirrored
+        r = int(math.ceil(np.abs(offs).max())) + 1
+        k = np.zeros((2 * r + 1, 2 * r + 1), np.float64)
+        for ox, oy in offs:
+            x, y = ox + r, oy + r
+            ix, iy = int(math.floor(x)), int(math.floor(y))
+            fx, fy = x - ix, y - iy
+            k[iy, ix] += (1 - fx) * (1 - fy)
+            k[iy, ix + 1] += fx * (1 - fy)
+            k[iy + 1, ix] += (1 - fx) * fy
+            k[iy + 1, ix + 1] += fx * fy
+        return (k / k.sum()).astype(np.float32)
+
     def shift(self, i: int) -> tuple[float, float]:
         """(dx, dy) px: content displacement of frame i relative to frame 0 (of the frame centre's
-        content when the frame also turns, see :meth:`angle`)."""
-        x0, y0 = self._motion(0.0)
-        x, y = self._motion(i / self.params.fps)
-        return x - x0, y - y0
+        content when the frame also turns, see :meth:`angle`); with an ``exposure``, the mean
+        displacement over it (where the motion-blurred frame shows the content)."""
+        x0, y0 = self._exposure_path(0).mean(axis=0)
+        x, y = self._exposure_path(i).mean(axis=0)
+        return float(x - x0), float(y - y0)
 
     def angle(self, i: int) -> float:
         """Rotation (rad) of frame i's content about the frame centre relative to frame 0: content
@@ -662,6 +700,10 @@ class SyntheticScope:
         blur = math.hypot(self.optics_sigma, sigma)
         if blur > 0.3:
             out = cv2.GaussianBlur(out, (0, 0), blur)
+        if p.exposure > 0:
+            k = self.motion_kernel(i)
+            if k.shape[0] > 1 or k.shape[1] > 1:
+                out = cv2.filter2D(out, -1, k, borderType=cv2.BORDER_REFLECT)
         if p.noise_sigma > 0:
             # fresh sensor noise per frame, deterministic in (seed, i): random bytes → Gaussian quantiles (LUT)
             r = np.random.default_rng([p.seed & 0xFFFFFFFF, i, 99])

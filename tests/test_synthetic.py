@@ -301,3 +301,35 @@ def test_simulate_cli_defaults_are_the_simulators():
                                                                    d.wbc_rate_per_min)
     assert tuple(a.speed_range) == d.speed_range_um_s and tuple(a.wbc_depth) == d.wbc_depth
     assert tuple(a.wbc_sigma_um) == d.wbc_sigma_um and tuple(a.rbc_texture) == d.rbc_texture
+    assert a.exposure == d.exposure == 0.0
+
+
+def test_exposure_blurs_each_frame_along_the_tremor_path():
+    """``exposure``: each frame is the mean of the image over the camera's path during the
+    exposure (a kernel that sums to 1, its centroid at the frame's truth shift: the mean position
+    over the exposure); no exposure leaves the frames as they were."""
+    kw = dict(seed=7, duration_s=1.0, jitter_px=6.0, noise_sigma=0.0, focus_loss=False)
+    sharp, blurred = SyntheticScope(SimParams(**kw)), SyntheticScope(SimParams(exposure=1.0, **kw))
+    assert np.array_equal(SyntheticScope(SimParams(exposure=0.0, **kw)).frame(5), sharp.frame(5))
+    i = 11                                             # a frame whose path spans ~10 px
+    k = blurred.motion_kernel(i)
+    ys, xs = np.mgrid[:k.shape[0], :k.shape[1]]
+    r = k.shape[0] // 2
+    assert k.shape[0] >= 11 and k.sum() == pytest.approx(1.0, abs=1e-5)
+    assert abs((k * xs).sum() - r) < 0.02 and abs((k * ys).sum() - r) < 0.02
+    # the same frame rendered sharp at each point of the path, averaged
+    path = blurred._exposure_path(i) - blurred._exposure_path(0).mean(axis=0)
+    assert np.allclose(path.mean(axis=0), blurred.shift(i))
+    still = SyntheticScope(SimParams(exposure=1.0, **kw))
+    still.motion_kernel = lambda j: np.ones((1, 1), np.float32)
+    acc = np.zeros(blurred.frame(i).shape, np.float64)
+    for p in path:
+        still.shift = lambda j, p=p: (float(p[0]), float(p[1]))
+        acc += still.frame(i)
+    mean = acc / len(path)
+    got = blurred.frame(i).astype(np.float64)
+    inner = (slice(20, -20), slice(20, -20))
+    assert np.abs(got - mean)[inner].mean() < 0.6
+    assert np.abs(got - sharp.frame(i))[inner].mean() > 3 * np.abs(got - mean)[inner].mean()
+    with pytest.raises(ValueError):
+        SimParams(exposure=1.5)
