@@ -143,6 +143,8 @@ def _median(xs: list[float]) -> float | None:
 
 
 def _worker_init() -> None:
+    from stream.workers import exit_with_parent
+    exit_with_parent()     # a killed batch leaves no idle worker behind
     limit_offline_threads()
 
 

@@ -411,7 +411,9 @@ def evaluate_stage(args: argparse.Namespace) -> int:
         else:
             import multiprocessing as mp
             from concurrent.futures import ProcessPoolExecutor
-            with ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn")) as pool:
+
+            from stream.workers import exit_with_parent
+            with ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn"), initializer=exit_with_parent) as pool:
                 futs = [pool.submit(_clip_job, s, args.seconds, sim, args.segmenter, args.config) for s in seeds]
                 for f in futs:
                     scores.append(f.result())

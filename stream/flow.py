@@ -933,6 +933,8 @@ WORKER_NICE = 10   # window workers yield the CPU to the analysis process (see :
 
 
 def _worker_init(nice: int = 0) -> None:
+    from stream.workers import exit_with_parent
+    exit_with_parent()     # a killed `nailfold analyze` leaves no idle worker behind
     if nice and hasattr(os, "nice"):   # POSIX
         os.nice(nice)
     import cv2

@@ -177,6 +177,36 @@ def test_supervised_child_dies_with_a_killed_supervisor(tmp_path):
             os.kill(child, signal.SIGKILL)
 
 
+def test_window_workers_die_with_a_killed_analysis(tmp_path):
+    """The window worker processes of a killed analysis (SIGKILL: no pool shutdown) exit within
+    seconds (``stream.workers.exit_with_parent``) instead of idling on as orphans."""
+    code = ("import time\n"
+            "from stream.flow import wait_ready, window_pool\n"
+            "if __name__ == '__main__':\n"
+            "    pool = window_pool(2)\n"
+            "    wait_ready(pool)\n"
+            "    print(*pool._processes, flush=True)\n"
+            "    time.sleep(120)\n")
+    script = tmp_path / "parent.py"
+    script.write_text(code)
+    parent = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    workers = [int(x) for x in parent.stdout.readline().split()]
+    try:
+        assert len(workers) == 2 and all(_alive(w) for w in workers)
+        time.sleep(1.5)
+        assert all(_alive(w) for w in workers)       # idle workers of a live parent stay
+        parent.kill()
+        parent.wait(10)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and any(_alive(w) for w in workers):
+            time.sleep(0.2)
+        assert not any(_alive(w) for w in workers), "window workers outlived their killed parent"
+    finally:
+        for w in workers:
+            if _alive(w):
+                os.kill(w, signal.SIGKILL)
+
+
 def _alive(pid: int) -> bool:
     """Running (not gone, not a zombie) — for a process that is not our child."""
     try:
