@@ -29,8 +29,7 @@ Work split (for a live process with a second thread):
   ``stage.window_s`` / ``stage.hop_s`` windows (:mod:`stream.flow`; a window's speed is the net
   displacement of the registered blood column when the material profile is good, else Radon /
   time-resolved cross-correlation; an out-of-focus (BLURRED) loop's windows start every
-  ``BLURRED_HOPS`` hops and a clear loop's every ``FAST_HOPS`` hops while its flow is fast, each
-  analysed over its own hop and claiming the skipped ones' events).
+  ``BLURRED_HOPS`` hops, each analysed over its own hop and claiming the skipped ones' events).
   When it falls behind,
   stale keyframes and windows are skipped and counted (``skipped_keyframes``/``skipped_windows``);
   kymograph rows of accepted frames are never skipped.
