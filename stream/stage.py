@@ -92,17 +92,6 @@ BLURRED_HOPS = 2             # an out-of-focus (BLURRED) loop's windows start th
 #                              events (the window is longer than the stride). Mostly deep vessels and
 #                              blur without a flow verdict: half of the benchmark clip's loops, ~40 %
 #                              of its window CPU
-FAST_HOPS = 2                # a clear loop whose flow is fast has its windows this many hops apart, each
-#                              claiming the skipped one's events as a blurred loop's does: a cell that
-#                              crosses the loop within FAST_TRANSIT_HOPS hops is still seen whole by a
-#                              window that claims it (≥ half a hop from the window's ends). Such loops
-#                              had ~40 % of the benchmark clip's windows. Decided for each scheduled
-#                              window from its central FAST_CHECK_ROWS rows (row correlation ≥
-#                              FAST_MIN_CORR, see _fast_flow): the same in live, in-process and worker
-#                              runs
-FAST_TRANSIT_HOPS = 0.75
-FAST_MIN_CORR = 0.3
-FAST_CHECK_ROWS = 40
 KEYFRAME_BACKOFF_MAX = 8     # keyframe interval may grow to this × stage.keyframe_every
 RETIRE_AFTER_KEYFRAMES = 3   # a capillary missing from this many keyframes in a row stops being sampled
 MIN_FINAL_WINDOW = 8         # frames
@@ -144,7 +133,6 @@ class _Track:
     n_tracked: int = 0      # (running counts of _tracked_frac's rule: the live snapshot need not rescan)
     contrast: float = float("nan")   # log(tissue / vessel) at the last keyframe that measured it
     hits: int = 1           # keyframes whose segmentation found this capillary
-    fast: bool = False      # its latest window's flow was fast (_fast_flow): the next is FAST_HOPS hops on
     # static detail (flow.static_detail) of the latest windows that saw features move (see _still)
     moving_detail: collections.deque = field(default_factory=lambda: collections.deque(maxlen=MOVING_DETAIL_WINDOWS))
 
@@ -623,22 +611,8 @@ def _routed(c: Capillary, frames: list, turn_shape: tuple[int, int] | None = Non
 
 
 def _hops(tr: _Track) -> int:
-    """Hops from ``tr``'s latest window to its next: ``BLURRED_HOPS`` for an out-of-focus loop,
-    ``FAST_HOPS`` while its flow is fast (:attr:`_Track.fast`), else 1."""
-    if tr.cap.label == BLURRED:
-        return BLURRED_HOPS
-    return FAST_HOPS if tr.fast else 1
-
-
-def _fast_flow(k: np.ndarray, n_px: int, v_max: float, hop: int) -> bool:
-    """Whether the kymograph rows ``k`` (frames × ``n_px`` px along the loop) show texture moving
-    fast enough that a cell's whole path through the loop lasts at most ``FAST_TRANSIT_HOPS`` ×
-    ``hop`` frames (:func:`stream.flow.xcorr_speed` of the destriped rows, ``v_max`` px/frame,
-    correlation ≥ ``FAST_MIN_CORR``; False when that is not clear)."""
-    xc = flow.xcorr_speed(destripe(k), v_max)
-    v = abs(xc.speed_px_per_frame)
-    return bool(xc.confidence >= FAST_MIN_CORR and math.isfinite(v) and v > 0
-                and n_px / v <= FAST_TRANSIT_HOPS * hop)
+    """Hops from one of ``tr``'s windows to the next: ``BLURRED_HOPS`` for an out-of-focus loop."""
+    return BLURRED_HOPS if tr.cap.label == BLURRED else 1
 
 
 def _append_frames(buf: KymographBuffer, maps: tuple, frames: list) -> None:
@@ -702,7 +676,6 @@ class AnalysisStage:
         self.bank = KymographBank()
         self.tracks: dict[int, _Track] = {}
         self._lock = threading.RLock()
-        self._schedule_lock = threading.Lock()   # one window scheduler at a time (_next_window)
         # a keyframe triggered at frame f takes effect at frame f + keyframe_delay (0: as soon as
         # it is computed); the history keeps the frames since its first one for the back-fill
         self.keyframe_delay = max(0, int(keyframe_delay))
@@ -883,13 +856,6 @@ class AnalysisStage:
                 self._store_window(tr, res)
 
     def _next_window(self):
-        """The pending window that starts earliest, ``(track, start, frames, own_hi)``, or None;
-        the track's next window is then scheduled one hop later, or :func:`_hops` hops for a
-        blurred loop or (decided here from this window's rows, outside the lock) a fast one."""
-        with self._schedule_lock:
-            return self._schedule_window()
-
-    def _schedule_window(self):
         with self._lock:
             best = None
             for tr in self.tracks.values():
@@ -909,22 +875,8 @@ class AnalysisStage:
                 return None
             tr, start = best
             own_hi = start + (self.window + self.hop) // 2
-            check = None
-            if tr.cap.label == CLEAR and self.window >= FAST_CHECK_ROWS:
-                a = start + (self.window - FAST_CHECK_ROWS) // 2
-                rows, valid = tr.buffer.window(a, FAST_CHECK_ROWS)
-                check = rows if valid.all() else None
-                v_max = dict(self._analyzer_spec(tr, self.window))["v_hi"]
-            if check is None:
-                tr.fast = False
-                tr.next_start += self.hop * _hops(tr)   # (a blurred loop's stride)
-                return tr, start, self.window, own_hi
-            tr.next_start += self.hop              # (the schedule lock is held)
-        fast = _fast_flow(check, tr.buffer.length, v_max, self.hop)
-        with self._lock:
-            tr.fast = fast
-            tr.next_start += self.hop * (_hops(tr) - 1)
-        return tr, start, self.window, own_hi
+            tr.next_start += self.hop * _hops(tr)   # (a blurred loop's stride)
+            return tr, start, self.window, own_hi
 
     def _analyzer_spec(self, tr: _Track, n: int) -> tuple:
         """The :class:`stream.flow.WindowAnalyzer` arguments of ``tr``'s ``n``-frame windows, as a
@@ -966,10 +918,9 @@ class AnalysisStage:
             raw = fill_out_of_view(raw, tr.buffer.window_view(start, n), background)
             claim_lo = max(tr.owned_until, start)
             own_lo = claim_lo
-            if claim_lo > start:
-                # standing for skipped windows before it (a blurred or fast loop's): analysed over
-                # its own hop, as with a window every hop, it claims their events too (with a window
-                # every hop, claim_lo = own_hi − hop already)
+            if _hops(tr) > 1 and claim_lo > start:
+                # standing for the skipped windows before it: analysed over its own hop, as with a
+                # window every hop, it claims their events too
                 own_lo = max(claim_lo, own_hi - self.hop)
             tr.owned_until = max(tr.owned_until, own_hi)
             contrast = tr.contrast

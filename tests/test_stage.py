@@ -214,53 +214,6 @@ def test_an_out_of_focus_loop_is_analysed_every_other_hop_and_loses_no_cell():
         assert len(got) <= len(truth) + 2, (k, truth, got)
 
 
-def test_a_fast_loop_is_analysed_every_other_hop_and_loses_no_cell():
-    """A clear loop whose cells cross it within ``FAST_TRANSIT_HOPS`` hops has its windows
-    ``FAST_HOPS`` hops apart, each claiming the skipped one's cells (every claimed cell's whole
-    path still lies inside its window): it reads its speed and every cell; a slower clear loop
-    keeps a window every hop."""
-    from stream.stage import FAST_HOPS
-    assert FAST_HOPS == 2
-    cfg = load_config().with_overrides(um_per_px=1.2, fps=20.0)
-    scope = ToyScope(speeds=(9.0, 40.0), seed=13, wbc_every=25)
-    stage, rep = run_stage(scope, 240, cfg)
-    caps = _match_caps(rep, scope)
-    assert (caps[0].label, caps[1].label) == ("capillary", "capillary")
-    for k, stride in ((0, 1), (1, FAST_HOPS)):
-        tr = stage.tracks[caps[k].id]
-        starts = sorted({w.start_frame for w in tr.windows if w.n_frames == stage.window})  # + the tail's
-        assert len(starts) >= 3 and set(np.diff(starts)) == {stride * stage.hop}, (k, starts)
-        v = abs(scope.loops[k]["v"])
-        assert caps[k].flow_speed_px_per_frame == pytest.approx(v, rel=0.05)
-        truth = scope.wbc_times_s(k, rep.duration_s - 0.5)
-        truth = truth[truth > 0.5]
-        got = np.array([e.t_s for e in caps[k].wbc_events])
-        assert len(truth) >= 8
-        assert sum(np.any(np.abs(got - t) < 0.15) for t in truth) >= 0.9 * len(truth), (k, truth, got)
-        assert len(got) <= len(truth) + 1, (k, truth, got)
-
-
-def test_fast_flow_is_decided_from_the_rows_texture():
-    """``_fast_flow``: texture moving so fast that a cell crosses the loop within
-    ``FAST_TRANSIT_HOPS`` hops → True; slower texture, or rows that do not correlate (noise) →
-    False."""
-    from stream.stage import FAST_TRANSIT_HOPS, _fast_flow
-    rng = np.random.default_rng(4)
-    tex = np.convolve(rng.normal(0, 1, 20000), np.ones(4) / 4, "same")
-    n, hop = 240, 20
-
-    def rows(v):
-        x = np.arange(n)
-        return np.stack([np.interp(x - v * t + 15000, np.arange(tex.size), tex) for t in range(40)]) + \
-            rng.normal(0, 0.2, (40, n))
-    v_edge = n / (FAST_TRANSIT_HOPS * hop)            # 16 px/frame: transit 15 frames
-    assert _fast_flow(rows(-1.5 * v_edge), n, 80.0, hop)
-    assert _fast_flow(rows(1.1 * v_edge), n, 80.0, hop)
-    assert not _fast_flow(rows(0.8 * v_edge), n, 80.0, hop)
-    assert not _fast_flow(rows(3.0), n, 80.0, hop)
-    assert not _fast_flow(rng.normal(0, 1, (40, n)), n, 80.0, hop)
-
-
 def test_a_loop_whose_blood_column_does_not_register_has_its_count_flagged():
     """``wbc_tracked_frac``: share of the flowing windows whose registered blood column held
     together (material profile quality ≥ 0.7); below 0.25 the report warns that the loop's WBC
