@@ -187,6 +187,7 @@ class SyntheticScope:
         rng = self._rng
         self._appearance(rng)
         self._motion_setup(rng)
+        self._origin = self._exposure_path(0).mean(axis=0)   # frame 0's camera position (shift's zero)
         self.margin = int(math.ceil(1.6 * p.jitter_px + self._drift_amp + 8))
         if p.rotation_deg:   # a turned frame reaches further out at its corners
             self.margin += int(math.ceil(0.5 * math.hypot(p.width, p.height) * math.sin(math.radians(abs(p.rotation_deg)))))
@@ -274,7 +275,7 @@ class SyntheticScope:
         """(dx, dy) px: content displacement of frame i relative to frame 0 (of the frame centre's
         content when the frame also turns, see :meth:`angle`); with an ``exposure``, the mean
         displacement over it (where the motion-blurred frame shows the content)."""
-        x0, y0 = self._exposure_path(0).mean(axis=0)
+        x0, y0 = self._origin
         x, y = self._exposure_path(i).mean(axis=0)
         return float(x - x0), float(y - y0)
 
@@ -701,9 +702,7 @@ class SyntheticScope:
         if blur > 0.3:
             out = cv2.GaussianBlur(out, (0, 0), blur)
         if p.exposure > 0:
-            k = self.motion_kernel(i)
-            if k.shape[0] > 1 or k.shape[1] > 1:
-                out = cv2.filter2D(out, -1, k, borderType=cv2.BORDER_REFLECT)
+            out = cv2.filter2D(out, -1, self.motion_kernel(i), borderType=cv2.BORDER_REFLECT)
         if p.noise_sigma > 0:
             # fresh sensor noise per frame, deterministic in (seed, i): random bytes → Gaussian quantiles (LUT)
             r = np.random.default_rng([p.seed & 0xFFFFFFFF, i, 99])
