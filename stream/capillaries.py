@@ -34,9 +34,10 @@ skeleton of its lumens as an alternative (the stage keeps whichever the blood's 
 along more coherently).
 
 Loops are assumed to point up (the nail at the top of the image). A recording whose loops point
-down (a camera mounted the other way up) is traced in the image turned by half a turn
-(``extract_capillaries(..., apex_down=True)``, results in the image's own coordinates;
-:func:`apices_point_down` tells the two apart from how many whole hairpins each way finds).
+down (a camera mounted the other way up) or sideways (a probe held turned) is traced in the image
+turned by quarter turns until they point up (``extract_capillaries(..., turns=k)``, results in
+the image's own coordinates; :func:`loop_turns` tells the four apart from how many whole
+hairpins each way finds).
 
 :func:`match_ids` keeps ids stable between keyframes by one-to-one mask overlap (IoU).
 """
@@ -485,29 +486,55 @@ def _split_fused_limbs(cap: Capillary, mask: np.ndarray, gray: np.ndarray, x0: i
     return [out]
 
 
-def turned_points(xy, shape: tuple[int, ...], dtype=np.float64) -> np.ndarray:
-    """Points ``xy`` ((N, 2) or (2,), (x, y) px) of an image of ``shape`` (H, W, …) moved by a half
-    turn of it: (x, y) → (W − 1 − x, H − 1 − y), as ``dtype``. Its own inverse."""
+def turned_points(xy, shape: tuple[int, ...], dtype=np.float64, k: int = 2) -> np.ndarray:
+    """Points ``xy`` ((N, 2) or (2,), (x, y) px) of an image of ``shape`` (H, W, …) moved as
+    ``np.rot90(image, k)`` moves its pixels (``k`` quarter turns counter-clockwise, on screen),
+    as ``dtype``: k = 1: (x, y) → (y, W − 1 − x); 2: (W − 1 − x, H − 1 − y); 3: (H − 1 − y, x).
+    The inverse is ``turned_points(p, turned_shape, k=-k)``, ``turned_shape`` (W, H) for odd k;
+    the half turn (the default) is its own inverse."""
     p = np.array(xy, dtype=dtype)
-    p[..., 0] = (int(shape[1]) - 1) - p[..., 0]
-    p[..., 1] = (int(shape[0]) - 1) - p[..., 1]
+    h, w = int(shape[0]), int(shape[1])
+    x, y = p[..., 0].copy(), p[..., 1].copy()
+    k %= 4
+    if k == 1:
+        p[..., 0], p[..., 1] = y, (w - 1) - x
+    elif k == 2:
+        p[..., 0], p[..., 1] = (w - 1) - x, (h - 1) - y
+    elif k == 3:
+        p[..., 0], p[..., 1] = (h - 1) - y, x
     return p
 
 
-def turned_bbox(bbox, shape: tuple[int, ...]) -> tuple[int, int, int, int]:
-    """A half-open (x0, y0, x1, y1) box of an image of ``shape`` (H, W, …) moved by a half turn of it."""
+def turned_shape(shape: tuple[int, ...], k: int) -> tuple[int, int]:
+    """(H, W) of ``np.rot90`` of an image of ``shape`` (H, W, …) by ``k`` quarter turns."""
+    h, w = int(shape[0]), int(shape[1])
+    return (w, h) if k % 2 else (h, w)
+
+
+def turned_bbox(bbox, shape: tuple[int, ...], k: int = 2) -> tuple[int, int, int, int]:
+    """A half-open (x0, y0, x1, y1) box of an image of ``shape`` (H, W, …) moved by ``k``
+    quarter turns of it (:func:`turned_points`)."""
     h, w = int(shape[0]), int(shape[1])
     x0, y0, x1, y1 = (int(v) for v in bbox)
-    return w - x1, h - y1, w - x0, h - y0
+    k %= 4
+    if k == 1:
+        return y0, w - x1, y1, w - x0
+    if k == 2:
+        return w - x1, h - y1, w - x0, h - y0
+    if k == 3:
+        return h - y1, x0, h - y0, x1
+    return x0, y0, x1, y1
 
 
-def turned(cap: Capillary, shape: tuple[int, ...]) -> Capillary:
-    """``cap`` moved by a half turn of an image of ``shape`` (H, W, …) (:func:`turned_points`);
-    centerline, apex, half-open bbox and mask follow. Its own inverse."""
-    mask = None if cap.mask is None else np.ascontiguousarray(np.asarray(cap.mask)[::-1, ::-1])
-    ax, ay = turned_points(cap.apex, shape)
-    return dataclasses.replace(cap, centerline=turned_points(cap.centerline, shape, np.float32),
-                               apex=(float(ax), float(ay)), bbox=turned_bbox(cap.bbox, shape), mask=mask,
+def turned(cap: Capillary, shape: tuple[int, ...], k: int = 2) -> Capillary:
+    """``cap`` moved by ``k`` quarter turns of an image of ``shape`` (H, W, …)
+    (:func:`turned_points`); centerline, apex, half-open bbox and mask (box-sized, turned with
+    it) follow. The half turn (the default) is its own inverse; else turn back with
+    ``turned(c, turned_shape(shape, k), -k)``."""
+    mask = None if cap.mask is None else np.ascontiguousarray(np.rot90(np.asarray(cap.mask), k))
+    ax, ay = turned_points(cap.apex, shape, k=k)
+    return dataclasses.replace(cap, centerline=turned_points(cap.centerline, shape, np.float32, k),
+                               apex=(float(ax), float(ay)), bbox=turned_bbox(cap.bbox, shape, k), mask=mask,
                                extra=dict(cap.extra))
 
 
@@ -516,61 +543,91 @@ def complete_loops(caps: list[Capillary]) -> int:
     return sum(1 for c in caps if not c.extra.get("single_limb") and c.extra.get("n_ends", 0) == 2)
 
 
-CLEARLY_UPRIGHT_LOOPS = 10   # whole hairpins traced upright beyond which the turned tracing cannot win
+_POINTING = {0: (0.0, -1.0), 1: (1.0, 0.0), 2: (0.0, 1.0), 3: (-1.0, 0.0)}   # apex direction by turns
+HAIRPIN_MIN_DROP = 1 / 3   # a foot lies at least this share of its limb's path behind the apex
+
+
+def pointing_hairpins(caps: list[Capillary], turns: int = 0, min_drop: float = HAIRPIN_MIN_DROP) -> int:
+    """How many of ``caps`` are whole hairpins (:func:`complete_loops`) that point the way
+    ``turns`` says (:data:`LOOPS_POINT`; 0: up): both feet lie behind the apex, along that way, by
+    at least ``min_drop`` of the path from the apex to that foot. A loop that points sideways,
+    traced as if upright, can still come out whole (the tracing starts on its upper limb and
+    finds both feet), but its feet are level with that start."""
+    dx, dy = _POINTING[int(turns) % 4]
+    n = 0
+    for c in caps:
+        if c.extra.get("single_limb") or c.extra.get("n_ends", 0) != 2:
+            continue
+        cl = np.asarray(c.centerline, np.float64).reshape(-1, 2)
+        i = int(c.apex_index)
+        if not 0 < i < len(cl) - 1:
+            continue
+        s = np.concatenate([[0.0], np.cumsum(np.hypot(*np.diff(cl, axis=0).T))])
+        drop = (cl[i] - cl[[0, -1]]) @ np.array([dx, dy])          # feet behind the apex (px)
+        if drop[0] >= min_drop * s[i] and drop[1] >= min_drop * (s[-1] - s[i]):
+            n += 1
+    return n
+
+
+CLEARLY_UPRIGHT_LOOPS = 10   # upright hairpins beyond which the turned tracings cannot win
 
 
 def clearly_upright(upright: list[Capillary], min_whole: int = CLEARLY_UPRIGHT_LOOPS) -> bool:
     """Whether ``upright`` (an image's loops traced as it is) settles the orientation without
-    tracing the image turned: with ``min_whole`` whole hairpins (:func:`complete_loops`) the
-    turned tracing would need ``1.5 × min_whole + 2`` (17) to call the loops pointing down
-    (:func:`apices_point_down`), and the upright tracing of an upside-down image gave at most 6
-    (36 synthetic seeds), so :func:`apices_point_down` can only answer False. Saves one tracing
-    (≈ 0.17 s on the benchmark clip's first keyframe, 16 whole hairpins upright)."""
-    return complete_loops(upright) >= min_whole
+    tracing the image turned (:func:`loop_turns`): with ``min_whole`` hairpins that point up
+    (:func:`pointing_hairpins`) a turned tracing would need ``1.5 × min_whole + 2`` (17) to win.
+    Saves three tracings (≈ 0.17 s each on the benchmark clip's first keyframe)."""
+    return pointing_hairpins(upright, 0) >= min_whole
 
 
-def apices_point_down(upright: list[Capillary], turned_caps: list[Capillary], min_loops: int = 3) -> bool | None:
-    """Whether the loops of an image point down (apex at the bottom, e.g. a camera mounted the
-    other way up), from its loops traced as it is (``upright``) and in the image turned by half a
-    turn (``turned_caps``, :func:`extract_capillaries` with ``apex_down=True``). Tracing starts at
-    the apex nearest the image's top, so an upside-down loop comes out as a single limb or in two
-    pieces. True when the turned image gives at least 1.5 × + 2 as many whole hairpins
-    (:func:`complete_loops`). Keyframe means of 36 synthetic seeds: upright, 7–20 whole hairpins
-    against 0–6 turned (never True); turned upside down, 6–20 against 0–6 (always True); None
-    when neither gives ``min_loops``."""
-    up, down = complete_loops(upright), complete_loops(turned_caps)
-    if max(up, down) < min_loops:
-        return None
-    return down >= 1.5 * up + 2
+TURN_ORDER = (2, 1, 3)   # quarter turns tried when the loops do not clearly point up: down first
+#                          (a camera mounted the other way up), then sideways (a hand-held probe)
+LOOPS_POINT = {0: "up", 1: "right", 2: "down", 3: "left"}   # where the apices point, by turns needed
 
 
-def orientation(upright: list[Capillary], trace_turned) -> tuple[bool | None, list[Capillary] | None]:
-    """``(down, turned_caps)``: :func:`apices_point_down` of an image's loops traced as it is
-    (``upright``) and in the image turned by half a turn (``trace_turned()``, e.g. :func:`extract_capillaries`
-    with ``apex_down=True``), that tracing skipped (``turned_caps`` None, ``down`` False) when
-    the upright loops settle it (:func:`clearly_upright`)."""
+def loop_turns(upright: list[Capillary], trace_turned, min_loops: int = 3) -> tuple[int | None, list[Capillary] | None]:
+    """Which way an image's loops point, as the quarter turns ``k`` (``np.rot90``, counter-clockwise)
+    that make them point up: 0 up, 1 right, 2 down, 3 left (:data:`LOOPS_POINT`), with the
+    loops traced in the image so turned (``trace_turned(k)``, e.g. :func:`extract_capillaries`
+    with ``turns=k``; None for k = 0). Tracing starts at the apex nearest the image's top, so a
+    loop that points elsewhere comes out as a single limb, in pieces or lying on its side: the
+    turn whose tracing gives the most hairpins pointing that way (:func:`pointing_hairpins`; ties
+    in :data:`TURN_ORDER`) wins when it gives at least 1.5 × + 2 as many as the image as it is;
+    else 0. The other tracings are skipped when the upright loops settle it
+    (:func:`clearly_upright`). None when no tracing gives ``min_loops``."""
     if clearly_upright(upright):
-        return False, None
-    turned_caps = trace_turned()
-    return apices_point_down(upright, turned_caps), turned_caps
+        return 0, None
+    up = pointing_hairpins(upright, 0)
+    traced = {k: trace_turned(k) for k in TURN_ORDER}
+    counts = {k: pointing_hairpins(c, k) for k, c in traced.items()}
+    best = max(TURN_ORDER, key=lambda k: (counts[k], -TURN_ORDER.index(k)))
+    if max(up, counts[best]) < min_loops:
+        return None, None
+    if counts[best] >= 1.5 * up + 2:
+        return best, traced[best]
+    return 0, None
 
 
 def extract_capillaries(labels: np.ndarray, image: np.ndarray | None = None, *, min_length_px: float = 40,
-                        prune_px: float = 10, max_limb_px: float = 350.0, apex_down: bool = False) -> list[Capillary]:
+                        prune_px: float = 10, max_limb_px: float = 350.0, apex_down: bool = False,
+                        turns: int = 0) -> list[Capillary]:
     """Capillary loops of a label mask (see module docstring), sorted by apex x.
 
     ``max_limb_px`` bounds the geodesic length of a limb (default 350 px ≈ 420 µm at 1.2 µm/px,
     longer than any limb), so a loop merged into a deeper vessel network is cut at a plausible
-    length; scale it with the image resolution. ``apex_down``: the loops point down (see
-    :func:`apices_point_down`): they are traced in the image turned by half a turn and returned
-    in the image's own coordinates (apex = the point nearest the image's bottom)."""
+    length; scale it with the image resolution. ``turns``: the loops point other than up (see
+    :func:`loop_turns`): they are traced in the image turned by ``turns`` quarter turns
+    (``np.rot90``) and returned in the image's own coordinates (apex = the point nearest where
+    they point); ``apex_down=True`` is ``turns=2``."""
     labels = np.asarray(labels)
     if labels.ndim != 2:
         raise ValueError(f"labels must be 2-D, got shape {labels.shape}")
-    if apex_down:
-        img = None if image is None else np.ascontiguousarray(np.asarray(image)[::-1, ::-1])
-        caps = [turned(c, labels.shape) for c in extract_capillaries(
-            np.ascontiguousarray(labels[::-1, ::-1]), img, min_length_px=min_length_px, prune_px=prune_px,
+    k = 2 if apex_down else int(turns) % 4
+    if k:
+        img = None if image is None else np.ascontiguousarray(np.rot90(np.asarray(image), k))
+        back = turned_shape(labels.shape, k)
+        caps = [turned(c, back, -k) for c in extract_capillaries(
+            np.ascontiguousarray(np.rot90(labels, k)), img, min_length_px=min_length_px, prune_px=prune_px,
             max_limb_px=max_limb_px)]
         caps.sort(key=lambda c: c.apex[0])
         return caps

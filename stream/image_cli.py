@@ -35,8 +35,8 @@ from nailfold import __version__
 from nailfold.config import load_config
 from nailfold.errors import InputError, NailfoldError
 from stream import image_report as rep
-from stream.capillaries import (extract_capillaries, orient_arterial_first, orientation, turned, turned_bbox,
-                                turned_points)
+from stream.capillaries import (LOOPS_POINT, extract_capillaries, loop_turns, orient_arterial_first, turned,
+                                turned_bbox, turned_points, turned_shape)
 from stream.capillary import BLURRED
 from stream.kymograph import faint_contrast, loop_contrast, sampling_maps, tissue_levels
 from stream.morphology import measure_capillary, subject_of, summarize_image, summarize_subject, vessel_channel
@@ -140,25 +140,31 @@ def analyse_image(img: np.ndarray, segmenter, um_per_px: float | None, ranges, m
     if isinstance(classifier, str) and classifier == AUTO:
         classifier = get_classifier()
     return _analyse_labels(img, segmenter.segment(img), um_per_px, ranges, min_clear, min_length_px, kp_model,
-                           classifier)
+                           classifier, segmenter=segmenter)
 
 
 def _analyse_labels(img: np.ndarray, labels: np.ndarray, um_per_px: float | None, ranges, min_clear: int,
-                    min_length_px: float, kp_model, classifier, check_turn: bool = True) -> tuple[dict, list, list, dict]:
+                    min_length_px: float, kp_model, classifier, check_turn: bool = True,
+                    segmenter=None) -> tuple[dict, list, list, dict]:
     """:func:`analyse_image` of ``img`` segmented as ``labels``. With ``check_turn``, loops
-    pointing down (a camera mounted the other way up, :func:`stream.capillaries.apices_point_down`)
-    are analysed in the image turned by half a turn, where they point up as the morphology
-    expects (the distal row is then the one nearest the image's bottom); coordinates come back
-    unturned."""
+    pointing down (a camera mounted the other way up) or sideways (a probe held turned;
+    :func:`stream.capillaries.loop_turns`) are analysed in the image turned until they point up,
+    as the morphology expects (for loops pointing down the distal row is then the one nearest the
+    image's bottom), segmented again there by ``segmenter`` when given (the shipped models learned
+    upright loops: a still turned a quarter turn lost 2 of 16 loops on its own labels); coordinates
+    come back unturned."""
     scale = img.shape[1] / 1024.0
     kw = dict(min_length_px=min_length_px * scale, prune_px=10 * scale, max_limb_px=350 * scale)
     caps = extract_capillaries(labels, img, **kw)
-    if check_turn and orientation(caps, lambda: extract_capillaries(labels, img, apex_down=True, **kw))[0]:
-        entry, caps_t, morphs, kps_t = _analyse_labels(
-            np.ascontiguousarray(img[::-1, ::-1]), np.ascontiguousarray(labels[::-1, ::-1]), um_per_px, ranges,
-            min_clear, min_length_px, kp_model, classifier, check_turn=False)
-        return (_unturned_entry(entry, img.shape), [turned(c, img.shape) for c in caps_t], morphs,
-                {k: _unturned_points(v, img.shape) for k, v in kps_t.items()})
+    k = loop_turns(caps, lambda t: extract_capillaries(labels, img, turns=t, **kw))[0] if check_turn else 0
+    if k:
+        img_t = np.ascontiguousarray(np.rot90(img, k))
+        labels_t = np.ascontiguousarray(np.rot90(labels, k) if segmenter is None else segmenter.segment(img_t))
+        entry, caps_t, morphs, kps_t = _analyse_labels(img_t, labels_t, um_per_px, ranges, min_clear, min_length_px,
+                                                       kp_model, classifier, check_turn=False)
+        ts = turned_shape(img.shape, k)
+        return (_unturned_entry(entry, ts, k), [turned(c, ts, -k) for c in caps_t], morphs,
+                {i: _unturned_points(v, ts, k) for i, v in kps_t.items()})
     caps, n_faint = _without_faint(img, labels, caps)
     for i, c in enumerate(caps):
         c.id = i
@@ -240,27 +246,30 @@ def _without_faint(img: np.ndarray, labels: np.ndarray, caps: list) -> tuple[lis
     return keep, len(caps) - len(keep)
 
 
-def _unturned_points(points: dict | None, shape: tuple) -> dict | None:
-    return None if points is None else {k: turned_points(p, shape).tolist() for k, p in points.items()}
+def _unturned_points(points: dict | None, shape: tuple, k: int) -> dict | None:
+    """Named points of an image of ``shape`` turned by ``k`` quarter turns, back in the unturned one."""
+    return None if points is None else {n: turned_points(p, shape, k=-k).tolist() for n, p in points.items()}
 
 
-def _unturned_entry(entry: dict, shape: tuple) -> dict:
-    """An :func:`analyse_image` entry computed on the image turned by half a turn, with its
-    coordinates (apex, bbox, centerline, keypoints) in the image's own, and a note saying so."""
+def _unturned_entry(entry: dict, shape: tuple, k: int) -> dict:
+    """An :func:`analyse_image` entry computed on the image turned by ``k`` quarter turns
+    (``np.rot90``; ``shape`` its shape), with its coordinates (apex, bbox, centerline,
+    keypoints) in the image's own, and a note saying so."""
     caps = []
     for r in entry["capillaries"]:
         r = dict(r)
         if r.get("apex_px") is not None:
-            r["apex_px"] = turned_points(r["apex_px"], shape).tolist()
+            r["apex_px"] = turned_points(r["apex_px"], shape, k=-k).tolist()
         if r.get("bbox_px") is not None:
-            r["bbox_px"] = list(turned_bbox(r["bbox_px"], shape))
+            r["bbox_px"] = list(turned_bbox(r["bbox_px"], shape, -k))
         if r.get("centerline_px"):
-            r["centerline_px"] = turned_points(r["centerline_px"], shape).tolist()
-        r["keypoints_px"] = _unturned_points(r.get("keypoints_px"), shape)
+            r["centerline_px"] = turned_points(r["centerline_px"], shape, k=-k).tolist()
+        r["keypoints_px"] = _unturned_points(r.get("keypoints_px"), shape, k)
         caps.append(r)
     return dict(entry, capillaries=caps, warnings=list(entry["warnings"]) + [
-        "the capillary loops point down (apex at the bottom of the image): measured in the image turned by "
-        "half a turn"])
+        f"the capillary loops point {LOOPS_POINT[k % 4]} (apex at the "
+        f"{'bottom' if k % 4 == 2 else LOOPS_POINT[k % 4]} of the image): measured in the image turned by "
+        f"{'half a turn' if k % 4 == 2 else 'a quarter turn'} until they point up"])
 
 
 def run(args: argparse.Namespace) -> int:

@@ -18,7 +18,7 @@ import logging
 import numpy as np
 
 from nailfold.config import Config
-from stream.capillaries import turned, turned_points
+from stream.capillaries import turned, turned_points, turned_shape
 from stream.capillary import Capillary
 from stream.morphology import fast_track, giant_present, measure_capillary, summarize_image
 
@@ -39,25 +39,29 @@ def arterial_side_from_flow(cap: Capillary, reversed_flow: bool | None) -> str |
 
 def measure_live(caps: list[tuple[Capillary, bool | None]], shape: tuple[int, ...], cfg: Config,
                  image: np.ndarray | None = None, classifier=None, cache: dict | None = None,
-                 apex_down: bool = False) -> tuple[dict[int, dict], dict]:
+                 apex_down: bool = False, turns: int = 0) -> tuple[dict[int, dict], dict]:
     """Measure tracked capillaries (see module docstring). ``image``: uint8 gray/BGR frame in the
     capillaries' coordinates (the stage's stabilized frame); ``classifier``: a
     :class:`models.classifier.Classifier` (its ``probs_image`` is used), or None. ``cache``: a dict
     the caller keeps between calls; a capillary whose geometry and flow direction are unchanged
     (they change only at keyframes) is not measured again (image-profile widths cost ≈ 0.1 s a
-    loop). ``apex_down``: the loops point down (the stage's ``apex_down``): they are measured in
-    the frame turned by half a turn, where they point up as the morphology expects (the distal
-    row is then the one nearest the frame's bottom); ``apex_px`` is given back in the frame's
+    loop). ``turns``: the loops point other than up (the stage's ``turns``, quarter turns that
+    make them point up; ``apex_down=True`` is ``turns=2``): they are measured in the frame so
+    turned, where they point up as the morphology expects (the distal row is then the one
+    nearest the frame's bottom for loops pointing down); ``apex_px`` is given back in the frame's
     own coordinates."""
-    if apex_down:
+    k = 2 if apex_down else int(turns) % 4
+    if k:
         hw = tuple(shape[:2])
-        caps = [(turned(c, hw), r) for c, r in caps]
-        image = None if image is None else np.ascontiguousarray(np.asarray(image)[::-1, ::-1])
-        out, summary = measure_live(caps, shape, cfg, image=image, classifier=classifier, cache=cache)
+        thw = turned_shape(hw, k)
+        caps = [(turned(c, hw, k), r) for c, r in caps]
+        image = None if image is None else np.ascontiguousarray(np.rot90(np.asarray(image), k))
+        out, summary = measure_live(caps, thw + tuple(shape[2:]), cfg, image=image, classifier=classifier,
+                                    cache=cache)
         back = {}
-        for k, d in out.items():   # copies: the cache keeps the turned ones
+        for i, d in out.items():   # copies: the cache keeps the turned ones
             a = d.get("apex_px")
-            back[k] = d if a is None else dict(d, apex_px=turned_points(a, hw).tolist())
+            back[i] = d if a is None else dict(d, apex_px=turned_points(a, thw, k=-k).tolist())
         return back, summary
     um = cfg.device.um_per_px
     ranges = cfg.morphology.normal_ranges

@@ -156,6 +156,8 @@ class VideoReport:
     gaps: list[dict] = field(default_factory=list)
     capillaries: list[CapillaryFlow] = field(default_factory=list)
     schema: str = SCHEMA
+    loops_point: str = "up"   # where the loops' apices point in the frame: up / right / down / left
+    #                           (loops pointing elsewhere are traced in the frame turned until they point up)
 
     @property
     def calibrated(self) -> bool:
@@ -165,7 +167,7 @@ class VideoReport:
         d = asdict(self)
         out = {"schema": self.schema, "source": self.source, "fps": self.fps,
                "um_per_px": self.um_per_px, "calibrated": self.calibrated, "frames": self.frames,
-               "duration_s": self.duration_s, "warnings": list(self.warnings),
+               "duration_s": self.duration_s, "loops_point": self.loops_point, "warnings": list(self.warnings),
                "stabilization": d["stabilization"], "gaps": d["gaps"], "capillaries": d["capillaries"]}
         return _clean(out)
 

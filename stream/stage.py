@@ -71,8 +71,8 @@ from nailfold.config import Config
 from stream import flow, kernels
 from stream.capillaries import (bridge_junctions, bridge_section, extend_filled_apex,                     # at import: it
                                 extract_capillaries, lumen_trace, match_ids, on_lumen,     # loads scikit-image
-                                orientation, reverse_sections, self_approaches, turned,    # (~0.3 s)
-                                turned_points)
+                                LOOPS_POINT, loop_turns, reverse_sections, self_approaches,  # (~0.3 s)
+                                turned, turned_points, turned_shape)
 from stream.capillary import BLURRED, CLEAR, LABEL_NAMES, Capillary
 from stream.frames import Frame, to_gray
 from stream.kymograph import (FAINT_CONTRAST_FLOOR, FAINT_CONTRAST_SHARE, KymographBank, KymographBuffer,
@@ -451,15 +451,15 @@ def _bridged(c: Capillary, frames: list) -> Capillary:
     return alt
 
 
-def _apex_extended(c: Capillary, frames: list, turn_shape: tuple[int, int] | None = None) -> Capillary:
+def _apex_extended(c: Capillary, frames: list, turn: tuple[tuple[int, int], int] | None = None) -> Capillary:
     """``c`` with its apex taken up to the top of a filled apex cap
     (:func:`stream.capillaries.extend_filled_apex`), resampled at 1 px, if the texture moves at
     least as coherently along the new path over the recent ``frames`` (:func:`_coherence`);
-    else ``c``. ``turn_shape``: the image's (H, W) when the loops point down (the cap is then
-    looked for in the image turned by half a turn)."""
+    else ``c``. ``turn``: ``(image (H, W), quarter turns k)`` when the loops point other than up
+    (the cap is then looked for in the image turned by ``k``, :func:`stream.capillaries.turned`)."""
     if len(frames) < 8 or c.mask is None:
         return c
-    u = turned(c, turn_shape) if turn_shape is not None else c
+    u = turned(c, turn[0], turn[1]) if turn is not None else c
     ext = extend_filled_apex(u.centerline, u.apex_index, _median_width(u), u.mask, u.bbox)
     if ext is None and u.extra.get("apex_spur_px", 0) >= SPUR_LOBE_MIN_PX:
         # the trace turned below a spur the skeleton has above the apex: a blob segmented with
@@ -471,8 +471,8 @@ def _apex_extended(c: Capillary, frames: list, turn_shape: tuple[int, int] | Non
     if ext is None:
         return c
     cl, ai = ext
-    if turn_shape is not None:
-        cl = turned_points(cl, turn_shape)
+    if turn is not None:
+        cl = turned_points(cl, turned_shape(*turn), k=-turn[1])
     alt = _unit_spacing(dataclasses.replace(c, centerline=cl.astype(np.float32), width_px=_widths_at(c, cl),
                                             apex_index=ai, apex=(float(cl[ai, 0]), float(cl[ai, 1]))))
     base, sc = _coherence(c, frames), _coherence(alt, frames)
@@ -600,14 +600,14 @@ def _without_static_apex(c: Capillary, frames: list) -> Capillary:
     return _static_apex_bridged(cut, frames, texture if cut is c else None)
 
 
-def _routed(c: Capillary, frames: list, turn_shape: tuple[int, int] | None = None) -> Capillary:
+def _routed(c: Capillary, frames: list, turn: tuple[tuple[int, int], int] | None = None) -> Capillary:
     """``c`` without a static ring at its apex, a static stretch over its apex bridged, routed
     through its crossings, its junction passes smoothed and its apex taken up a filled cap, each
     kept only where the texture moves along it at least as coherently over the recent ``frames``
     (:func:`_without_static_ring`, :func:`_static_apex_bridged`, :func:`_through_crossings`,
-    :func:`_bridged`, :func:`_apex_extended`, which takes ``turn_shape``)."""
+    :func:`_bridged`, :func:`_apex_extended`, which takes ``turn``)."""
     return _apex_extended(_bridged(_through_crossings(_without_static_apex(c, frames), frames), frames),
-                          frames, turn_shape)
+                          frames, turn)
 
 
 def _hops(tr: _Track) -> int:
@@ -683,7 +683,9 @@ class AnalysisStage:
         self._history: collections.deque = collections.deque(maxlen=self.keyframe_average + self.keyframe_delay)
         self._pending_keyframe: tuple[int, list] | None = None
         self._keyframe_jobs: collections.deque = collections.deque()   # (frame it takes effect, future)
-        self._apex_down: bool | None = None   # loops point down (fixed by the first keyframe that shows it)
+        self._turns: int | None = None   # quarter turns that make the loops point up (0 up, 2 down, 1/3
+        #                                  sideways: stream.capillaries.loop_turns), fixed by the first
+        #                                  keyframe that shows it
         self._kf_interval = self.keyframe_every   # grows (×2, up to ×KEYFRAME_BACKOFF_MAX) while the
         #                                           capillary set is unchanged; back to the base on change
         self._last_keyframe_frame: int | None = None
@@ -974,8 +976,9 @@ class AnalysisStage:
         return did
 
     def _compute_keyframe(self, frames: list) -> tuple | None:
-        """Stabilized mean of ``frames`` → (mean uint8, capillaries, tissue levels), or
-        None if the segmenter failed. Reads no stage state but the segmenter (thread-safe to
+        """Stabilized mean of ``frames`` → (mean uint8, capillaries, tissue levels, static-pixel
+        mask, quarter turns that make the loops point up or None while undecided), or None if
+        the segmenter failed. Reads no stage state but the segmenter (thread-safe to
         run beside :meth:`process`)."""
         acc = None
         for _, g, dx, dy, a in frames:
@@ -983,42 +986,51 @@ class AnalysisStage:
             acc = w if acc is None else acc + w
         mean = np.clip(acc / len(frames) + 0.5, 0, 255).astype(np.uint8)
         try:
-            try:
-                labels = np.asarray(self.segmenter.segment(mean))
-            except (ValueError, TypeError, cv2.error):   # a segmenter that insists on colour input
-                labels = np.asarray(self.segmenter.segment(cv2.cvtColor(mean, cv2.COLOR_GRAY2BGR)))
-            if labels.shape != mean.shape:
-                labels = cv2.resize(labels.astype(np.uint8), (mean.shape[1], mean.shape[0]),
-                                    interpolation=cv2.INTER_NEAREST)
-            down = self._apex_down
-            caps = extract_capillaries(labels, mean, apex_down=bool(down))
-            if down is None:
-                # the recording's orientation, until a keyframe shows it: loops traced both ways
-                down, turned_caps = orientation(caps, lambda: extract_capillaries(labels, mean, apex_down=True))
-                if down:
-                    caps = turned_caps
+            turns = self._turns
+            labels = self._labels(mean, turns or 0)
+            caps = extract_capillaries(labels, mean, turns=turns or 0)
+            if turns is None:
+                # the recording's orientation, until a keyframe shows it: loops traced every way
+                turns, _ = loop_turns(caps, lambda k: extract_capillaries(labels, mean, turns=k))
+                if turns:
+                    # segmented again with the loops pointing up, as the models learned them
+                    labels = self._labels(mean, turns)
+                    caps = extract_capillaries(labels, mean, turns=turns)
         except Exception:   # a failing segmenter must not stop the flow analysis of known loops
             log.exception("keyframe segmentation failed")
             return None
         # pixels outside the vessels: their appearance does not change with the flow
         static = ((labels != CLEAR) & (labels != BLURRED)).astype(np.uint8)
-        return mean, caps, tissue_levels(mean, labels, caps), static, down
+        return mean, caps, tissue_levels(mean, labels, caps), static, turns
+
+    def _labels(self, mean: np.ndarray, turns: int = 0) -> np.ndarray:
+        """The segmenter's labels (H, W) of the keyframe ``mean``, segmented turned by ``turns``
+        quarter turns (``np.rot90``: the loops then point up) and given back unturned."""
+        img = np.ascontiguousarray(np.rot90(mean, turns)) if turns else mean
+        try:
+            labels = np.asarray(self.segmenter.segment(img))
+        except (ValueError, TypeError, cv2.error):   # a segmenter that insists on colour input
+            labels = np.asarray(self.segmenter.segment(cv2.cvtColor(img, cv2.COLOR_GRAY2BGR)))
+        if labels.shape != img.shape:
+            labels = cv2.resize(labels.astype(np.uint8), (img.shape[1], img.shape[0]), interpolation=cv2.INTER_NEAREST)
+        return np.ascontiguousarray(np.rot90(labels, -turns)) if turns else labels
 
     def _apply_keyframe(self, mean: np.ndarray, caps: list[Capillary], levels: dict[int, float],
-                        static: np.ndarray | None = None, down: bool | None = None) -> None:
+                        static: np.ndarray | None = None, turns: int | None = None) -> None:
         """Match a computed keyframe's capillaries to the tracks: ids, new tracks (back-filled),
         contrast, retirement, keyframe interval, first re-anchoring; the first keyframe that shows
-        which way the loops point fixes it for the recording (``down``, see :meth:`_compute_keyframe`).
+        which way the loops point fixes it for the recording (``turns``, see :meth:`_compute_keyframe`).
 
         New tracks are traced and back-filled without the stage's lock (:meth:`_prepare_track`,
         ≈ 10 ms a loop: 0.2 s for a first keyframe of 20 loops, during which a live stage's
         :meth:`process` used to wait and the frames queue up) and inserted under it, with the
         frames that arrived meanwhile. Offline nothing arrives in between: the same report."""
         with self._lock:
-            if self._apex_down is None and down is not None:
-                self._apex_down = bool(down)
-                if down:
-                    log.info("capillary apices point down in this recording: loops traced upside down")
+            if self._turns is None and turns is not None:
+                self._turns = int(turns)
+                if turns:
+                    log.info("capillary apices point %s in this recording: loops traced turned",
+                             LOOPS_POINT[self._turns])
             self._next_id = match_ids(self._prev_caps, caps, self._next_id)
             self._prev_caps = caps
             self.keyframes_done += 1
@@ -1041,7 +1053,7 @@ class AnalysisStage:
                     continue
                 fresh.append(c)
             hist = list(self._history)
-            turn = mean.shape[:2] if self._apex_down else None
+            turn = (mean.shape[:2], self._turns) if self._turns else None
         prepared = [self._prepare_track(c, mean, hist, turn) for c in fresh]
         with self._lock:
             for c, (traced, buf, maps) in zip(fresh, prepared):
@@ -1101,13 +1113,13 @@ class AnalysisStage:
         return None
 
     def _prepare_track(self, c: Capillary, mean: np.ndarray, hist: list,
-                       turn: tuple[int, int] | None) -> tuple[Capillary, KymographBuffer, tuple]:
+                       turn: tuple[tuple[int, int], int] | None) -> tuple[Capillary, KymographBuffer, tuple]:
         """A new track's trace and kymograph, from the keyframe ``mean`` and the recent frames
         ``hist`` (lock not needed): the centerline on the lumen ridge of ``mean``
         (:func:`stream.capillaries.on_lumen`; a track keeps its geometry, so only new ones need
         it), 1 px spaced, routed through crossings; its sampling maps; its kymograph back-filled
-        from ``hist``. ``turn``: the image's (H, W) when the loops point down. → ``(capillary,
-        buffer, maps)``."""
+        from ``hist``. ``turn``: ``(image (H, W), quarter turns)`` when the loops point other than
+        up (:func:`_apex_extended`). → ``(capillary, buffer, maps)``."""
         c = _unit_spacing(on_lumen(c, mean))
         # (the lumen trace assumes loops that point up)
         alt = _lumen_alternative(c, mean) if len(hist) >= 8 and turn is None else None
@@ -1307,10 +1319,21 @@ class AnalysisStage:
         return to_uint8(destripe(fill_out_of_view(k, view, column_mean(k, view))))
 
     @property
+    def turns(self) -> int:
+        """Quarter turns (``np.rot90``, counter-clockwise) that make the recording's loops point up,
+        as the first keyframe that could tell showed (:func:`stream.capillaries.loop_turns`): 0 up
+        (also before a keyframe could tell), 1 right, 2 down, 3 left."""
+        return int(self._turns or 0)
+
+    @property
+    def loops_point(self) -> str:
+        """Where the recording's loops point: "up", "right", "down" or "left" (:attr:`turns`)."""
+        return LOOPS_POINT[self.turns]
+
+    @property
     def apex_down(self) -> bool:
-        """The recording's loops point down (apex at the bottom of the frame), as the first
-        keyframe that could tell showed (:func:`stream.capillaries.apices_point_down`)."""
-        return bool(self._apex_down)
+        """The recording's loops point down (apex at the bottom of the frame)."""
+        return self.turns == 2
 
     def stabilized_frame(self) -> np.ndarray | None:
         """Latest frame warped into reference (first-frame) coordinates, uint8 gray."""
@@ -1347,7 +1370,7 @@ class AnalysisStage:
         n = self.frames_in
         frames_total = self._frame_no + 1 if self._frame_no >= 0 else 0
         rep = VideoReport(source=source, fps=self.fps, um_per_px=self.um_per_px, frames=n,
-                          duration_s=frames_total / self.fps, gaps=list(self.gaps))
+                          duration_s=frames_total / self.fps, gaps=list(self.gaps), loops_point=self.loops_point)
         rep.warnings.extend(self._warnings)
         if self.um_per_px is None:
             rep.warnings.append("uncalibrated: pixel size unknown, speeds in px/frame only (set --um-per-px)")
@@ -1418,8 +1441,10 @@ class AnalysisStage:
                                      speed_px_per_frame=abs(e.speed_px_per_frame), strength=e.strength)
                             for e in evs])
             rep.capillaries.append(cf)
-        if self._apex_down:
-            rep.warnings.append("the capillary loops point down (apex at the bottom of the frame): traced upside down")
+        if self._turns:
+            rep.warnings.append(f"the capillary loops point {LOOPS_POINT[self._turns]} (apex at the "
+                                f"{'bottom' if self._turns == 2 else LOOPS_POINT[self._turns]} of the frame): "
+                                "traced in the frame turned until they point up")
         if unconfirmed:
             rep.warnings.append(
                 f"{unconfirmed} vessel-like structure{'s' if unconfirmed > 1 else ''} segmented on a single keyframe, "

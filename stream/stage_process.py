@@ -178,7 +178,7 @@ class StageProcess:
             from stream.image_cli import get_classifier
             slot.morphology, slot.summary = measure_live(caps, slot.shape, self.cfg, image=stage.stabilized_frame(),
                                                          classifier=get_classifier(), cache=slot.morph_cache,
-                                                         apex_down=stage.apex_down)
+                                                         turns=stage.turns)
 
     def _on_frame(self, msg: wire.Message) -> None:
         slot = self._slot(msg.stream, float(msg.header["fps"]), msg.image.shape)
@@ -238,7 +238,7 @@ class StageProcess:
             "sender": sender, "malformed": self.rx.stats.malformed,
             "gaps": slot.gaps[-20:], "n_gaps": len(slot.gaps), "queue": self.rx.pending(),
             "um_per_px": self.cfg.device.um_per_px, "calibrated": self.cfg.device.calibrated,
-            "apex_down": slot.stage.apex_down,
+            "apex_down": slot.stage.apex_down, "loops_point": slot.stage.loops_point,
         }
 
     @staticmethod

@@ -571,8 +571,8 @@ def test_loops_pointing_down_are_traced_whole_and_recognized():
     """A recording whose loops point down (camera the other way up): traced as they are, each
     comes out as single limbs; ``apex_down`` traces them in the half-turned image and returns them
     in the image's own coordinates (apex at the bottom, whole hairpins, mask and bbox moved), and
-    ``apices_point_down`` tells the two orientations apart."""
-    from stream.capillaries import apices_point_down, complete_loops, turned
+    ``loop_turns`` tells the two orientations apart."""
+    from stream.capillaries import complete_loops, loop_turns, turned
     up = loop_labels(xs=(60, 150, 240, 330))
     down = np.ascontiguousarray(up[::-1])
     h = up.shape[0]
@@ -587,34 +587,65 @@ def test_loops_pointing_down_are_traced_whole_and_recognized():
         assert down[y0:y1, x0:x1][c.mask].all()                                # the mask lies on the vessel
         back = turned(turned(c, up.shape), up.shape)
         assert np.allclose(back.centerline, c.centerline) and back.bbox == c.bbox and (back.mask == c.mask).all()
-    assert apices_point_down(extract_capillaries(down), extract_capillaries(down, apex_down=True)) is True
-    assert apices_point_down(extract_capillaries(up), extract_capillaries(up, apex_down=True)) is False
-    assert apices_point_down([], []) is None
+    assert loop_turns(extract_capillaries(down), lambda k: extract_capillaries(down, turns=k))[0] == 2
+    assert loop_turns(extract_capillaries(up), lambda k: extract_capillaries(up, turns=k))[0] == 0
+    assert loop_turns([], lambda k: []) == (None, None)
 
 
 def test_a_row_of_whole_upright_hairpins_settles_the_orientation_without_the_turned_tracing():
     """``clearly_upright``: ten or more whole hairpins traced as the image is mean the loops point
     up, whatever the turned tracing finds (it would need 17 to win); the same row upside down is
-    not clearly upright, so ``orientation`` (the stage's and ``nailfold image``'s test) still
+    not clearly upright, so ``loop_turns`` (the stage's and ``nailfold image``'s test) still
     traces it turned and turns it."""
-    from stream.capillaries import (CLEARLY_UPRIGHT_LOOPS, apices_point_down, clearly_upright, complete_loops,
-                                    orientation)
+    from stream.capillaries import CLEARLY_UPRIGHT_LOOPS, clearly_upright, complete_loops, loop_turns
     assert CLEARLY_UPRIGHT_LOOPS == 10
     up = loop_labels(xs=tuple(range(40, 1000, 80)), shape=(260, 1024))        # 12 loops
     down = np.ascontiguousarray(up[::-1])
     caps = extract_capillaries(up)
     assert complete_loops(caps) == 12 and clearly_upright(caps)
-    assert apices_point_down(caps, extract_capillaries(up, apex_down=True)) is False   # the same answer
+    assert loop_turns(caps[:9], lambda k: extract_capillaries(up, turns=k))[0] == 0   # the same answer
     assert not clearly_upright(extract_capillaries(down))
-    assert apices_point_down(extract_capillaries(down), extract_capillaries(down, apex_down=True)) is True
     assert not clearly_upright(caps[:9])
 
-    def never():
+    def never(k):
         raise AssertionError("traced turned although the upright loops settle it")
-    assert orientation(caps, never) == (False, None)
-    down_caps = extract_capillaries(down, apex_down=True)
-    found, turned_caps = orientation(extract_capillaries(down), lambda: down_caps)
-    assert found is True and turned_caps is down_caps
+    assert loop_turns(caps, never) == (0, None)
+    traced = {k: extract_capillaries(down, turns=k) for k in (1, 2, 3)}
+    found, turned_caps = loop_turns(extract_capillaries(down), traced.get)
+    assert found == 2 and turned_caps is traced[2]
+
+
+def test_loops_pointing_sideways_are_traced_turned_and_recognized():
+    """A probe held a quarter turn round: the loops point right or left. ``loop_turns`` finds the
+    quarter turns (``np.rot90``) that make them point up, ``extract_capillaries(turns=k)`` traces
+    them whole there and gives them back in the image's own coordinates (apex the point farthest
+    where they point, mask and bbox on the vessel); ``turned`` round-trips."""
+    from stream.capillaries import complete_loops, loop_turns, turned, turned_bbox, turned_points, turned_shape
+    up = loop_labels(xs=(60, 150, 240, 330))
+    h, w = up.shape
+    for k, side in ((1, "right"), (3, "left")):
+        img = np.ascontiguousarray(np.rot90(up, -k))       # turned back by k, the loops point up again
+        found, caps = loop_turns(extract_capillaries(img), lambda t: extract_capillaries(img, turns=t))
+        assert found == k, (k, found)
+        assert len(caps) == 4 and complete_loops(caps) == 4
+        for c in caps:
+            x0, y0, x1, y1 = c.bbox
+            assert c.mask.shape == (y1 - y0, x1 - x0) and img[y0:y1, x0:x1][c.mask].all()
+            ax = c.apex[0]
+            xs = c.centerline[:, 0]
+            assert (ax >= xs.max() - 1) if side == "right" else (ax <= xs.min() + 1)
+            ts = turned_shape(img.shape, k)
+            back = turned(turned(c, img.shape, k), ts, -k)
+            assert np.allclose(back.centerline, c.centerline) and back.bbox == c.bbox and (back.mask == c.mask).all()
+        # the turned points, box and mask are where np.rot90 puts the pixels
+        rng = np.random.default_rng(k)
+        pts = rng.integers(0, [w, h], size=(20, 2))
+        rot = np.rot90(up, k)
+        tp = turned_points(pts, up.shape, k=k).astype(int)
+        assert (rot[tp[:, 1], tp[:, 0]] == up[pts[:, 1], pts[:, 0]]).all()
+        box = (37, 21, 90, 64)
+        tb = turned_bbox(box, up.shape, k)
+        assert (rot[tb[1]:tb[3], tb[0]:tb[2]] == np.rot90(up[21:64, 37:90], k)).all()
 
 
 def _giant_scene(arc_darkness: float, between: bool = False):

@@ -87,32 +87,35 @@ def test_subject_map(images, tmp_path):
     assert [s["subject"] for s in r["subjects"]] == ["X"]
 
 
-def test_an_image_whose_loops_point_down(tmp_path):
-    """A synthetic still turned by half a turn (a camera mounted the other way up), shipped U-Net:
-    the loops are recognized as pointing down and measured turned — the same loops, density,
-    heights and widths as upright (upside down they were traced as single limbs: density 0.8 /mm,
-    heights 44 µm), with a note, and coordinates in the image's own frame."""
+@pytest.mark.parametrize("turns, side", [(2, "down"), (1, "right")])
+def test_an_image_whose_loops_point_down_or_sideways(tmp_path, turns, side):
+    """A synthetic still turned by half a turn (a camera mounted the other way up) or a quarter
+    turn (a probe held sideways), shipped U-Net: the loops are recognized as pointing down or
+    right and measured turned — the same loops, density, heights and widths as upright (upside
+    down they were traced as single limbs: density 0.8 /mm, heights 44 µm), with a note, and
+    coordinates in the image's own frame."""
     import numpy as np
+    from stream.capillaries import turned_points
     synth = pytest.importorskip("stream.synthetic")
     img = synth.SyntheticScope(synth.SimParams(seed=11, duration_s=1)).frame(0)
+    turned_img = np.ascontiguousarray(np.rot90(img, -turns))
     out = {}
-    for name, im in (("up", img), ("down", np.ascontiguousarray(img[::-1, ::-1]))):
+    for name, im in (("up", img), ("turned", turned_img)):
         p = tmp_path / f"{name}.png"
         cv2.imwrite(str(p), im)
         out[name] = tmp_path / f"{name}.json"
         assert main(["image", str(p), "--out", str(out[name]), "--um-per-px", "1.2"]) == 0
-    up, down = (json.loads(out[k].read_text())["images"][0] for k in ("up", "down"))
-    assert not any("point down" in w for w in up["warnings"])
-    assert any("point down" in w for w in down["warnings"])
-    su, sd = up["summary"], down["summary"]
-    assert sd["n_capillaries"] == su["n_capillaries"] >= 10
-    assert sd["density_per_mm"] == pytest.approx(su["density_per_mm"], rel=0.15)
-    assert sd["mean_height_um"] == pytest.approx(su["mean_height_um"], rel=0.05)
-    assert sd["mean_venous_width_um"] == pytest.approx(su["mean_venous_width_um"], rel=0.05)
-    h, w = img.shape[:2]
+    up, tu = (json.loads(out[k].read_text())["images"][0] for k in ("up", "turned"))
+    assert not any("point" in w for w in up["warnings"])
+    assert any(f"point {side}" in w for w in tu["warnings"])
+    su, st = up["summary"], tu["summary"]
+    assert st["n_capillaries"] == su["n_capillaries"] >= 10
+    assert st["density_per_mm"] == pytest.approx(su["density_per_mm"], rel=0.15)
+    assert st["mean_height_um"] == pytest.approx(su["mean_height_um"], rel=0.05)
+    assert st["mean_venous_width_um"] == pytest.approx(su["mean_venous_width_um"], rel=0.05)
     ups = sorted(c["apex_px"] for c in up["capillaries"])
-    downs = sorted([w - 1 - c["apex_px"][0], h - 1 - c["apex_px"][1]] for c in down["capillaries"])
-    near = [abs(a[0] - b[0]) <= 4 and abs(a[1] - b[1]) <= 4 for a, b in zip(ups, downs)]
+    back = sorted(turned_points(c["apex_px"], turned_img.shape, k=turns).tolist() for c in tu["capillaries"])
+    near = [abs(a[0] - b[0]) <= 4 and abs(a[1] - b[1]) <= 4 for a, b in zip(ups, back)]
     assert sum(near) >= 0.8 * len(near)      # (the U-Net segments the turned image a little differently)
 
 

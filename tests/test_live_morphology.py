@@ -1,5 +1,6 @@
 """Live morphology glue: arterial side from the flow direction, units, summary."""
 import numpy as np
+import pytest
 
 from nailfold.config import load_config
 from stream.capillaries import extract_capillaries
@@ -75,24 +76,30 @@ def test_live_uses_the_frame_and_classifier_like_nailfold_image_and_caches(monke
     assert len(calls) == 1 and len(cache) == 1  # a changed loop is; vanished loops leave the cache
 
 
-def test_loops_pointing_down_are_measured_turned():
-    """``apex_down``: loops pointing down are measured in the half-turned frame, where they point
-    up as the morphology expects: the same heights and widths as the same loops upright, apex
-    given back in the frame's own coordinates (also from the cache)."""
-    import pytest
+@pytest.mark.parametrize("turns", [2, 1, 3])
+def test_loops_pointing_down_or_sideways_are_measured_turned(turns):
+    """``turns``: loops pointing down (2) or sideways (1 right, 3 left) are measured in the frame
+    turned until they point up, as the morphology expects: the same heights and widths as the
+    same loops upright, apex given back in the frame's own coordinates (also from the cache)."""
+    from stream.capillaries import turned_points
     cfg = load_config("synthetic.yaml")
     lab = _loops()
-    up = measure_live([(c, None) for c in _caps()], lab.shape, cfg)[0]
-    down_caps = extract_capillaries(np.ascontiguousarray(lab[::-1, ::-1]), apex_down=True)
-    for i, c in enumerate(sorted(down_caps, key=lambda c: -c.apex[0]), 1):
-        c.id = i                       # turned, the first upright loop is the last from the left
+    upright = _caps()
+    up = measure_live([(c, None) for c in upright], lab.shape, cfg)[0]
+    lab_t = np.ascontiguousarray(np.rot90(lab, -turns))
+    caps_t = extract_capillaries(lab_t, turns=turns)
+    assert len(caps_t) == len(upright)
+    for c in caps_t:                   # the id of the upright loop it is
+        a = turned_points(c.apex, lab_t.shape, k=turns)
+        c.id = min(upright, key=lambda u: np.hypot(*(np.asarray(u.apex) - a))).id
     cache: dict = {}
-    h, w = lab.shape
     for _ in range(2):                 # the second call answers from the cache
-        down = measure_live([(c, None) for c in down_caps], lab.shape, cfg, cache=cache, apex_down=True)[0]
-        assert sorted(down) == sorted(up)
+        got = measure_live([(c, None) for c in caps_t], lab_t.shape, cfg, cache=cache, turns=turns)[0]
+        assert sorted(got) == sorted(up)
         for k in up:
-            assert down[k]["height_px"] == pytest.approx(up[k]["height_px"], abs=2)
-            assert down[k]["venous_width_px"] == pytest.approx(up[k]["venous_width_px"], abs=1.5)
-            ax, ay = up[k]["apex_px"]
-            assert down[k]["apex_px"] == pytest.approx([w - 1 - ax, h - 1 - ay], abs=3)
+            assert got[k]["height_px"] == pytest.approx(up[k]["height_px"], abs=2)
+            assert got[k]["venous_width_px"] == pytest.approx(up[k]["venous_width_px"], abs=1.5)
+            assert got[k]["apex_px"] == pytest.approx(turned_points(up[k]["apex_px"], lab.shape, k=-turns).tolist(),
+                                                      abs=3)
+    if turns == 2:                     # the older flag says the same
+        assert measure_live([(c, None) for c in caps_t], lab_t.shape, cfg, apex_down=True)[0] == got

@@ -14,7 +14,7 @@ import pytest
 
 from nailfold.config import load_config
 from stream.capillary import CLEAR
-from stream.frames import Frame, FrameMeta
+from stream.frames import Frame, FrameMeta, to_gray
 from stream.evaluation import run_synthetic, score_clip
 from stream.stage import AnalysisStage
 
@@ -116,6 +116,19 @@ class TruthSegmenter:
 
     def segment(self, image):
         return self.mask.copy()
+
+
+class TurningTruthSegmenter:
+    """The toy scope's label mask as the image shows it, whichever quarter turns the stage gave the
+    image (the stage segments a recording whose loops point down or sideways turned upright)."""
+
+    def __init__(self, mask):
+        self.masks = [np.ascontiguousarray(np.rot90(mask, k)) for k in range(4)]
+
+    def segment(self, image):
+        g = to_gray(np.asarray(image))
+        fits = [m for m in self.masks if m.shape == g.shape]
+        return min(fits, key=lambda m: float(g[m > 0].mean())).copy()      # vessels are dark
 
 
 def feed(stage, scope, n_frames):
@@ -835,25 +848,30 @@ def test_black_frames_are_not_sampled():
     assert rep.capillaries[0].flow_speed_px_per_frame == pytest.approx(8.0, rel=0.05)
 
 
-def test_a_recording_whose_loops_point_down():
-    """The toy scope turned upside down (the camera mounted the other way up): the first keyframe
-    shows the loops pointing down, they are traced whole, their speeds are measured and the
-    report says how they were traced."""
+@pytest.mark.parametrize("turns, side", [(2, "down"), (1, "right"), (3, "left")])
+def test_a_recording_whose_loops_point_down_or_sideways(turns, side):
+    """The toy scope turned upside down (the camera mounted the other way up) or a quarter turn
+    (a probe held sideways): the first keyframe shows which way the loops point, they are traced
+    whole, their speeds are measured and the report says how they were traced."""
     cfg = load_config().with_overrides(um_per_px=1.2, fps=20.0)
     scope = ToyScope(speeds=(6.0, 12.0, -20.0), seed=5)
-    stage = AnalysisStage(cfg, segmenter=TruthSegmenter(np.ascontiguousarray(scope.label_mask()[::-1])), fps=20.0)
+    stage = AnalysisStage(cfg, segmenter=TurningTruthSegmenter(np.rot90(scope.label_mask(), -turns)), fps=20.0)
     for i in range(200):
-        img = np.ascontiguousarray(scope.frame(i)[::-1])
+        img = np.ascontiguousarray(np.rot90(scope.frame(i), -turns))
         stage.process(Frame(FrameMeta(i, i / 20, 20.0, img.shape), img))
         stage.step_background()
     rep = stage.finish()
-    assert stage._apex_down is True
-    assert any("point down" in w for w in rep.warnings)
-    caps = sorted(rep.capillaries, key=lambda c: c.apex_px[0])
-    assert len(caps) == 3
-    for c, v in zip(caps, (6.0, 12.0, 20.0)):
-        assert c.apex_px[1] > 200                                  # apex at the bottom of the frame
-        assert c.flow_speed_px_per_frame == pytest.approx(v, rel=0.05)
+    assert stage.turns == turns and stage.loops_point == side and stage.apex_down == (turns == 2)
+    assert rep.loops_point == side and rep.to_dict()["loops_point"] == side
+    assert any(f"point {side}" in w for w in rep.warnings)
+    assert len(rep.capillaries) == 3
+    for c in rep.capillaries:
+        cl = np.asarray(c.centerline_px, float)
+        axis = {"down": 1, "right": 0, "left": 0}[side]
+        far = cl[:, axis].min() if side == "left" else cl[:, axis].max()
+        assert abs(c.apex_px[axis] - far) <= 2                     # the apex is where the loop points
+    got = sorted(c.flow_speed_px_per_frame for c in rep.capillaries)
+    assert got == pytest.approx([6.0, 12.0, 20.0], rel=0.05)
 
 
 def _hairpin_cap(x0: float, cid: int = -1, width: float = 10.0):

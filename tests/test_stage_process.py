@@ -93,6 +93,8 @@ def test_publish_with_many_capillaries_stays_within_the_wire_limits():
 
     class _Stage:
         apex_down = False
+        turns = 0
+        loops_point = "up"
 
         def snapshot(self):
             return {"capillaries": [{"id": i, "apex_px": [i, 1]} for i in range(1, 100)], "health": {}}

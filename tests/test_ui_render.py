@@ -95,6 +95,9 @@ def test_health_header_says_its_window_and_shows_recent_and_total_drops():
     assert "drops (last 10 s): grabber 0" in md and "since start 13 / 2 / 0" in md
     assert "point down" not in md
     assert "loops point down (traced turned)" in render.health_markdown({"signal": True, "apex_down": True}, age_s=0.1)
+    assert "loops point left (traced turned)" in render.health_markdown(
+        {"signal": True, "apex_down": False, "loops_point": "left"}, age_s=0.1)
+    assert "traced turned" not in render.health_markdown({"signal": True, "loops_point": "up"}, age_s=0.1)
 
 
 @pytest.mark.parametrize("field,fine,bad,word,text", [

@@ -230,7 +230,12 @@ def health_markdown(health: dict | None, *, age_s: float, source: str = "") -> s
             f" (since start {fmt(sender.get('drops'))} / {fmt(health.get('upstream_missing'))} / {fmt(health.get('stage_drops'))})"
             f" · gaps {fmt(health.get('n_gaps'))} · stabilization confidence {fmt(stab.get('confidence'), nd=2)}"
             f" · calibration: {calib}" + (f" · **recording** `{rec}`" if rec else "")
-            + (" · loops point down (traced turned)" if health.get("apex_down") else ""))
+            + (f" · loops point {_loops_point(health)} (traced turned)" if _loops_point(health) != "up" else ""))
+
+
+def _loops_point(health: dict) -> str:
+    """Where the stream's loops point (``loops_point``; older stages sent only ``apex_down``)."""
+    return str(health.get("loops_point") or ("down" if health.get("apex_down") else "up"))
 
 
 def capillary_markdown(cap: dict | None, calibrated: bool) -> str:
