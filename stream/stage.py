@@ -673,6 +673,10 @@ class AnalysisStage:
         self.window = max(MIN_FINAL_WINDOW, int(round(st.window_s * self.fps)))
         self.hop = max(1, min(self.window, int(round(st.hop_s * self.fps))))
         self.stabilizer = Stabilizer(max_shift_px=st.max_shift_px)
+        # the first frame sets the reference (≈ 30 ms warm); OpenCV's first calls at this size
+        # took 120–240 ms more, and a live stage dropped the frames queued behind it
+        Stabilizer(max_shift_px=st.max_shift_px).reset(
+            np.random.default_rng(0).integers(0, 255, (config.device.height, config.device.width), dtype=np.uint8))
         self.bank = KymographBank()
         self.tracks: dict[int, _Track] = {}
         self._lock = threading.RLock()
@@ -689,7 +693,8 @@ class AnalysisStage:
         self._kf_interval = self.keyframe_every   # grows (×2, up to ×KEYFRAME_BACKOFF_MAX) while the
         #                                           capillary set is unchanged; back to the base on change
         self._last_keyframe_frame: int | None = None
-        self._reanchor_image: tuple | None = None   # (keyframe mean, static-pixel mask)
+        self._reanchor_image: dict | None = None   # a reference prepared off the frame path
+        #                                              (Stabilizer.prepare_reference of a keyframe mean)
         self._reanchored = False
         self._prev_caps: list[Capillary] = []
         self._next_id = 1
@@ -744,9 +749,8 @@ class AnalysisStage:
         self._last_seq = seq
         if self._reanchor_image is not None:     # hand-off from the background thread
             with self._lock:
-                (ref, static), self._reanchor_image = self._reanchor_image, None
-            if self.stabilizer.shape == ref.shape:
-                self.stabilizer.reanchor(ref, static_mask=static)
+                ref, self._reanchor_image = self._reanchor_image, None
+            self.stabilizer.use_reference(ref)
         est = self.stabilizer.update(gray)
         # a blank frame (lens cap, black frames while the camera starts, a dropout) shows no
         # vessel: it is not sampled and not averaged into keyframes, as if it had been dropped
@@ -1055,12 +1059,23 @@ class AnalysisStage:
             hist = list(self._history)
             turn = (mean.shape[:2], self._turns) if self._turns else None
         prepared = [self._prepare_track(c, mean, hist, turn) for c in fresh]
-        with self._lock:
-            for c, (traced, buf, maps) in zip(fresh, prepared):
+        for c, (traced, buf, maps) in zip(fresh, prepared):
+            with self._lock:   # one track at a time: a live process() waits ≤ one insert (≈ 3 ms)
                 # a loop traced twice in this keyframe: the second is the first one's track
                 if not self._map_retraced(c, seen):
                     self._insert_track(traced, buf, maps, hist[-1][0] if hist else None)
                     _set_contrast(self.tracks[traced.id], mean, levels[id(c)])
+        reference = None
+        if not self._reanchored and caps:
+            # the stabilized mean has the moving red-cell texture averaged out: as the
+            # reference it cannot drag the registration along the vessels (measured: p95
+            # residual 0.65 → 0.16 px on the synthetic scope); it is in first-frame coordinates.
+            # Prepared here, off a live stage's frame path (≈ 30–60 ms; once 150 ms in process())
+            try:
+                reference = self.stabilizer.prepare_reference(mean, static_mask=static)
+            except ValueError:   # the stream's frame size changed since
+                reference = None
+        with self._lock:
             for cid, tr in self.tracks.items():
                 if cid not in seen and tr.active:
                     tr.missing += 1
@@ -1073,10 +1088,7 @@ class AnalysisStage:
             else:
                 self._kf_interval = self.keyframe_every
             if not self._reanchored and caps:
-                # the stabilized mean has the moving red-cell texture averaged out: as the
-                # reference it cannot drag the registration along the vessels (measured: p95
-                # residual 0.65 → 0.16 px on the synthetic scope); it is in first-frame coordinates
-                self._reanchor_image = (mean, static)
+                self._reanchor_image = reference
                 self._reanchored = True
 
     def _map_retraced(self, c: Capillary, seen: set) -> bool:

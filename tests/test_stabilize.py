@@ -305,3 +305,42 @@ def test_synthetic_loops_whose_limbs_fill_a_roi_do_not_turn_the_frame():
         moved = corners @ m[:, :2].T + m[:, 2]
         worst = max(worst, float(np.max(np.hypot(*(moved - corners - t).T))))
     assert worst < 0.5, worst
+
+
+def test_a_reference_prepared_beside_the_frames_is_the_one_reanchor_sets():
+    """``prepare_reference`` (run by a live stage's background thread) leaves the stabilizer as it
+    was — the next frames register the same — and ``use_reference`` then gives exactly what
+    ``reanchor`` gives: the same ROIs, templates and poses; a reference of another frame size is
+    refused, and one prepared before the stream's size changed is not used."""
+    rng = np.random.default_rng(3)
+    img = scene()
+    frames = [shifted(img, 0, 0, rng=rng)] + [shifted(img, 0.7 * i, -0.4 * i, rng=rng) for i in range(1, 9)]
+    mean = np.mean([shifted(img, 0, 0, rng=rng) for _ in range(8)], axis=0).astype(np.uint8)
+    static = (mean > 100).astype(np.uint8)
+
+    def run(how):
+        s = Stabilizer()
+        poses = [s.update(f) for f in frames[:4]]
+        if how == "reanchor":
+            s.reanchor(mean, static_mask=static)
+        else:
+            state = s.prepare_reference(mean, static_mask=static)
+            poses.append(s.update(frames[4]))       # a frame registered while it was prepared
+            s2 = Stabilizer()
+            for f in frames[:5]:
+                s2.update(f)
+            assert (poses[-1].dx, poses[-1].dy) == (s2._prev_shift[0], s2._prev_shift[1])
+            assert s.roi == s2.roi and s._static is None
+            assert s.use_reference(state)
+        poses += [s.update(f) for f in frames[5:]]
+        return s, poses
+    a, pa = run("reanchor")
+    b, pb = run("prepared")
+    assert a.roi == b.roi and a.roi2 == b.roi2
+    assert np.array_equal(a._template, b._template) and np.array_equal(a._static, b._static)
+    assert np.allclose([(p.dx, p.dy, p.angle) for p in pa[-4:]], [(p.dx, p.dy, p.angle) for p in pb[-4:]], atol=1e-3)
+    with pytest.raises(ValueError):
+        b.prepare_reference(mean[:, :-1])
+    state = b.prepare_reference(mean)
+    b.update(frames[0][:, :-8].copy())                      # the stream's frame size changed
+    assert not b.use_reference(state)
