@@ -1025,7 +1025,8 @@ class AnalysisStage:
         contrast, retirement, keyframe interval, first re-anchoring; the first keyframe that shows
         which way the loops point fixes it for the recording (``turns``, see :meth:`_compute_keyframe`).
 
-        New tracks are traced and back-filled without the stage's lock (:meth:`_prepare_track`,
+        New tracks are traced and back-filled without the stage's lock (:meth:`_trace_track`,
+        :meth:`_backfilled`,
         ≈ 10 ms a loop: 0.2 s for a first keyframe of 20 loops, during which a live stage's
         :meth:`process` used to wait and the frames queue up) and inserted under it, with the
         frames that arrived meanwhile. Offline nothing arrives in between: the same report."""
@@ -1058,7 +1059,8 @@ class AnalysisStage:
                 fresh.append(c)
             hist = list(self._history)
             turn = (mean.shape[:2], self._turns) if self._turns else None
-        prepared = [self._prepare_track(c, mean, hist, turn) for c in fresh]
+        traced_caps = [self._trace_track(c, mean, hist, turn) for c in fresh]
+        prepared = [(t, *bm) for t, bm in zip(traced_caps, self._backfilled(traced_caps, hist))]
         for c, (traced, buf, maps) in zip(fresh, prepared):
             with self._lock:   # one track at a time: a live process() waits ≤ one insert (≈ 3 ms)
                 # a loop traced twice in this keyframe: the second is the first one's track
@@ -1124,27 +1126,41 @@ class AnalysisStage:
                 return tr
         return None
 
-    def _prepare_track(self, c: Capillary, mean: np.ndarray, hist: list,
-                       turn: tuple[tuple[int, int], int] | None) -> tuple[Capillary, KymographBuffer, tuple]:
-        """A new track's trace and kymograph, from the keyframe ``mean`` and the recent frames
-        ``hist`` (lock not needed): the centerline on the lumen ridge of ``mean``
-        (:func:`stream.capillaries.on_lumen`; a track keeps its geometry, so only new ones need
-        it), 1 px spaced, routed through crossings; its sampling maps; its kymograph back-filled
-        from ``hist``. ``turn``: ``(image (H, W), quarter turns)`` when the loops point other than
-        up (:func:`_apex_extended`). → ``(capillary, buffer, maps)``."""
+    def _trace_track(self, c: Capillary, mean: np.ndarray, hist: list,
+                     turn: tuple[tuple[int, int], int] | None) -> Capillary:
+        """A new track's trace, from the keyframe ``mean`` and the recent frames ``hist`` (lock not
+        needed): the centerline on the lumen ridge of ``mean`` (:func:`stream.capillaries.on_lumen`;
+        a track keeps its geometry, so only new ones need it), 1 px spaced, routed through
+        crossings. ``turn``: ``(image (H, W), quarter turns)`` when the loops point other than up
+        (:func:`_apex_extended`)."""
         c = _unit_spacing(on_lumen(c, mean))
         # (the lumen trace assumes loops that point up)
         alt = _lumen_alternative(c, mean) if len(hist) >= 8 and turn is None else None
         c = _routed(c, hist, turn)
         if alt is not None:
             c = _better_trace(c, _routed(alt, hist), hist)
-        maps = sampling_maps(c.centerline, c.width_px)
-        buf = KymographBuffer(len(c.centerline), max(self.window * 2, int(round(10 * self.fps))))
-        _append_frames(buf, maps, hist)
-        return c, buf, maps
+        return c
+
+    def _backfilled(self, caps: list[Capillary], hist: list) -> list[tuple[KymographBuffer, tuple]]:
+        """New tracks' kymographs back-filled from the recent frames ``hist`` and their sampling
+        maps: ``[(buffer, maps)]`` in the order of ``caps``. All of them are sampled with one
+        ``cv2.remap`` per frame (a :class:`KymographBank`: the same rows and in-view flags as
+        each alone, 20× fewer calls for a first keyframe of 20 loops)."""
+        bank = KymographBank()
+        out = []
+        cap_rows = max(self.window * 2, int(round(10 * self.fps)))
+        for i, c in enumerate(caps):
+            n = bank.add(i, c.centerline, c.width_px)
+            out.append((KymographBuffer(n, cap_rows), sampling_maps(c.centerline, c.width_px)))
+        if caps:
+            for fno, g, dx, dy, a in hist:
+                rows, views = bank.sample_in_view(g, dx, dy, a)
+                for i, (buf, _) in enumerate(out):
+                    buf.append(rows[i], fno, views[i])
+        return out
 
     def _insert_track(self, c: Capillary, buf: KymographBuffer, maps: tuple, last: int | None) -> None:
-        """Add a prepared track (:meth:`_prepare_track`; lock held): sampled from the next frame
+        """Add a prepared track (:meth:`_trace_track`, :meth:`_backfilled`; lock held): sampled from the next frame
         on, its kymograph completed with the frames after ``last`` (the newest frame it was
         back-filled with, None for none) that arrived while it was prepared."""
         n = self.bank.add(c.id, c.centerline, c.width_px)

@@ -1127,15 +1127,15 @@ def test_live_frames_are_sampled_while_new_tracks_are_prepared():
     for i in range(n):       # enough frames for the first keyframe, not yet applied
         img = scope.frame(i)
         st.process(Frame(FrameMeta(i, i / scope.fps, scope.fps, img.shape), img))
-    real = AnalysisStage._prepare_track
+    real = AnalysisStage._trace_track
     entered, release = threading.Event(), threading.Event()
 
-    def slow_prepare(self, *a, **k):
+    def slow_trace(self, *a, **k):
         entered.set()
         assert release.wait(10), "process() never ran while the tracks were prepared"
         return real(self, *a, **k)
 
-    st._prepare_track = slow_prepare.__get__(st)
+    st._trace_track = slow_trace.__get__(st)
     bg = threading.Thread(target=st.step_background)
     bg.start()
     assert entered.wait(10)
