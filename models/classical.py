@@ -26,7 +26,8 @@ Method
    components whose inner darkness is below ``min_contrast_k`` × noise sigma are dropped
    (illumination edges such as the nail-fold border, skin texture).
 
-All sizes are expressed relative to a 1024-px-wide frame (``scale = width / 1024``) unless
+All sizes are expressed relative to a 1024-px frame (``scale = longer side / 1024``, so a frame
+turned a quarter turn is segmented alike) unless
 ``um_per_px`` is given, in which case they follow the physical pixel size.
 Typical speed: ~60–120 ms per 1024×768 frame on one core.
 """
@@ -111,7 +112,9 @@ class ClassicalSegmenter:
         self.um_per_px = um_per_px
 
     def _scale(self, width: int) -> float:
-        """Input px per 1024-frame px (sizes in params are for a 1024-px frame at ~1.2 µm/px)."""
+        """Input px per 1024-frame px (sizes in params are for a 1024-px frame at ~1.2 µm/px);
+        ``width``: the image's longer side, so that a frame turned a quarter turn (a portrait
+        image of a 1024×768 scope) is segmented at the same scale."""
         if self.um_per_px:
             return 1.2 / float(self.um_per_px)
         return width / 1024.0
@@ -123,7 +126,7 @@ class ClassicalSegmenter:
         if g.dtype != np.uint8:
             g = cv2.normalize(g.astype(np.float32), None, 0, 255, cv2.NORM_MINMAX).astype(np.uint8)
         h, w = g.shape
-        sc = self._scale(w)
+        sc = self._scale(max(h, w))
         f = min(1.0, p.work_width / (1024.0 * sc))
         wh, ww = max(16, round(h * f)), max(16, round(w * f))
         gf = g.astype(np.float32) + 1.0
@@ -144,7 +147,7 @@ class ClassicalSegmenter:
         if image.ndim not in (2, 3) or image.shape[0] < 16 or image.shape[1] < 16:
             raise ValueError(f"segment: unsupported image shape {image.shape}")
         h, w = image.shape[:2]
-        sc = self._scale(w)
+        sc = self._scale(max(h, w))
         d_full, d_small, f = self.darkness(image)
         sig = tuple(s * sc * f * 2 for s in p.sigmas)   # sigmas are given for f = 0.5 at 1024 width
         r = ridge_strength(d_small, sig)

@@ -761,7 +761,7 @@ def join_open_apices(caps: list[Capillary], gray: np.ndarray) -> list[Capillary]
     if len(opens) < 2:
         return caps
     g = np.asarray(gray, np.float32)
-    scale = g.shape[1] / 1024.0
+    scale = max(g.shape[:2]) / 1024.0   # the longer side: the same for the image turned a quarter turn
     tops = {id(c): _footward(c)[-1] for c in opens}
     pairs = sorted(d_ij for d_ij in ((float(np.hypot(*(tops[id(a)] - tops[id(b)]))), i, j)
                                      for i, a in enumerate(opens) for j, b in enumerate(opens) if i < j)

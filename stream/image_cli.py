@@ -152,8 +152,10 @@ def _analyse_labels(img: np.ndarray, labels: np.ndarray, um_per_px: float | None
     as the morphology expects (for loops pointing down the distal row is then the one nearest the
     image's bottom), segmented again there by ``segmenter`` when given (the shipped models learned
     upright loops: a still turned a quarter turn lost 2 of 16 loops on its own labels); coordinates
-    come back unturned."""
-    scale = img.shape[1] / 1024.0
+    come back unturned. The tracing's lengths scale with the image's longer side / 1024 (the same
+    whichever way the image is turned: by its width, a 1024×768 frame turned a quarter turn had
+    traced 320-px limbs cut at 262 px)."""
+    scale = max(img.shape[:2]) / 1024.0
     kw = dict(min_length_px=min_length_px * scale, prune_px=10 * scale, max_limb_px=350 * scale)
     caps = extract_capillaries(labels, img, **kw)
     k = loop_turns(caps, lambda t: extract_capillaries(labels, img, turns=t, **kw))[0] if check_turn else 0
@@ -163,7 +165,7 @@ def _analyse_labels(img: np.ndarray, labels: np.ndarray, um_per_px: float | None
         entry, caps_t, morphs, kps_t = _analyse_labels(img_t, labels_t, um_per_px, ranges, min_clear, min_length_px,
                                                        kp_model, classifier, check_turn=False)
         ts = turned_shape(img.shape, k)
-        return (_unturned_entry(entry, ts, k), [turned(c, ts, -k) for c in caps_t], morphs,
+        return (_unturned_entry(entry, ts, k, img.shape), [turned(c, ts, -k) for c in caps_t], morphs,
                 {i: _unturned_points(v, ts, k) for i, v in kps_t.items()})
     caps, n_faint = _without_faint(img, labels, caps)
     for i, c in enumerate(caps):
@@ -251,10 +253,10 @@ def _unturned_points(points: dict | None, shape: tuple, k: int) -> dict | None:
     return None if points is None else {n: turned_points(p, shape, k=-k).tolist() for n, p in points.items()}
 
 
-def _unturned_entry(entry: dict, shape: tuple, k: int) -> dict:
+def _unturned_entry(entry: dict, shape: tuple, k: int, own_shape: tuple) -> dict:
     """An :func:`analyse_image` entry computed on the image turned by ``k`` quarter turns
     (``np.rot90``; ``shape`` its shape), with its coordinates (apex, bbox, centerline,
-    keypoints) in the image's own, and a note saying so."""
+    keypoints) and shape in the image's own (``own_shape``), and a note saying so."""
     caps = []
     for r in entry["capillaries"]:
         r = dict(r)
@@ -266,7 +268,7 @@ def _unturned_entry(entry: dict, shape: tuple, k: int) -> dict:
             r["centerline_px"] = turned_points(r["centerline_px"], shape, k=-k).tolist()
         r["keypoints_px"] = _unturned_points(r.get("keypoints_px"), shape, k)
         caps.append(r)
-    return dict(entry, capillaries=caps, warnings=list(entry["warnings"]) + [
+    return dict(entry, capillaries=caps, shape=list(own_shape), warnings=list(entry["warnings"]) + [
         f"the capillary loops point {LOOPS_POINT[k % 4]} (apex at the "
         f"{'bottom' if k % 4 == 2 else LOOPS_POINT[k % 4]} of the image): measured in the image turned by "
         f"{'half a turn' if k % 4 == 2 else 'a quarter turn'} until they point up"])

@@ -337,16 +337,18 @@ class Stabilizer:
         it while frames are registered; :meth:`use_reference` then swaps it in between two
         frames. The ROIs are kept inside the frame at the pose of the last registered frame.
         → an opaque state (dict)."""
-        if self.shape is None or reference.shape != self.shape:
+        shape = self.shape            # read once: the frame thread may reset it meanwhile
+        if shape is None or reference.shape != shape:
             raise ValueError("reanchor: reference must have the stream's shape")
         if roi_weight is not None and not np.any(roi_weight):
             roi_weight = None
         nxt = copy.copy(self)
+        nxt.shape = shape
         nxt._ecc_cache = {}
         nxt._use_static_mask(static_mask, reference.shape)
         nxt._set_reference(reference, roi_weight, self._prev_shift)
         state = {k: getattr(nxt, k) for k in self._REFERENCE_STATE}
-        state["shape"] = self.shape
+        state["shape"] = shape
         return state
 
     def use_reference(self, state: dict) -> bool:

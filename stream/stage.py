@@ -92,6 +92,7 @@ BLURRED_HOPS = 2             # an out-of-focus (BLURRED) loop's windows start th
 #                              events (the window is longer than the stride). Mostly deep vessels and
 #                              blur without a flow verdict: half of the benchmark clip's loops, ~40 %
 #                              of its window CPU
+WARM_UP_MAX_PX = 4_000_000   # frame size up to which a new stage warms its stabilizer
 KEYFRAME_BACKOFF_MAX = 8     # keyframe interval may grow to this × stage.keyframe_every
 RETIRE_AFTER_KEYFRAMES = 3   # a capillary missing from this many keyframes in a row stops being sampled
 MIN_FINAL_WINDOW = 8         # frames
@@ -674,9 +675,12 @@ class AnalysisStage:
         self.hop = max(1, min(self.window, int(round(st.hop_s * self.fps))))
         self.stabilizer = Stabilizer(max_shift_px=st.max_shift_px)
         # the first frame sets the reference (≈ 30 ms warm); OpenCV's first calls at this size
-        # took 120–240 ms more, and a live stage dropped the frames queued behind it
-        Stabilizer(max_shift_px=st.max_shift_px).reset(
-            np.random.default_rng(0).integers(0, 255, (config.device.height, config.device.width), dtype=np.uint8))
+        # took 120–240 ms more, and a live stage dropped the frames queued behind it. Warmed at
+        # the configured frame size (≈ 50 ms once; skipped above 4 Mpx: ~100 B a pixel)
+        hw = (config.device.height, config.device.width)
+        if hw[0] * hw[1] <= WARM_UP_MAX_PX:
+            Stabilizer(max_shift_px=st.max_shift_px).reset(
+                np.random.default_rng(0).integers(0, 255, hw, dtype=np.uint8))
         self.bank = KymographBank()
         self.tracks: dict[int, _Track] = {}
         self._lock = threading.RLock()

@@ -620,13 +620,17 @@ def test_loops_pointing_sideways_are_traced_turned_and_recognized():
     quarter turns (``np.rot90``) that make them point up, ``extract_capillaries(turns=k)`` traces
     them whole there and gives them back in the image's own coordinates (apex the point farthest
     where they point, mask and bbox on the vessel); ``turned`` round-trips."""
-    from stream.capillaries import complete_loops, loop_turns, turned, turned_bbox, turned_points, turned_shape
+    from stream.capillaries import (complete_loops, loop_turns, pointing_hairpins, turned, turned_bbox, turned_points,
+                                    turned_shape)
     up = loop_labels(xs=(60, 150, 240, 330))
     h, w = up.shape
     for k, side in ((1, "right"), (3, "left")):
         img = np.ascontiguousarray(np.rot90(up, -k))       # turned back by k, the loops point up again
-        found, caps = loop_turns(extract_capillaries(img), lambda t: extract_capillaries(img, turns=t))
+        as_is = extract_capillaries(img)
+        assert pointing_hairpins(as_is, 0) == 0      # whole or not, none of them points up
+        found, caps = loop_turns(as_is, lambda t: extract_capillaries(img, turns=t))
         assert found == k, (k, found)
+        assert pointing_hairpins(caps, k) == 4 and pointing_hairpins(caps, (k + 2) % 4) == 0
         assert len(caps) == 4 and complete_loops(caps) == 4
         for c in caps:
             x0, y0, x1, y1 = c.bbox

@@ -119,6 +119,30 @@ def test_an_image_whose_loops_point_down_or_sideways(tmp_path, turns, side):
     assert sum(near) >= 0.8 * len(near)      # (the U-Net segments the turned image a little differently)
 
 
+@pytest.mark.parametrize("turns", [1, 2, 3])
+def test_long_loops_turned_any_way_keep_their_length_and_the_image_its_shape(turns):
+    """Labels of six tall hairpins (320-px limbs) in a portrait frame, turned so that the loops point
+    right, down or left: the orientation is found and each loop is measured whole (the tracing's
+    lengths scale with the image's longer side, whichever way it is turned: by its width, a
+    quarter-turned 1024×768 frame had its limbs cut at 262 px), and the entry keeps the image's
+    own shape."""
+    import numpy as np
+    from nailfold.config import load_config
+    from stream.capillaries import LOOPS_POINT
+    from stream.image_cli import _analyse_labels
+    from test_capillaries import loop_labels
+    ranges = load_config().morphology.normal_ranges
+    up = loop_labels(xs=tuple(range(100, 760, 130)), shape=(1024, 768), height=320)
+    img = np.where(up > 0, 60, 180).astype(np.uint8)
+    im = np.ascontiguousarray(np.rot90(img, -turns))
+    lab = np.ascontiguousarray(np.rot90(up, -turns))
+    entry, caps, _, _ = _analyse_labels(im, lab, 1.2, ranges, 3, 40.0, None, None)
+    assert entry["shape"] == list(im.shape)
+    assert any(f"point {LOOPS_POINT[turns]}" in w for w in entry["warnings"])
+    assert len(entry["capillaries"]) == 6
+    assert all(c["height_px"] == pytest.approx(318, abs=6) for c in entry["capillaries"])
+
+
 def test_a_blotchy_background_does_not_add_blurred_capillaries(tmp_path):
     """A still of the tests' toy scope (six loops drawn on a smooth blotchy background, not the
     synthetic scope): the U-Net takes blotches for out-of-focus vessels; those far fainter than the

@@ -344,3 +344,25 @@ def test_a_reference_prepared_beside_the_frames_is_the_one_reanchor_sets():
     state = b.prepare_reference(mean)
     b.update(frames[0][:, :-8].copy())                      # the stream's frame size changed
     assert not b.use_reference(state)
+
+
+def test_a_reference_prepared_while_the_frame_size_changes_is_not_used(monkeypatch):
+    """The frame thread may reset the stabilizer to a new frame size while another thread prepares
+    a reference: the prepared state keeps the size it was made for, and is refused."""
+    rng = np.random.default_rng(0)
+    a = (rng.random((240, 320)) * 255).astype(np.uint8)
+    b = (rng.random((200, 320)) * 255).astype(np.uint8)
+    s = Stabilizer()
+    s.update(a)
+    real = Stabilizer._set_reference
+
+    def meanwhile(self, *args, **kw):
+        real(self, *args, **kw)
+        if self is not s:
+            s.update(b)          # a frame of another size arrives during the preparation
+    monkeypatch.setattr(Stabilizer, "_set_reference", meanwhile)
+    state = s.prepare_reference(a)
+    monkeypatch.setattr(Stabilizer, "_set_reference", real)
+    assert state["shape"] == a.shape and s.shape == b.shape
+    assert not s.use_reference(state)
+    s.update(b)                  # still registers frames of the new size
