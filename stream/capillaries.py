@@ -585,7 +585,7 @@ TURN_ORDER = (2, 1, 3)   # quarter turns tried when the loops do not clearly poi
 LOOPS_POINT = {0: "up", 1: "right", 2: "down", 3: "left"}   # where the apices point, by turns needed
 
 
-def loop_turns(upright: list[Capillary], trace_turned, min_loops: int = 3) -> tuple[int | None, list[Capillary] | None]:
+def loop_turns(upright: list[Capillary], trace_turned, min_loops: int = 3) -> int | None:
     """Which way an image's loops point, as the quarter turns ``k`` (``np.rot90``, counter-clockwise)
     that make them point up: 0 up, 1 right, 2 down, 3 left (:data:`LOOPS_POINT`), with the
     loops traced in the image so turned (``trace_turned(k)``, e.g. :func:`extract_capillaries`
@@ -594,18 +594,16 @@ def loop_turns(upright: list[Capillary], trace_turned, min_loops: int = 3) -> tu
     turn whose tracing gives the most hairpins pointing that way (:func:`pointing_hairpins`; ties
     in :data:`TURN_ORDER`) wins when it gives at least 1.5 × + 2 as many as the image as it is;
     else 0. The other tracings are skipped when the upright loops settle it
-    (:func:`clearly_upright`). None when no tracing gives ``min_loops``."""
+    (:func:`clearly_upright`). None when no tracing gives ``min_loops``. (Callers segment the image
+    again turned, as the models learned upright loops, and trace that.)"""
     if clearly_upright(upright):
-        return 0, None
+        return 0
     up = pointing_hairpins(upright, 0)
-    traced = {k: trace_turned(k) for k in TURN_ORDER}
-    counts = {k: pointing_hairpins(c, k) for k, c in traced.items()}
+    counts = {k: pointing_hairpins(trace_turned(k), k) for k in TURN_ORDER}
     best = max(TURN_ORDER, key=lambda k: (counts[k], -TURN_ORDER.index(k)))
     if max(up, counts[best]) < min_loops:
-        return None, None
-    if counts[best] >= 1.5 * up + 2:
-        return best, traced[best]
-    return 0, None
+        return None
+    return best if counts[best] >= 1.5 * up + 2 else 0
 
 
 def extract_capillaries(labels: np.ndarray, image: np.ndarray | None = None, *, min_length_px: float = 40,

@@ -158,7 +158,7 @@ def _analyse_labels(img: np.ndarray, labels: np.ndarray, um_per_px: float | None
     scale = max(img.shape[:2]) / 1024.0
     kw = dict(min_length_px=min_length_px * scale, prune_px=10 * scale, max_limb_px=350 * scale)
     caps = extract_capillaries(labels, img, **kw)
-    k = loop_turns(caps, lambda t: extract_capillaries(labels, img, turns=t, **kw))[0] if check_turn else 0
+    k = loop_turns(caps, lambda t: extract_capillaries(labels, img, turns=t, **kw)) if check_turn else 0
     if k:
         img_t = np.ascontiguousarray(np.rot90(img, k))
         labels_t = np.ascontiguousarray(np.rot90(labels, k) if segmenter is None else segmenter.segment(img_t))

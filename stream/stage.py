@@ -999,7 +999,7 @@ class AnalysisStage:
             caps = extract_capillaries(labels, mean, turns=turns or 0)
             if turns is None:
                 # the recording's orientation, until a keyframe shows it: loops traced every way
-                turns, _ = loop_turns(caps, lambda k: extract_capillaries(labels, mean, turns=k))
+                turns = loop_turns(caps, lambda k: extract_capillaries(labels, mean, turns=k))
                 if turns:
                     # segmented again with the loops pointing up, as the models learned them
                     labels = self._labels(mean, turns)

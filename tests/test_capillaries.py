@@ -587,9 +587,9 @@ def test_loops_pointing_down_are_traced_whole_and_recognized():
         assert down[y0:y1, x0:x1][c.mask].all()                                # the mask lies on the vessel
         back = turned(turned(c, up.shape), up.shape)
         assert np.allclose(back.centerline, c.centerline) and back.bbox == c.bbox and (back.mask == c.mask).all()
-    assert loop_turns(extract_capillaries(down), lambda k: extract_capillaries(down, turns=k))[0] == 2
-    assert loop_turns(extract_capillaries(up), lambda k: extract_capillaries(up, turns=k))[0] == 0
-    assert loop_turns([], lambda k: []) == (None, None)
+    assert loop_turns(extract_capillaries(down), lambda k: extract_capillaries(down, turns=k)) == 2
+    assert loop_turns(extract_capillaries(up), lambda k: extract_capillaries(up, turns=k)) == 0
+    assert loop_turns([], lambda k: []) is None
 
 
 def test_a_row_of_whole_upright_hairpins_settles_the_orientation_without_the_turned_tracing():
@@ -603,16 +603,15 @@ def test_a_row_of_whole_upright_hairpins_settles_the_orientation_without_the_tur
     down = np.ascontiguousarray(up[::-1])
     caps = extract_capillaries(up)
     assert complete_loops(caps) == 12 and clearly_upright(caps)
-    assert loop_turns(caps[:9], lambda k: extract_capillaries(up, turns=k))[0] == 0   # the same answer
+    assert loop_turns(caps[:9], lambda k: extract_capillaries(up, turns=k)) == 0   # the same answer
     assert not clearly_upright(extract_capillaries(down))
     assert not clearly_upright(caps[:9])
 
     def never(k):
         raise AssertionError("traced turned although the upright loops settle it")
-    assert loop_turns(caps, never) == (0, None)
+    assert loop_turns(caps, never) == 0
     traced = {k: extract_capillaries(down, turns=k) for k in (1, 2, 3)}
-    found, turned_caps = loop_turns(extract_capillaries(down), traced.get)
-    assert found == 2 and turned_caps is traced[2]
+    assert loop_turns(extract_capillaries(down), traced.get) == 2
 
 
 def test_loops_pointing_sideways_are_traced_turned_and_recognized():
@@ -628,8 +627,9 @@ def test_loops_pointing_sideways_are_traced_turned_and_recognized():
         img = np.ascontiguousarray(np.rot90(up, -k))       # turned back by k, the loops point up again
         as_is = extract_capillaries(img)
         assert pointing_hairpins(as_is, 0) == 0      # whole or not, none of them points up
-        found, caps = loop_turns(as_is, lambda t: extract_capillaries(img, turns=t))
+        found = loop_turns(as_is, lambda t: extract_capillaries(img, turns=t))
         assert found == k, (k, found)
+        caps = extract_capillaries(img, turns=found)
         assert pointing_hairpins(caps, k) == 4 and pointing_hairpins(caps, (k + 2) % 4) == 0
         assert len(caps) == 4 and complete_loops(caps) == 4
         for c in caps:
