@@ -585,6 +585,13 @@ TURN_ORDER = (2, 1, 3)   # quarter turns tried when the loops do not clearly poi
 LOOPS_POINT = {0: "up", 1: "right", 2: "down", 3: "left"}   # where the apices point, by turns needed
 
 
+def loops_point_note(turns: int, where: str = "frame") -> str:
+    """"the capillary loops point <way> (apex at the <side> of the <where>)" for loops that need
+    ``turns`` quarter turns to point up (:data:`LOOPS_POINT`): the start of a report's warning."""
+    k = int(turns) % 4
+    return f"the capillary loops point {LOOPS_POINT[k]} (apex at the {'bottom' if k == 2 else LOOPS_POINT[k]} of the {where})"
+
+
 def loop_turns(upright: list[Capillary], trace_turned, min_loops: int = 3) -> int | None:
     """Which way an image's loops point, as the quarter turns ``k`` (``np.rot90``, counter-clockwise)
     that make them point up: 0 up, 1 right, 2 down, 3 left (:data:`LOOPS_POINT`), with the

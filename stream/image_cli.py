@@ -35,7 +35,7 @@ from nailfold import __version__
 from nailfold.config import load_config
 from nailfold.errors import InputError, NailfoldError
 from stream import image_report as rep
-from stream.capillaries import (LOOPS_POINT, extract_capillaries, loop_turns, orient_arterial_first, turned,
+from stream.capillaries import (extract_capillaries, loop_turns, loops_point_note, orient_arterial_first, turned,
                                 turned_bbox, turned_points, turned_shape)
 from stream.capillary import BLURRED
 from stream.kymograph import faint_contrast, loop_contrast, sampling_maps, tissue_levels
@@ -269,8 +269,7 @@ def _unturned_entry(entry: dict, shape: tuple, k: int, own_shape: tuple) -> dict
         r["keypoints_px"] = _unturned_points(r.get("keypoints_px"), shape, k)
         caps.append(r)
     return dict(entry, capillaries=caps, shape=list(own_shape), warnings=list(entry["warnings"]) + [
-        f"the capillary loops point {LOOPS_POINT[k % 4]} (apex at the "
-        f"{'bottom' if k % 4 == 2 else LOOPS_POINT[k % 4]} of the image): measured in the image turned by "
+        loops_point_note(k, "image") + ": measured in the image turned by "
         f"{'half a turn' if k % 4 == 2 else 'a quarter turn'} until they point up"])
 
 

@@ -341,6 +341,12 @@ class KymographBank:
         self._entries[key] = _Entry(key, start, mx.shape[1])
         return mx.shape[1]
 
+    def maps(self, key: int) -> tuple[np.ndarray, np.ndarray]:
+        """``key``'s own sampling maps (:func:`sampling_maps` of what :meth:`add` was given), copies."""
+        e = self._entries[key]
+        return (np.ascontiguousarray(self._mx[:, e.start:e.start + e.length]),
+                np.ascontiguousarray(self._my[:, e.start:e.start + e.length]))
+
     def remove(self, key: int) -> None:
         e = self._entries.pop(key)
         keep = np.ones(self._mx.shape[1], bool)

@@ -71,7 +71,8 @@ from nailfold.config import Config
 from stream import flow, kernels
 from stream.capillaries import (bridge_junctions, bridge_section, extend_filled_apex,                     # at import: it
                                 extract_capillaries, lumen_trace, match_ids, on_lumen,     # loads scikit-image
-                                LOOPS_POINT, loop_turns, reverse_sections, self_approaches,  # (~0.3 s)
+                                LOOPS_POINT, loop_turns, loops_point_note, reverse_sections,  # (~0.3 s)
+                                self_approaches,
                                 turned, turned_points, turned_shape)
 from stream.capillary import BLURRED, CLEAR, LABEL_NAMES, Capillary
 from stream.frames import Frame, to_gray
@@ -1155,7 +1156,7 @@ class AnalysisStage:
         cap_rows = max(self.window * 2, int(round(10 * self.fps)))
         for i, c in enumerate(caps):
             n = bank.add(i, c.centerline, c.width_px)
-            out.append((KymographBuffer(n, cap_rows), sampling_maps(c.centerline, c.width_px)))
+            out.append((KymographBuffer(n, cap_rows), bank.maps(i)))
         if caps:
             for fno, g, dx, dy, a in hist:
                 rows, views = bank.sample_in_view(g, dx, dy, a)
@@ -1474,9 +1475,7 @@ class AnalysisStage:
                             for e in evs])
             rep.capillaries.append(cf)
         if self._turns:
-            rep.warnings.append(f"the capillary loops point {LOOPS_POINT[self._turns]} (apex at the "
-                                f"{'bottom' if self._turns == 2 else LOOPS_POINT[self._turns]} of the frame): "
-                                "traced in the frame turned until they point up")
+            rep.warnings.append(loops_point_note(self._turns) + ": traced in the frame turned until they point up")
         if unconfirmed:
             rep.warnings.append(
                 f"{unconfirmed} vessel-like structure{'s' if unconfirmed > 1 else ''} segmented on a single keyframe, "

@@ -185,3 +185,6 @@ def test_bank_samples_and_flags_a_frame_in_one_pass():
             if views[k] is not None:
                 np.testing.assert_array_equal(views[k], ref_views[k])
     assert any(v is not None for v in bank.sample_in_view(gray, -9.0, 4.0, 0.02)[1].values())
+    for k, (cl, w) in loops.items():     # each capillary's own maps, as sampling_maps gives them
+        for got, ref in zip(bank.maps(k), sampling_maps(cl, w)):
+            np.testing.assert_array_equal(got, ref)
