@@ -66,9 +66,15 @@ def build_parser(command: str | None) -> argparse.ArgumentParser:
     return parser
 
 
+STATUS_LOGGER = "nailfold.status"   # what a process is doing (``grabbing … → …``): shown at INFO by default
+
+
 def _setup_logging(verbosity: int) -> None:
+    """Warnings and errors by default, plus the ``nailfold.status`` lines (a process saying what it
+    serves where); ``-v`` adds every INFO record, ``-vv`` DEBUG."""
     level = logging.WARNING if verbosity <= 0 else logging.INFO if verbosity == 1 else logging.DEBUG
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.getLogger(STATUS_LOGGER).setLevel(min(level, logging.INFO))
 
 
 PARENT_ENV = "NAILFOLD_PARENT_PID"   # set by a supervisor (``nailfold demo``) for its children

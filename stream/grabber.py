@@ -37,6 +37,7 @@ from stream.sockets import make_socket
 from stream.sources import open_source
 
 log = logging.getLogger(__name__)
+status = logging.getLogger("nailfold.status")   # startup lines shown by default (nailfold.cli)
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9_\-]{1,64}$")
 
@@ -249,7 +250,7 @@ def run(args: argparse.Namespace) -> int:
     on_full = args.on_full or ("block" if args.pace == "max" and not args.source.startswith("camera:") else "drop")
     g = Grabber(src, bind, record=args.record, on_full=on_full, control=args.control, record_dir=args.record_dir,
                 hwm=args.hwm, allow_remote=args.allow_remote, curve_server=curve)
-    log.warning("grabbing %s (%s, %.1f fps) → %s", src.name, "x".join(map(str, src.shape)), src.fps, bind)
+    status.info("grabbing %s (%s, %.1f fps) → %s", src.name, "x".join(map(str, src.shape)), src.fps, bind)
     st = g.run()
     print(json.dumps({"captured": st.captured, "sent": st.sent, "drops": st.drops, "recorded": st.recorded}))
     return 0

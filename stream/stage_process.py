@@ -42,6 +42,7 @@ from stream.receiver import Receiver
 from stream.sockets import make_socket
 
 log = logging.getLogger(__name__)
+status = logging.getLogger("nailfold.status")   # startup lines shown by default (nailfold.cli)
 
 HEALTH_WINDOW_S = 10.0   # latency percentiles and recent drop counts cover the last this many seconds:
 #                          a clinician reads the header as "now", so a start-up transient (first keyframe,
@@ -147,7 +148,7 @@ class StageProcess:
             slot = StreamSlot(AnalysisStage(self.cfg, segmenter=self._get_segmenter(), fps=fps, stream_id=stream),
                               shape=tuple(shape[:2]))
             self.slots[stream] = slot
-            log.warning("new stream %s (%.1f fps)", stream, fps)
+            status.info("new stream %s (%.1f fps)", stream, fps)
         return slot
 
     # -- loops -------------------------------------------------------------------------------
@@ -370,7 +371,7 @@ def run(args: argparse.Namespace) -> int:
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, sp.stop)
         signal.signal(signal.SIGINT, sp.stop)
-    log.warning("stage: %s → %s (%s)", ", ".join(sp.rx.endpoints), args.publish or cfg.endpoints.results,
+    status.info("stage: %s → %s (%s)", ", ".join(sp.rx.endpoints), args.publish or cfg.endpoints.results,
                 f"{cfg.device.um_per_px} µm/px" if cfg.device.calibrated else "uncalibrated")
     try:
         sp.run(args.seconds)

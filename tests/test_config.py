@@ -60,3 +60,23 @@ def test_cli_help_lists_subcommands():
     r = subprocess.run([sys.executable, "-m", "nailfold.cli", "--help"], capture_output=True, text=True, timeout=60)
     for cmd in ("demo", "grab", "stage", "dashboard", "analyze", "image", "biopsy", "simulate", "train", "evaluate"):
         assert cmd in r.stdout
+
+
+def test_status_lines_are_info_shown_by_default(capsys):
+    """A process's startup lines (``grabbing … → …``) are INFO records of ``nailfold.status``,
+    shown at the default verbosity, while other INFO records stay hidden until ``-v``."""
+    import logging
+
+    from nailfold.cli import STATUS_LOGGER, _setup_logging
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level, logging.getLogger(STATUS_LOGGER).level
+    root.handlers[:] = []
+    try:
+        _setup_logging(0)
+        logging.getLogger(STATUS_LOGGER).info("grabbing synthetic → tcp://127.0.0.1:5555")
+        logging.getLogger("stream.stage").info("a detail")
+        err = capsys.readouterr().err
+        assert "INFO nailfold.status: grabbing synthetic" in err and "a detail" not in err
+    finally:
+        root.handlers[:], root.level = saved[0], saved[1]
+        logging.getLogger(STATUS_LOGGER).setLevel(saved[2])
