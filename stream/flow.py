@@ -600,6 +600,12 @@ class WindowAnalyzer:
     credible_corr: float = 0.25      # correlation a gated window is not trusted (see ``analyze``)
     agree_corr: float = 0.12         # ... unless the row correlation is at least this and its speed
     agree_ratio: float = 1.2         # agrees with the Radon speed within this ratio (same direction)
+    standing_shift: float = 0.1      # px/frame: rows whose correlation peaks within this of no shift
+    #                                  show standing content; with a poor profile and another Radon
+    #                                  speed the window is then not trusted either (see ``analyze``).
+    #                                  An independent generator's stopped loops (flicker 1–5 %, tremor)
+    #                                  read 223 and 753 µm/s: rows correlating 0.25–0.5 at 0.00 ± 0.04
+    #                                  px/frame while Radon maxima scattered over −97 … +9 px/frame
     material_min_quality: float = 0.7   # profile quality of a window whose blood column registered
     #                                     (see :func:`profile_quality`; the stage's ``_tracked_frac``)
     material_speed_quality: float = 0.6   # profile quality above which the window speed is the material
@@ -757,7 +763,12 @@ class WindowAnalyzer:
                 # the blood's net displacement over the window: exact average of a pulsating flow
                 res.material_speed = float((X[-1] - X[0]) / (X.size - 1))
                 res.speed_px_per_frame = res.material_speed
-            if res.material_quality < self.credible_quality and xc.confidence < self.credible_corr:
+            # rows that correlate best unshifted, against a Radon speed they do not share, show
+            # content that stands still (a stopped column whose texture the camera's gain or the
+            # registration's residual modulates), not motion: no more credible than weak rows
+            standing = (xc.confidence >= self.credible_corr and abs(xc.speed_px_per_frame) < self.standing_shift
+                        and not self._same_speed(xc.speed_px_per_frame, v0))
+            if res.material_quality < self.credible_quality and (xc.confidence < self.credible_corr or standing):
                 if not self._agree(xc, v0):
                     # neither the registered blood column nor the raw rows show texture that moves
                     # coherently: what passed the Radon gate is structure that is not carried by

@@ -342,6 +342,46 @@ def test_out_of_focus_loops_are_called_stopped_by_the_strict_rule_only():
     assert a0.analyze(clean, clean.mean(axis=0), 0).stopped
 
 
+
+def _jittered_column(seed: int, speed: float, n: int = 400, t_n: int = 60, gain: float = 0.01,
+                     jitter: float = 0.3, noise: float = 1.5) -> np.ndarray:
+    """``(t_n, n)`` rows of a blood column whose red-cell texture moves ``speed`` px/frame (0 =
+    stopped), seen through the registration's residual (a smooth shift along the vessel of
+    ~``jitter`` px) and a camera gain that wanders by ~``gain``, plus camera noise."""
+    rng = np.random.default_rng(seed)
+    m = n + 2 * int(abs(speed) * t_n) + 80
+    tex = gaussian_filter1d(rng.standard_normal(m), 2.0)
+    tex = 120.0 + 12.0 * tex / tex.std()
+    g = 1.0 + gain * np.clip(gaussian_filter1d(rng.standard_normal(t_n), 1.5) * 2.0, -1.0, 1.0)
+    d = jitter * 2.0 * gaussian_filter1d(rng.standard_normal(t_n), 1.0)
+    x = np.arange(m, dtype=np.float64)
+    x0 = int(abs(speed) * t_n) + 40
+    rows = [g[i] * np.interp(np.arange(n) + x0 - speed * i + d[i], x, tex) + noise * rng.standard_normal(n)
+            for i in range(t_n)]
+    return np.asarray(rows, np.float32)
+
+
+def test_standing_texture_under_registration_residual_is_stopped_not_flow():
+    """A stopped column whose texture the registration's residual (~0.3 px) and a 1 % gain
+    wander modulate: its rows correlate best unshifted, while the Radon maximum lands anywhere.
+    Such a window is not flow (an independent generator's stopped loops read 223 and 753 µm/s);
+    it is stopped. Slow flow under the same residual keeps its speed."""
+    n, t_n = 400, 60
+    lo, hi = flow.speed_range_px_per_frame(0.0, 3000.0, 1.3, 20.0, n, t_n)
+    a = flow.WindowAnalyzer(n_frames=t_n, n_px=n, anchor=n / 2, v_lo=lo, v_hi=hi)
+    verdicts = []
+    for seed in range(12):
+        raw = _jittered_column(seed, 0.0)
+        r = a.analyze(raw, raw.mean(axis=0), 0, None, 0.4)
+        verdicts.append((r.gated, r.stopped, r.speed_px_per_frame))
+    assert sum(st and v == 0.0 for _, st, v in verdicts) >= 11, verdicts
+    assert sum(g for g, _, _ in verdicts) <= 1, verdicts
+    for seed, v_true in ((1, 0.6), (2, -1.5), (3, 6.0)):
+        raw = _jittered_column(seed, v_true)
+        r = a.analyze(raw, raw.mean(axis=0), 0, None, 0.4)
+        assert r.gated and abs(r.speed_px_per_frame - v_true) <= 0.1 * abs(v_true), (v_true, r.speed_px_per_frame)
+
+
 def _beer_lambert_window(deep=(14.0, 52.0), shallow=(33.5, 68.0), A=0.6, tissue=200.0, deep_depth=0.85,
                          shallow_depth=0.3):
     """Grey levels I = tissue·exp(−A·density) of a vessel whose red-cell column has plasma gaps
