@@ -224,6 +224,14 @@ FROZEN_DETAIL_RATIO = 1.25   # a "stopped" window of a loop seen to flow must sh
 #                              only saw nothing move (see AnalysisStage._still). A blood column without
 #                              visible texture between its plasma gaps: ratio 0.98–1.02 (30-s clips
 #                              1101, texture SD 0); 7 s of stasis on the default scope: 2.3–2.7
+MIN_LOOP_PATH_UM = 80.0      # a structure whose centerline (foot → apex → foot) is shorter is not followed as a
+MIN_LOOP_PATH_PX = 64.0      # loop (in px when uncalibrated): a loop's two limbs and apex are ≥ ~100 µm, real loops
+#                              of the synthetic scope trace ≥ 131 px (157 µm), loop halves an independent
+#                              generator's tracing split off 138 px (179 µm, speeds right). Under JPEG-20
+#                              compression that generator's grey tissue gave the U-Net 42–65-µm fragments,
+#                              8 of them reported flowing at 190–440 µm/s from Radon maxima near the fastest
+#                              speed their few pixels resolve (no registered blood column, rows correlating
+#                              ≤ 0.24)
 RETRACE_SHARE = 0.6         # a new keyframe capillary this much on an active track's centerline ...
 RETRACE_TOL_WIDTHS = 0.4     # ... within this × its width is that loop traced again (AnalysisStage._retraced)
 MOVING_DETAIL_WINDOWS = 50   # flowing windows a loop's reference static detail is the median of
@@ -667,6 +675,7 @@ class AnalysisStage:
         st = config.stage
         self.fps = float(fps or config.device.fps)
         self.um_per_px = config.device.um_per_px
+        self._min_path_px = MIN_LOOP_PATH_UM / self.um_per_px if self.um_per_px else MIN_LOOP_PATH_PX
         self.stream_id = stream_id
         self.segmenter = segmenter if segmenter is not None else default_segmenter(config.models.segmenter,
                                                                                    config.models.backend)
@@ -1059,7 +1068,7 @@ class AnalysisStage:
                         self.bank.add(c.id, tr.cap.centerline, tr.cap.width_px)
                         tr.active = True
                     continue
-                if len(c.centerline) < 16 or self._map_retraced(c, seen):
+                if len(c.centerline) < 16 or c.length_px < self._min_path_px or self._map_retraced(c, seen):
                     continue
                 fresh.append(c)
             hist = list(self._history)
