@@ -1168,3 +1168,34 @@ def test_structures_shorter_than_a_loop_are_not_followed():
         lengths[upp] = sorted(round(tr.cap.length_px * upp) for tr in stage.tracks.values())
     assert len(lengths[1.2]) == 1 and lengths[1.2][0] > 200 * 1.2, lengths     # the loop only
     assert len(lengths[2.0]) == 2 and MIN_LOOP_PATH_UM <= lengths[2.0][0] < 150, lengths
+
+
+def test_crossing_loop_speed_from_the_rows_when_radon_maxima_scatter():
+    """A loop whose blood column never registers (a crossing traced wrongly) has window speeds that
+    are Radon maxima: they flip sign and lock onto twice the speed. When the rows of most windows
+    correlate on one speed (MAD ≤ 5 %), that is the loop's speed; where the column registers, its
+    displacement stays the speed even if the rows say otherwise."""
+    import collections
+    import types
+
+    from stream.flow import WindowResult, XcorrSpeed
+    from stream.stage import _xcorr_consensus
+    cfg = load_config().with_overrides(um_per_px=1.1, fps=20.0)
+    stage = AnalysisStage(cfg, segmenter=TruthSegmenter(np.zeros((64, 64), np.uint8)), fps=20.0)
+    rng = np.random.default_rng(1)
+    radon = [38.4, -50.1, 53.5, 74.9, 67.7, 42.3, -48.3, -40.4, -40.4, -42.6, -46.3, -48.1, 81.7, 80.6]
+
+    def win(v, xc, q=0.3, ms=float("nan")):
+        return WindowResult(0, 60, v, 10.0, XcorrSpeed(xc, 0.31, 2), gated=True, material_quality=q,
+                            material_speed=ms, row_evenness=0.75)
+    wins = [win(v, -45.3 + rng.normal(0, 0.4)) for v in radon]
+    tr = types.SimpleNamespace(windows=wins, events=[], moving_detail=collections.deque())
+    assert _xcorr_consensus(wins) == pytest.approx(45.3, abs=0.5)
+    assert stage._speeds(tr)["v"] == pytest.approx(45.3, abs=0.5)       # the Radon maxima alone: ≈ 55
+    # rows that scatter: no consensus, the window speeds stand
+    loose = [win(v, -45.3 * rng.uniform(0.6, 1.4)) for v in radon]
+    assert math.isnan(_xcorr_consensus(loose))
+    # a registered column: its displacement stands whatever the rows say
+    reg = [win(43.0, 38.0 + rng.normal(0, 0.3), q=0.9, ms=43.0) for _ in range(12)]
+    tr2 = types.SimpleNamespace(windows=reg, events=[], moving_detail=collections.deque())
+    assert stage._speeds(tr2)["v"] == pytest.approx(43.0)
