@@ -79,6 +79,11 @@ MASK_DISAGREEMENT = 0.30       # ... of the mask's width and the chosen (image-p
 #   at 10–20 % disagreement, 7 % below); > 30 % apart (9 % of widths) the image width is > 10 %
 #   off in 58 %. Keypoint widths (seeds 4242–4251, 278 widths): 10–20 % from the image's, the
 #   image's is > 10 % off in 15 % (7 % below 10 %); > 20 % apart, in 47 %.
+ARTERIAL_WIDER_MAX = 1.15      # the keypoint head's arterial limb measuring wider than this × the other limb
+#                                (the reported widths) is overruled: the narrower limb is arterial (ANFC's
+#                                convention). Loops whose true limbs differ by > 2 µm, keypoint side → this
+#                                rule: held-out synthetic stills 0-19 125 → 128 of 141, 20-39 142 → 146 of 160;
+#                                an independent generator's stills 70 → 74 of 81 (docs/accuracy.md, stop 45)
 FAST_TRACK_NOT_SSC = "not scleroderma pattern (suggestive)"
 FAST_TRACK_SSC = "scleroderma pattern (suggestive)"
 FAST_TRACK_INDETERMINATE = "indeterminate"
@@ -623,6 +628,12 @@ def measure_capillary(cap: Capillary, labels: np.ndarray | None = None, keypoint
     if arterial_side in ("left", "right"):
         side = arterial_side
         src = "keypoints" if keypoints else "given"
+        other = "right" if side == "left" else "left"
+        if (src == "keypoints" and np.isfinite(widths[side]) and np.isfinite(widths[other])
+                and widths[side] > ARTERIAL_WIDER_MAX * widths[other]):
+            notes.append("the keypoints' arterial limb measures wider than the other: the narrower limb is "
+                         "taken as arterial")
+            side, src = other, "narrower-limb"
     elif np.isfinite(widths["left"]) and np.isfinite(widths["right"]):
         side = "left" if widths["left"] <= widths["right"] else "right"
     else:

@@ -130,11 +130,19 @@ def test_keypoints_override_and_cross_check():
     cap, labels, mask = ten_px_hairpin()
     kp = {"up": (100, 40), "down": (100, 50), "left-left": (80, 120), "left-right": (90, 120),
           "right-left": (110, 120), "right-right": (126, 120)}
-    m = measure_capillary(cap, labels, keypoints=kp, arterial_side="right")
-    assert m.arterial_width_px == pytest.approx(16.0)      # right pair, as told
-    assert m.venous_width_px == pytest.approx(10.0)
+    m = measure_capillary(cap, labels, keypoints=kp, arterial_side="left")
+    assert m.arterial_width_px == pytest.approx(10.0)      # left pair, as told
+    assert m.venous_width_px == pytest.approx(16.0)        # the keypoints' right pair, not the mask's 10
     assert m.apical_width_px == pytest.approx(10.0)
+    assert m.arterial_side_source == "keypoints"
     assert m.flags["width_disagreement"] is True           # the mask says 10 px on the right: 37 % off
+    # the keypoint head naming the 16-px limb arterial is overruled: the narrower limb is arterial
+    m = measure_capillary(cap, labels, keypoints=kp, arterial_side="right")
+    assert (m.arterial_side, m.arterial_side_source) == ("left", "narrower-limb")
+    assert (m.arterial_width_px, m.venous_width_px) == (pytest.approx(10.0), pytest.approx(16.0))
+    assert any("narrower limb is taken as arterial" in n for n in m.notes)
+    # a side given by other means (flow direction) stands
+    assert measure_capillary(cap, labels, arterial_side="right").arterial_side == "right"
     kp["right-right"] = (122, 120)                         # 12 px: within the mask's usual scatter (30 %)
     assert measure_capillary(cap, labels, keypoints=kp, arterial_side="right").flags["width_disagreement"] is False
     assert keypoint_widths({"up": (0, 0)})["apex"] != keypoint_widths({"up": (0, 0)})["apex"]  # NaN
