@@ -540,7 +540,12 @@ def turned(cap: Capillary, shape: tuple[int, ...], k: int = 2) -> Capillary:
 
 def complete_loops(caps: list[Capillary]) -> int:
     """How many of ``caps`` are whole hairpins: two limbs, two skeleton ends."""
-    return sum(1 for c in caps if not c.extra.get("single_limb") and c.extra.get("n_ends", 0) == 2)
+    return sum(1 for c in caps if _whole_hairpin(c))
+
+
+def _whole_hairpin(c: Capillary) -> bool:
+    """``c`` was traced as both limbs from foot to foot (two ends, not a single limb)."""
+    return not c.extra.get("single_limb") and c.extra.get("n_ends", 0) == 2
 
 
 _POINTING = {0: (0.0, -1.0), 1: (1.0, 0.0), 2: (0.0, 1.0), 3: (-1.0, 0.0)}   # apex direction by turns
@@ -556,7 +561,7 @@ def pointing_hairpins(caps: list[Capillary], turns: int = 0, min_drop: float = H
     dx, dy = _POINTING[int(turns) % 4]
     n = 0
     for c in caps:
-        if c.extra.get("single_limb") or c.extra.get("n_ends", 0) != 2:
+        if not _whole_hairpin(c):
             continue
         cl = np.asarray(c.centerline, np.float64).reshape(-1, 2)
         i = int(c.apex_index)

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import zmq
 
+from nailfold.cli import STATUS_LOGGER
 from nailfold.config import load_config
 from nailfold.errors import NailfoldError
 from stream import wire
@@ -37,7 +38,7 @@ from stream.sockets import make_socket
 from stream.sources import open_source
 
 log = logging.getLogger(__name__)
-status = logging.getLogger("nailfold.status")   # startup lines shown by default (nailfold.cli)
+status = logging.getLogger(STATUS_LOGGER)   # startup lines, shown by default
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9_\-]{1,64}$")
 

@@ -34,6 +34,7 @@ import cv2
 import numpy as np
 import zmq
 
+from nailfold.cli import STATUS_LOGGER
 from nailfold.config import Config, load_config
 from nailfold.io import atomic_write_json
 from stream import wire
@@ -42,7 +43,7 @@ from stream.receiver import Receiver
 from stream.sockets import make_socket
 
 log = logging.getLogger(__name__)
-status = logging.getLogger("nailfold.status")   # startup lines shown by default (nailfold.cli)
+status = logging.getLogger(STATUS_LOGGER)   # startup lines, shown by default
 
 HEALTH_WINDOW_S = 10.0   # latency percentiles and recent drop counts cover the last this many seconds:
 #                          a clinician reads the header as "now", so a start-up transient (first keyframe,

@@ -342,7 +342,6 @@ def test_out_of_focus_loops_are_called_stopped_by_the_strict_rule_only():
     assert a0.analyze(clean, clean.mean(axis=0), 0).stopped
 
 
-
 def _jittered_column(seed: int, speed: float, n: int = 400, t_n: int = 60, gain: float = 0.01,
                      jitter: float = 0.3, noise: float = 1.5) -> np.ndarray:
     """``(t_n, n)`` rows of a blood column whose red-cell texture moves ``speed`` px/frame (0 =
