@@ -435,3 +435,50 @@ def test_an_out_of_focus_giant_makes_the_fast_track_undecidable_not_positive():
     s3 = summarize_image(clear, (768, 1024), 1.0, 3)
     assert giant_present([s3]) is False
     assert giant_present([summarize_image(clear, (768, 1024), None, 3)]) is None
+
+
+def _row(n=10, y=250.0, tilt=0.0, width=1024):
+    xs = np.linspace(60, width - 60, n)
+    return np.stack([xs, y + tilt * (xs - width / 2)], 1)
+
+
+def test_distal_row_ignores_stray_structures_above_it():
+    """Short stray structures far above the row (debris, deep vessels, a noisy still's
+    fragments) neither shape the row nor count in it; a strip whose top-most structure is stray
+    contributes its next loop (before: the row curve went through two such fragments and took 4
+    of 10 loops)."""
+    from stream.morphology import distal_row
+    loops = _row(10)
+    stray = np.array([[405.0, 10.0], [1000.0, 115.0], [130.0, 60.0]])
+    apexes = np.vstack([loops, stray])
+    heights = np.r_[np.full(10, 240.0), [30.0, 60.0, 45.0]]
+    member, coef = distal_row(apexes, heights, 1024, sizes=heights)
+    assert member[:10].all() and not member[10:].any()
+    assert np.polyval(coef, 512.0) == pytest.approx(250.0, abs=5)
+    # a tall stray structure is an outlier in only one strip: the robust line still finds the row
+    heights2 = np.r_[np.full(10, 240.0), [240.0, 60.0, 45.0]]
+    member2, _ = distal_row(apexes, heights2, 1024, sizes=heights2)
+    assert member2[:10].all() and not member2[10]
+
+
+def test_distal_row_follows_a_tilted_row_and_skips_a_lower_row():
+    from stream.morphology import distal_row
+    top = _row(9, y=300.0, tilt=0.25)                       # 220 px of rise across the image
+    lower = _row(5, y=600.0, tilt=0.25)[1:-1]
+    apexes = np.vstack([top, lower])
+    h = np.full(len(apexes), 200.0)
+    member, _ = distal_row(apexes, h, 1024)
+    assert member[:9].all() and not member[9:].any()
+
+
+def test_row_pieces_count_a_split_loop_once():
+    """A loop whose limbs were traced apart (two apexes 20 px apart) counts once in the density;
+    neighbours 60 µm apart both count."""
+    from stream.morphology import row_pieces
+    apexes = np.array([[100.0, 250.0], [120.0, 255.0], [300.0, 250.0], [350.0, 250.0]])
+    sizes = np.array([140.0, 200.0, 200.0, 200.0])
+    member = np.ones(4, bool)
+    out = row_pieces(apexes, sizes, member, spacing_px=40.0 / 1.2)
+    assert out.tolist() == [False, True, True, True]       # the longer trace of the pair is kept
+    assert row_pieces(apexes, sizes, np.array([True, False, True, True]), 40.0 / 1.2).tolist() == \
+        [True, False, True, True]
