@@ -38,7 +38,7 @@ import numpy as np
 from nailfold.config import load_config
 from stream.capillaries import extract_capillaries
 from stream.evaluation import seed_range
-from stream.morphology import measure_capillary, summarize_image
+from stream.morphology import apply_image_focus, measure_capillary, summarize_image
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +97,8 @@ def _analyse(labels, truth, um, ranges, min_clear, side_from_truth, image=None, 
     for c, pr in zip(caps, probs):
         morphs.append(measure_capillary(c, labels, None, um, ranges, arterial_side=side_of.get(c.id),
                                           image=image, shape_probs=pr))
+    if image is not None:
+        apply_image_focus(morphs)       # as `nailfold image` does
     summary = summarize_image(morphs, labels.shape, um, min_clear)
     for ti, tc in enumerate(tcaps):
         matches.append((tc, morphs[tmatched[ti]] if ti in tmatched else None))

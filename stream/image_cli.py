@@ -39,7 +39,8 @@ from stream.capillaries import (extract_capillaries, loop_turns, loops_point_not
                                 turned_bbox, turned_points, turned_shape)
 from stream.capillary import BLURRED
 from stream.kymograph import faint_contrast, loop_contrast, sampling_maps, tissue_levels
-from stream.morphology import measure_capillary, subject_of, summarize_image, summarize_subject, vessel_channel
+from stream.morphology import (FOCUS_BLUR_MAX_PX, apply_image_focus, measure_capillary, subject_of, summarize_image,
+                               summarize_subject, vessel_channel)
 
 log = logging.getLogger(__name__)
 
@@ -200,11 +201,15 @@ def _analyse_labels(img: np.ndarray, labels: np.ndarray, um_per_px: float | None
                               shape_probs=probs.get(c.id))
         orient_arterial_first(c, m.arterial_side)
         morphs.append(m)
+    soft = apply_image_focus(morphs)
     summary = summarize_image(morphs, img.shape, um_per_px, min_clear)
     row = set(summary.distal_row_ids)
     warnings = []
     if um_per_px is None:
         warnings.append("uncalibrated: sizes in px only, density null (give --um-per-px or device.um_per_px)")
+    if soft is not None:
+        warnings.append(f"soft image: its sharpest loops' edge blur σ is {soft:.1f} px (in focus ≤ "
+                        f"{FOCUS_BLUR_MAX_PX} px); focus judged against the image, widths less precise")
     if summary.reason:
         warnings.append(summary.reason)
     if n_faint:

@@ -31,7 +31,8 @@ out: :class:`CapillaryMorphology`):
   ``enlarged`` — apical width in
   [enlarged_apex_um, giant_apex_um); ``giant`` — ≥ giant_apex_um (both None when uncalibrated);
   ``blurred`` — out of focus: the edge blur σ of the blurred-cylinder fits of its sections
-  (:func:`edge_blur_px`, px at 1024-px frame width) above :data:`FOCUS_BLUR_MAX_PX`, or, when no
+  (:func:`edge_blur_px`, px at 1024-px frame width) above :data:`FOCUS_BLUR_MAX_PX` (in an image
+  whose every loop is soft, against that image: :func:`apply_image_focus`), or, when no
   section could be fitted (no image, touching limbs), the segmentation label BLURRED;
   ``haemorrhage_near`` — a haemorrhage pixel within 50 µm (40 px when
   uncalibrated) of the apex.
@@ -86,6 +87,14 @@ ARTERIAL_WIDER_MAX = 1.15      # the keypoint head's arterial limb measuring wid
 #                                convention). Loops whose true limbs differ by > 2 µm, keypoint side → this
 #                                rule: held-out synthetic stills 0-19 125 → 128 of 141, 20-39 142 → 146 of 160;
 #                                an independent generator's stills 70 → 74 of 81 (docs/accuracy.md, stop 45)
+FOCUS_SOFT_REL = 1.3      # in a soft image (the sharpest quarter of its loops above FOCUS_BLUR_MAX_PX:
+#                           a scope whose optics blur everything) a loop is out of focus when its edge
+#                           blur exceeds this × that quarter's σ (:func:`apply_image_focus`) ...
+FOCUS_BLUR_CEIL_PX = 3.0  # ... and always above this σ. Independent stills (23 images, optics σ 1.0–2.9
+#                           px, no loop more out of focus than the rest): every loop of 9 soft images
+#                           was "blurred" and their summaries null; loop widths at σ < 3 px erred 1.3 /
+#                           0.8 / 1.8 µm (narrow limb / wide limb / apex; clear loops 0.6 / 0.7 / 0.8),
+#                           at σ ≥ 3 px 1.6 / 2.3 / 3.5 µm
 FAST_TRACK_NOT_SSC = "not scleroderma pattern (suggestive)"
 FAST_TRACK_SSC = "scleroderma pattern (suggestive)"
 FAST_TRACK_INDETERMINATE = "indeterminate"
@@ -695,6 +704,33 @@ def measure_capillary(cap: Capillary, labels: np.ndarray | None = None, keypoint
         um_per_px=um_per_px, shape_class=shape_class, notes=notes,
         image_widths_px=None if iw is None else {k: iw[k] for k in ("left", "right", "apex")},
         width_source=source)
+
+
+def apply_image_focus(morphs: list[CapillaryMorphology]) -> float | None:
+    """Judge focus against the image when the whole image is soft.
+
+    In: one image's loops as measured (:func:`measure_capillary`, focus from each loop's edge
+    blur σ against :data:`FOCUS_BLUR_MAX_PX`). When the 25th percentile ``ref`` of their σ (px at
+    1024-px width; ≥ 3 loops with a σ) exceeds ``FOCUS_BLUR_MAX_PX / FOCUS_SOFT_REL``, loops with a
+    σ are relabelled in place: out of focus when σ > min(:data:`FOCUS_BLUR_CEIL_PX`,
+    max(FOCUS_BLUR_MAX_PX, :data:`FOCUS_SOFT_REL` × ref)), with a note. Out: ``ref`` px when the
+    image is soft (``ref`` > FOCUS_BLUR_MAX_PX), else None. A sharp image is left as it is."""
+    eb = [m.edge_blur_px for m in morphs if m.focus_source == "edge_blur" and m.edge_blur_px is not None]
+    if len(eb) < 3:
+        return None
+    ref = float(np.percentile(eb, 25))
+    thr = min(FOCUS_BLUR_CEIL_PX, max(FOCUS_BLUR_MAX_PX, FOCUS_SOFT_REL * ref))
+    if thr > FOCUS_BLUR_MAX_PX:
+        for m in morphs:
+            if m.focus_source != "edge_blur" or m.edge_blur_px is None:
+                continue
+            blurred = bool(m.edge_blur_px > thr)
+            if blurred != (m.label == "blurred"):
+                m.label = "blurred" if blurred else "clear"
+                m.flags["blurred"] = blurred
+                m.notes.append(f"focus judged against this soft image: edge blur σ {m.edge_blur_px:.2f} px "
+                               f"{'>' if blurred else '≤'} {thr:.2f} px")
+    return ref if ref > FOCUS_BLUR_MAX_PX else None
 
 
 def _haemorrhage_near(cap: Capillary, labels: np.ndarray | None, radius_px: float) -> bool | None:

@@ -1,4 +1,5 @@
 """Morphology measurements on drawn shapes of known size, flags, uncalibrated handling, Fast Track."""
+import copy
 import dataclasses
 import math
 
@@ -482,3 +483,34 @@ def test_row_pieces_count_a_split_loop_once():
     assert out.tolist() == [False, True, True, True]       # the longer trace of the pair is kept
     assert row_pieces(apexes, sizes, np.array([True, False, True, True]), 40.0 / 1.2).tolist() == \
         [True, False, True, True]
+
+
+def test_focus_is_judged_against_a_soft_image():
+    """When every loop of an image is soft (a scope whose optics blur everything: the sharpest
+    quarter's edge blur σ above FOCUS_BLUR_MAX_PX), loops as sharp as the image allows are clear
+    and only those clearly blurrier than it (× FOCUS_SOFT_REL, or σ > FOCUS_BLUR_CEIL_PX) are out of
+    focus; a sharp image keeps the absolute rule."""
+    from stream.morphology import FOCUS_BLUR_CEIL_PX, FOCUS_BLUR_MAX_PX, apply_image_focus
+    pts = hairpin(sep=30.0)
+    widths = np.full(len(pts), 11.0)
+    shape = (260, 1024)
+    mask = tube_mask(shape, pts, widths)
+    cap, labels = one_cap(mask)
+
+    measured = {b: measure_capillary(cap, labels, um_per_px=None, ranges=RANGES,
+                                     image=_render_vessel_image(pts, widths, shape, k=0.8, blur=b))
+                for b in (0.9, 2.3, 2.5, 3.6)}
+
+    def loop(blur):
+        return copy.deepcopy(measured[blur])
+
+    soft = [loop(b) for b in (2.3, 2.3, 2.5, 2.5, 3.6)]
+    assert all(m.label == "blurred" for m in soft)            # the absolute rule alone
+    ref = apply_image_focus(soft)
+    assert ref is not None and ref > FOCUS_BLUR_MAX_PX
+    assert [m.label for m in soft] == ["clear"] * 4 + ["blurred"]
+    assert soft[-1].edge_blur_px > FOCUS_BLUR_CEIL_PX and soft[0].flags["blurred"] is False
+    assert any("soft image" in n for n in soft[0].notes)
+    sharp = [loop(b) for b in (0.9, 0.9, 0.9, 2.5)]
+    assert apply_image_focus(sharp) is None
+    assert [m.label for m in sharp] == ["clear"] * 3 + ["blurred"]
