@@ -98,7 +98,7 @@ def measure_live(caps: list[tuple[Capillary, bool | None]], shape: tuple[int, ..
         d["flags"] = [k for k in _SHOWN_FLAGS if m.flags.get(k)]
         d["class"] = next((k for k in ("giant", "enlarged", "crossing", "tortuous") if m.flags.get(k)),
                           "blurred" if m.label == "blurred" else "normal")
-        for k in ("mask_widths_px", "keypoint_widths_px", "bbox"):
+        for k in ("mask_widths_px", "keypoint_widths_px", "bbox", "shape_probs"):
             d.pop(k, None)
         out[int(m.id)] = _finite(d)
         cache[ck] = (m, out[int(m.id)])

@@ -514,3 +514,24 @@ def test_focus_is_judged_against_a_soft_image():
     sharp = [loop(b) for b in (0.9, 0.9, 0.9, 2.5)]
     assert apply_image_focus(sharp) is None
     assert [m.label for m in sharp] == ["clear"] * 3 + ["blurred"]
+
+
+def test_shape_class_agrees_with_the_measured_flags():
+    """The reported shape class is the classifier's likeliest class among those the loop's
+    flags allow: calibrated size classes follow the measured apex, tortuous/crossing the flags,
+    "blurred" only an out-of-focus loop."""
+    from stream.morphology import consistent_shape_class
+    probs = {"normal": 0.2, "tortuous": 0.05, "crossing": 0.05, "enlarged": 0.6, "giant": 0.05, "bushy": 0.03,
+             "blurred": 0.02}
+    normal_apex = {"tortuous": False, "crossing": False, "giant": False, "enlarged": False}
+    assert consistent_shape_class(probs, normal_apex, "clear") == "normal"
+    assert consistent_shape_class(probs, dict(normal_apex, enlarged=True), "clear") == "enlarged"
+    assert consistent_shape_class(probs, dict(normal_apex, giant=None, enlarged=None), "clear") == "enlarged"
+    assert consistent_shape_class(probs, dict(normal_apex, crossing=True), "clear") == "crossing"
+    blur = {"normal": 0.3, "blurred": 0.6, "tortuous": 0.1}
+    assert consistent_shape_class(blur, normal_apex, "clear") == "normal"
+    assert consistent_shape_class(blur, normal_apex, "blurred") == "blurred"
+    assert consistent_shape_class({"tortuous": 0.9}, normal_apex, "clear") == "normal"
+    unsure = {"normal": 0.1, "enlarged": 0.6, "bushy": 0.3}
+    assert consistent_shape_class(unsure, normal_apex, "clear") == "normal"         # bushy < 0.5
+    assert consistent_shape_class({"normal": 0.3, "bushy": 0.7}, normal_apex, "clear") == "bushy"
