@@ -32,15 +32,17 @@ BALANCED_MIX = {"normal": 0.3, "tortuous": 0.14, "crossing": 0.14, "enlarged": 0
                 "bushy": 0.14}
 
 
-def sim_params(seed: int, vary: bool = True, class_mix: dict | None = None):
-    """SimParams for ``seed``, widely varied (deterministic in the seed) when ``vary``."""
+def sim_params(seed: int, vary: bool = True, class_mix: dict | None = None, variety: bool = False):
+    """SimParams for ``seed``, widely varied (deterministic in the seed) when ``vary``;
+    ``variety``: wider loops and figure-8 crossings (``SimParams.shape_variety``)."""
     from stream.synthetic import SimParams
     if not vary:
-        return SimParams(seed=seed, class_mix=class_mix)
+        return SimParams(seed=seed, class_mix=class_mix, shape_variety=variety)
     r = np.random.default_rng([seed, 4242])
     return SimParams(seed=seed, um_per_px=float(r.uniform(0.9, 1.7)), noise_sigma=float(r.uniform(1, 12)),
                      blur_sigma=float(r.choice([0.0, r.uniform(0.3, 1.6)])), color=bool(r.random() < 0.85),
-                     haemorrhage_prob=float(r.uniform(0.05, 0.35)), appearance="random", class_mix=class_mix)
+                     haemorrhage_prob=float(r.uniform(0.05, 0.35)), appearance="random", class_mix=class_mix,
+                     shape_variety=variety)
 
 
 def render_seg(seed: int, vary: bool = True, class_mix: dict | None = None):
@@ -76,11 +78,11 @@ def loop_center(truth_cap: dict) -> tuple[float, float]:
 
 
 def render_loops(seed: int, out: int = 144, vary: bool = True, class_mix: dict | None = None,
-                 jitter_canon: float = 8.0) -> list[LoopSample]:
+                 jitter_canon: float = 8.0, variety: bool = False) -> list[LoopSample]:
     """Per-loop context windows (1.5 × KP_WINDOW_CANON canonical px resampled to out×out, so
     augmentation can rotate/scale without borders) with points mapped into the window."""
     from stream.synthetic import render_still
-    img, truth, _ = render_still(sim_params(seed, vary, class_mix))
+    img, truth, _ = render_still(sim_params(seed, vary, class_mix, variety))
     r = np.random.default_rng([seed, 99])
     H, W = img.shape[:2]
     f = A.canon_factor(img.shape)
@@ -149,17 +151,18 @@ def load_or_render_seg(seeds, workers: int = 1, cache: str | None = None) -> lis
     return [have[s] for s in seeds]
 
 
-def _render_loops_balanced(seed: int):
+def _render_loops_balanced(seed: int, variety: bool = False):
     try:
-        return render_loops(seed, class_mix=BALANCED_MIX)
+        return render_loops(seed, class_mix=BALANCED_MIX, variety=variety)
     except ValueError as e:  # a simulator failure on one seed must not cost a whole data set
         log.warning("synthetic seed %d failed to render (%s): skipped", seed, e)
         return []
 
 
-def render_many_loops(seeds, workers: int = 1) -> list[LoopSample]:
+def render_many_loops(seeds, workers: int = 1, variety: bool = False) -> list[LoopSample]:
+    import functools
     out = []
-    for lst in _pool_map(_render_loops_balanced, list(seeds), workers):
+    for lst in _pool_map(functools.partial(_render_loops_balanced, variety=variety), list(seeds), workers):
         out.extend(lst)
     return out
 

@@ -333,13 +333,17 @@ def load_or_render_loops(args):
     from models.train_cli import _seeds
     cache = getattr(args, "loop_cache", None)
     tr, va = _seeds(args)
+    variety = bool(getattr(args, "shape_variety", False))
     desc = {"source": "synthetic (balanced class mix)", "train_seeds": [tr[0], tr[-1]], "val_seeds": [va[0], va[-1]]}
+    if variety:
+        desc["shape_variety"] = "training images only (wider loops, figure-8 crossings)"
+        cache = f"{cache}.variety.npz" if cache else cache
     if cache and Path(cache).is_file():
         cached = _read_loop_cache(cache)
         if cached is not None and [list(s) for s in cached[0]] == [list(tr), list(va)]:
             return cached[1], cached[2], desc
     print(f"rendering loops from {len(tr)} training + {len(va)} validation images ...", flush=True)
-    train_s, val_s = DS.render_many_loops(tr, args.workers), DS.render_many_loops(va, args.workers)
+    train_s, val_s = DS.render_many_loops(tr, args.workers, variety), DS.render_many_loops(va, args.workers)
     if cache:
         _write_loop_cache(cache, (list(tr), list(va)), train_s, val_s)
     return train_s, val_s, desc

@@ -51,6 +51,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--init", default=None, help="start from this checkpoint's weights (fine-tune)")
     p.add_argument("--base", type=int, default=16, help="network width (base channels)")
     p.add_argument("--loop-cache", default=None, help=".npz cache of rendered per-loop windows")
+    p.add_argument("--shape-variety", action="store_true",
+                   help="classifier/keypoints: training images with wider loops and figure-8 crossings "
+                        "(SimParams.shape_variety); validation images as usual")
     p.add_argument("--seg-cache", default=None, help=".npz cache of rendered segmentation images")
     p.add_argument("--levels", type=int, default=4, help="seg: U-Net levels")
     p.add_argument("--crop", type=int, default=192, help="training crop side (px at network scale)")

@@ -86,6 +86,10 @@ class SimParams:
     wbc_depth: tuple[float, float] = (0.85, 0.85)
     wbc_sigma_um: tuple[float, float] = (6.0, 6.0)
     rbc_texture: tuple[float, float] = (0.22, 0.22)   # red-cell density SD per loop (drawn per loop)
+    shape_variety: bool = False        # wider loops (limb centres 14–50 µm apart, not 14–32) and half the
+    #                                    crossings as figure-8s (limbs parallel, swapping sides over a
+    #                                    quarter to half of the height, feet up to 1.5× farther apart):
+    #                                    the shape classifier's training data (False keeps every scene)
 
     def __post_init__(self) -> None:
         if not (self.um_per_px > 0 and self.fps > 0 and self.width >= 64 and self.height >= 64):
@@ -129,7 +133,7 @@ class _Loop:
 
 # ------------------------------------------------------------------------------------------ geometry
 def _hairpin(rng: np.random.Generator, cls: str, x0: float, y_apex: float, height: float, sep: float,
-             step: float = 0.5) -> tuple[np.ndarray, int, list]:
+             step: float = 0.5, variety: bool = False) -> tuple[np.ndarray, int, list]:
     """Centerline of a hairpin (left foot → apex → right foot) in canvas px; returns (pts, apex_idx, crossings)."""
     n_limb = max(8, int(height / step))
     u = np.linspace(0.0, 1.0, n_limb)          # 0 = foot, 1 = top of the limb (apex arc start)
@@ -140,6 +144,10 @@ def _hairpin(rng: np.random.Generator, cls: str, x0: float, y_apex: float, heigh
     if cls == "crossing":
         n_cross = 1 if rng.random() < 0.7 else 2
         f = -np.cos(np.pi * u) if n_cross == 1 else np.cos(2 * np.pi * u)
+        if variety and rng.random() < 0.5:      # figure-8: parallel limbs that swap over a stretch
+            uc, span, feet = rng.uniform(0.3, 0.7), rng.uniform(0.25, 0.5), rng.uniform(1.0, 1.5)
+            t = np.clip((u - (uc - span / 2)) / span, 0.0, 1.0)
+            f = -feet + (1.0 + feet) * t * t * (3.0 - 2.0 * t)
     if cls == "tortuous":
         k = rng.uniform(2.0, 4.5)
         amp = rng.uniform(0.35, 0.7) * sep
@@ -355,7 +363,7 @@ class SyntheticScope:
         w_art, w_ven = um(rng.uniform(9, 13)), um(rng.uniform(11, 17))
         w_apex = um(rng.uniform(12, 18))
         height = um(rng.uniform(150, 250))
-        sep = um(rng.uniform(14, 32))
+        sep = um(rng.uniform(14, 50 if p.shape_variety else 32))
         shape = cls if cls in ("tortuous", "crossing") else "normal"
         if cls == "enlarged":
             w_apex = um(rng.uniform(22, 45))
@@ -370,7 +378,7 @@ class SyntheticScope:
             shape = "normal"
         if shape == "crossing":
             sep = max(sep, (w_art + w_ven) * 0.9)
-        pts, apex_idx, crossings = _hairpin(rng, shape, x0, y_apex, height, sep)
+        pts, apex_idx, crossings = _hairpin(rng, shape, x0, y_apex, height, sep, variety=p.shape_variety)
         # real loops lean and bend a little: rotate about the base and shear slightly
         theta = np.deg2rad(rng.normal(0, 7 if row == "distal" else 15))
         base = np.array([x0, y_apex + height + sep / 2], np.float32)

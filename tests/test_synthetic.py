@@ -333,3 +333,30 @@ def test_exposure_blurs_each_frame_along_the_tremor_path():
     assert np.abs(got - sharp.frame(i))[inner].mean() > 3 * np.abs(got - mean)[inner].mean()
     with pytest.raises(ValueError):
         SimParams(exposure=1.5)
+
+
+def test_shape_variety_adds_figure_eights_and_leaves_default_scenes_alone():
+    """``shape_variety`` (the classifier's training data) draws some crossings as figure-8s —
+    parallel limbs that swap sides once over part of the height, feet up to 1.5× farther apart —
+    and wider loops; without it a scene is drawn exactly as before (no extra random draws)."""
+    from stream.synthetic import _hairpin
+    feet, mids = [], []
+    for s in range(40):
+        pts, ai, cr = _hairpin(np.random.default_rng(s), "crossing", 100.0, 50.0, 200.0, 30.0, variety=True)
+        assert len(cr) in (1, 2)
+        left, right = pts[:ai], pts[ai:][::-1]
+        feet.append(abs(right[0, 0] - left[0, 0]) / 30.0)
+        mids.append(cr[0][1])
+    assert max(feet) > 1.2 and min(feet) >= 0.99             # figure-8s spread their feet
+    assert np.ptp(mids) > 40                                  # and cross at different heights
+    for cls in ("normal", "crossing", "tortuous"):
+        a, b = np.random.default_rng(7), np.random.default_rng(7)
+        pa = _hairpin(a, cls, 100.0, 50.0, 200.0, 30.0)[0]
+        pb = _hairpin(b, cls, 100.0, 50.0, 200.0, 30.0, variety=False)[0]
+        assert np.array_equal(pa, pb) and a.random() == b.random()
+    p = SimParams(seed=3, duration_s=1.0, class_mix={"normal": 1.0})
+    a = render_still(p)[0]
+    assert np.array_equal(a, render_still(SimParams(seed=3, duration_s=1.0, class_mix={"normal": 1.0},
+                                                     shape_variety=False))[0])
+    assert not np.array_equal(a, render_still(SimParams(seed=3, duration_s=1.0, class_mix={"normal": 1.0},
+                                                         shape_variety=True))[0])
