@@ -13,6 +13,7 @@ Out: ``(per_capillary, summary)`` — ``{id: dict}`` with widths (px and µm), h
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import numpy as np
@@ -20,11 +21,23 @@ import numpy as np
 from nailfold.config import Config
 from stream.capillaries import turned, turned_points, turned_shape
 from stream.capillary import Capillary
-from stream.morphology import fast_track, giant_present, measure_capillary, summarize_image
+from stream.morphology import apply_image_focus, fast_track, giant_present, measure_capillary, summarize_image
 
 log = logging.getLogger(__name__)
 
 _SHOWN_FLAGS = ("tortuous", "crossing", "enlarged", "giant", "haemorrhage_near", "width_disagreement")
+
+
+def _entry(m) -> dict:
+    """One capillary's JSON-able dashboard entry from its :class:`CapillaryMorphology`."""
+    d = m.to_dict()
+    d["length_px"], d["length_um"] = d["height_px"], d["height_um"]
+    d["flags"] = [k for k in _SHOWN_FLAGS if m.flags.get(k)]
+    d["class"] = next((k for k in ("giant", "enlarged", "crossing", "tortuous") if m.flags.get(k)),
+                      "blurred" if m.label == "blurred" else "normal")
+    for k in ("mask_widths_px", "keypoint_widths_px", "bbox", "shape_probs"):
+        d.pop(k, None)
+    return _finite(d)
 
 
 def arterial_side_from_flow(cap: Capillary, reversed_flow: bool | None) -> str | None:
@@ -93,17 +106,18 @@ def measure_live(caps: list[tuple[Capillary, bool | None]], shape: tuple[int, ..
             log.debug("morphology failed for capillary %s", cap.id, exc_info=True)
             continue
         morphs.append(m)
-        d = m.to_dict()
-        d["length_px"], d["length_um"] = d["height_px"], d["height_um"]
-        d["flags"] = [k for k in _SHOWN_FLAGS if m.flags.get(k)]
-        d["class"] = next((k for k in ("giant", "enlarged", "crossing", "tortuous") if m.flags.get(k)),
-                          "blurred" if m.label == "blurred" else "normal")
-        for k in ("mask_widths_px", "keypoint_widths_px", "bbox", "shape_probs"):
-            d.pop(k, None)
-        out[int(m.id)] = _finite(d)
+        out[int(m.id)] = _entry(m)
         cache[ck] = (m, out[int(m.id)])
     for ck in [ck for ck in cache if ck not in keep]:
         del cache[ck]
+    # a soft scope: focus judged against this image, as `nailfold image` does (on copies: the
+    # cached measurements stay as measured, the judgement follows the current set of loops)
+    judged = [dataclasses.replace(m, flags=dict(m.flags), notes=list(m.notes)) for m in morphs]
+    if apply_image_focus(judged) is not None:
+        for m0, m1 in zip(morphs, judged):
+            if m1.label != m0.label:
+                out[int(m1.id)] = _entry(m1)
+        morphs = judged
     s = summarize_image(morphs, shape, um, cfg.morphology.min_clear_capillaries)
     summary = s.to_dict()
     abnormal = None if s.crossing_fraction is None else bool(

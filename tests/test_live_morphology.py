@@ -103,3 +103,25 @@ def test_loops_pointing_down_or_sideways_are_measured_turned(turns):
                                                       abs=3)
     if turns == 2:                     # the older flag says the same
         assert measure_live([(c, None) for c in caps_t], lab_t.shape, cfg, apex_down=True)[0] == got
+
+
+def test_live_judges_focus_against_a_soft_frame_like_nailfold_image():
+    """A soft frame (every loop's edge blur above 1.8 px at 1024-px width) has its loops judged
+    against it, as `nailfold image` does, instead of all out of focus; the cache keeps the
+    measurements as measured."""
+    from stream.morphology import FOCUS_BLUR_MAX_PX, measure_capillary
+    caps = _caps()
+    lab = _loops()
+    img = np.where(lab > 0, 110, 200).astype(np.uint8)
+    img = cv2.GaussianBlur(img.astype(np.float32), (0, 0), 1.9).astype(np.uint8)
+    cfg = load_config("synthetic.yaml")
+    raw = [measure_capillary(c, None, None, 1.2, cfg.morphology.normal_ranges, image=img) for c in caps]
+    assert all(m.edge_blur_px > FOCUS_BLUR_MAX_PX and m.label == "blurred" for m in raw), \
+        [m.edge_blur_px for m in raw]
+    cache: dict = {}
+    per, summary = measure_live([(c, None) for c in caps], (300, 600), cfg, image=img, cache=cache)
+    assert all(m["label"] == "clear" for m in per.values())
+    assert summary["n_clear"] == 3
+    assert all(m.label == "blurred" for m, _ in cache.values())       # cached as measured
+    per2, _ = measure_live([(c, None) for c in caps], (300, 600), cfg, image=img, cache=cache)
+    assert all(m["label"] == "clear" for m in per2.values())
