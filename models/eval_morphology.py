@@ -36,7 +36,7 @@ from types import SimpleNamespace
 import numpy as np
 
 from nailfold.config import load_config
-from stream.capillaries import extract_capillaries
+from stream.capillaries import BRIDGE_MAX_GAP_PX, bridge_breaks, extract_capillaries
 from stream.evaluation import seed_range
 from stream.morphology import apply_image_focus, measure_capillary, summarize_image
 
@@ -64,7 +64,9 @@ def _err(e: list[float]) -> dict:
             "bias": float(a.mean())}
 
 
-def _analyse(labels, truth, um, ranges, min_clear, side_from_truth, image=None, classifier=None):
+def _analyse(labels, truth, um, ranges, min_clear, side_from_truth, image=None, classifier=None, mend=False):
+    if mend:       # segmenter masks: mended as `nailfold image` does (true masks need not be)
+        labels = bridge_breaks(labels, BRIDGE_MAX_GAP_PX * max(labels.shape[:2]) / 1024.0)
     caps = extract_capillaries(labels, min_length_px=40 * 1.2 / um, prune_px=10 * 1.2 / um,
                                max_limb_px=350 * 1.2 / um)
     probs = [None] * len(caps)
@@ -145,7 +147,7 @@ def evaluate_morphology_metrics(args) -> dict:
         for source, labels in (("pipeline", pred), ("truth_mask", lab)):
             for side_mode in ("narrower", "true_side"):
                 matches, summ, n_found = _analyse(labels, truth, um, ranges, min_clear, side_mode == "true_side",
-                                                  image=img, classifier=clf)
+                                                  image=img, classifier=clf, mend=source == "pipeline")
                 bucket = res[f"{source}/{side_mode}"]
                 for tc, m in matches:
                     bucket["rows"].append((seed, tc, m))

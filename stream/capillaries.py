@@ -1149,3 +1149,88 @@ def reverse_sections(n: int, sections: list[tuple[int, int]]) -> np.ndarray:
         if hi - lo + 1 == pos.size:      # nested or disjoint sections stay contiguous blocks
             order[lo:hi + 1] = order[lo:hi + 1][::-1].copy()
     return order
+
+
+BRIDGE_MAX_GAP_PX = 14.0     # px at 1024-px image width
+BRIDGE_MIN_ALIGN = 0.7       # cos of the angle between an end's own direction and the gap
+
+
+def bridge_breaks(labels: np.ndarray, max_gap_px: float = BRIDGE_MAX_GAP_PX, end_len: int = 8) -> np.ndarray:
+    """Vessel masks of a still mended where the segmentation broke a vessel.
+
+    In: labels (H, W) uint8 (CLEAR/BLURRED vessel classes, anything else background).
+    Out: a copy in which each pair of skeleton ends of *different* vessel components that face
+    each other across a mask gap ≤ ``max_gap_px`` (px between the vessel edges; the caller scales
+    it with the image) is joined
+    by a line as wide as the narrower end (twice its distance to the background), in the class
+    of the end it starts from. Facing: both ends point along the gap (the cosine between each
+    end's direction over its last ``end_len`` skeleton px and the gap ≥ BRIDGE_MIN_ALIGN). Each
+    end joins at most once, nearest pair first. Why: on a single noisy or soft frame the
+    segmentation often breaks a loop at its apex or along a limb, and its pieces were measured
+    (and counted) as loops of their own — 55 of 242 loops of an independent generator's stills."""
+    vessel = (labels == CLEAR) | (labels == BLURRED)
+    if not vessel.any():
+        return labels.copy()
+    n, comp = cv2.connectedComponents(vessel.astype(np.uint8), connectivity=8)
+    if n <= 2:
+        return labels.copy()
+    skel = skeletonize(vessel)
+    dist = distance_transform_edt(vessel)
+    nb = cv2.filter2D(skel.astype(np.uint8), -1, np.ones((3, 3), np.float32), borderType=cv2.BORDER_CONSTANT)
+    ys, xs = np.nonzero(skel & (nb == 2))                       # skeleton ends: one neighbour
+    if len(ys) < 2:
+        return labels.copy()
+    ends = []
+    for y, x in zip(ys, xs):
+        # walk back along the skeleton for the end's direction
+        path = [(y, x)]
+        seen = {(y, x)}
+        cy, cx = y, x
+        for _ in range(end_len):
+            nxt = None
+            for dy in (-1, 0, 1):
+                for dx in (-1, 0, 1):
+                    q = (cy + dy, cx + dx)
+                    if (dy or dx) and 0 <= q[0] < skel.shape[0] and 0 <= q[1] < skel.shape[1] and skel[q] \
+                            and q not in seen:
+                        nxt = q
+                        break
+                if nxt:
+                    break
+            if nxt is None:
+                break
+            seen.add(nxt)
+            path.append(nxt)
+            cy, cx = nxt
+        if len(path) < 4:
+            continue
+        d = np.array([x - path[-1][1], y - path[-1][0]], float)
+        nd = float(np.hypot(*d))
+        if nd == 0:
+            continue
+        ends.append((int(comp[y, x]), np.array([x, y], float), d / nd, float(dist[y, x])))
+    pairs = []
+    for i in range(len(ends)):
+        for j in range(i + 1, len(ends)):
+            ci, pi, di, ri = ends[i]
+            cj, pj, dj, rj = ends[j]
+            if ci == cj:
+                continue
+            g = pj - pi
+            gap = float(np.hypot(*g))
+            if gap == 0 or gap - ri - rj > max_gap_px:      # the mask's gap, not the skeletons'
+                continue
+            u = g / gap
+            if float(di @ u) >= BRIDGE_MIN_ALIGN and float(dj @ -u) >= BRIDGE_MIN_ALIGN:
+                pairs.append((gap, i, j))
+    out = labels.copy()
+    used: set[int] = set()
+    for gap, i, j in sorted(pairs):
+        if i in used or j in used:
+            continue
+        used.update((i, j))
+        (_, pi, _, ri), (_, pj, _, rj) = ends[i], ends[j]
+        y, x = int(pi[1]), int(pi[0])
+        width = max(1, int(round(2.0 * min(ri, rj))))
+        cv2.line(out, (int(pi[0]), int(pi[1])), (int(pj[0]), int(pj[1])), int(labels[y, x]), width)
+    return out

@@ -710,3 +710,31 @@ def test_bridge_section_replaces_a_detour_by_a_curve_along_the_path():
     assert abs(seg.sum() - 99.0) < 1.0                                     # the detour is gone
     assert np.abs(out[:, 1]).max() < 1e-9 and 45 <= out[mid, 0] <= 54     # straight through, middle in the gap
     assert bridge_section(path, 1, b) is None and bridge_section(path, a, len(path) - 2) is None
+
+
+def test_bridge_breaks_mends_a_broken_limb_and_nothing_else():
+    """A limb the segmentation broke (a 6-px gap, the two ends facing each other) is joined; ends
+    that do not face each other, or lie farther apart, stay apart; the loop then traces whole."""
+    import cv2
+
+    from stream.capillaries import bridge_breaks
+    from stream.capillary import CLEAR
+    lab = np.zeros((300, 400), np.uint8)
+    cv2.line(lab, (100, 250), (100, 140), CLEAR, 9)            # left limb, broken at y 126-135
+    cv2.line(lab, (100, 125), (100, 80), CLEAR, 9)
+    cv2.ellipse(lab, (115, 80), (15, 15), 0, 180, 360, CLEAR, 9)
+    cv2.line(lab, (130, 80), (130, 250), CLEAR, 9)
+    cv2.line(lab, (250, 250), (250, 140), CLEAR, 9)            # a limb end beside a bar across it
+    cv2.line(lab, (262, 128), (300, 128), CLEAR, 9)
+    cv2.line(lab, (350, 250), (350, 150), CLEAR, 9)            # a 30-px break: too far to mend
+    cv2.line(lab, (350, 110), (350, 60), CLEAR, 9)
+
+    def n_components(a):
+        return cv2.connectedComponents((a > 0).astype(np.uint8))[0] - 1
+
+    out = bridge_breaks(lab, 14.0)
+    assert n_components(lab) == 6 and n_components(out) == 5
+    assert out[132, 100] == CLEAR and lab[132, 100] == 0
+    assert (out[:, 240:] == lab[:, 240:]).all()
+    caps = [c for c in extract_capillaries(out) if c.bbox[0] < 200]
+    assert len(caps) == 1 and not caps[0].extra.get("single_limb")
