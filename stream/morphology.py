@@ -87,9 +87,11 @@ ARTERIAL_WIDER_MAX = 1.15      # the keypoint head's arterial limb measuring wid
 #                                convention). Loops whose true limbs differ by > 2 µm, keypoint side → this
 #                                rule: held-out synthetic stills 0-19 125 → 128 of 141, 20-39 142 → 146 of 160;
 #                                an independent generator's stills 70 → 74 of 81 (docs/accuracy.md, stop 45)
-FOCUS_SOFT_REL = 1.3      # in a soft image (the sharpest quarter of its loops above FOCUS_BLUR_MAX_PX:
-#                           a scope whose optics blur everything) a loop is out of focus when its edge
-#                           blur exceeds this × that quarter's σ (:func:`apply_image_focus`) ...
+FOCUS_SOFT_REL = 1.3      # in a soft image (this × the σ of its sharpest quarter of loops above
+#                           FOCUS_BLUR_MAX_PX: a scope whose optics blur everything) a loop is out of
+#                           focus when its edge blur exceeds this × that quarter's σ
+#                           (:func:`apply_image_focus`; "soft image" warning once that σ itself is
+#                           above FOCUS_BLUR_MAX_PX) ...
 FOCUS_BLUR_CEIL_PX = 3.0  # ... and always above this σ. Independent stills (23 images, optics σ 1.0–2.9
 #                           px, no loop more out of focus than the rest): every loop of 9 soft images
 #                           was "blurred" and their summaries null; loop widths at σ < 3 px erred 1.3 /
