@@ -1174,41 +1174,22 @@ def bridge_breaks(labels: np.ndarray, max_gap_px: float = BRIDGE_MAX_GAP_PX, end
     n, comp = cv2.connectedComponents(vessel.astype(np.uint8), connectivity=8)
     if n <= 2:
         return labels.copy()
-    skel = skeletonize(vessel)
+    rc, g = skeleton_graph(skeletonize(vessel))
     dist = distance_transform_edt(vessel)
-    nb = cv2.filter2D(skel.astype(np.uint8), -1, np.ones((3, 3), np.float32), borderType=cv2.BORDER_CONSTANT)
-    ys, xs = np.nonzero(skel & (nb == 2))                       # skeleton ends: one neighbour
-    if len(ys) < 2:
-        return labels.copy()
     ends = []
-    for y, x in zip(ys, xs):
-        # walk back along the skeleton for the end's direction
-        path = [(y, x)]
-        seen = {(y, x)}
-        cy, cx = y, x
+    for e in np.nonzero(_degrees(g) == 1)[0]:               # skeleton ends: one neighbour
+        # walk back along the skeleton (first unvisited neighbour, row-major) for the end's direction
+        path, node = [int(e)], int(e)
         for _ in range(end_len):
-            nxt = None
-            for dy in (-1, 0, 1):
-                for dx in (-1, 0, 1):
-                    q = (cy + dy, cx + dx)
-                    if (dy or dx) and 0 <= q[0] < skel.shape[0] and 0 <= q[1] < skel.shape[1] and skel[q] \
-                            and q not in seen:
-                        nxt = q
-                        break
-                if nxt:
-                    break
-            if nxt is None:
+            node = next((int(q) for q in g.indices[g.indptr[node]:g.indptr[node + 1]] if q not in path), -1)
+            if node < 0:
                 break
-            seen.add(nxt)
-            path.append(nxt)
-            cy, cx = nxt
+            path.append(node)
         if len(path) < 4:
             continue
-        d = np.array([x - path[-1][1], y - path[-1][0]], float)
-        nd = float(np.hypot(*d))
-        if nd == 0:
-            continue
-        ends.append((int(comp[y, x]), np.array([x, y], float), d / nd, float(dist[y, x])))
+        (y, x), (y1, x1) = rc[path[0]], rc[path[-1]]
+        d = np.array([x - x1, y - y1], float)
+        ends.append((int(comp[y, x]), np.array([x, y], float), d / float(np.hypot(*d)), float(dist[y, x])))
     pairs = []
     for i in range(len(ends)):
         for j in range(i + 1, len(ends)):
