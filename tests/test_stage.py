@@ -510,17 +510,17 @@ def test_speed_is_null_when_most_windows_see_neither_flow_nor_stasis():
     few = T()
     few.windows = [win(True, 17.6)] + [win(False) for _ in range(9)]
     few.events = []
-    sp = st._speeds(few)
+    sp = st._speeds_of(few)
     assert not math.isfinite(sp["v"]) and sp["state"] == "indeterminate"
     most = T()
     most.windows = [win(True, 12.0) for _ in range(8)] + [win(False) for _ in range(2)]
     most.events = []
-    sp = st._speeds(most)
+    sp = st._speeds_of(most)
     assert sp["v"] == pytest.approx(12.0) and sp["state"] == "flowing"
     still = T()
     still.windows = [win(False, 0.0, stopped=True) for _ in range(7)] + [win(False) for _ in range(3)]
     still.events = []
-    sp = st._speeds(still)
+    sp = st._speeds_of(still)
     assert sp["v"] == 0.0 and sp["state"] == "stopped"
 
 
@@ -542,7 +542,7 @@ def test_a_confident_row_correlation_replaces_a_radon_maximum_window_speed():
         t.events = []
         t.windows = [flow.WindowResult(0, 80, radon_v, 30.0, flow.XcorrSpeed(xc_v, xc_conf, 8), gated=True,
                                        material_speed=material) for _ in range(6)]
-        return st._speeds(t)["v"]
+        return st._speeds_of(t)["v"]
     hi, lo = min(1.0, XCORR_TRUST_CORR + 0.2), XCORR_TRUST_CORR - 0.2
     assert speed(-9.0, -10.0, hi) == pytest.approx(10.0)
     assert speed(-9.0, -10.0, lo) == pytest.approx(9.0)
@@ -938,13 +938,13 @@ def test_a_featureless_column_between_gaps_is_not_stopped_flow():
         return t
     flowing = [win(True, 1.3, 40.0) for _ in range(4)]
     featureless = track(flowing + [win(False, 1.31) for _ in range(8)], [1.3] * 4)
-    sp = st._speeds(featureless)
+    sp = st._speeds_of(featureless)
     assert sp["v"] == pytest.approx(40.0) and sp["state"] == "flowing" and sp["stopped"] == 0
     stasis = track(flowing + [win(False, 3.2) for _ in range(8)], [1.3] * 4)
-    sp = st._speeds(stasis)
+    sp = st._speeds_of(stasis)
     assert sp["stopped"] == 8 and 0.0 < sp["v"] < 0.5 * 40.0      # the stasis windows count as 0
     never_flowed = track([win(False, 1.31) for _ in range(8)], [])
-    sp = st._speeds(never_flowed)
+    sp = st._speeds_of(never_flowed)
     assert sp["v"] == 0.0 and sp["state"] == "stopped"
 
 
@@ -970,7 +970,7 @@ def test_a_loop_whose_motion_is_a_few_bright_lines_takes_their_transits():
         t = T()
         t.windows = windows
         t.events = [e for w in windows for e in w.events]
-        return st._speeds(t)["v"]
+        return st._speeds_of(t)["v"]
     cells = [LineEvent(20.0 + i, 58.0, 9.0, 3.5, 50.0) for i in range(4)]
     lines = [window(0.15, events=[e]) for e in cells] + [window(0.5, material=3.0)]
     assert speed(lines) == pytest.approx(50.0)
@@ -1191,11 +1191,37 @@ def test_crossing_loop_speed_from_the_rows_when_radon_maxima_scatter():
     wins = [win(v, -45.3 + rng.normal(0, 0.4)) for v in radon]
     tr = types.SimpleNamespace(windows=wins, events=[], moving_detail=collections.deque())
     assert _xcorr_consensus(wins) == pytest.approx(45.3, abs=0.5)
-    assert stage._speeds(tr)["v"] == pytest.approx(45.3, abs=0.5)       # the Radon maxima alone: ≈ 55
+    assert stage._speeds_of(tr)["v"] == pytest.approx(45.3, abs=0.5)       # the Radon maxima alone: ≈ 55
     # rows that scatter: no consensus, the window speeds stand
     loose = [win(v, -45.3 * rng.uniform(0.6, 1.4)) for v in radon]
     assert math.isnan(_xcorr_consensus(loose))
     # a registered column: its displacement stands whatever the rows say
     reg = [win(43.0, 38.0 + rng.normal(0, 0.3), q=0.9, ms=43.0) for _ in range(12)]
     tr2 = types.SimpleNamespace(windows=reg, events=[], moving_detail=collections.deque())
-    assert stage._speeds(tr2)["v"] == pytest.approx(43.0)
+    assert stage._speeds_of(tr2)["v"] == pytest.approx(43.0)
+
+
+def test_live_speeds_are_kept_until_a_window_is_stored():
+    """The snapshot asks for every loop's speeds 4 times a second; they are computed again only
+    when a window result has been stored (which may change windows, events and detail)."""
+    import collections
+    import types
+
+    from stream.flow import WindowResult, XcorrSpeed
+    cfg = load_config().with_overrides(um_per_px=1.1, fps=20.0)
+    stage = AnalysisStage(cfg, segmenter=TruthSegmenter(np.zeros((64, 64), np.uint8)), fps=20.0)
+
+    def win(v):
+        return WindowResult(0, 60, v, 10.0, XcorrSpeed(v, 0.6, 2), gated=True, material_quality=0.9,
+                            material_speed=v, row_evenness=0.75)
+    tr = types.SimpleNamespace(windows=[win(10.0)] * 4, events=[], moving_detail=collections.deque(), version=0,
+                               speed_cache={}, n_flowing=0, n_tracked=0)
+    first = stage._speeds(tr, last_windows=5)
+    assert first["v"] == pytest.approx(10.0)
+    assert stage._speeds(tr, last_windows=5) is first                 # no window since: the same result
+    assert stage._speeds(tr)["v"] == pytest.approx(10.0)              # each window span has its own entry
+    stage._store_window(tr, win(30.0))
+    stage._store_window(tr, win(30.0))
+    again = stage._speeds(tr, last_windows=5)
+    assert again is not first and again == stage._speeds_of(tr, last_windows=5)
+    assert again["v"] > first["v"]
