@@ -85,6 +85,38 @@ def test_live_chain_no_signal_and_recovery(toy_video):
         sp.close()
 
 
+def test_frames_are_processed_while_a_result_is_being_published(toy_video):
+    """Publishing (snapshot, JPEGs: tens of ms on a busy box) runs in its own thread: frames that
+    arrive meanwhile are processed, not queued behind it."""
+    import gc
+    import types
+    frames_ep, results_ep = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
+    sp = StageProcess(load_config().with_overrides(um_per_px=1.2), [frames_ep], results_ep, segmenter="classical")
+    in_publish, release = threading.Event(), threading.Event()
+
+    def stuck_publish(self):
+        in_publish.set()
+        release.wait(20)
+    sp.publish = types.MethodType(stuck_publish, sp)
+    gc.unfreeze()      # whatever an earlier test froze: the count below is this stage's
+    st = threading.Thread(target=sp.run, daemon=True)
+    st.start()
+    g, gt = _grab(toy_video, frames_ep)
+    try:
+        assert in_publish.wait(20), "nothing was published"
+        n0 = sum(s.frames for s in list(sp.slots.values()))
+        assert _wait(lambda: sum(s.frames for s in list(sp.slots.values())) >= n0 + 20, 15), \
+            "frames waited for the publisher"
+        assert gc.get_freeze_count() > 0       # warm_up moved the loaded models out of the collector's way
+    finally:
+        release.set()
+        g.stop.stop = True
+        gt.join(5)
+        sp.stop()
+        st.join(5)
+        sp.close()
+
+
 def test_publish_with_many_capillaries_stays_within_the_wire_limits():
     """More capillaries than blob slots: the result still encodes and decodes."""
     import numpy as np
