@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from stream.kymograph import (KymographBank, KymographBuffer, column_mean, destripe, fill_out_of_view, in_view,
-                              resample_polyline, sample_row, sampling_maps)
+                              resample_polyline, sample_row, sampling_maps, to_uint8)
 
 
 def test_resample_polyline_unit_spacing():
@@ -113,6 +113,22 @@ def test_destripe_removes_static_banding_and_flicker():
     d = destripe(k)
     assert np.allclose(d.mean(axis=0), 0, atol=1e-4) and np.allclose(d.mean(axis=1), 0, atol=1e-4)
     assert np.corrcoef(d.ravel(), moving.ravel())[0, 1] > 0.95
+
+
+def test_to_uint8_stretches_mean_and_sd_like_the_numpy_formula():
+    """Display scaling: mean → 127, ±3 SD → 0 / 255, clipped beyond; the OpenCV passes give what
+    ``clip((k − m) / (6 sd) · 255 + 127.5).astype(uint8)`` gives (float rounding aside)."""
+    rng = np.random.default_rng(5)
+    k = destripe(rng.normal(0, 7, (200, 334)).astype(np.float32) + np.linspace(0, 50, 334)[None, :])
+    m, sd = float(k.mean()), float(k.std())
+    ref = np.clip((k - m) / (6 * sd) * 255 + 127.5, 0, 255).astype(np.uint8)
+    out = to_uint8(k)
+    assert out.dtype == np.uint8 and out.shape == k.shape
+    diff = np.abs(out.astype(int) - ref)
+    assert diff.max() <= 1 and (diff > 0).mean() < 1e-3
+    assert out[k > m + 3.5 * sd].min() == 255 and out[k < m - 3.5 * sd].max() == 0
+    assert to_uint8(np.zeros((0, 5), np.float32)).shape == (0, 5)
+    assert (to_uint8(np.full((4, 6), 3.0, np.float32)) == 127).all()    # no contrast: mid grey
 
 
 def test_rotation_is_folded_into_the_maps():
