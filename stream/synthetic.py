@@ -658,11 +658,14 @@ class SyntheticScope:
             return np.zeros(0, np.int64), np.zeros(0, np.float32)
         return np.concatenate(idxs), np.concatenate(vals).astype(np.float32)
 
-    def _dyn_index(self, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Unique flowing-pixel indices and the inverse map (static: computed once)."""
+    def _dyn_index(self, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray, tuple]:
+        """Unique flowing-pixel indices, the inverse map, and the static images at those pixels
+        (absorbance, background colour (n, 3) and specular highlight (n, 1)): computed once, the
+        flowing pixels being the same in every frame."""
         if getattr(self, "_dyn_cache", None) is None or len(self._dyn_cache[1]) != len(idx):
             u, inv = np.unique(idx, return_inverse=True)
-            self._dyn_cache = (u, inv)
+            self._dyn_cache = (u, inv, (self._static_absorb.ravel()[u], self._bg.reshape(-1, 3)[u],
+                                        self._spec.ravel()[u][:, None]))
         return self._dyn_cache
 
     def frame(self, i: int) -> np.ndarray:
@@ -677,16 +680,16 @@ class SyntheticScope:
         if p.color:
             canvas = self._static_u8.copy()
             if len(idx):
-                u, inv = self._dyn_index(idx)
-                a = self._static_absorb.ravel()[u] + np.bincount(inv, weights=val, minlength=len(u)).astype(np.float32)
-                v = self._bg.reshape(-1, 3)[u] * np.exp(-a[:, None] * self.hb[None, :] * 1.6) + self._spec.ravel()[u][:, None]
+                u, inv, (a0, bg, spec) = self._dyn_index(idx)
+                a = a0 + np.bincount(inv, weights=val, minlength=len(u)).astype(np.float32)
+                v = bg * np.exp(-a[:, None] * self.hb[None, :] * 1.6) + spec
                 canvas.reshape(-1, 3)[u] = np.clip(v, 0, 255).astype(np.uint8)
         else:
             canvas = self._static_u8_g.copy()
             if len(idx):
-                u, inv = self._dyn_index(idx)
-                a = self._static_absorb.ravel()[u] + np.bincount(inv, weights=val, minlength=len(u)).astype(np.float32)
-                v = self._bg[:, :, 1].ravel()[u] * np.exp(-a * self.hb[1] * 1.6) + self._spec.ravel()[u]
+                u, inv, (a0, bg, spec) = self._dyn_index(idx)
+                a = a0 + np.bincount(inv, weights=val, minlength=len(u)).astype(np.float32)
+                v = bg[:, 1] * np.exp(-a * self.hb[1] * 1.6) + spec[:, 0]
                 canvas.ravel()[u] = np.clip(v, 0, 255).astype(np.uint8)
         dx, dy = self.shift(i)
         m = self.margin
