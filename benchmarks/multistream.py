@@ -3,8 +3,9 @@
 For N = 1, 2, 3, … : N grabber processes (each replaying the synthetic scope — or ``--video`` — at
 20 fps on its own loopback port, with its own stream id) feed ONE ``nailfold stage`` (``--connect``
 repeated). After a warm-up, for ``--seconds`` the stage's published health is sampled per stream:
-stage drops, latency p99 (capture → processed), frames in. The stage's CPU time per stream-second
-comes from /proc. The largest N with 0 stage drops and p99 < 50 ms on every stream is printed.
+stage drops, latency p99 (capture → processed: the stage's 10-s figure, its median and its worst
+over the trial's results), frames in. The stage's CPU time per stream-second
+comes from /proc. The largest N with 0 stage drops and every 10-s p99 < 50 ms on every stream is printed.
 
     python benchmarks/multistream.py [--max-streams 4] [--seconds 60] [--video FILE]
 """
@@ -47,10 +48,13 @@ def trial(n: int, seconds: float, warmup: float, source: str, cfg: list[str]) ->
         start = {k: dict(v) for k, v in latest.items()}
         cpu0 = cpu_seconds(stage.pid)
         t_end = time.monotonic() + seconds
+        p99s: dict[str, list[float]] = {}
         while time.monotonic() < t_end:
             if sub.poll(100):
                 m = wire.decode(sub.recv_multipart())
                 latest[m.stream] = m.body["health"]
+                if latest[m.stream].get("latency_ms_p99") is not None:
+                    p99s.setdefault(m.stream, []).append(float(latest[m.stream]["latency_ms_p99"]))
         cpu = cpu_seconds(stage.pid) - cpu0
     finally:
         stop_all(list(grabbers + [stage]))
@@ -58,11 +62,13 @@ def trial(n: int, seconds: float, warmup: float, source: str, cfg: list[str]) ->
     per = {}
     for k, h in latest.items():
         s = start.get(k, {})
+        ps = sorted(p99s.get(k, [])) or [float("nan")]
         per[k] = {"fps_in": h.get("fps_in"), "latency_ms_p99": h.get("latency_ms_p99"),
+                  "latency_ms_p99_median": round(ps[len(ps) // 2], 1), "latency_ms_p99_worst": round(ps[-1], 1),
                   "stage_drops": (h.get("stage_drops") or 0) - (s.get("stage_drops") or 0),
                   "frames": (h.get("frames") or 0) - (s.get("frames") or 0),
                   "skipped_windows": h.get("skipped_windows"), "skipped_keyframes": h.get("skipped_keyframes")}
-    ok = len(per) == n and all(v["stage_drops"] == 0 and (v["latency_ms_p99"] or 1e9) < 50 for v in per.values())
+    ok = len(per) == n and all(v["stage_drops"] == 0 and v["latency_ms_p99_worst"] < 50 for v in per.values())
     return {"streams": n, "ok": ok, "stage_cpu_s_per_stream_s": round(cpu / seconds / n, 3), "per_stream": per}
 
 
@@ -85,7 +91,7 @@ def main() -> None:
         if r["ok"] and best == n - 1:
             best = n
     print(f"one stage on {os.cpu_count()} cores (grabbers on the same machine): {best} stream(s) of 20 fps "
-          f"1024×768 with 0 drops and p99 < 50 ms; {best_no_drops} with 0 drops at ≥ 18 fps in")
+          f"1024×768 with 0 drops and every 10-s p99 < 50 ms; {best_no_drops} with 0 drops at ≥ 18 fps in")
 
 
 if __name__ == "__main__":
