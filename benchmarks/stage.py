@@ -3,7 +3,7 @@
 Usage::
 
     nice python benchmarks/stage.py [--offline-seconds 30] [--live-seconds 120] [--seed 0]
-                                    [--repeats 3] [--video PATH] [--skip-offline] [--skip-live]
+                                    [--repeats 3] [--video PATH] [--skip-offline] [--skip-live] [--skip-live-process]
                                     [--scope synthetic|toy]
 
 1. Offline: renders a clip (1024×768, 20 fps) of the synthetic scope (``--scope toy``: the
@@ -14,10 +14,16 @@ Usage::
    (``default_workers()``, what ``nailfold analyze`` uses, is 2 on 2 cores). The workers'
    start-up (~1 s: imports, compiled loops; ``nailfold analyze`` overlaps it with loading the
    segmenter) is printed apart from the analysis time.
-2. Live: replays decoded frames paced at 20 fps from a producer thread into a 2-slot queue (a full
-   queue = dropped frame), ``process()`` in the consumer, ``step_background()`` in a second thread
-   (as ``stream.stage_process`` does), and prints per-frame latency (schedule → processed)
-   p50/p99, drops, skipped keyframes/windows.
+2. Live, the stage alone: replays decoded frames paced at 20 fps from a producer thread into a
+   2-slot queue (a full queue = dropped frame), ``process()`` in the consumer, ``step_background()``
+   in a second thread, and prints per-frame latency (schedule → processed) p50/p99, drops, skipped
+   keyframes/windows.
+3. Live, the stage process (what ``nailfold stage`` runs): a sender thread pushes the colour frames
+   over loopback ZeroMQ at 20 fps (a full send queue = dropped frame) to a
+   :class:`stream.stage_process.StageProcess` in this process's main thread, which receives them
+   in its reader thread, analyses them, and publishes results (snapshot, frame and kymograph
+   JPEGs) at ``stage.publish_hz`` from its publisher thread. Prints the stage's own per-frame
+   latency (capture → processed) p50/p99/max, sender and stage drops, results published.
 """
 from __future__ import annotations
 
@@ -168,6 +174,64 @@ def live(frames: list[np.ndarray], cfg, seconds: float, fps: float, segmenter) -
           f"capillaries {len(snap['capillaries'])}")
 
 
+def live_process(frames: list[np.ndarray], cfg, seconds: float, fps: float) -> None:
+    """The stage process fed over ZeroMQ by a paced sender thread (see the module docstring, 3)."""
+    import socket
+
+    import zmq
+
+    from stream import wire
+    from stream.sockets import make_socket
+    from stream.stage_process import StageProcess
+
+    def port() -> int:
+        with socket.socket() as so:
+            so.bind(("127.0.0.1", 0))
+            return so.getsockname()[1]
+    fr_ep, res_ep = f"tcp://127.0.0.1:{port()}", f"tcp://127.0.0.1:{port()}"
+    sp = StageProcess(cfg, [fr_ep], res_ep)
+    sp.warm_up()             # models loaded before the first frame, as `nailfold stage` does at start
+    push = make_socket(zmq.Context.instance(), zmq.PUSH, fr_ep, bind=True, hwm=4)
+    n_total, dropped = int(seconds * fps), [0]
+
+    def sender():
+        time.sleep(0.5)      # the stage's reader connects
+        t0 = time.perf_counter()
+        for i in range(n_total):
+            d = t0 + i / fps - time.perf_counter()
+            if d > 0:
+                time.sleep(d)
+            try:
+                push.send_multipart(wire.encode_frame(frames[i % len(frames)], stream="bench", seq=i,
+                                                      t_capture=time.time(), fps=fps), flags=zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                dropped[0] += 1
+        time.sleep(1.0)
+        sp.stop()
+
+    th = threading.Thread(target=sender, daemon=True)
+    th.start()
+    try:
+        sp.run(seconds + 30)
+    finally:
+        th.join(5)
+        slot = sp.slots.get("bench")
+        snap = slot.stage.snapshot() if slot else {"health": {}, "capillaries": []}
+        sp.close()
+        push.close(0)
+    lat = [v for _, v in slot.latencies_ms] if slot else []
+    proc = [v for _, v in slot.proc_ms] if slot else []
+    h = snap["health"]
+    print(f"live, stage process (ZeroMQ in, results out at {cfg.stage.publish_hz:g} Hz): {seconds:.0f} s at "
+          f"{fps:.0f} fps, {n_total} frames sent")
+    print(f"  latency capture→processed ms: p50 {pct(lat, 50):.1f}  p99 {pct(lat, 99):.1f}  "
+          f"max {max(lat) if lat else float('nan'):.1f}")
+    print(f"  process() ms: p50 {pct(proc, 50):.1f}  p99 {pct(proc, 99):.1f}")
+    print(f"  dropped frames: sender {dropped[0]}, stage {sp.rx.stats.local_drops}; processed {len(lat)}, "
+          f"results published {sp.published}, keyframes {h.get('keyframes')} (skipped {h.get('skipped_keyframes')}), "
+          f"windows {h.get('windows')} (skipped {h.get('skipped_windows')}), capillaries {len(snap['capillaries'])}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--offline-seconds", type=float, default=30.0)
@@ -180,6 +244,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="offline rounds (alternating configurations)")
     ap.add_argument("--skip-offline", action="store_true")
     ap.add_argument("--skip-live", action="store_true")
+    ap.add_argument("--skip-live-process", action="store_true", help="skip part 3 (the stage process over ZeroMQ)")
     args = ap.parse_args()
     fps = 20.0
     cfg = load_config().with_overrides(um_per_px=1.2, fps=fps)
@@ -204,16 +269,19 @@ def main() -> None:
             print(f"rendered {n} frames in {time.perf_counter() - t0:.1f} s")
         if not args.skip_offline:
             offline(path, cfg, n, fps, seg, max(1, args.repeats))
-        if not args.skip_live:
+        if not (args.skip_live and args.skip_live_process):
             cap = cv2.VideoCapture(str(path))
             frames = []
             while len(frames) < 200:
                 ok, f = cap.read()
                 if not ok:
                     break
-                frames.append(np.ascontiguousarray(f[:, :, 1]))
+                frames.append(f)
             cap.release()
-            live(frames, cfg, args.live_seconds, fps, seg)
+            if not args.skip_live:
+                live([np.ascontiguousarray(f[:, :, 1]) for f in frames], cfg, args.live_seconds, fps, seg)
+            if not args.skip_live_process:
+                live_process(frames, cfg, args.live_seconds, fps)
 
 
 if __name__ == "__main__":
