@@ -15,10 +15,11 @@ Per stream the main thread only does the cheap per-frame work (``process``); a b
 thread runs keyframe segmentation and Radon windows (``step_background``), which may skip work
 when behind and reports it; a publisher thread builds and sends the results (snapshot, JPEGs:
 ≈ 30 ms of CPU at 20 loops, ≈ 90 ms on a 2-core box shared with the grabber and a browser),
-so that a frame arriving meanwhile is not kept waiting for them. A stream with no message for ``stage.no_signal_s`` is reported
-``"no signal"``; when frames come back (e.g. the grabber restarted, sequence numbers reset) the
-stage keeps its state, and the gap (start/end time, frames missing) goes into ``health.gaps``
-and into the final report (``--report PATH``, written atomically on exit).
+so that a frame arriving meanwhile is not kept waiting for them. A stream with no message for
+``stage.no_signal_s`` is reported ``"no signal"``; when frames come back (e.g. the grabber
+restarted, sequence numbers reset) the stage keeps its state, and the gap (start/end time, frames
+missing) goes into ``health.gaps`` and into the final report (``--report PATH``, written
+atomically on exit).
 """
 from __future__ import annotations
 
