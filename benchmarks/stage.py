@@ -189,8 +189,7 @@ def live_process(frames: list[np.ndarray], cfg, seconds: float, fps: float) -> N
             so.bind(("127.0.0.1", 0))
             return so.getsockname()[1]
     fr_ep, res_ep = f"tcp://127.0.0.1:{port()}", f"tcp://127.0.0.1:{port()}"
-    sp = StageProcess(cfg, [fr_ep], res_ep)
-    sp.warm_up()             # models loaded before the first frame, as `nailfold stage` does at start
+    sp = StageProcess(cfg, [fr_ep], res_ep)     # loads the models, then connects (as `nailfold stage`)
     push = make_socket(zmq.Context.instance(), zmq.PUSH, fr_ep, bind=True, hwm=4)
     n_total, dropped = int(seconds * fps), [0]
 

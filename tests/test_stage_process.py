@@ -91,14 +91,15 @@ def test_frames_are_processed_while_a_result_is_being_published(toy_video):
     import gc
     import types
     frames_ep, results_ep = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
+    gc.unfreeze()      # whatever an earlier test froze: the count below is this stage's
     sp = StageProcess(load_config().with_overrides(um_per_px=1.2), [frames_ep], results_ep, segmenter="classical")
+    assert gc.get_freeze_count() > 0       # the models were loaded and moved out of the collector's way
     in_publish, release = threading.Event(), threading.Event()
 
     def stuck_publish(self):
         in_publish.set()
         release.wait(20)
     sp.publish = types.MethodType(stuck_publish, sp)
-    gc.unfreeze()      # whatever an earlier test froze: the count below is this stage's
     st = threading.Thread(target=sp.run, daemon=True)
     st.start()
     g, gt = _grab(toy_video, frames_ep)
@@ -107,7 +108,6 @@ def test_frames_are_processed_while_a_result_is_being_published(toy_video):
         n0 = sum(s.frames for s in list(sp.slots.values()))
         assert _wait(lambda: sum(s.frames for s in list(sp.slots.values())) >= n0 + 20, 15), \
             "frames waited for the publisher"
-        assert gc.get_freeze_count() > 0       # warm_up moved the loaded models out of the collector's way
     finally:
         release.set()
         g.stop.stop = True
@@ -171,3 +171,27 @@ def test_health_figures_cover_the_recent_window_only():
         recent_increase(hist, float(t), {"grabber": 15}, HEALTH_WINDOW_S)
     assert recent_increase(hist, 30.0, {"grabber": 16}, HEALTH_WINDOW_S) == {"grabber": 1}
     assert recent_increase(hist, 30.5, {"grabber": 2}, HEALTH_WINDOW_S) == {"grabber": 2}   # grabber restarted
+
+
+def test_stage_checks_its_endpoints_before_loading_models_and_connects_after(monkeypatch):
+    """A bad endpoint is reported at once, not after seconds of model loading; the frame socket is
+    connected only once the models are loaded (frames sent earlier are the grabber's drops, not a
+    backlog analysed seconds late)."""
+    from stream import stage_process as spm
+    from nailfold.errors import NailfoldError
+    order = []
+    monkeypatch.setattr(spm.StageProcess, "warm_up", lambda self: order.append("warm_up"))
+    real_receiver = spm.Receiver
+
+    def receiver(*a, **k):
+        order.append("connect")
+        return real_receiver(*a, **k)
+    monkeypatch.setattr(spm, "Receiver", receiver)
+    with pytest.raises(NailfoldError, match="not a loopback"):
+        spm.StageProcess(load_config(), ["tcp://10.1.2.3:5555"], f"tcp://127.0.0.1:{free_port()}")
+    assert order == []
+    sp = spm.StageProcess(load_config(), f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}")
+    try:
+        assert order == ["warm_up", "connect"]
+    finally:
+        sp.close()
