@@ -4,8 +4,8 @@ For N = 1, 2, 3, … : N grabber processes (each replaying the synthetic scope �
 20 fps on its own loopback port, with its own stream id) feed ONE ``nailfold stage`` (``--connect``
 repeated). After a warm-up, for ``--seconds`` the stage's published health is sampled per stream:
 stage drops, latency p99 (capture → processed: the stage's 10-s figure, its median and its worst
-over the trial's results), frames in. The stage's CPU time per stream-second
-comes from /proc. The largest N with 0 stage drops and every 10-s p99 < 50 ms on every stream is printed.
+over the trial's results), frames in. The stage's CPU time per stream-second comes from /proc.
+The largest N with 0 stage drops and every 10-s p99 < 50 ms on every stream is printed.
 
     python benchmarks/multistream.py [--max-streams 4] [--seconds 60] [--video FILE]
 """
