@@ -115,7 +115,11 @@ def encode_jpeg(img: np.ndarray | None, quality: int = 80, max_width: int | None
 
 
 class StageProcess:
-    """Owns the sockets and one AnalysisStage per stream."""
+    """Owns the sockets and one AnalysisStage per stream. Construction checks the endpoints, binds
+    the result socket, loads the models (:meth:`warm_up`, seconds) and only then connects to the
+    grabbers; :meth:`run` starts the background and publisher threads and processes frames in the
+    calling thread until :meth:`stop` (or ``seconds``); :meth:`close` joins the threads, closes the
+    sockets and optionally writes the session's report."""
 
     def __init__(self, cfg: Config, connect: list[str], publish: str, *, segmenter: str | None = None,
                  frame_width: int = 1024, allow_remote: bool = False, curve_client=None, curve_server=None):
