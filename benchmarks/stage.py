@@ -176,19 +176,14 @@ def live(frames: list[np.ndarray], cfg, seconds: float, fps: float, segmenter) -
 
 def live_process(frames: list[np.ndarray], cfg, seconds: float, fps: float) -> None:
     """The stage process fed over ZeroMQ by a paced sender thread (see the module docstring, 3)."""
-    import socket
-
     import zmq
+    from common import free_port  # benchmarks/common.py (script dir)
 
     from stream import wire
     from stream.sockets import make_socket
     from stream.stage_process import StageProcess
 
-    def port() -> int:
-        with socket.socket() as so:
-            so.bind(("127.0.0.1", 0))
-            return so.getsockname()[1]
-    fr_ep, res_ep = f"tcp://127.0.0.1:{port()}", f"tcp://127.0.0.1:{port()}"
+    fr_ep, res_ep = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
     sp = StageProcess(cfg, [fr_ep], res_ep)     # loads the models, then connects (as `nailfold stage`)
     push = make_socket(zmq.Context.instance(), zmq.PUSH, fr_ep, bind=True, hwm=4)
     n_total, dropped = int(seconds * fps), [0]
