@@ -36,7 +36,7 @@ from types import SimpleNamespace
 import numpy as np
 
 from nailfold.config import load_config
-from stream.capillaries import BRIDGE_MAX_GAP_PX, bridge_breaks, extract_capillaries
+from stream.capillaries import bridge_breaks, extract_capillaries
 from stream.evaluation import seed_range
 from stream.morphology import apply_image_focus, measure_capillary, summarize_image
 
@@ -66,7 +66,7 @@ def _err(e: list[float]) -> dict:
 
 def _analyse(labels, truth, um, ranges, min_clear, side_from_truth, image=None, classifier=None, mend=False):
     if mend:       # segmenter masks: mended as `nailfold image` does (true masks need not be)
-        labels = bridge_breaks(labels, BRIDGE_MAX_GAP_PX * max(labels.shape[:2]) / 1024.0)
+        labels = bridge_breaks(labels)
     caps = extract_capillaries(labels, min_length_px=40 * 1.2 / um, prune_px=10 * 1.2 / um,
                                max_limb_px=350 * 1.2 / um)
     probs = [None] * len(caps)

@@ -1155,19 +1155,20 @@ BRIDGE_MAX_GAP_PX = 14.0     # px at 1024-px image width
 BRIDGE_MIN_ALIGN = 0.7       # cos of the angle between an end's own direction and the gap
 
 
-def bridge_breaks(labels: np.ndarray, max_gap_px: float = BRIDGE_MAX_GAP_PX, end_len: int = 8) -> np.ndarray:
+def bridge_breaks(labels: np.ndarray, max_gap_px: float | None = None, end_len: int = 8) -> np.ndarray:
     """Vessel masks of a still mended where the segmentation broke a vessel.
 
     In: labels (H, W) uint8 (CLEAR/BLURRED vessel classes, anything else background).
     Out: a copy in which each pair of skeleton ends of *different* vessel components that face
-    each other across a mask gap ≤ ``max_gap_px`` (px between the vessel edges; the caller scales
-    it with the image) is joined
-    by a line as wide as the narrower end (twice its distance to the background), in the class
+    each other across a mask gap ≤ ``max_gap_px`` (px between the vessel edges; default
+    :data:`BRIDGE_MAX_GAP_PX` scaled with the image, × its longer side / 1024) is joined by a line as wide as the narrower end (twice its distance to the background), in the class
     of the end it starts from. Facing: both ends point along the gap (the cosine between each
     end's direction over its last ``end_len`` skeleton px and the gap ≥ BRIDGE_MIN_ALIGN). Each
     end joins at most once, nearest pair first. Why: on a single noisy or soft frame the
     segmentation often breaks a loop at its apex or along a limb, and its pieces were measured
     (and counted) as loops of their own — 55 of 242 loops of an independent generator's stills."""
+    if max_gap_px is None:
+        max_gap_px = BRIDGE_MAX_GAP_PX * max(labels.shape[:2]) / 1024.0
     vessel = (labels == CLEAR) | (labels == BLURRED)
     if not vessel.any():
         return labels.copy()

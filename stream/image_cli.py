@@ -35,8 +35,8 @@ from nailfold import __version__
 from nailfold.config import load_config
 from nailfold.errors import InputError, NailfoldError
 from stream import image_report as rep
-from stream.capillaries import (BRIDGE_MAX_GAP_PX, bridge_breaks, extract_capillaries, loop_turns, loops_point_note,
-                                orient_arterial_first, turned, turned_bbox, turned_points, turned_shape)
+from stream.capillaries import (bridge_breaks, extract_capillaries, loop_turns, loops_point_note, orient_arterial_first,
+                                turned, turned_bbox, turned_points, turned_shape)
 from stream.capillary import BLURRED
 from stream.kymograph import faint_contrast, loop_contrast, sampling_maps, tissue_levels
 from stream.morphology import (FOCUS_BLUR_MAX_PX, apply_image_focus, measure_capillary, subject_of, summarize_image,
@@ -158,7 +158,7 @@ def _analyse_labels(img: np.ndarray, labels: np.ndarray, um_per_px: float | None
     traced 320-px limbs cut at 262 px)."""
     scale = max(img.shape[:2]) / 1024.0
     kw = dict(min_length_px=min_length_px * scale, prune_px=10 * scale, max_limb_px=350 * scale)
-    labels = bridge_breaks(labels, BRIDGE_MAX_GAP_PX * scale)
+    labels = bridge_breaks(labels)
     caps = extract_capillaries(labels, img, **kw)
     k = loop_turns(caps, lambda t: extract_capillaries(labels, img, turns=t, **kw)) if check_turn else 0
     if k:
