@@ -38,6 +38,8 @@ class StreamState:
     missing: int = 0         # frames missing in gaps
     last_t: float = 0.0      # last receive time (monotonic)
     last_heartbeat: dict = field(default_factory=dict)
+    first_heartbeat: dict | None = None   # the first heartbeat this receiver got from the stream
+    first_heartbeat_restarts: int = 0     # ``restarts`` when it came
     eos: bool = False
     restarts: int = 0        # seq went backwards (source restarted)
 
@@ -115,6 +117,8 @@ class Receiver:
         st.last_t = time.monotonic()
         if msg.kind == "heartbeat":
             st.last_heartbeat = msg.body or {}
+            if st.first_heartbeat is None:
+                st.first_heartbeat, st.first_heartbeat_restarts = st.last_heartbeat, st.restarts
         elif msg.kind == "eos":
             st.eos = True
         elif msg.kind in ("frame", "result"):

@@ -76,6 +76,23 @@ def recent_increase(history: collections.deque, now: float, totals: dict, window
     return out
 
 
+def grabber_drops(st) -> tuple[int, int]:
+    """A stream's grabber drop counter (from its heartbeats; ``st`` a
+    :class:`stream.receiver.StreamState` or None) split into ``(since the stage was ready,
+    before)`` at the first heartbeat this stage received. The stage connects only once its models
+    are loaded, so the frames the grabber captured meanwhile (≈ 5 s of them on a 2-core box) are
+    dropped there: not a fault of the running chain, and shown apart. A grabber that restarted
+    since (its frame numbers went back) counts all its drops."""
+    if st is None:
+        return 0, 0
+    drops = int((st.last_heartbeat or {}).get("drops") or 0)
+    first = st.first_heartbeat
+    if first is None or st.restarts != st.first_heartbeat_restarts:
+        return drops, 0
+    before = min(int(first.get("drops") or 0), drops)
+    return drops - before, before
+
+
 @dataclass
 class StreamSlot:
     """Per-stream state kept by the process around its AnalysisStage."""
@@ -253,14 +270,16 @@ class StageProcess:
 
     def health(self, name: str, slot: StreamSlot, now: float | None = None) -> dict:
         """Stream health for the dashboard. Latency (capture → processed, ms) and processing-time
-        percentiles cover the last ``HEALTH_WINDOW_S`` s; drop counters are totals since start plus
-        ``*_recent`` counts over the same window."""
+        percentiles cover the last ``HEALTH_WINDOW_S`` s; drop counters are totals since the stage
+        was ready (``grabber_drops``; the grabber's drops before it: ``grabber_drops_before_ready``,
+        see :func:`grabber_drops`) plus ``drops_recent`` counts over the same window."""
         now = time.monotonic() if now is None else now
         lat = recent_values(slot.latencies_ms, now - HEALTH_WINDOW_S)
         proc = recent_values(slot.proc_ms, now - HEALTH_WINDOW_S)
         st = self.rx.stats.streams.get(name)
         sender = st.last_heartbeat if st else {}
-        totals = {"grabber": int(sender.get("drops") or 0), "upstream": st.missing if st else 0,
+        g_drops, g_before = grabber_drops(st)
+        totals = {"grabber": g_drops, "upstream": st.missing if st else 0,
                   "stage": int(self.rx.stats.local_drops)}
         recent = recent_increase(slot.drop_history, now, totals, HEALTH_WINDOW_S)
         return {
@@ -270,6 +289,7 @@ class StageProcess:
             "latency_ms_p50": _pct(lat, 50), "latency_ms_p99": _pct(lat, 99),
             "process_ms_p50": _pct(proc, 50), "process_ms_p99": _pct(proc, 99),
             "window_s": HEALTH_WINDOW_S, "drops_recent": recent,
+            "grabber_drops": g_drops, "grabber_drops_before_ready": g_before,
             "upstream_missing": st.missing if st else 0, "stage_drops": self.rx.stats.local_drops,
             "sender": sender, "malformed": self.rx.stats.malformed,
             "gaps": slot.gaps[-20:], "n_gaps": len(slot.gaps), "queue": self.rx.pending(),

@@ -173,6 +173,36 @@ def test_health_figures_cover_the_recent_window_only():
     assert recent_increase(hist, 30.5, {"grabber": 2}, HEALTH_WINDOW_S) == {"grabber": 2}   # grabber restarted
 
 
+def test_grabber_drops_before_the_stage_was_ready_are_counted_apart():
+    """Frames the grabber drops while the stage loads its models (before it connects) are not
+    drops of the running chain: the counter is split at the first heartbeat the stage received."""
+    from stream.receiver import StreamState
+    from stream.stage_process import grabber_drops
+    assert grabber_drops(None) == (0, 0)
+    st = StreamState()
+    assert grabber_drops(st) == (0, 0)
+    st.last_heartbeat = {"drops": 150}
+    st.first_heartbeat, st.first_heartbeat_restarts = st.last_heartbeat, st.restarts
+    assert grabber_drops(st) == (0, 150)
+    st.last_heartbeat = {"drops": 153}
+    assert grabber_drops(st) == (3, 150)
+    st.restarts += 1                          # a restarted grabber: every drop counts
+    st.last_heartbeat = {"drops": 4}
+    assert grabber_drops(st) == (4, 0)
+
+
+def test_receiver_keeps_the_first_heartbeat_and_split_follows_it():
+    from stream import wire
+    from stream.receiver import Receiver
+    from stream.stage_process import grabber_drops
+    rx = Receiver(None)
+    for seq, drops in enumerate((97, 97, 99)):
+        rx.handle(wire.encode_control("heartbeat", stream="s", seq=seq, body={"drops": drops}))
+    st = rx.stats.streams["s"]
+    assert st.first_heartbeat == {"drops": 97} and st.last_heartbeat == {"drops": 99}
+    assert grabber_drops(st) == (2, 97)
+
+
 def test_stage_checks_its_endpoints_before_loading_models_and_connects_after(monkeypatch):
     """A bad endpoint is reported at once, not after seconds of model loading; the frame socket is
     connected only once the models are loaded (frames sent earlier are the grabber's drops, not a

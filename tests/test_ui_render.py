@@ -93,6 +93,11 @@ def test_health_header_says_its_window_and_shows_recent_and_total_drops():
                                  "sender": {"drops": 13}, "upstream_missing": 2, "stage_drops": 0}, age_s=0.1)
     assert "latency (last 10 s) p50 6.3 ms" in md
     assert "drops (last 10 s): grabber 0" in md and "since start 13 / 2 / 0" in md
+    assert "while the stage started" not in md
+    md = render.health_markdown({"signal": True, "window_s": 10.0, "drops_recent": {"grabber": 0, "upstream": 0, "stage": 0},
+                                 "sender": {"drops": 163}, "grabber_drops": 13, "grabber_drops_before_ready": 150,
+                                 "upstream_missing": 2, "stage_drops": 0}, age_s=0.1)
+    assert "since start 13 / 2 / 0; 150 frames dropped while the stage started)" in md
     assert "point down" not in md
     assert "loops point down (traced turned)" in render.health_markdown({"signal": True, "apex_down": True}, age_s=0.1)
     assert "loops point left (traced turned)" in render.health_markdown(

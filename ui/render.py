@@ -221,13 +221,16 @@ def health_markdown(health: dict | None, *, age_s: float, source: str = "") -> s
     rec = sender.get("recording")
     win = health.get("window_s")
     window = f" (last {win:g} s)" if win else ""
+    before = health.get("grabber_drops_before_ready")
     recent = health.get("drops_recent") or {"grabber": sender.get("drops"), "upstream": health.get("upstream_missing"),
                                             "stage": health.get("stage_drops")}
     return (f"{status} · stream `{health.get('stream', '?')}` {('· ' + source) if source else ''}\n\n"
             f"fps in **{fmt(health.get('fps_in'), nd=1)}** · latency{window} p50 {fmt(health.get('latency_ms_p50'), 'ms', 1)}"
             f" / p99 {fmt(health.get('latency_ms_p99'), 'ms', 1)} · drops{window}: grabber {fmt(recent.get('grabber'))},"
             f" upstream {fmt(recent.get('upstream'))}, stage {fmt(recent.get('stage'))}"
-            f" (since start {fmt(sender.get('drops'))} / {fmt(health.get('upstream_missing'))} / {fmt(health.get('stage_drops'))})"
+            f" (since start {fmt(health.get('grabber_drops', sender.get('drops')))} / {fmt(health.get('upstream_missing'))}"
+            f" / {fmt(health.get('stage_drops'))}"
+            + (f"; {before} frames dropped while the stage started" if before else "") + ")"
             f" · gaps {fmt(health.get('n_gaps'))} · stabilization confidence {fmt(stab.get('confidence'), nd=2)}"
             f" · calibration: {calib}" + (f" · **recording** `{rec}`" if rec else "")
             + (f" · loops point {_loops_point(health)} (traced turned)" if _loops_point(health) != "up" else ""))
