@@ -103,7 +103,7 @@ def run_job(job: Job, config_path: str | None, um_per_px: float | None, fps: flo
             from stream.image_report import write_json
             write_json(doc, job.out)
             summ = doc["images"][0].get("summary", {})
-            row = {k: summ.get(k) for k in ("n_capillaries", "density_per_mm", "crossing_fraction",
+            row = {k: summ.get(k) for k in ("n_capillaries", "n_loops", "density_per_mm", "crossing_fraction",
                                             "tortuous_fraction")}
         return Outcome(job.path, job.kind, "done", job.out, time.perf_counter() - t0, row=row)
     except Exception as e:  # one bad file must not stop the batch
@@ -199,7 +199,7 @@ def _ray_job(job: dict, *args) -> dict:
 def cohort_csv(outcomes: list[Outcome]) -> str:
     """One row per recording/image, then one per subject (ANFC ``Subject_Pic`` names)."""
     cols = ["level", "path", "kind", "status", "subject", "frames", "duration_s", "capillaries", "median_speed",
-            "speed_unit", "wbc_per_min_total", "n_capillaries", "density_per_mm", "crossing_fraction",
+            "speed_unit", "wbc_per_min_total", "n_capillaries", "n_loops", "density_per_mm", "crossing_fraction",
             "tortuous_fraction", "warnings", "error"]
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore")
@@ -215,7 +215,7 @@ def cohort_csv(outcomes: list[Outcome]) -> str:
             subjects.setdefault(subject, []).append(o.row)
     for subj, rows in sorted(subjects.items()):
         agg = {"level": "subject", "subject": subj, "kind": "image", "status": "done"}
-        for k in ("density_per_mm", "crossing_fraction", "tortuous_fraction", "n_capillaries"):
+        for k in ("density_per_mm", "crossing_fraction", "tortuous_fraction", "n_capillaries", "n_loops"):
             vals = [r[k] for r in rows if isinstance(r.get(k), (int, float))]
             agg[k] = sum(vals) / len(vals) if vals else None
         w.writerow(agg)

@@ -205,6 +205,7 @@ def _analyse_labels(img: np.ndarray, labels: np.ndarray, um_per_px: float | None
     soft = apply_image_focus(morphs)
     summary = summarize_image(morphs, img.shape, um_per_px, min_clear)
     row = set(summary.distal_row_ids)
+    frags = set(summary.fragment_ids)
     warnings = []
     if um_per_px is None:
         warnings.append("uncalibrated: sizes in px only, density null (give --um-per-px or device.um_per_px)")
@@ -221,7 +222,8 @@ def _analyse_labels(img: np.ndarray, labels: np.ndarray, um_per_px: float | None
     entry = {
         "shape": list(img.shape), "um_per_px": um_per_px, "calibrated": um_per_px is not None,
         "warnings": warnings,
-        "capillaries": [rep.capillary_record(m, c, m.id in row, kps.get(c.id)) for m, c in zip(morphs, caps)],
+        "capillaries": [rep.capillary_record(m, c, m.id in row, kps.get(c.id), fragment=m.id in frags)
+                        for m, c in zip(morphs, caps)],
         "summary": rep._clean(summary.to_dict()),
     }
     return entry, caps, morphs, kps
@@ -304,7 +306,8 @@ def run(args: argparse.Namespace) -> int:
         from stream.morphology import ImageSummary
         summaries[p] = ImageSummary(**{f.name: entry["summary"].get(f.name) for f in dataclasses.fields(ImageSummary)})
         if args.overlay:
-            overlays[p] = rep.draw_overlay(img, caps, morphs, set(entry["summary"]["distal_row_ids"]), kps)
+            overlays[p] = rep.draw_overlay(img, caps, morphs, set(entry["summary"]["distal_row_ids"]), kps,
+                                           fragments=set(entry["summary"]["fragment_ids"]))
         log.info("%s: %d capillaries, %d in the distal row", p, len(caps), len(entry["summary"]["distal_row_ids"]))
     subjects = []
     for subj, paths in by_subject.items():

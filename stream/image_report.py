@@ -22,9 +22,12 @@ JSON layout (units in key names; ``null`` = not measurable, with a ``*_reason`` 
               "height_px", "height_um", "arc_length_px", "arc_length_um",
               "apex_px": [x, y], "bbox_px": [x0, y0, x1, y1],
               "centerline_px": [[x, y], …]  (every 4th point),
-              "keypoints_px": {name: [x, y]} | null, "in_distal_row": bool, "notes": […]
+              "keypoints_px": {name: [x, y]} | null, "in_distal_row": bool,
+              "fragment": bool,   # much shorter than the image's loops: listed, not counted as a loop
+              "notes": […]
           }, …],
-          "summary": {"n_capillaries", "n_clear", "distal_row_ids", "density_per_mm" | null,
+          "summary": {"n_capillaries" (every structure traced), "n_loops" (without the fragments),
+                      "fragment_ids", "n_clear" (clear loops), "distal_row_ids", "density_per_mm" | null,
                       "density_reason" ("uncalibrated" …) | null, "row_length_px",
                       "crossing_fraction", "tortuous_fraction", "mean_*_width_px/_um",
                       "mean_height_px/_um", "reason" | null, "giant_count" (clear loops),
@@ -83,8 +86,9 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     _atomic_write_bytes(path, data)
 
 
-def capillary_record(morph, cap, in_row: bool, keypoints: dict | None = None) -> dict:
-    """One capillary entry of the report from a CapillaryMorphology and its Capillary."""
+def capillary_record(morph, cap, in_row: bool, keypoints: dict | None = None, *, fragment: bool = False) -> dict:
+    """One capillary entry of the report from a CapillaryMorphology and its Capillary
+    (``fragment``: much shorter than the image's loops, :func:`stream.morphology.loop_sized`)."""
     d = morph.to_dict()
     rec = {
         "id": d["id"], "class": d["label"], "shape_class": d["shape_class"], "flags": d["flags"],
@@ -101,6 +105,7 @@ def capillary_record(morph, cap, in_row: bool, keypoints: dict | None = None) ->
     rec["centerline_px"] = np.round(cap.centerline[::4], 1).tolist()
     rec["keypoints_px"] = keypoints
     rec["in_distal_row"] = bool(in_row)
+    rec["fragment"] = bool(fragment)
     rec["notes"] = d["notes"]
     return _clean(rec)
 
@@ -148,8 +153,9 @@ def csv_tables(report: dict) -> dict[str, bytes]:
             caps.append(row)
         s = {"image": im["path"], "subject": im["subject"], "calibrated": im["calibrated"],
              "um_per_px": im["um_per_px"]}
-        s.update({k: v for k, v in im["summary"].items() if k != "distal_row_ids"})
+        s.update({k: v for k, v in im["summary"].items() if k not in ("distal_row_ids", "fragment_ids")})
         s["n_distal_row"] = len(im["summary"]["distal_row_ids"])
+        s["n_fragments"] = len(im["summary"].get("fragment_ids") or [])
         s["warnings"] = "; ".join(im["warnings"])
         ims.append(s)
     for sub in report["subjects"]:
@@ -160,13 +166,21 @@ def csv_tables(report: dict) -> dict[str, bytes]:
     return {"capillaries.csv": _csv_bytes(caps), "images.csv": _csv_bytes(ims), "subjects.csv": _csv_bytes(subs)}
 
 
-def draw_overlay(image: np.ndarray, caps: list, morphs: list, row_ids: set, keypoints: dict | None = None) -> np.ndarray:
-    """BGR overlay: numbered loops, apex, width ticks at the measured sections, keypoints."""
+def draw_overlay(image: np.ndarray, caps: list, morphs: list, row_ids: set, keypoints: dict | None = None,
+                 fragments: set | frozenset = frozenset()) -> np.ndarray:
+    """BGR overlay: numbered loops, apex, width ticks at the measured sections, keypoints;
+    ``fragments`` (ids) are drawn thin and grey with their number only."""
     vis = image.copy() if image.ndim == 3 else cv2.cvtColor(image, cv2.COLOR_GRAY2BGR)
     vis = vis[:, :, :3].copy()
     s = max(1.0, vis.shape[1] / 1024.0)
     th = max(1, int(round(s)))
     for cap, m in zip(caps, morphs):
+        if m.id in fragments:
+            cv2.polylines(vis, [np.round(cap.centerline).astype(np.int32)], False, (150, 150, 150), 1, cv2.LINE_AA)
+            ax, ay = int(round(cap.apex[0])), int(round(cap.apex[1]))
+            cv2.putText(vis, str(m.id), (ax - int(8 * s), ay - int(6 * s)), cv2.FONT_HERSHEY_SIMPLEX, 0.35 * s,
+                        (170, 170, 170), 1, cv2.LINE_AA)
+            continue
         col = (0, 220, 0) if m.label == "clear" else (0, 140, 255)
         cv2.polylines(vis, [np.round(cap.centerline).astype(np.int32)], False, col, th, cv2.LINE_AA)
         ax, ay = int(round(cap.apex[0])), int(round(cap.apex[1]))

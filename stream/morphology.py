@@ -45,7 +45,10 @@ stray structures far above the row are left out, :func:`distal_row`), apexes clo
 row curve across the image width) in mm — null with reason ``"uncalibrated"`` without µm/px;
 crossing and tortuous fractions and mean widths over CLEAR loops — null with reason when fewer
 than ``min_clear_capillaries``; giant count over CLEAR loops too (an out-of-focus loop flagged giant
-is counted apart and makes "giant present" undecidable, :func:`giant_present`).
+is counted apart and makes "giant present" undecidable, :func:`giant_present`). Fragments
+(:func:`loop_sized`: structures much shorter than the image's loops — pieces of a loop the
+segmentation broke, faint deep vessels, debris) are listed (``fragment_ids``) but are not loops:
+they are left out of the clear loops, the counts of enlarged and giant apexes, and ``n_loops``.
 
 Per subject — :func:`summarize_subject`: NaN-mean of image values, abnormality flags against the
 normal ranges, and the EULAR **Fast Track** rule (Smith et al. 2019), reported as *suggestive*,
@@ -808,6 +811,8 @@ class ImageSummary:
     giant_unclear_count: int | None = None   # loops flagged giant that are not clear (out of focus):
     #                                          their widths are unreliable, so they make "giant present"
     #                                          undecidable rather than true (:func:`giant_present`)
+    n_loops: int | None = None         # structures of a loop's size (n_capillaries minus the fragments)
+    fragment_ids: list = field(default_factory=list)   # ids of the fragments (:func:`loop_sized`)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -823,6 +828,23 @@ ROW_LOOP_SHARE = 0.4   # a structure whose half arc length (≈ its limb length;
 #                        not a loop: it neither shapes the distal row nor counts in it. Independent stills (JPEG 20, gamma,
 #                        faint deep vessels; 17 images): fragments 30–90 px tall above the row took
 #                        the fitted row through them, and 3 images read 2.9–3.3 loops/mm for 9–10
+
+
+def loop_sized(sizes: np.ndarray) -> np.ndarray:
+    """Which structures of one image are loops, not fragments (boolean (N,)): half arc length
+    ``sizes`` (px; NaN = unknown, a fragment) ≥ :data:`ROW_LOOP_SHARE` × the 75th percentile of
+    the known ones; all of them when none is known or none would pass. On 23 independent stills
+    (another generator: faint deep vessels, JPEG 20–40) it kept all 227 reported whole loops and
+    set apart 56 of 58 structures that were no loop and 28 of 44 pieces of loops; the count of
+    loop-sized structures erred by 0.4 per image against 3.8 for all structures. On 40 of our
+    held-out stills it set apart 6 of 578 whole loops (small deep background loops)."""
+    sizes = np.asarray(sizes, float)
+    ok = np.isfinite(sizes)
+    if not ok.any():
+        return np.ones(len(sizes), bool)
+    ref = float(np.percentile(sizes[ok], 75))
+    loop = ok & (sizes >= ROW_LOOP_SHARE * ref) if ref > 0 else np.ones(len(sizes), bool)
+    return loop if loop.any() else np.ones(len(sizes), bool)
 
 
 def distal_row(apexes: np.ndarray, heights: np.ndarray, width: int, strips: int = 8,
@@ -843,11 +865,8 @@ def distal_row(apexes: np.ndarray, heights: np.ndarray, width: int, strips: int 
         return np.zeros(0, bool), np.array([0.0])
     heights = np.asarray(heights, float)
     sizes = heights if sizes is None else np.asarray(sizes, float)
-    ok_h, ok_s = np.isfinite(heights), np.isfinite(sizes)
-    ref = float(np.percentile(sizes[ok_s], 75)) if ok_s.any() else 0.0
-    loop = ok_s & (sizes >= ROW_LOOP_SHARE * ref) if ref > 0 else np.ones(n, bool)
-    if not loop.any():
-        loop = np.ones(n, bool)
+    ok_h = np.isfinite(heights)
+    loop = loop_sized(sizes)
     band = 0.5 * float(np.median(heights[loop & ok_h])) if (loop & ok_h).any() else 50.0
     edges = np.linspace(0, width, strips + 1)
     sid = np.clip(np.digitize(apexes[:, 0], edges) - 1, 0, strips - 1)
@@ -931,7 +950,9 @@ def summarize_image(morphs: list[CapillaryMorphology], image_shape: tuple[int, .
         dens, dreason = 0.0, None
     else:
         dens, dreason = float(member.sum()) / (row_len * um_per_px / 1000.0), None
-    clear = [m for m in morphs if m.label == "clear"]
+    is_loop = loop_sized(sizes) if len(morphs) else np.zeros(0, bool)
+    loops = [m for m, k in zip(morphs, is_loop) if k]
+    clear = [m for m in loops if m.label == "clear"]
     if len(clear) < min_clear:
         reason = f"fewer than {min_clear} clear capillaries ({len(clear)})"
         cf = tf = ma = mv = mp = mh = None
@@ -950,12 +971,13 @@ def summarize_image(morphs: list[CapillaryMorphology], image_shape: tuple[int, .
         # synthetic stills with 10 true giants, giant flags on clear loops: 5 true, 2 false; on
         # blurred loops: 1 true, 2 false
         giants = sum(bool(m.flags.get("giant")) for m in clear)
-        unclear = sum(bool(m.flags.get("giant")) for m in morphs if m.label != "clear")
-        enl = sum(bool(m.flags.get("enlarged")) for m in morphs)
+        unclear = sum(bool(m.flags.get("giant")) for m in loops if m.label != "clear")
+        enl = sum(bool(m.flags.get("enlarged")) for m in loops)
     else:
         giants = unclear = enl = None
     return ImageSummary(len(morphs), len(clear), row_ids, dens, dreason, row_len, cf, tf, ma, mv, mp, mh, reason,
-                        giants, enl, um_per_px, unclear)
+                        giants, enl, um_per_px, unclear, n_loops=len(loops),
+                        fragment_ids=[m.id for m, k in zip(morphs, is_loop) if not k])
 
 
 def giant_present(summaries: list[ImageSummary]) -> bool | None:

@@ -438,6 +438,29 @@ def test_an_out_of_focus_giant_makes_the_fast_track_undecidable_not_positive():
     assert giant_present([summarize_image(clear, (768, 1024), None, 3)]) is None
 
 
+def test_fragments_are_listed_but_not_counted_or_measured_as_loops():
+    """Structures much shorter than the image's loops (a loop's broken-off piece, a faint deep
+    vessel) stay in the report with their ids, but leave the loop count, the clear loops behind
+    the fractions and mean widths, and the giant count."""
+    from stream.morphology import CapillaryMorphology, loop_sized
+
+    def morph(i, arc, flags, venous=12.0):
+        return CapillaryMorphology(i, "clear", "left", "given", 10.0, venous, 60.0 if flags.get("giant") else 14.0,
+                                   arc / 2.2, arc, (100.0 * i, 50.0 if arc > 200 else 400.0), (0, 0, 1, 1),
+                                   flags={"giant": False, "enlarged": False, "crossing": False, "tortuous": False,
+                                          **flags}, um_per_px=1.0)
+    loops = [morph(i, 340.0, {}) for i in range(1, 9)]
+    pieces = [morph(9, 60.0, {"tortuous": True, "giant": True}, venous=30.0), morph(10, 80.0, {"crossing": True})]
+    s = summarize_image(loops + pieces, (768, 1024), 1.0, 3)
+    assert s.n_capillaries == 10 and s.n_loops == 8 and sorted(s.fragment_ids) == [9, 10]
+    assert s.n_clear == 8 and s.tortuous_fraction == 0.0 and s.crossing_fraction == 0.0
+    assert s.giant_count == 0 and s.mean_venous_width_px == pytest.approx(12.0)
+    assert s.to_dict()["fragment_ids"] == [9, 10]
+    # all of one size (or unknown): nothing is a fragment
+    assert loop_sized(np.full(5, 70.0)).all() and loop_sized(np.full(3, np.nan)).all()
+    assert loop_sized(np.array([150.0, 160.0, 170.0, 40.0, np.nan])).tolist() == [True, True, True, False, False]
+
+
 def _row(n=10, y=250.0, tilt=0.0, width=1024):
     xs = np.linspace(60, width - 60, n)
     return np.stack([xs, y + tilt * (xs - width / 2)], 1)

@@ -174,3 +174,12 @@ def test_legend_names_every_overlay_colour():
         b, g, r = bgr
         assert f'color:#{r:02x}{g:02x}{b:02x}">●</span> {name}' in md
     assert "selected" in md
+
+
+def test_summary_counts_loops_and_names_the_short_pieces_apart():
+    md = render.summary_markdown({"summary": {"density_per_mm": 8.0, "n_capillaries": 12, "n_loops": 10,
+                                              "fragment_ids": [4, 7]}}, True)
+    assert "loops 10 (+2 short pieces, not counted)" in md
+    md = render.summary_markdown({"summary": {"density_per_mm": 8.0, "n_capillaries": 12}}, True)   # older stage
+    assert "loops 12" in md and "short piece" not in md
+

@@ -309,8 +309,11 @@ def summary_markdown(snapshot: dict, calibrated: bool) -> str:
     dens = s.get("density_per_mm")
     dens_txt = fmt(dens, "loops/mm", 1) if dens is not None else f"– ({s.get('density_reason', 'uncalibrated')})"
     ft = s.get("fast_track") or "–"
+    n_frag = len(s.get("fragment_ids") or [])
+    loops = fmt(s.get("n_loops") if s.get("n_loops") is not None else s.get("n_capillaries"))
+    loops += f" (+{n_frag} short piece{'s' if n_frag > 1 else ''}, not counted)" if n_frag else ""
     return (f"**Density** {dens_txt} · **crossing** {fmt(s.get('crossing_fraction'), nd=2)} · "
-            f"**tortuous** {fmt(s.get('tortuous_fraction'), nd=2)} · loops {fmt(s.get('n_capillaries'))}\n\n"
+            f"**tortuous** {fmt(s.get('tortuous_fraction'), nd=2)} · loops {loops}\n\n"
             f"**Fast Track (suggestive, not a diagnosis):** {ft}"
             + ("" if calibrated else "\n\n**uncalibrated:** widths in px, density not computed"))
 
