@@ -160,3 +160,30 @@ def test_a_blotchy_background_does_not_add_blurred_capillaries(tmp_path):
     assert entry["summary"]["n_capillaries"] == 6 and len(entry["capillaries"]) == 6
     assert entry["summary"]["distal_row_ids"] == [0, 1, 2, 3, 4, 5]
     assert any("faint out-of-focus" in w for w in entry["warnings"])
+
+
+def test_keypoints_off_their_loop_are_dropped():
+    import numpy as np
+    """A keypoint far from its loop (the model's crop also showed a neighbour or a deep vessel)
+    is not that loop's: dropped, so it is neither reported, drawn nor used for a width."""
+    from stream.capillary import Capillary
+    from stream.image_cli import KEYPOINT_MAX_OFF_PX, _on_loop
+    ys = np.arange(100, 300, dtype=np.float32)
+    cl = np.concatenate([np.stack([np.full_like(ys, 100.0), ys[::-1]], 1), np.stack([np.full_like(ys, 140.0), ys], 1)])
+
+    def loop(width):
+        return Capillary(centerline=cl, apex=(100.0, 100.0), apex_index=len(ys) - 1,
+                         width_px=np.full(len(cl), width, np.float32), bbox=(95, 100, 145, 300),
+                         mask=np.ones((200, 50), bool))
+    cap = loop(10.0)
+    pts = {"left-left": (95.0, 200.0), "left-right": (105.0, 200.0), "up": (110.0, 95.0),
+           "right-left": (200.0, 210.0), "right-right": (141.0, 500.0)}
+    kept = _on_loop(pts, cap, 1024)
+    assert set(kept) == {"left-left", "left-right", "up"}
+    assert kept["up"] == [110.0, 95.0]
+    # the limit grows with the image's width (px at 1024-px width) and with the loop's own width
+    far = {"p": (100.0 - 1.5 * KEYPOINT_MAX_OFF_PX, 200.0)}
+    assert _on_loop(far, cap, 1024) == {} and set(_on_loop(far, cap, 2048)) == {"p"}
+    wide = loop(20.0)
+    assert set(_on_loop({"p": (100.0 - 1.8 * KEYPOINT_MAX_OFF_PX, 200.0)}, wide, 1024)) == {"p"}
+    assert _on_loop({}, cap, 1024) == {}
