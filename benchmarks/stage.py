@@ -13,7 +13,9 @@ Usage::
    rounds), with the windows in this process and in 1 and 2 worker processes
    (``default_workers()``, what ``nailfold analyze`` uses, is 2 on 2 cores). The workers'
    start-up (~1 s: imports, compiled loops; ``nailfold analyze`` overlaps it with loading the
-   segmenter) is printed apart from the analysis time.
+   segmenter) is printed apart from the analysis time. Then (c) the same with the loops'
+   morphology measured at the end, as ``nailfold analyze`` does by default: a fixed cost per
+   recording (≈ 0.1 s a loop), printed apart.
 2. Live, the stage alone: replays decoded frames paced at 20 fps from a producer thread into a
    2-slot queue (a full queue = dropped frame), ``process()`` in the consumer, ``step_background()``
    in a second thread, and prints per-frame latency (schedule → processed) p50/p99, drops, skipped
@@ -109,12 +111,25 @@ def offline(path: Path, cfg, n: int, fps: float, segmenter, repeats: int = 3) ->
                                     window_executor=pools.get(w))
                 times[w].append(time.perf_counter() - t0)
                 reports.add(json.dumps([dataclasses.asdict(c) for c in rep.capillaries], default=str))
+        # `nailfold analyze` also measures the loops' morphology at the end (fixed cost per recording)
+        from stream.image_cli import get_classifier
+        clf = get_classifier()
+        t_morph = []
+        for r in range(repeats):
+            t0 = time.perf_counter()
+            analyze_video(path, cfg, fps=fps, segmenter=segmenter, progress=False,
+                          window_executor=pools.get(default_workers()), morphology=True, classifier=clf)
+            t_morph.append(time.perf_counter() - t0)
     for w in configs:
         x = sorted(dur / t for t in times[w])
         tag = " (nailfold analyze's default)" if w == default_workers() else ""
         print(f"  analyze, {w} window workers{tag}: median {np.median(x):5.1f}x real time "
               f"({n * np.median(x) / dur:6.1f} fps; range {x[0]:.1f}-{x[-1]:.1f}x; target 10x, ratio "
               f"{np.median(x) / 10:.2f})" + (f"; worker start-up {t_start[w]:.1f} s before it" if w else ""))
+    tm = float(np.median(t_morph))
+    print(f"  analyze with the loops' morphology ({default_workers()} workers, nailfold analyze's default): "
+          f"median {dur / tm:5.1f}x real time; the morphology adds {tm - float(np.median(times[default_workers()])):.1f} s "
+          f"per recording whatever its length (--no-morphology skips it)")
     print(f"  capillaries {len(rep.capillaries)}, warnings {rep.warnings}; "
           f"{'the same report from every run' if len(reports) == 1 else f'{len(reports)} different reports!'}")
     cv2.setNumThreads(cv_threads)

@@ -49,6 +49,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--segmenter", choices=("auto", "classical", "unet"), default=None,
                         help="segmenter for keyframes (default: models.segmenter from the config)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--no-morphology", action="store_true",
+                        help="skip the loops' morphology (widths, shapes, density on the stabilized mean image)")
     parser.add_argument("--workers", type=int, default=None, metavar="N",
                         help="processes analysing Radon windows beside the main one (default: one per CPU core "
                              "beyond two; 0 = all in this process). The report is the same either way")
@@ -184,13 +186,16 @@ def default_workers() -> int:
 
 def analyze_video(path: str | Path, config: Config, *, fps: float | None = None, segmenter=None,
                   progress: bool = True, stream_id: str = "scope0", source=None,
-                  window_executor=None, keyframe_thread: bool = True) -> VideoReport:
+                  window_executor=None, keyframe_thread: bool = True, morphology: bool = False,
+                  classifier=None) -> VideoReport:
     """Analyze one recording offline. ``fps`` overrides the file's frame rate; ``segmenter``
     defaults to the configured one; ``window_executor`` (e.g. :func:`stream.flow.window_pool`)
     runs the Radon windows in other processes; ``keyframe_thread`` runs the keyframes in a
     thread beside the per-frame work. Neither changes the report: a keyframe takes effect
-    ``KEYFRAME_DELAY_S`` after the frame that triggered it, whoever computes it. Raises
-    :class:`InputError` if ``path`` cannot be read."""
+    ``KEYFRAME_DELAY_S`` after the frame that triggered it, whoever computes it.
+    ``morphology`` (with the shape ``classifier``, or geometry alone) adds the loops'
+    morphology (:meth:`stream.stage.AnalysisStage.finish`). Raises :class:`InputError` if
+    ``path`` cannot be read."""
     from stream.stage import AnalysisStage, default_segmenter
     src = source if source is not None else _open(path, fps, config)
     try:
@@ -203,7 +208,7 @@ def analyze_video(path: str | Path, config: Config, *, fps: float | None = None,
                                   window_executor=window_executor, keyframe_executor=kf_pool,
                                   keyframe_delay=int(round(KEYFRAME_DELAY_S * rate)))
             t0 = time.perf_counter()
-            rep = _run_stage(stage, src, path, progress)
+            rep = _run_stage(stage, src, path, progress, morphology, classifier)
         dt = time.perf_counter() - t0
         log.info("%s: %d frames in %.1f s (%.0f fps, %.1f× real time)", path, rep.frames, dt,
                  rep.frames / dt if dt > 0 else 0, rep.duration_s / dt if dt > 0 else 0)
@@ -212,7 +217,7 @@ def analyze_video(path: str | Path, config: Config, *, fps: float | None = None,
         src.close()
 
 
-def _run_stage(stage, src, path, progress: bool) -> VideoReport:
+def _run_stage(stage, src, path, progress: bool, morphology: bool = False, classifier=None) -> VideoReport:
     """Every frame of ``src`` through ``stage`` (with a progress bar), then its report; input
     that stops early (e.g. an image of another size in a folder) ends the run with a warning."""
     bar = None
@@ -232,7 +237,7 @@ def _run_stage(stage, src, path, progress: bool) -> VideoReport:
     finally:
         if bar is not None:
             bar.close()
-    rep = stage.finish(str(path))
+    rep = stage.finish(str(path), morphology=morphology, classifier=classifier)
     rep.warnings.extend(extra_warn)
     return rep
 
@@ -248,13 +253,19 @@ def run(args: argparse.Namespace) -> int:
     with (window_pool(workers) if workers > 0 else contextlib.nullcontext()) as pool:
         from stream.stage import default_segmenter
         seg = default_segmenter(args.segmenter or config.models.segmenter, config.models.backend)
+        morphology = not getattr(args, "no_morphology", False)
+        clf = None
+        if morphology:
+            from stream.image_cli import get_classifier
+            clf = get_classifier()
         # what is loaded now lives to the end: keep it out of the collector's full passes (the
         # torch modules made each ~0.1 s)
         gc.freeze()
         reports = []
         for path, src in zip(args.videos, sources):
             reports.append(analyze_video(path, config, fps=args.fps, segmenter=seg,
-                                         progress=not args.no_progress, source=src, window_executor=pool))
+                                         progress=not args.no_progress, source=src, window_executor=pool,
+                                         morphology=morphology, classifier=clf))
     write_report(reports if len(reports) > 1 else reports[0], args.out)
     if args.csv:
         out = Path(args.csv)

@@ -88,7 +88,9 @@ def run_job(job: Job, config_path: str | None, um_per_px: float | None, fps: flo
             from stream.report import write_report
             from stream.stage import default_segmenter
             seg = default_segmenter(segmenter or cfg.models.segmenter, cfg.models.backend)
-            rep = analyze_video(job.path, cfg, fps=fps, segmenter=seg, progress=False)
+            from stream.image_cli import get_classifier
+            rep = analyze_video(job.path, cfg, fps=fps, segmenter=seg, progress=False, morphology=True,
+                                classifier=get_classifier())
             write_report(rep, job.out)
             d = rep.to_dict()
             speeds = [c["flow_speed_um_s"] if d["calibrated"] else c["flow_speed_px_per_frame"]

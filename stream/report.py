@@ -51,10 +51,18 @@ the first frame; NaN/unknown values are ``null``)::
                           "speed_um_s": 805.0, "speed_px_per_frame": 33.5,
                           "strength": 5.1}]        # mean brightness along the cell's own path, in
                                                    #  robust SDs of the log-grey-level kymograph (≥ 3.4)
-          "vessel_contrast": 0.35                  # log(tissue / vessel) on the last keyframe; an
+          "vessel_contrast": 0.35,                 # log(tissue / vessel) on the last keyframe; an
                                                    #  event must also brighten the column by ≥ 0.5 of
                                                    #  it (null: not measured, that test is skipped)
-      }]
+          "morphology": null | {                   # on the last keyframe's stabilized mean (the code of
+              "label": "clear" | "blurred",        #  the live dashboard and of `nailfold image`);
+              "class": "normal" | "tortuous" | …,  #  arterial limb from the flow direction where it flows
+              "arterial_width_px"/"_um", "venous_width_px"/"_um", "apical_width_px"/"_um",
+              "height_px"/"_um", "flags": ["tortuous", …], "arterial_side", …}
+      }],
+      "morphology": null | {"n_capillaries", "n_loops", "n_clear", "density_per_mm" | null,
+                            "crossing_fraction", "tortuous_fraction", "mean_*_width_px"/"_um",
+                            "fast_track", …}       # image-level, over the listed loops
     }
 
 Several videos in one run are written as ``{"schema": "nailfold.video-report-set/1",
@@ -142,6 +150,8 @@ class CapillaryFlow:
     #                                     the frame (a loop at the edge of the field of view): not analyzed
     vessel_contrast: float | None = None  # log(tissue / vessel) at the last keyframe (∝ the blood column's
     #                                       absorbance); null where the tissue around the loop was not measured
+    morphology: dict | None = None        # widths, height, flags, class on the last keyframe's stabilized mean
+    #                                       (``nailfold analyze``; null: not measured)
 
 
 @dataclass
@@ -158,6 +168,8 @@ class VideoReport:
     schema: str = SCHEMA
     loops_point: str = "up"   # where the loops' apices point in the frame: up / right / down / left
     #                           (loops pointing elsewhere are traced in the frame turned until they point up)
+    morphology: dict | None = None   # image-level morphology of the listed loops (density, fractions, mean
+    #                                  widths, Fast Track suggestion); null: not measured
 
     @property
     def calibrated(self) -> bool:
@@ -168,7 +180,8 @@ class VideoReport:
         out = {"schema": self.schema, "source": self.source, "fps": self.fps,
                "um_per_px": self.um_per_px, "calibrated": self.calibrated, "frames": self.frames,
                "duration_s": self.duration_s, "loops_point": self.loops_point, "warnings": list(self.warnings),
-               "stabilization": d["stabilization"], "gaps": d["gaps"], "capillaries": d["capillaries"]}
+               "stabilization": d["stabilization"], "gaps": d["gaps"], "morphology": d["morphology"],
+               "capillaries": d["capillaries"]}
         return _clean(out)
 
 
@@ -192,7 +205,11 @@ def write_report(report: VideoReport | list[VideoReport], path: str | Path) -> N
 CSV_COLUMNS = ["source", "id", "apex_x", "apex_y", "length_px", "direction_reversed", "label",
                "flow_speed_um_s", "flow_speed_px_per_frame", "speed_confidence", "speed_xcorr_um_s",
                "speed_xcorr_px_per_frame", "windows", "windows_with_flow", "stopped_windows",
-               "flow_state", "observed_s", "wbc_count", "wbc_per_min", "wbc_margin", "wbc_tracked_frac"]
+               "flow_state", "observed_s", "wbc_count", "wbc_per_min", "wbc_margin", "wbc_tracked_frac",
+               "morph_class", "arterial_width_px", "venous_width_px", "apical_width_px", "arterial_width_um",
+               "venous_width_um", "apical_width_um", "morph_flags"]
+_MORPH_COLUMNS = ("arterial_width_px", "venous_width_px", "apical_width_px", "arterial_width_um", "venous_width_um",
+                  "apical_width_um")
 
 
 def csv_rows(report: VideoReport) -> list[dict]:
@@ -204,6 +221,9 @@ def csv_rows(report: VideoReport) -> list[dict]:
         row = {k: c.get(k) for k in CSV_COLUMNS}
         row.update(source=report.source, apex_x=c["apex_px"][0], apex_y=c["apex_px"][1],
                    length_px=round(length, 1))
+        m = c.get("morphology") or {}
+        row.update({k: m.get(k) for k in _MORPH_COLUMNS}, morph_class=m.get("class"),
+                   morph_flags=" ".join(m.get("flags") or []) if m else None)
         rows.append({k: ("" if v is None else v) for k, v in row.items()})
     return rows
 

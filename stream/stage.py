@@ -759,6 +759,7 @@ class AnalysisStage:
         self._window_batch: list = []      # windows not yet submitted: (track, *analyze_window args)
         self.blank_frames = 0
         self._warnings: list[str] = []
+        self._keyframe_mean: np.ndarray | None = None   # the last applied keyframe's stabilized mean (uint8)
 
     # ------------------------------------------------------------------ per frame (cheap)
     def process(self, frame: Frame, *, copy: bool = True) -> None:
@@ -1077,6 +1078,7 @@ class AnalysisStage:
                              LOOPS_POINT[self._turns])
             self._next_id = match_ids(self._prev_caps, caps, self._next_id)
             self._prev_caps = caps
+            self._keyframe_mean = mean
             self.keyframes_done += 1
             seen = set()
             n_tracks_before = len(self.tracks)
@@ -1432,9 +1434,12 @@ class AnalysisStage:
         g, dx, dy, a = latest
         return warp_to_reference(g, dx, dy, a)
 
-    def finish(self, source: str | None = None, true_shifts: np.ndarray | None = None) -> VideoReport:
+    def finish(self, source: str | None = None, true_shifts: np.ndarray | None = None, *,
+               morphology: bool = False, classifier=None) -> VideoReport:
         """Flush pending work and windows, and build the report. ``true_shifts`` (n, 2) — known
-        (dx, dy) per accepted frame, e.g. from a simulator — adds residual statistics."""
+        (dx, dy) per accepted frame, e.g. from a simulator — adds residual statistics.
+        ``morphology``: also measure the reported loops' morphology (:meth:`_morphology`; with
+        ``classifier``, a :class:`models.classifier.Classifier`, the shape classes too)."""
         while self.step_background():
             pass
         if self._apply_keyframes(all_=True):   # those due after the last frame
@@ -1452,7 +1457,37 @@ class AnalysisStage:
                 self._run_window(tr, start, n, last + 1)
         self._submit_batch()
         self._collect_windows(block=True)
-        return self._build_report(source or self.stream_id, true_shifts)
+        rep = self._build_report(source or self.stream_id, true_shifts)
+        if morphology:
+            self._morphology(rep, classifier)
+        return rep
+
+    def _morphology(self, rep: VideoReport, classifier=None) -> None:
+        """Add to ``rep`` the morphology of its capillaries, measured on the last keyframe's
+        stabilized mean (red-cell texture and camera noise averaged out) by the code the live
+        dashboard runs (:func:`stream.live_morphology.measure_live`, itself that of ``nailfold
+        image``), with each loop's arterial limb from its flow direction where it flows:
+        ``capillaries[i].morphology`` (widths px/µm, height, flags, class) and ``rep.morphology``
+        (density, fractions, mean widths, Fast Track suggestion). Nothing before a keyframe."""
+        mean = self._keyframe_mean
+        if mean is None or not rep.capillaries:
+            return
+        from stream.live_morphology import measure_live
+        caps = []
+        for c in rep.capillaries:
+            tr = self.tracks.get(c.id)
+            if tr is not None:
+                caps.append((tr.cap, c.direction_reversed if c.flow_speed_px_per_frame else None))
+        try:
+            per, summary = measure_live(caps, mean.shape, self.config, image=mean, classifier=classifier,
+                                        turns=self._turns or 0)
+        except Exception as e:   # the flow results stand without it
+            log.warning("morphology failed (%s): report without it", e)
+            rep.warnings.append(f"morphology not measured: {e}")
+            return
+        for c in rep.capillaries:
+            c.morphology = per.get(c.id)
+        rep.morphology = summary
 
     def _build_report(self, source: str, true_shifts) -> VideoReport:
         n = self.frames_in

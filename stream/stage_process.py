@@ -399,9 +399,10 @@ class StageProcess:
         self.rx.close()
         self.pub.close(0)
         if report:
+            from stream.image_cli import get_classifier
             videos = []
             for name, slot in self.finished + list(self.slots.items()):
-                rep = slot.stage.finish()
+                rep = slot.stage.finish(morphology=True, classifier=get_classifier())
                 d = rep.to_dict() if hasattr(rep, "to_dict") else dict(rep)
                 d.setdefault("gaps", [])
                 d["gaps"] = list(d["gaps"]) + slot.gaps + ([slot.open_gap] if slot.open_gap else [])

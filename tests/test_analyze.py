@@ -49,6 +49,19 @@ def test_analyze_toy_video(toy_video, tmp_path):
     assert any(abs(v - 14.0) / 14.0 < 0.05 for v in speeds), speeds
     rows = list(csv.DictReader((csv_dir / "toy.avi.csv").open()))
     assert len(rows) == len(d["capillaries"]) and "flow_speed_um_s" in rows[0]
+    # morphology of the listed loops, on the stabilized mean, by the code of the live dashboard
+    assert d["morphology"]["n_capillaries"] == len(d["capillaries"]) and d["morphology"]["um_per_px"] == 1.2
+    flowing = [c for c in d["capillaries"] if c["flow_speed_px_per_frame"]]
+    assert flowing
+    for c in flowing:
+        m = c["morphology"]
+        assert m["arterial_width_um"] == pytest.approx(m["arterial_width_px"] * 1.2)
+        assert 3.0 < m["arterial_width_px"] < 30.0 and m["class"]
+        # the arterial limb is the one the blood enters: the reported centerline's first foot
+        art, ven = c["centerline_px"][0], c["centerline_px"][-1]
+        assert m["arterial_side_source"] == "given"
+        assert m["arterial_side"] == ("left" if art[0] <= ven[0] else "right")
+    assert {r["morph_class"] for r in rows} - {""}
 
 
 def test_window_workers_give_the_same_report(toy_video, tmp_path):
@@ -59,9 +72,10 @@ def test_window_workers_give_the_same_report(toy_video, tmp_path):
     for workers in ("0", "2"):
         out = tmp_path / f"w{workers}.json"
         assert main(["analyze", str(video), "--out", str(out), "--um-per-px", "1.2", "--segmenter", "classical",
-                     "--no-progress", "--workers", workers]) == 0
+                     "--no-progress", "--workers", workers, "--no-morphology"]) == 0
         reports.append(json.loads(out.read_text()))
     a, b = reports
+    assert a["morphology"] is None and all(c["morphology"] is None for c in a["capillaries"])
     assert a["capillaries"] and any(c["wbc_events"] or c["flow_speed_um_s"] for c in a["capillaries"])
     assert a["capillaries"] == b["capillaries"]
     assert {k: v for k, v in a.items() if k != "source"} == {k: v for k, v in b.items() if k != "source"}
