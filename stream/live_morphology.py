@@ -25,7 +25,7 @@ from stream.morphology import apply_image_focus, fast_track, giant_present, meas
 
 log = logging.getLogger(__name__)
 
-_SHOWN_FLAGS = ("tortuous", "crossing", "enlarged", "giant", "haemorrhage_near", "width_disagreement")
+_SHOWN_FLAGS = ("tortuous", "crossing", "enlarged", "giant", "haemorrhage_near", "width_disagreement", "apex_obscured")
 
 
 def _entry(m) -> dict:

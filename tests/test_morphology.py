@@ -9,7 +9,7 @@ import pytest
 
 from nailfold.config import load_config
 from stream.capillaries import extract_capillaries
-from stream.capillary import BLURRED, CLEAR, HAEMORRHAGE
+from stream.capillary import BLURRED, CLEAR, HAEMORRHAGE, Capillary
 from stream.morphology import (FAST_TRACK_INDETERMINATE, FAST_TRACK_NOT_SSC, FAST_TRACK_SSC, ImageSummary,
                                fast_track, keypoint_widths, measure_capillary, profile_widths, subject_of,
                                summarize_image, summarize_subject)
@@ -558,3 +558,36 @@ def test_shape_class_agrees_with_the_measured_flags():
     unsure = {"normal": 0.1, "enlarged": 0.6, "bushy": 0.3}
     assert consistent_shape_class(unsure, normal_apex, "clear") == "normal"         # bushy < 0.5
     assert consistent_shape_class({"normal": 0.3, "bushy": 0.7}, normal_apex, "clear") == "bushy"
+
+
+def test_an_apex_far_wider_than_its_limbs_is_obscured_not_giant():
+    """A giant loop is homogeneously enlarged; an apex section reading > 3 × the wider limb has
+    something across it (a haemorrhage on the apex, another vessel). It is not called giant (nor
+    enlarged), and a clear loop like it makes "giant present" undecidable, not true."""
+    from stream.morphology import APEX_LIMB_RATIO_MAX, CapillaryMorphology, giant_present
+    ys = np.arange(100, 300, dtype=np.float32)
+    cl = np.concatenate([np.stack([np.full_like(ys, 100.0), ys[::-1]], 1),
+                         np.stack([np.full_like(ys, 140.0), ys], 1)]).astype(np.float32)
+    cap = Capillary(centerline=cl, apex=(100.0, 100.0), apex_index=len(ys) - 1,
+                    width_px=np.full(len(cl), 10.0, np.float32), bbox=(95, 100, 145, 300),
+                    mask=np.ones((200, 50), bool))
+    kp = {"left-left": (95.0, 200.0), "left-right": (105.0, 200.0), "right-left": (135.0, 200.0),
+          "right-right": (145.0, 200.0)}
+    for apex_px, obscured in ((55.0, True), (25.0, False)):
+        pts = dict(kp, up=(120.0, 100.0 - apex_px / 2), down=(120.0, 100.0 + apex_px / 2))
+        m = measure_capillary(cap, None, pts, um_per_px=1.0, ranges=RANGES)
+        assert m.apical_width_px == pytest.approx(apex_px, abs=0.5)
+        assert m.flags["apex_obscured"] is obscured
+        assert m.flags["giant"] is (None if obscured else False)
+        assert m.flags["enlarged"] is (None if obscured else True)
+        assert any("across the section" in n for n in m.notes) is obscured
+    assert 55.0 / 10.0 > APEX_LIMB_RATIO_MAX > 25.0 / 10.0
+
+    def morph(i, obscured):
+        return CapillaryMorphology(i, "clear", "left", "given", 10.0, 12.0, 14.0, 160.0, 340.0, (100.0 * i, 50.0),
+                                   (0, 0, 1, 1), flags={"giant": None if obscured else False, "enlarged": False,
+                                                        "apex_obscured": obscured}, um_per_px=1.0)
+    loops = [morph(i, False) for i in range(1, 9)]
+    assert giant_present([summarize_image(loops, (768, 1024), 1.0, 3)]) is False
+    s = summarize_image(loops + [morph(9, True)], (768, 1024), 1.0, 3)
+    assert s.giant_count == 0 and s.giant_unclear_count == 1 and giant_present([s]) is None
