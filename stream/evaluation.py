@@ -8,7 +8,9 @@ In:  a video report (:class:`stream.report.VideoReport` or its JSON dict, schema
 Out: a :class:`ClipScore` per clip — per truth loop the measured median speed and its error (%),
      the WBC count against truth, the events matched in time (true / duplicate / false / missed
      within ``tol_s`` s of a true apex passage), whether the report flags the count unreliable —
-     and the stabilization residual (px) when the run knew the true camera motion.
+     and the stabilization residual (px) when the run knew the true camera motion; when the
+     report carries the loops' morphology, each in-focus loop's width errors (µm: arterial,
+     venous, apical) and the clip's density error (loops/mm).
      :func:`summarize` gives the issue-4 acceptance verdicts over clips: every flowing loop in
      100–1500 µm/s within 10 % of its true speed, the WBC count within 10 % per clip and in total,
      residual < 0.5 px.
@@ -135,6 +137,8 @@ class LoopScore:
     wbc: int = 0
     events: EventMatch = field(default_factory=EventMatch)
     count_unreliable: bool = False
+    width_err_um: dict | None = None   # measured − true width (µm) per section ("arterial", "venous",
+    #                                    "apical") from the report's morphology: in-focus loops only
 
     @property
     def speed_ok(self) -> bool:
@@ -155,6 +159,7 @@ class ClipScore:
     loops: list[LoopScore]
     residual_px: dict | None = None
     seed: int | None = None
+    density_per_mm: tuple | None = None   # (measured, true) from the report's morphology, when both exist
 
     def scored(self, reliable_only: bool = False) -> list[LoopScore]:
         """Matched loops in the speed band (those the acceptance speaks of)."""
@@ -223,11 +228,31 @@ def score_clip(report: Any, truth: dict, seconds: float | None = None,
             lp.wbc = int(_get(got, "wbc_count", 0) or 0)
             lp.events = match_events(te, [_get(e, "t_s") for e in events], tol_s)
             lp.count_unreliable = wbc_count_unreliable(lp.flow_state, _get(got, "wbc_tracked_frac"))
+            lp.width_err_um = _width_errors(_get(got, "morphology"), tc)
         loops.append(lp)
     stab = _get(report, "stabilization", {}) or {}
     res = stab.get("residual_px") if isinstance(stab, dict) else None
+    morph = _get(report, "morphology") or {}
+    dens = (morph.get("density_per_mm"), truth.get("density_per_mm"))
     return ClipScore(source=str(_get(report, "source", "")), seconds=secs, loops=loops,
-                     residual_px=res if isinstance(res, dict) else None, seed=seed)
+                     residual_px=res if isinstance(res, dict) else None, seed=seed,
+                     density_per_mm=dens if None not in dens else None)
+
+
+_SECTIONS = ("arterial", "venous", "apical")
+
+
+def _width_errors(morph: dict | None, truth_cap: dict) -> dict | None:
+    """Measured − true width (µm) of each section of one loop, from the report's ``morphology``
+    entry; None for a loop out of focus (its widths are not clinical figures) or not measured."""
+    if not morph or morph.get("label") != "clear" or truth_cap.get("class") == "blurred":
+        return None
+    out = {}
+    for k in _SECTIONS:
+        got, true = morph.get(f"{k}_width_um"), truth_cap.get(f"{k}_width_um")
+        if got is not None and true is not None:
+            out[k] = float(got) - float(true)
+    return out or None
 
 
 def summarize(scores: list[ClipScore]) -> dict:
@@ -267,12 +292,30 @@ def summarize(scores: list[ClipScore]) -> dict:
         "loops_count_unreliable": sum(lp.count_unreliable for lp in loops),
         "residual_px_median_max": max((r["median"] for r in res), default=None),
         "residual_px_p95_max": max((r.get("p95", 0.0) for r in res), default=None),
+        "morphology": _morphology_summary(scores),
     }
     res_ok = all(s.residual_ok is not False for s in scores)
     out["pass"] = {"speed": not bad_speed and bool(loops),
                    "wbc_per_clip": out["wbc_clips_within_10pct"] == n_wbc,
                    "wbc_total": out["wbc_err_pct_total"] is not None and abs(out["wbc_err_pct_total"]) <= 100 * TOLERANCE,
                    "residual": res_ok if res else None}
+    return out
+
+
+def _morphology_summary(scores: list[ClipScore]) -> dict | None:
+    """Width MAE / bias per section (µm) over the matched in-focus loops, and the density MAE
+    (loops/mm) over the clips, from the reports' morphology; None when no report had any."""
+    errs = {k: [lp.width_err_um[k] for s in scores for lp in s.loops if lp.width_err_um and k in lp.width_err_um]
+            for k in _SECTIONS}
+    dens = [got - true for s in scores if s.density_per_mm for got, true in [s.density_per_mm]]
+    if not any(errs.values()) and not dens:
+        return None
+    out = {"loops": max(len(v) for v in errs.values())}
+    for k, v in errs.items():
+        out[f"{k}_mae_um"] = float(np.mean(np.abs(v))) if v else None
+        out[f"{k}_bias_um"] = float(np.mean(v)) if v else None
+    out["density_clips"] = len(dens)
+    out["density_mae_per_mm"] = float(np.mean(np.abs(dens))) if dens else None
     return out
 
 
@@ -306,7 +349,9 @@ def run_synthetic(seed: int, seconds: float, sim: dict | None = None, segmenter:
         stage.process(Frame(FrameMeta(i, i / fps, fps, img.shape), img))
         stage.step_background()
     shifts = np.array([scope.shift(i) for i in range(n)], float)
-    rep = stage.finish(f"synthetic:seed={seed}", true_shifts=shifts - shifts[0])
+    from stream.image_cli import get_classifier
+    rep = stage.finish(f"synthetic:seed={seed}", true_shifts=shifts - shifts[0], morphology=True,
+                       classifier=get_classifier())
     return rep, truth
 
 
@@ -354,6 +399,11 @@ def print_summary(summ: dict) -> None:
           f"{summ['event_precision']:.3f} (true {ev['tp']}, duplicate {ev['dup']}, false {ev['fp']}, missed {ev['missed']})")
     print(f"  residual                   worst median {_fmt(summ['residual_px_median_max'], '.3f')} px, "
           f"worst p95 {_fmt(summ['residual_px_p95_max'], '.3f')} px")
+    m = summ.get("morphology")
+    if m:
+        print(f"  morphology ({m['loops']} in-focus loops) width MAE / bias µm: "
+              + ", ".join(f"{k} {_fmt(m[f'{k}_mae_um'], '.2f')} / {_fmt(m[f'{k}_bias_um'], '+.2f')}" for k in _SECTIONS)
+              + f"; density MAE {_fmt(m['density_mae_per_mm'], '.2f')} /mm ({m['density_clips']} clips)")
     print("  acceptance: " + ", ".join(f"{k} {'—' if v is None else ('pass' if v else 'FAIL')}" for k, v in summ["pass"].items()))
 
 

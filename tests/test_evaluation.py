@@ -52,6 +52,24 @@ def _report(um_per_px=1.2) -> dict:
                             loop(9, 500, 0.0, [], None)]}
 
 
+def test_the_reports_morphology_is_scored_against_the_truth_widths_and_density():
+    truth, rep = _truth(), _report()
+    truth["density_per_mm"] = 8.0
+    for c in truth["capillaries"]:
+        c.update(arterial_width_um=11.0, venous_width_um=14.0, apical_width_um=15.0)
+    rep["morphology"] = {"density_per_mm": 8.5}
+    rep["capillaries"][0]["morphology"] = {"label": "clear", "arterial_width_um": 11.5, "venous_width_um": 13.0,
+                                           "apical_width_um": None}
+    rep["capillaries"][1]["morphology"] = {"label": "blurred", "arterial_width_um": 20.0}   # not scored
+    s = score_clip(rep, truth)
+    assert s.loops[0].width_err_um == pytest.approx({"arterial": 0.5, "venous": -1.0})
+    assert s.loops[1].width_err_um is None and s.density_per_mm == (8.5, 8.0)
+    m = summarize([s])["morphology"]
+    assert m["arterial_mae_um"] == pytest.approx(0.5) and m["venous_bias_um"] == pytest.approx(-1.0)
+    assert m["apical_mae_um"] is None and m["density_mae_per_mm"] == pytest.approx(0.5)
+    assert summarize([score_clip(_report(), _truth())])["morphology"] is None   # a report without it
+
+
 def test_a_report_scored_against_its_truth():
     s = score_clip(_report(), _truth())
     a, b, stopped, lost = s.loops
