@@ -307,7 +307,7 @@ def _morphology_summary(scores: list[ClipScore]) -> dict | None:
     (loops/mm) over the clips, from the reports' morphology; None when no report had any."""
     errs = {k: [lp.width_err_um[k] for s in scores for lp in s.loops if lp.width_err_um and k in lp.width_err_um]
             for k in _SECTIONS}
-    dens = [got - true for s in scores if s.density_per_mm for got, true in [s.density_per_mm]]
+    dens = [s.density_per_mm[0] - s.density_per_mm[1] for s in scores if s.density_per_mm]
     if not any(errs.values()) and not dens:
         return None
     out = {"loops": max(len(v) for v in errs.values())}
