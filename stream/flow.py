@@ -640,6 +640,22 @@ class WindowAnalyzer:
     #                                  units of the red-cell density, the same for dark and pale vessels
     stopped_noisy_ratio: float = 2.0  # :func:`stopped_flow`'s noisy-camera branch (0 = strict rule only;
     #                                   the stage uses 0 for out-of-focus loops: see ``_stopped``)
+    shuffled_ratio: float = 1.8      # where the rows neither correlate (< ``credible_corr``) nor agree
+    #                                  with the Radon speed (``_agree``), the Radon
+    #                                  contrast must be this × its median over the window's frames in
+    #                                  ``shuffled_copies`` random orders (0 = off): shuffling keeps each
+    #                                  row's spatial structure and destroys motion, so what survives it
+    #                                  is not flow. Static vessels (a real still shaken by tremor, or
+    #                                  held still under camera noise and MJPG) read 0.6–1.5, rows
+    #                                  correlating ≤ 0.13, and had passed the gate as 400–700 µm/s
+    #                                  "flow" (blurred loops: noise correlated along the vessel is not
+    #                                  the white null's); flowing loops of the synthetic scope read ≥ 2.4
+    #                                  (median 6.3). Very fast flow can read less (an independent
+    #                                  generator's 1012-µm/s loop at 1.1 µm/px: 1.2–2.7, every frame's
+    #                                  texture seen in ~3 frames) but its rows correlate (≈ 0.3), or
+    #                                  agree with the Radon speed where they decorrelate (static
+    #                                  vessels' rows: 0–3 px/frame against Radon maxima of 18–38)
+    shuffled_copies: int = 3
 
     def __post_init__(self):
         self._smooth_kernel = _gaussian_kernel(max(float(self.event_smooth_px), 1e-6)).astype(np.float32)
@@ -664,6 +680,9 @@ class WindowAnalyzer:
             acc += var
         self._null = np.where(acc > 0, acc / 6, np.inf)
         self._dof = radon.independent_lines(self.coarse_speeds, self.n_frames)
+        # fixed frame orders (the same report from any worker): see ``shuffled_ratio``
+        prng = np.random.default_rng(54321)
+        self._orders = [prng.permutation(self.n_frames) for _ in range(max(0, int(self.shuffled_copies)))]
 
     def _stopped(self, raw: np.ndarray) -> bool:
         """:func:`stopped_flow` of a window that shows no coherent motion. The noisy-camera branch
@@ -672,6 +691,23 @@ class WindowAnalyzer:
         walls, the tissue behind it) while blur removes the moving texture, so a "stopped" verdict
         there needs the strict rule."""
         return stopped_flow(np.asarray(raw, np.float32), noisy_ratio_max=self.stopped_noisy_ratio)
+
+    def _beats_shuffled(self, k: np.ndarray, contrast: float) -> bool:
+        """Whether the Radon ``contrast`` of the normalized window ``k`` (T, N) is at least
+        ``shuffled_ratio`` × that of ``k`` with its frames (rows) in most of the fixed random
+        orders (× their median, for an odd number of orders): a preferred speed that the rows' order does not matter for comes from
+        their spatial structure (noise correlated along the vessel, compression blocks, a
+        static vessel's texture modulated by the camera), not from anything moving."""
+        if self.shuffled_ratio <= 0 or not self._orders or k.shape[0] != self.n_frames:
+            return True
+        beats = []
+        for order in self._orders:
+            sino = self._coarse.sinogram(self._bin(k[order]))
+            c = radon.texture_speed(sino, self._coarse.valid, self.coarse_speeds, null=self._null, dof=self._dof)[1]
+            beats.append(contrast >= self.shuffled_ratio * c)
+            if 2 * sum(beats) > len(self._orders) or 2 * (len(beats) - sum(beats)) > len(self._orders):
+                break          # the median's side is decided
+        return 2 * sum(beats) > len(self._orders)
 
     def _bin(self, k: np.ndarray) -> np.ndarray:
         """Mean of every ``coarse_decimate`` adjacent columns (the coarse pass's kymograph)."""
@@ -718,7 +754,9 @@ class WindowAnalyzer:
         i0 = int(np.argmin(np.abs(self.coarse_speeds - v0))) if math.isfinite(v0) else 0
         # significance of the peak given how many independent lines that speed has
         signif = (contrast - 1.0) / math.sqrt(2.0 / self._dof[i0]) if math.isfinite(v0) else 0.0
-        if not (contrast >= self.gate and signif >= self.gate_sigma and math.isfinite(v0)):
+        if not (contrast >= self.gate and signif >= self.gate_sigma and math.isfinite(v0)
+                and (xc.confidence >= self.credible_corr or self._agree(xc, v0)
+                     or self._beats_shuffled(k, contrast))):
             res.stopped = self._stopped(raw)
             if res.stopped:
                 res.speed_px_per_frame = 0.0
