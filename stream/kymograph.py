@@ -241,7 +241,8 @@ class KymographBuffer:
         self._rows = np.zeros((self.capacity, self.length), np.float32)
         self._view = np.ones((self.capacity, self.length), bool)
         self._frame = np.full(self.capacity, -1, np.int64)
-        self.count = 0          # rows appended since creation
+        self.count = 0          # rows appended since creation (less those dropped: :meth:`drop_from`)
+        self._held = 0          # rows held (≤ capacity)
         self.last_frame = -1
         self.samples_out_of_view = 0   # samples appended outside the frame (see :func:`in_view`)
 
@@ -254,7 +255,24 @@ class KymographBuffer:
             self.samples_out_of_view += int(self.length - np.count_nonzero(view))
         self._frame[i] = frame_no
         self.count += 1
+        self._held = min(self._held + 1, self.capacity)
         self.last_frame = int(frame_no)
+
+    def drop_from(self, frame_no: int) -> int:
+        """Forget the newest rows, those of frames ≥ ``frame_no`` (e.g. frames of another field
+        of view, sampled before the change was recognised); returns how many were dropped."""
+        k = 0
+        while self._held > 0:
+            i = (self.count - 1) % self.capacity
+            if self._frame[i] < frame_no:
+                break
+            self.samples_out_of_view -= int(self.length - np.count_nonzero(self._view[i]))
+            self._frame[i] = -1
+            self.count -= 1
+            self._held -= 1
+            k += 1
+        self.last_frame = int(self._frame[(self.count - 1) % self.capacity]) if self._held else -1
+        return k
 
     @property
     def out_of_view_fraction(self) -> float:
@@ -265,14 +283,13 @@ class KymographBuffer:
     @property
     def first_frame(self) -> int:
         """Oldest frame number still held (−1 if empty)."""
-        if self.count == 0:
+        if self._held == 0:
             return -1
-        i = 0 if self.count <= self.capacity else self.count % self.capacity
-        return int(self._frame[i])
+        return int(self._frame[(self.count - self._held) % self.capacity])
 
     def _newest(self, n: int | None = None) -> np.ndarray:
         """Ring indices of the newest ``n`` held rows (all by default), oldest first."""
-        held = min(self.count, self.capacity)
+        held = self._held
         n = held if n is None else min(n, held)
         return np.arange(self.count - n, self.count) % self.capacity
 

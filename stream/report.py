@@ -4,8 +4,9 @@ In:  the results of :class:`stream.stage.AnalysisStage` (built by ``finish()``).
 Out: :class:`VideoReport` → ``to_dict()`` → JSON written atomically (temp file + ``os.replace``)
      by :func:`write_report`; :func:`write_csv` writes one row per capillary.
 
-Schema ``nailfold.video-report/1`` (all coordinates in px of the *first frame*; times in s from
-the first frame; NaN/unknown values are ``null``)::
+Schema ``nailfold.video-report/1`` (all coordinates in px of the *first frame* — of the capillary's
+field of view, when the probe moved to another field during the recording (``segments``); times
+in s from the first frame; NaN/unknown values are ``null``)::
 
     {
       "schema": "nailfold.video-report/1",
@@ -22,6 +23,8 @@ the first frame; NaN/unknown values are ``null``)::
                         "confidence": {"median","p05","min"},           # phase-correlation response
                         "mean_shift_px", "max_shift_px", "reanchors"},
       "gaps": [{"start_seq","end_seq","frames_missing","t_start","t_end"}],   # stream gaps
+      "segments": [{"index": 0, "start_s": 0.0, "end_s": 60.0, "frames": 1200}],   # fields of view in
+                                           #  turn (more than one: the probe moved; a warning says when)
       "capillaries": [{
           "id": 3,
           "apex_px": [x, y],
@@ -54,6 +57,7 @@ the first frame; NaN/unknown values are ``null``)::
           "vessel_contrast": 0.35,                 # log(tissue / vessel) on the last keyframe; an
                                                    #  event must also brighten the column by ≥ 0.5 of
                                                    #  it (null: not measured, that test is skipped)
+          "segment": 0,                            # its field of view (index into segments)
           "morphology": null | {                   # on the last keyframe's stabilized mean (the code of
               "label": "clear" | "blurred",        #  the live dashboard and of `nailfold image`);
               "class": "normal" | "tortuous" | …,  #  arterial limb from the flow direction where it flows
@@ -62,7 +66,8 @@ the first frame; NaN/unknown values are ``null``)::
       }],
       "morphology": null | {"n_capillaries", "n_loops", "n_clear", "density_per_mm" | null,
                             "crossing_fraction", "tortuous_fraction", "mean_*_width_px"/"_um",
-                            "fast_track", …}       # image-level, over the listed loops
+                            "fast_track", …}       # image-level, over the listed loops (of the
+                                                   #  last field of view: "segment", if several)
     }
 
 Several videos in one run are written as ``{"schema": "nailfold.video-report-set/1",
@@ -152,6 +157,8 @@ class CapillaryFlow:
     #                                       absorbance); null where the tissue around the loop was not measured
     morphology: dict | None = None        # widths, height, flags, class on the last keyframe's stabilized mean
     #                                       (``nailfold analyze``; null: not measured)
+    segment: int = 0                      # the field of view it was seen in (``VideoReport.segments``): its
+    #                                       coordinates are those of that field's first registered frame
 
 
 @dataclass
@@ -170,6 +177,9 @@ class VideoReport:
     #                           (loops pointing elsewhere are traced in the frame turned until they point up)
     morphology: dict | None = None   # image-level morphology of the listed loops (density, fractions, mean
     #                                  widths, Fast Track suggestion); null: not measured
+    segments: list[dict] = field(default_factory=list)   # the fields of view in turn: index, start_s, end_s,
+    #                                                      frames. More than one when the probe moved to
+    #                                                      another field during the recording
 
     @property
     def calibrated(self) -> bool:
@@ -180,8 +190,8 @@ class VideoReport:
         out = {"schema": self.schema, "source": self.source, "fps": self.fps,
                "um_per_px": self.um_per_px, "calibrated": self.calibrated, "frames": self.frames,
                "duration_s": self.duration_s, "loops_point": self.loops_point, "warnings": list(self.warnings),
-               "stabilization": d["stabilization"], "gaps": d["gaps"], "morphology": d["morphology"],
-               "capillaries": d["capillaries"]}
+               "stabilization": d["stabilization"], "gaps": d["gaps"], "segments": d["segments"],
+               "morphology": d["morphology"], "capillaries": d["capillaries"]}
         return _clean(out)
 
 
@@ -205,7 +215,7 @@ def write_report(report: VideoReport | list[VideoReport], path: str | Path) -> N
 CSV_COLUMNS = ["source", "id", "apex_x", "apex_y", "length_px", "direction_reversed", "label",
                "flow_speed_um_s", "flow_speed_px_per_frame", "speed_confidence", "speed_xcorr_um_s",
                "speed_xcorr_px_per_frame", "windows", "windows_with_flow", "stopped_windows",
-               "flow_state", "observed_s", "wbc_count", "wbc_per_min", "wbc_margin", "wbc_tracked_frac",
+               "flow_state", "segment", "observed_s", "wbc_count", "wbc_per_min", "wbc_margin", "wbc_tracked_frac",
                "morph_class", "arterial_width_px", "venous_width_px", "apical_width_px", "arterial_width_um",
                "venous_width_um", "apical_width_um", "morph_flags"]
 _MORPH_COLUMNS = ("arterial_width_px", "venous_width_px", "apical_width_px", "arterial_width_um", "venous_width_um",

@@ -28,7 +28,10 @@ translation-only fit of a central ROI sees none of it: on the synthetic scope wi
 rotational tremor, translation-only registration lost 60 % of the white-cell events.
 When the match against the reference is weak the pose is chained from the previous frame; after
 ``reanchor_after`` weak frames in a row the reference is replaced by the current frame warped back
-into reference coordinates (coordinates are preserved). :meth:`Stabilizer.reanchor` lets the caller
+into reference coordinates (coordinates are preserved) — unless the reference shows nowhere in
+those frames (whole-frame phase correlation without a peak: the probe moved to another field of
+view), when the current frame starts new coordinates and its estimate says so
+(``ShiftEstimate.new_scene``). :meth:`Stabilizer.reanchor` lets the caller
 replace the reference with a cleaner image (e.g. the stabilized mean of recent frames) and name the
 static pixels (outside flowing vessels) that the ROIs' ECC may use: the red-cell texture inside the
 vessels, averaged out of such a reference but not of the frames, otherwise drags a ROI's match (on
@@ -56,6 +59,9 @@ class ShiftEstimate:
     confidence: float  # correlation coefficient of the fine (ECC) match on the ROI, 0..1
     chained: bool = False   # True when estimated via the previous frame (weak reference match)
     angle: float = 0.0      # rad, rotation of the content about the frame centre (x towards y)
+    new_scene: int = 0      # > 0: the field of view changed (another scene, not a motion of this one):
+    #                         this frame is the new reference (pose 0) and the change came this many
+    #                         frames ago, counting this one (the frames in between are not registered)
 
 
 def pose_matrix(dx: float, dy: float, angle: float, shape: tuple[int, ...]) -> np.ndarray:
@@ -175,6 +181,15 @@ class Stabilizer:
     #                       for the rest of the clip) is otherwise never corrected, because at the
     #                       wrong angle the second ROI no longer matches and the angle is not measured
     TYPICAL_DECAY = 0.998  # per frame: the "recent best" confidence forgets a lost focus in ~10 s
+    SCENE_CHANGE_RESPONSE = 0.15  # weak frames whose whole-frame phase correlation with the reference
+    #                               peaks below this at every shift (median over the run that triggers a
+    #                               re-anchoring) show another scene: the probe moved to another field.
+    #                               Measured: a cut between two synthetic scenes 0.01–0.07; every frame of
+    #                               8 recordings (ours, the independent generator's, a real still shaken
+    #                               or turned) ≥ 0.69; heavy motion blur (exposure = frame time, 10-px
+    #                               tremor, ±1.5°) ≥ 0.13 but its ECC matches stay strong (≥ 0.95).
+    #                               The run's frames must also register on one another (median
+    #                               ≥ min_confidence): frames of camera noise alone match nothing
     HOLD_CONFIDENCE = 0.1  # a frame that matches neither the reference nor the previous frame this well
     #                        keeps the previous pose: chained chance matches of camera noise alone
     #                        walked 520 px in 5 s (ECC correlation ≈ 0.01), carrying every loop out
@@ -200,6 +215,10 @@ class Stabilizer:
         self.roi: tuple[int, int, int] | None = None
         self.reanchors = 0
         self._weak_run = 0
+        self._weak_resp: list[float] = []   # coarse responses of the current run of weak frames
+        self._weak_chain: list[float] = []  # ... and their matches against the previous frame
+        self.scene_changes = 0
+        self._last_resp = 0.0
         self._prev_gray: np.ndarray | None = None
         self._prev_shift = (0.0, 0.0)
         self._prev_angle = 0.0
@@ -312,8 +331,10 @@ class Stabilizer:
     def reset(self, first: np.ndarray) -> ShiftEstimate:
         """Start over with ``first`` (gray uint8) as the reference; returns the zero shift."""
         self.shape = first.shape
+        self._static = None          # the previous scene's (or frame size's) static pixels
         self._set_reference(first)
         self._prev_gray, self._prev_shift, self._prev_angle, self._weak_run = first, (0.0, 0.0), 0.0, 0
+        self._weak_resp, self._weak_chain = [], []
         self._prev_angle2 = self._measured_angle = self._cc_typical = 0.0
         self._rot_measured = False
         return ShiftEstimate(0.0, 0.0, 1.0)
@@ -572,6 +593,7 @@ class Stabilizer:
                     if r[3] > cc:
                         (dx, dy, ang, cc, measured), resp = r, aresp
             self._cc_typical = max(cc, self.TYPICAL_DECAY * self._cc_typical)
+        self._last_resp = float(resp)
         if cc == 0.0:
             return dx, dy, ang, 0.5 * min(resp, 1.0), measured
         return dx, dy, ang, cc, measured
@@ -604,6 +626,7 @@ class Stabilizer:
             else:
                 prev_t, _ = self._roi_crop(self._prev_gray, pdx, pdy, pang)   # reference ROI, as last seen
                 rx, ry, rang, resp, rmeasured = self._refine_rigid(prev_t, gray, pdx + cx * sx, pdy + cy * sy, pang)
+            self._weak_chain.append(float(resp))
             if resp > conf:
                 dx, dy, ang, measured, chained = rx, ry, rang, rmeasured, True
                 conf = min(conf, resp)
@@ -612,13 +635,27 @@ class Stabilizer:
                 # coherently, so the pose is held instead of following chance matches
                 dx, dy, ang, measured, chained = pdx, pdy, pang, False, True
             self._weak_run += 1
+            self._weak_resp.append(self._last_resp)
             if self._weak_run >= self.reanchor_after:
-                log.info("stabilizer: weak reference match for %d frames, re-anchoring", self._weak_run)
+                run = self._weak_run
+                if (float(np.median(self._weak_resp)) < self.SCENE_CHANGE_RESPONSE
+                        and float(np.median(self._weak_chain)) >= self.min_confidence):
+                    # nothing of the reference at any shift, while the frames register on one
+                    # another (camera noise alone does not): another field of view, whose poses
+                    # relative to the old one mean nothing. This frame starts new coordinates
+                    log.info("stabilizer: the field of view changed %d frames ago: new reference", run)
+                    self.scene_changes += 1
+                    chain = float(np.median(self._weak_chain))
+                    self.reset(gray)
+                    return ShiftEstimate(0.0, 0.0, min(1.0, chain), False, 0.0, new_scene=run)
+                log.info("stabilizer: weak reference match for %d frames, re-anchoring", run)
                 self._set_reference(warp_to_reference(gray, dx, dy, ang), shift=(dx, dy))
                 self.reanchors += 1
                 self._weak_run = 0
+                self._weak_resp, self._weak_chain = [], []
         else:
             self._weak_run = 0
+            self._weak_resp, self._weak_chain = [], []
         if self._roi_near_border(dx, dy, ang):   # drift carried the ROI out of view: pick another
             self._pick_roi((dx, dy))
         # angular velocity for the next prediction only from angles the two ROIs measured: an

@@ -139,6 +139,7 @@ class _Track:
     moving_detail: collections.deque = field(default_factory=lambda: collections.deque(maxlen=MOVING_DETAIL_WINDOWS))
     version: int = 0        # bumped whenever windows / events / moving_detail change (_store_window)
     speed_cache: dict = field(default_factory=dict)   # last_windows → (version, AnalysisStage._speeds result)
+    segment: int = 0        # the field of view (AnalysisStage.segments) its loop belongs to
 
     @property
     def anchor(self) -> float:
@@ -723,8 +724,8 @@ class AnalysisStage:
         self.keyframe_delay = max(0, int(keyframe_delay))
         self._keyframe_executor = keyframe_executor
         self._history: collections.deque = collections.deque(maxlen=self.keyframe_average + self.keyframe_delay)
-        self._pending_keyframe: tuple[int, list] | None = None
-        self._keyframe_jobs: collections.deque = collections.deque()   # (frame it takes effect, future)
+        self._pending_keyframe: tuple[int, list, int] | None = None   # (frame, frames, field of view)
+        self._keyframe_jobs: collections.deque = collections.deque()   # (frame it takes effect, future, field)
         self._turns: int | None = None   # quarter turns that make the loops point up (0 up, 2 down, 1/3
         #                                  sideways: stream.capillaries.loop_turns), fixed by the first
         #                                  keyframe that shows it
@@ -760,6 +761,12 @@ class AnalysisStage:
         self.blank_frames = 0
         self._warnings: list[str] = []
         self._keyframe_mean: np.ndarray | None = None   # the last applied keyframe's stabilized mean (uint8)
+        # fields of view in turn (the probe moved: Stabilizer's new_scene): a track belongs to one;
+        # a change retires every track and restarts the keyframes in the new field's coordinates
+        self._segment = 0
+        self.segments: list[dict] = [{"index": 0, "start_frame": 0}]
+        self._segment_means: dict[int, np.ndarray] = {}   # each field's last keyframe mean
+        self._recent_fnos: collections.deque = collections.deque(maxlen=256)   # accepted frames' numbers
 
     # ------------------------------------------------------------------ per frame (cheap)
     def process(self, frame: Frame, *, copy: bool = True) -> None:
@@ -801,6 +808,10 @@ class AnalysisStage:
         with self._lock:
             self._frame_no += step
             fno = self._frame_no
+            if est.new_scene:
+                run = int(est.new_scene)
+                self._new_scene(fno, self._recent_fnos[-(run - 1)] if 1 < run <= len(self._recent_fnos) + 1 else fno)
+            self._recent_fnos.append(fno)
             if not blank:
                 rows, views = self.bank.sample_in_view(gray, est.dx, est.dy, est.angle)
                 for cid, row in rows.items():
@@ -817,7 +828,7 @@ class AnalysisStage:
                     self._last_keyframe_frame is None or fno - self._last_keyframe_frame >= self._kf_interval):
                 if self._pending_keyframe is not None:
                     self.skipped_keyframes += 1
-                self._pending_keyframe = (fno, list(self._history)[-self.keyframe_average:])
+                self._pending_keyframe = (fno, list(self._history)[-self.keyframe_average:], self._segment)
                 self._last_keyframe_frame = fno
         now = time.time()
         self._t_first = self._t_first or now
@@ -991,8 +1002,32 @@ class AnalysisStage:
             tr.version += 1
             self.windows_done += 1
 
-    def _start_keyframe(self, fno: int, frames: list) -> None:
-        """Begin the keyframe of ``frames`` (triggered at frame ``fno``): on the keyframe executor
+    def _new_scene(self, fno: int, cut: int) -> None:
+        """The field of view changed at frame ``cut`` (recognised at ``fno``, which the stabilizer
+        made the new reference; lock held): every track keeps what it saw before ``cut`` and is
+        retired; recent frames, pending keyframes and the loops' id matching start over, and the
+        next keyframe comes as soon as enough frames of the new field are in."""
+        for cid, tr in self.tracks.items():
+            tr.buffer.drop_from(cut)
+            if tr.active:
+                self.bank.remove(cid)
+                tr.active = False
+        self._segment += 1
+        self.segments.append({"index": self._segment, "start_frame": int(cut)})
+        self._history.clear()
+        self._pending_keyframe = None
+        self._keyframe_jobs.clear()
+        self._prev_caps = []
+        self._reanchored = False
+        self._reanchor_image = None
+        self._last_keyframe_frame = None
+        self._kf_interval = self.keyframe_every
+        log.warning("the field of view changed at %.1f s (recognised at frame %d): loops seen after it are "
+                    "new capillaries (segment %d)", cut / self.fps, fno, self._segment)
+
+    def _start_keyframe(self, fno: int, frames: list, segment: int = 0) -> None:
+        """Begin the keyframe of ``frames`` (triggered at frame ``fno`` in the field of view
+        ``segment``): on the keyframe executor
         if there is one, else here and now. It takes effect at frame ``fno + keyframe_delay``
         (:meth:`_apply_keyframes`) whoever computes it and however long it takes, so an offline
         report does not depend on the executor."""
@@ -1005,17 +1040,17 @@ class AnalysisStage:
                 self._keyframe_executor = None
         if fut is None:
             fut = _done(self._compute_keyframe(frames))
-        self._keyframe_jobs.append((fno + self.keyframe_delay, fut))
+        self._keyframe_jobs.append((fno + self.keyframe_delay, fut, segment))
 
     def _apply_keyframes(self, all_: bool = False) -> bool:
         """Apply the keyframes due by the current frame (all of them if ``all_``), waiting for
         any still being computed; True if one was applied."""
         did = False
         while self._keyframe_jobs and (all_ or self._keyframe_jobs[0][0] <= self._frame_no):
-            _, fut = self._keyframe_jobs.popleft()
+            _, fut, segment = self._keyframe_jobs.popleft()
             res = fut.result()
-            if res is not None:
-                self._apply_keyframe(*res)
+            if res is not None and segment == self._segment:   # (not of a field of view left since)
+                self._apply_keyframe(*res, segment=segment)
             did = True
         return did
 
@@ -1060,7 +1095,7 @@ class AnalysisStage:
         return np.ascontiguousarray(np.rot90(labels, -turns)) if turns else labels
 
     def _apply_keyframe(self, mean: np.ndarray, caps: list[Capillary], levels: dict[int, float],
-                        static: np.ndarray | None = None, turns: int | None = None) -> None:
+                        static: np.ndarray | None = None, turns: int | None = None, *, segment: int = 0) -> None:
         """Match a computed keyframe's capillaries to the tracks: ids, new tracks (back-filled),
         contrast, retirement, keyframe interval, first re-anchoring; the first keyframe that shows
         which way the loops point fixes it for the recording (``turns``, see :meth:`_compute_keyframe`).
@@ -1069,8 +1104,12 @@ class AnalysisStage:
         :meth:`_backfilled`,
         ≈ 10 ms a loop: 0.2 s for a first keyframe of 20 loops, during which a live stage's
         :meth:`process` used to wait and the frames queue up) and inserted under it, with the
-        frames that arrived meanwhile. Offline nothing arrives in between: the same report."""
+        frames that arrived meanwhile. Offline nothing arrives in between: the same report.
+        ``segment``: the field of view whose frames it averaged; nothing is applied once the
+        field has changed."""
         with self._lock:
+            if segment != self._segment:
+                return
             if self._turns is None and turns is not None:
                 self._turns = int(turns)
                 if turns:
@@ -1079,6 +1118,7 @@ class AnalysisStage:
             self._next_id = match_ids(self._prev_caps, caps, self._next_id)
             self._prev_caps = caps
             self._keyframe_mean = mean
+            self._segment_means[segment] = mean
             self.keyframes_done += 1
             seen = set()
             n_tracks_before = len(self.tracks)
@@ -1104,6 +1144,8 @@ class AnalysisStage:
         prepared = [(t, *bm) for t, bm in zip(traced_caps, self._backfilled(traced_caps, hist))]
         for c, (traced, buf, maps) in zip(fresh, prepared):
             with self._lock:   # one track at a time: a live process() waits ≤ one insert (≈ 3 ms)
+                if segment != self._segment:     # the field of view changed meanwhile (live)
+                    return
                 # a loop traced twice in this keyframe: the second is the first one's track
                 if not self._map_retraced(c, seen):
                     self._insert_track(traced, buf, maps, hist[-1][0] if hist else None)
@@ -1119,6 +1161,8 @@ class AnalysisStage:
             except ValueError:   # the stream's frame size changed since
                 reference = None
         with self._lock:
+            if segment != self._segment:
+                return
             for cid, tr in self.tracks.items():
                 if cid not in seen and tr.active:
                     tr.missing += 1
@@ -1209,7 +1253,7 @@ class AnalysisStage:
             raise AssertionError("kymograph length must equal the centerline length")
         _append_frames(buf, maps, [f for f in self._history if last is None or f[0] > last])
         first = buf.first_frame if buf.count else self._frame_no + 1
-        self.tracks[c.id] = _Track(c, buf, first, first, first, maps)
+        self.tracks[c.id] = _Track(c, buf, first, first, first, maps, segment=self._segment)
 
     # ------------------------------------------------------------------ outputs
     @staticmethod
@@ -1468,23 +1512,33 @@ class AnalysisStage:
         dashboard runs (:func:`stream.live_morphology.measure_live`, itself that of ``nailfold
         image``), with each loop's arterial limb from its flow direction where it flows:
         ``capillaries[i].morphology`` (widths px/µm, height, flags, class) and ``rep.morphology``
-        (density, fractions, mean widths, Fast Track suggestion). Nothing before a keyframe."""
-        mean = self._keyframe_mean
-        if mean is None or not rep.capillaries:
+        (density, fractions, mean widths, Fast Track suggestion). Nothing before a keyframe.
+        After a change of the field of view each field's loops are measured on its own last
+        keyframe, and ``rep.morphology`` is the last field's (with its ``segment``)."""
+        if not rep.capillaries or not self._segment_means:
             return
         from stream.live_morphology import measure_live
-        caps = []
-        for c in rep.capillaries:
-            tr = self.tracks.get(c.id)
-            if tr is not None:
-                caps.append((tr.cap, c.direction_reversed if c.flow_speed_px_per_frame else None))
-        try:
-            per, summary = measure_live(caps, mean.shape, self.config, image=mean, classifier=classifier,
-                                        turns=self._turns or 0)
-        except Exception as e:   # the flow results stand without it
-            log.warning("morphology failed (%s): report without it", e)
-            rep.warnings.append(f"morphology not measured: {e}")
-            return
+        per: dict = {}
+        summary = None
+        for seg in sorted(self._segment_means):
+            mean = self._segment_means[seg]
+            caps = []
+            for c in rep.capillaries:
+                tr = self.tracks.get(c.id)
+                if tr is not None and tr.segment == seg:
+                    caps.append((tr.cap, c.direction_reversed if c.flow_speed_px_per_frame else None))
+            if not caps:
+                continue
+            try:
+                p, summary = measure_live(caps, mean.shape, self.config, image=mean, classifier=classifier,
+                                          turns=self._turns or 0)
+            except Exception as e:   # the flow results stand without it
+                log.warning("morphology failed (%s): report without it", e)
+                rep.warnings.append(f"morphology not measured: {e}")
+                return
+            per.update(p)
+            if len(self.segments) > 1 and summary is not None:
+                summary = {**summary, "segment": seg}
         for c in rep.capillaries:
             c.morphology = per.get(c.id)
         rep.morphology = summary
@@ -1495,6 +1549,16 @@ class AnalysisStage:
         rep = VideoReport(source=source, fps=self.fps, um_per_px=self.um_per_px, frames=n,
                           duration_s=frames_total / self.fps, gaps=list(self.gaps), loops_point=self.loops_point)
         rep.warnings.extend(self._warnings)
+        for i, sg in enumerate(self.segments):
+            end = self.segments[i + 1]["start_frame"] if i + 1 < len(self.segments) else frames_total
+            rep.segments.append({"index": sg["index"], "start_s": sg["start_frame"] / self.fps,
+                                 "end_s": end / self.fps, "frames": max(0, end - sg["start_frame"])})
+        if len(rep.segments) > 1:
+            at = ", ".join(f"{sg['start_s']:.1f}" for sg in rep.segments[1:])
+            rep.warnings.append(
+                f"the field of view changed {len(rep.segments) - 1} time{'s' if len(rep.segments) > 2 else ''} "
+                f"(at {at} s: another scene, not a motion of this one): each capillary's segment says which "
+                "field it was seen in, and its coordinates are those of that field's first registered frame")
         if self.um_per_px is None:
             rep.warnings.append("uncalibrated: pixel size unknown, speeds in px/frame only (set --um-per-px)")
         sh = np.array(self.shifts, np.float64).reshape(-1, 4)
@@ -1560,6 +1624,7 @@ class AnalysisStage:
                 wbc_tracked_frac=tr.tracked_frac,
                 out_of_view_frac=float(tr.buffer.out_of_view_fraction),
                 vessel_contrast=round(tr.contrast, 4) if math.isfinite(tr.contrast) else None,
+                segment=int(tr.segment),
                 wbc_events=[WbcEvent(t_s=e.t_frame / self.fps, speed_um_s=self._um(abs(e.speed_px_per_frame)),
                                      speed_px_per_frame=abs(e.speed_px_per_frame), strength=e.strength)
                             for e in evs])

@@ -204,3 +204,23 @@ def test_bank_samples_and_flags_a_frame_in_one_pass():
     for k, (cl, w) in loops.items():     # each capillary's own maps, as sampling_maps gives them
         for got, ref in zip(bank.maps(k), sampling_maps(cl, w)):
             np.testing.assert_array_equal(got, ref)
+
+
+def test_buffer_drops_the_newest_rows_from_a_frame_on():
+    # the rows of frames sampled after the field of view changed are forgotten; the rest stay
+    # readable, whether the ring has wrapped or not
+    for cap in (50, 8):
+        buf = KymographBuffer(4, cap)
+        for f in range(20):
+            buf.append(np.full(4, float(f), np.float32), f, np.array([True, True, f % 2 == 0, True]))
+        assert buf.drop_from(17) == 3
+        assert buf.last_frame == 16
+        assert buf.first_frame == 20 - min(cap, 20)
+        held = buf.latest()
+        assert held[:, 0].tolist() == list(range(20 - min(cap, 20), 17)), cap
+        k, valid = buf.window(14, 6)
+        assert valid.tolist() == [True, True, True, False, False, False]
+        assert buf.out_of_view_fraction == pytest.approx(sum(f % 2 == 1 for f in range(17)) / (17 * 4))
+        buf.append(np.full(4, 30.0, np.float32), 30)
+        assert buf.last_frame == 30 and buf.latest(1)[0, 0] == 30.0
+        assert buf.drop_from(0) == min(cap, 20) - 3 + 1 and buf.first_frame == -1 and buf.last_frame == -1

@@ -366,3 +366,32 @@ def test_a_reference_prepared_while_the_frame_size_changes_is_not_used(monkeypat
     assert state["shape"] == a.shape and s.shape == b.shape
     assert not s.use_reference(state)
     s.update(b)                  # still registers frames of the new size
+
+
+def test_another_field_of_view_starts_new_coordinates():
+    # the probe moves to another field (a scene unrelated to the reference): after the run of
+    # weak matches that triggers a re-anchoring, the estimate says so, the frame is the new
+    # reference (pose 0) and the change is dated to the run's first frame. A jump within the
+    # same scene (70 px, beyond the fine search) is followed, not called another field
+    a = scene(seed=0)
+    b = cv2.GaussianBlur(np.random.default_rng(9).random(a.shape).astype(np.float32), (0, 0), 4)
+    b = 110 + 90 * (b - b.min()) / np.ptp(b)
+    for k in range(3):                    # other loops, other texture
+        cv2.ellipse(b, (200 + 170 * k, 220 + 60 * k), (140, 25), 30, 0, 360, 50, 7)
+    b = cv2.GaussianBlur(b, (0, 0), 1.2)
+    rng = np.random.default_rng(3)
+    st = Stabilizer()
+    news = []
+    for i in range(60):
+        img = shifted(a, 2.0 * np.sin(i / 3), 1.0, rng=rng) if i < 30 else shifted(b, 2.0 * np.sin(i / 3), 1.0, rng=rng)
+        e = st.update(img)
+        if e.new_scene:
+            news.append((i, e.new_scene))
+            assert (e.dx, e.dy, e.angle) == (0.0, 0.0, 0.0)
+    assert news == [(30 + st.reanchor_after - 1, st.reanchor_after)]
+    assert st.scene_changes == 1
+    st = Stabilizer()
+    for i in range(40):
+        e = st.update(shifted(a, 0.0 if i < 20 else 70.0, 0.0, rng=rng))
+        assert not e.new_scene
+    assert e.dx == pytest.approx(70.0, abs=0.5) and st.scene_changes == 0

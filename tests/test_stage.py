@@ -661,7 +661,7 @@ def test_a_keyframe_takes_effect_at_the_same_frame_whoever_computes_it():
                               keyframe_executor=pool, keyframe_delay=15)
         applied_at = []
         apply = stage._apply_keyframe
-        stage._apply_keyframe = lambda *a: (applied_at.append(stage._frame_no), apply(*a))
+        stage._apply_keyframe = lambda *a, **k: (applied_at.append(stage._frame_no), apply(*a, **k))
         feed(stage, scope, 160)
         reps.append(stage.finish("toy"))
         if pool is not None:
@@ -1225,3 +1225,49 @@ def test_live_speeds_are_kept_until_a_window_is_stored():
     again = stage._speeds(tr, last_windows=5)
     assert again is not first and again == stage._speeds_of(tr, last_windows=5)
     assert again["v"] > first["v"]
+
+
+class _PickingTruthSegmenter:
+    """Of several truth masks, the one whose vessels are darkest in the image (the scene shown)."""
+
+    def __init__(self, masks):
+        self.masks = masks
+
+    def segment(self, image):
+        g = to_gray(np.asarray(image))
+        return min(self.masks, key=lambda m: float(g[m > 0].mean())).copy()
+
+
+def test_a_change_of_field_of_view_starts_new_capillaries():
+    # the probe moves to another field after 8 s: the loops seen before keep what they saw before
+    # the change, those after it are new capillaries in the new field's coordinates, and the report
+    # says when the field changed. Before, the old loops went on sampling the new scene at their
+    # old places (speeds of a mixture, no warning)
+    from stream.synthetic import SimParams, SyntheticScope
+    cfg = load_config().with_overrides(um_per_px=1.2, fps=20.0)
+    a, b = (SyntheticScope(SimParams(seed=s, width=640, height=480, duration_s=8.0, focus_loss=False))
+            for s in (3, 8))
+    masks = [a.label_mask(), b.label_mask()]
+    stage = AnalysisStage(cfg, segmenter=_PickingTruthSegmenter(masks), fps=20.0)
+    for i in range(320):
+        img = a.frame(i) if i < 160 else b.frame(i - 160)
+        stage.process(Frame(FrameMeta(i, i / 20.0, 20.0, img.shape), img))
+        stage.step_background()
+    rep = stage.finish("cut")
+    assert [s["index"] for s in rep.segments] == [0, 1]
+    assert rep.segments[1]["start_s"] == pytest.approx(8.0)
+    assert rep.segments[0]["frames"] + rep.segments[1]["frames"] == 320
+    assert any("field of view changed" in w for w in rep.warnings)
+    assert stage.stabilizer.scene_changes == 1
+    for seg, mask in enumerate(masks):
+        near = cv2.dilate((mask > 0).astype(np.uint8), np.ones((9, 9), np.uint8))
+        flowing = [c for c in rep.capillaries if c.segment == seg and c.flow_state == "flowing"]
+        assert len(flowing) >= 3, seg
+        for c in flowing:       # on that field's vessels, in its coordinates
+            x, y = (int(round(v)) for v in c.apex_px)
+            assert near[min(max(y, 0), near.shape[0] - 1), min(max(x, 0), near.shape[1] - 1)], (seg, c.apex_px)
+            if seg == 0:
+                assert c.observed_s <= 8.0 + 1e-6
+    assert not {c.id for c in rep.capillaries if c.segment == 0} & {c.id for c in rep.capillaries if c.segment == 1}
+    assert rep.to_dict()["segments"][1]["start_s"] == pytest.approx(8.0)
+    assert {c["segment"] for c in rep.to_dict()["capillaries"]} == {0, 1}
