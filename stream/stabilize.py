@@ -181,15 +181,17 @@ class Stabilizer:
     #                       for the rest of the clip) is otherwise never corrected, because at the
     #                       wrong angle the second ROI no longer matches and the angle is not measured
     TYPICAL_DECAY = 0.998  # per frame: the "recent best" confidence forgets a lost focus in ~10 s
-    SCENE_CHANGE_RESPONSE = 0.15  # weak frames whose whole-frame phase correlation with the reference
-    #                               peaks below this at every shift (median over the run that triggers a
-    #                               re-anchoring) show another scene: the probe moved to another field.
+    SCENE_CHANGE_RESPONSE = 0.15  # ``reanchor_after`` frames in a row whose whole-frame phase correlation
+    #                               with the reference peaks below this at every shift show another
+    #                               scene: the probe moved to another field.
     #                               Measured: a cut between two synthetic scenes 0.01–0.07; every frame of
     #                               8 recordings (ours, the independent generator's, a real still shaken
     #                               or turned) ≥ 0.69; heavy motion blur (exposure = frame time, 10-px
     #                               tremor, ±1.5°) ≥ 0.13 but its ECC matches stay strong (≥ 0.95).
     #                               The run's frames must also register on one another (median
     #                               ≥ min_confidence): frames of camera noise alone match nothing
+    SCENE_CHANGE_MAX_MATCH = 0.85  # ... and whose fine match against the reference stays below this
+    #                               (chance matches of another scene read up to 0.61; heavy blur ≥ 0.95)
     HOLD_CONFIDENCE = 0.1  # a frame that matches neither the reference nor the previous frame this well
     #                        keeps the previous pose: chained chance matches of camera noise alone
     #                        walked 520 px in 5 s (ECC correlation ≈ 0.01), carrying every loop out
@@ -215,7 +217,7 @@ class Stabilizer:
         self.roi: tuple[int, int, int] | None = None
         self.reanchors = 0
         self._weak_run = 0
-        self._weak_resp: list[float] = []   # coarse responses of the current run of weak frames
+        self._foreign_run = 0               # frames in a row that show nothing of the reference
         self._weak_chain: list[float] = []  # ... and their matches against the previous frame
         self.scene_changes = 0
         self._last_resp = 0.0
@@ -334,7 +336,7 @@ class Stabilizer:
         self._static = None          # the previous scene's (or frame size's) static pixels
         self._set_reference(first)
         self._prev_gray, self._prev_shift, self._prev_angle, self._weak_run = first, (0.0, 0.0), 0.0, 0
-        self._weak_resp, self._weak_chain = [], []
+        self._foreign_run, self._weak_chain = 0, []
         self._prev_angle2 = self._measured_angle = self._cc_typical = 0.0
         self._rot_measured = False
         return ShiftEstimate(0.0, 0.0, 1.0)
@@ -598,6 +600,13 @@ class Stabilizer:
             return dx, dy, ang, 0.5 * min(resp, 1.0), measured
         return dx, dy, ang, cc, measured
 
+    def _new_scene(self) -> bool:
+        """The last ``reanchor_after`` frames or more showed nothing of the reference (see
+        :meth:`update`) and those that were registered against their previous frame matched it
+        (median ≥ ``min_confidence``, at least 3 of them)."""
+        return (self._foreign_run >= self.reanchor_after and len(self._weak_chain) >= max(3, self.reanchor_after // 2)
+                and float(np.median(self._weak_chain)) >= self.min_confidence)
+
     def update(self, gray: np.ndarray) -> ShiftEstimate:
         """Pose of ``gray`` (uint8 (H, W)) relative to the reference; the first call sets it."""
         if self.shape is None or gray.shape != self.shape:
@@ -609,6 +618,13 @@ class Stabilizer:
             return ShiftEstimate(self._prev_shift[0], self._prev_shift[1], 0.0, chained=True, angle=self._prev_angle)
         dx, dy, ang, conf, measured = self._match(self._ref_small, self._template, gray, small)
         chained = False
+        # a frame that shows nothing of the reference: no whole-frame correlation peak and no
+        # more than a chance fine match (another scene matched a ROI at 0.48)
+        if self._last_resp < self.SCENE_CHANGE_RESPONSE and conf < self.SCENE_CHANGE_MAX_MATCH:
+            self._foreign_run += 1
+        else:
+            self._foreign_run = 0
+            self._weak_chain = []
         if conf < self.min_confidence and self._prev_gray is not None:
             # weak reference match: register against the previous frame (its ROI placed where the
             # previous frame shows it) and chain the poses
@@ -635,27 +651,23 @@ class Stabilizer:
                 # coherently, so the pose is held instead of following chance matches
                 dx, dy, ang, measured, chained = pdx, pdy, pang, False, True
             self._weak_run += 1
-            self._weak_resp.append(self._last_resp)
-            if self._weak_run >= self.reanchor_after:
-                run = self._weak_run
-                if (float(np.median(self._weak_resp)) < self.SCENE_CHANGE_RESPONSE
-                        and float(np.median(self._weak_chain)) >= self.min_confidence):
-                    # nothing of the reference at any shift, while the frames register on one
-                    # another (camera noise alone does not): another field of view, whose poses
-                    # relative to the old one mean nothing. This frame starts new coordinates
-                    log.info("stabilizer: the field of view changed %d frames ago: new reference", run)
-                    self.scene_changes += 1
-                    chain = float(np.median(self._weak_chain))
-                    self.reset(gray)
-                    return ShiftEstimate(0.0, 0.0, min(1.0, chain), False, 0.0, new_scene=run)
-                log.info("stabilizer: weak reference match for %d frames, re-anchoring", run)
+            if self._weak_run >= self.reanchor_after and not self._new_scene():
+                log.info("stabilizer: weak reference match for %d frames, re-anchoring", self._weak_run)
                 self._set_reference(warp_to_reference(gray, dx, dy, ang), shift=(dx, dy))
                 self.reanchors += 1
                 self._weak_run = 0
-                self._weak_resp, self._weak_chain = [], []
         else:
             self._weak_run = 0
-            self._weak_resp, self._weak_chain = [], []
+        if self._new_scene():
+            # nothing of the reference at any shift for reanchor_after frames, while they register
+            # on one another (camera noise alone does not): another field of view, whose poses
+            # relative to the old one mean nothing. This frame starts new coordinates
+            run = self._foreign_run
+            log.info("stabilizer: the field of view changed %d frames ago: new reference", run)
+            self.scene_changes += 1
+            chain = float(np.median(self._weak_chain))
+            self.reset(gray)
+            return ShiftEstimate(0.0, 0.0, min(1.0, chain), False, 0.0, new_scene=run)
         if self._roi_near_border(dx, dy, ang):   # drift carried the ROI out of view: pick another
             self._pick_roi((dx, dy))
         # angular velocity for the next prediction only from angles the two ROIs measured: an

@@ -1460,6 +1460,12 @@ class AnalysisStage:
         return int(self._turns or 0)
 
     @property
+    def field_changes(self) -> list[float]:
+        """Times (s) at which the field of view changed (the probe moved to another scene)."""
+        with self._lock:
+            return [sg["start_frame"] / self.fps for sg in self.segments[1:]]
+
+    @property
     def loops_point(self) -> str:
         """Where the recording's loops point: "up", "right", "down" or "left" (:attr:`turns`)."""
         return LOOPS_POINT[self.turns]

@@ -118,6 +118,7 @@ class StreamSlot:
     summary: dict = field(default_factory=dict)      # image-level summary of the tracked loops
     morph_at: float = 0.0
     morph_cache: dict = field(default_factory=dict)   # live_morphology.measure_live's per-capillary cache
+    morph_fields: int = 0   # field-of-view changes the stage had seen at the last morphology update
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -223,15 +224,21 @@ class StageProcess:
 
         slot.morph_at = time.monotonic()
         stage = slot.stage
+        fields = len(stage.field_changes)   # the field of view these loops belong to (set with the results)
         snap_caps = {c["id"]: c for c in stage.snapshot().get("capillaries", [])}
         with stage._lock:
             caps = [(tr.cap, snap_caps.get(cid, {}).get("direction_reversed") if snap_caps.get(cid, {}).get(
                 "speed_px_per_frame") else None) for cid, tr in stage.tracks.items() if tr.active]
-        if caps and slot.shape:
+        if not caps:       # none tracked (yet, in a new field of view): nothing to show
+            slot.morphology, slot.summary, slot.morph_fields = {}, None, fields
+        elif slot.shape:
             from stream.image_cli import get_classifier
-            slot.morphology, slot.summary = measure_live(caps, slot.shape, self.cfg, image=stage.stabilized_frame(),
-                                                         classifier=get_classifier(), cache=slot.morph_cache,
-                                                         turns=stage.turns)
+            morphology, summary = measure_live(caps, slot.shape, self.cfg, image=stage.stabilized_frame(),
+                                               classifier=get_classifier(), cache=slot.morph_cache, turns=stage.turns)
+            # the publisher thread reads these three: until this update ends it keeps showing the
+            # previous results, which a field's count tells apart
+            slot.morph_fields, slot.morphology, slot.summary = -1, morphology, summary
+            slot.morph_fields = fields
 
     def _on_frame(self, msg: wire.Message) -> None:
         slot = self._slot(msg.stream, float(msg.header["fps"]), msg.image.shape)
@@ -295,6 +302,7 @@ class StageProcess:
             "gaps": slot.gaps[-20:], "n_gaps": len(slot.gaps), "queue": self.rx.pending(),
             "um_per_px": self.cfg.device.um_per_px, "calibrated": self.cfg.device.calibrated,
             "apex_down": slot.stage.apex_down, "loops_point": slot.stage.loops_point,
+            "field_changes_s": [round(t, 2) for t in slot.stage.field_changes],
         }
 
     @staticmethod
@@ -319,7 +327,7 @@ class StageProcess:
                 if m:
                     cap["morphology"] = m
                     cap.setdefault("class", m.get("class"))
-            if slot.summary:
+            if slot.summary and slot.morph_fields == len(stage.field_changes):   # (not a field left since)
                 snap["summary"] = {**slot.summary, "n_capillaries": slot.summary.get("n_capillaries")}
             frame = self._display_frame(slot, snap)
             fr = encode_jpeg(frame, 80, self.frame_width)

@@ -183,3 +183,11 @@ def test_summary_counts_loops_and_names_the_short_pieces_apart():
     md = render.summary_markdown({"summary": {"density_per_mm": 8.0, "n_capillaries": 12}}, True)   # older stage
     assert "loops 12" in md and "short piece" not in md
 
+
+
+def test_header_says_when_the_field_of_view_changed():
+    h = {"signal": True, "um_per_px": 1.2}
+    assert "field of view" not in render.health_markdown(h, age_s=0.1)
+    one = render.health_markdown({**h, "field_changes_s": [11.8]}, age_s=0.1)
+    assert "field of view changed** at 11.8 s" in one and "changes)" not in one
+    assert "at 29.6 s (2 changes)" in render.health_markdown({**h, "field_changes_s": [11.8, 29.6]}, age_s=0.1)
