@@ -233,7 +233,18 @@ def health_markdown(health: dict | None, *, age_s: float, source: str = "") -> s
             + (f"; {before} frames dropped while the stage started" if before else "") + ")"
             f" · gaps {fmt(health.get('n_gaps'))} · stabilization confidence {fmt(stab.get('confidence'), nd=2)}"
             f" · calibration: {calib}" + (f" · **recording** `{rec}`" if rec else "")
-            + (f" · loops point {_loops_point(health)} (traced turned)" if _loops_point(health) != "up" else ""))
+            + (f" · loops point {_loops_point(health)} (traced turned)" if _loops_point(health) != "up" else "")
+            + _field_note(health))
+
+
+def _field_note(health: dict) -> str:
+    """Where the field of view changed (the probe moved to another scene): the loops listed are
+    the current field's."""
+    t = health.get("field_changes_s") or []
+    if not t:
+        return ""
+    return (f" · **field of view changed** at {t[-1]:.1f} s" + (f" ({len(t)} changes)" if len(t) > 1 else "")
+            + ": loops of the current field only")
 
 
 def _loops_point(health: dict) -> str:
