@@ -695,9 +695,10 @@ class WindowAnalyzer:
     def _beats_shuffled(self, k: np.ndarray, contrast: float) -> bool:
         """Whether the Radon ``contrast`` of the normalized window ``k`` (T, N) is at least
         ``shuffled_ratio`` × that of ``k`` with its frames (rows) in most of the fixed random
-        orders (× their median, for an odd number of orders): a preferred speed that the rows' order does not matter for comes from
-        their spatial structure (noise correlated along the vessel, compression blocks, a
-        static vessel's texture modulated by the camera), not from anything moving."""
+        orders (× their median, for an odd number of orders). A preferred speed that survives
+        the rows' shuffling comes from their spatial structure (noise correlated along the
+        vessel, compression blocks, a static vessel's texture modulated by the camera), not from
+        anything moving."""
         if self.shuffled_ratio <= 0 or not self._orders or k.shape[0] != self.n_frames:
             return True
         beats = []

@@ -760,12 +760,12 @@ class AnalysisStage:
         self._window_batch: list = []      # windows not yet submitted: (track, *analyze_window args)
         self.blank_frames = 0
         self._warnings: list[str] = []
-        self._keyframe_mean: np.ndarray | None = None   # the last applied keyframe's stabilized mean (uint8)
         # fields of view in turn (the probe moved: Stabilizer's new_scene): a track belongs to one;
         # a change retires every track and restarts the keyframes in the new field's coordinates
         self._segment = 0
         self.segments: list[dict] = [{"index": 0, "start_frame": 0}]
-        self._segment_means: dict[int, np.ndarray] = {}   # each field's last keyframe mean
+        self._segment_means: dict[int, np.ndarray] = {}   # each field's last applied keyframe's stabilized
+        #                                                   mean (uint8): the report's morphology image
         self._recent_fnos: collections.deque = collections.deque(maxlen=256)   # accepted frames' numbers
 
     # ------------------------------------------------------------------ per frame (cheap)
@@ -1117,7 +1117,6 @@ class AnalysisStage:
                              LOOPS_POINT[self._turns])
             self._next_id = match_ids(self._prev_caps, caps, self._next_id)
             self._prev_caps = caps
-            self._keyframe_mean = mean
             self._segment_means[segment] = mean
             self.keyframes_done += 1
             seen = set()
