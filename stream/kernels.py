@@ -377,10 +377,13 @@ def ecc_translation(img: np.ndarray, gxi: np.ndarray, gyi: np.ndarray, tzm: np.n
             return px, py, 0.0, False          # (cannot happen after the limit test; belt and braces)
         fx = px - ix
         fy = py - iy
-        w00 = (1.0 - fx) * (1.0 - fy)
-        w01 = fx * (1.0 - fy)
-        w10 = (1.0 - fx) * fy
-        w11 = fx * fy
+        # per-pixel arithmetic and each row's sums in float32 (8 AVX2 lanes, not 4), the rows summed
+        # in float64. On 302 ROI matches of the benchmark clip the poses moved < 1e-6 px from
+        # all-float64 sums, and a match took 0.58 instead of 0.89–0.96 ms (blur and padding included)
+        w00 = np.float32((1.0 - fx) * (1.0 - fy))
+        w01 = np.float32(fx * (1.0 - fy))
+        w10 = np.float32((1.0 - fx) * fy)
+        w11 = np.float32(fx * fy)
         n = 0.0
         si = 0.0
         sii = 0.0
@@ -395,6 +398,7 @@ def ecc_translation(img: np.ndarray, gxi: np.ndarray, gyi: np.ndarray, tzm: np.n
         sxy = 0.0
         syy = 0.0
         c0 = ix + pad
+        z = np.float32(0.0)
         for y in range(s0):
             r = y + iy + pad
             # row views: the loop indices below are provably ≥ 0 (no wrap-around checks: vectorizes)
@@ -406,6 +410,19 @@ def ecc_translation(img: np.ndarray, gxi: np.ndarray, gyi: np.ndarray, tzm: np.n
             by1 = gyi[r + 1, c0:c0 + s1 + 1]
             tr = tzm[y]
             wr = w[y]
+            rn = z
+            rsi = z
+            rsii = z
+            rsit = z
+            rgx = z
+            rgy = z
+            rgxi = z
+            rgyi = z
+            rgxt = z
+            rgyt = z
+            rxx = z
+            rxy = z
+            ryy = z
             for x in range(s1):
                 v = w00 * a0[x] + w01 * a0[x + 1] + w10 * a1[x] + w11 * a1[x + 1]
                 gx = w00 * bx0[x] + w01 * bx0[x + 1] + w10 * bx1[x] + w11 * bx1[x + 1]
@@ -415,19 +432,32 @@ def ecc_translation(img: np.ndarray, gxi: np.ndarray, gyi: np.ndarray, tzm: np.n
                 vm = v * m
                 gxm = gx * m
                 gym = gy * m
-                n += m
-                si += vm
-                sii += vm * v
-                sit += vm * t
-                sgx += gxm
-                sgy += gym
-                sgxi += gxm * v
-                sgyi += gym * v
-                sgxt += gxm * t
-                sgyt += gym * t
-                sxx += gxm * gx
-                sxy += gxm * gy
-                syy += gym * gy
+                rn += m
+                rsi += vm
+                rsii += vm * v
+                rsit += vm * t
+                rgx += gxm
+                rgy += gym
+                rgxi += gxm * v
+                rgyi += gym * v
+                rgxt += gxm * t
+                rgyt += gym * t
+                rxx += gxm * gx
+                rxy += gxm * gy
+                ryy += gym * gy
+            n += rn
+            si += rsi
+            sii += rsii
+            sit += rsit
+            sgx += rgx
+            sgy += rgy
+            sgxi += rgxi
+            sgyi += rgyi
+            sgxt += rgxt
+            sgyt += rgyt
+            sxx += rxx
+            sxy += rxy
+            syy += ryy
         if n < 3.0:
             return px, py, 0.0, False
         mu = si / n

@@ -800,9 +800,8 @@ class AnalysisStage:
         est = self.stabilizer.update(gray)
         # a blank frame (lens cap, black frames while the camera starts, a dropout) shows no
         # vessel: it is not sampled and not averaged into keyframes, as if it had been dropped
-        sub = gray[::8, ::8]
-        sd = float(sub.std())
-        blank = sd < 1.0 or (sd < BLANK_SD and float(sub.mean()) < BLANK_DARK)
+        mean, sd = (float(v[0, 0]) for v in cv2.meanStdDev(np.ascontiguousarray(gray[::8, ::8])))
+        blank = sd < 1.0 or (sd < BLANK_SD and mean < BLANK_DARK)
         if blank:
             self.blank_frames += 1
         with self._lock:
