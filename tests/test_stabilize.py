@@ -55,6 +55,30 @@ def test_tremor_sequence_residual_and_sign():
     assert np.abs(back[inner] - ref[inner]).mean() < 6.0
 
 
+def test_tremor_is_tracked_from_the_previous_pose_and_a_jump_falls_back(monkeypatch):
+    """Frame-to-frame tremor of several px is registered from the previous frame's pose (the
+    half-resolution ROI match, no whole-frame phase correlation) as exactly as before; a jump
+    beyond the tracking range (±12 px) is found by the phase correlation."""
+    img, rng = scene(seed=1), np.random.default_rng(5)
+    st = Stabilizer()
+    calls = []
+    coarse = Stabilizer._coarse_shift
+    monkeypatch.setattr(Stabilizer, "_coarse_shift", lambda self, *a: calls.append(1) or coarse(self, *a))
+    st.update(shifted(img, 0, 0, rng=rng))
+    errs = []
+    for i in range(1, 60):
+        t = i / 20
+        dx, dy = 5 * np.sin(2 * np.pi * 3 * t), 4 * np.sin(2 * np.pi * 4.5 * t + 1)   # steps up to 4.7 px
+        e = st.update(shifted(img, dx, dy, rng=rng))
+        errs.append(np.hypot(e.dx - dx, e.dy - dy))
+    assert np.median(errs) < 0.15 and max(errs) < 0.5
+    assert st.tracked >= 55 and len(calls) <= 4          # (the first frames learn the recent best)
+    n = len(calls)
+    e = st.update(shifted(img, dx + 30.0, dy - 22.0, rng=rng))
+    assert e.dx == pytest.approx(dx + 30.0, abs=0.15) and e.dy == pytest.approx(dy - 22.0, abs=0.15)
+    assert len(calls) > n and not e.chained
+
+
 def test_phase_shift_leaves_inputs_untouched():
     img = shifted(scene(), 0, 0)
     win = _hann(img.shape)
