@@ -15,8 +15,8 @@ resolution within ±12 px (:meth:`Stabilizer._track_start`); when that fails, or
 from it is weak or does not measure the angle, from phase correlation of the whole frame at
 ``scale`` (Hanning-windowed; the window is applied here, never passed to ``cv2.phaseCorrelate``,
 which multiplies its inputs by the window in place in OpenCV 5.0), as every frame did before
-(benchmark clip: registration 3.6–4.0 → 1.5 ms a frame, the phase correlation run on 3 of 600
-frames). The fine stage refines the pose at
+(benchmark clip, alternated runs: registration 3.5 → 2.0 ms a frame, the phase correlation run
+on none of its 600 frames). The fine stage refines the pose at
 full resolution by ECC translations (enhanced correlation coefficient maximization, Evangelidis &
 Psarakis 2008) of a square ROI rich in capillaries (chosen from a segmentation mask when one is
 given, else where the image shows structure in every direction: :func:`structure_tensor`) and,
