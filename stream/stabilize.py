@@ -669,8 +669,8 @@ class Stabilizer:
             if self.shape is not None:
                 log.warning("frame shape changed %s -> %s: stabilizer reset", self.shape, gray.shape)
             return self.reset(gray)
-        if float(cv2.meanStdDev(np.ascontiguousarray(gray[::4, ::4]))[1][0, 0]) < 1e-3:
-            # blank frame: nothing to register
+        sub = np.ascontiguousarray(gray[::4, ::4]) if min(gray.shape) >= 64 else gray
+        if float(cv2.meanStdDev(sub)[1][0, 0]) < 1e-3:   # blank frame: nothing to register
             return ShiftEstimate(self._prev_shift[0], self._prev_shift[1], 0.0, chained=True, angle=self._prev_angle)
         made: list = []
 
