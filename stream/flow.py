@@ -692,6 +692,12 @@ class WindowAnalyzer:
         there needs the strict rule."""
         return stopped_flow(np.asarray(raw, np.float32), noisy_ratio_max=self.stopped_noisy_ratio)
 
+    def _coarse_texture(self, k: np.ndarray) -> tuple[float, float, np.ndarray]:
+        """:func:`stream.radon.texture_speed` ``(v0, contrast, var)`` of the normalized window ``k``
+        (T, N) on the coarse speed grid, against the white-noise null."""
+        return radon.texture_speed(self._coarse.sinogram(self._bin(k)), self._coarse.valid, self.coarse_speeds,
+                                   null=self._null, dof=self._dof)
+
     def _beats_shuffled(self, k: np.ndarray, contrast: float) -> bool:
         """Whether the Radon ``contrast`` of the normalized window ``k`` (T, N) is at least
         ``shuffled_ratio`` × that of ``k`` with its frames (rows) in most of the fixed random
@@ -703,8 +709,7 @@ class WindowAnalyzer:
             return True
         beats = []
         for order in self._orders:
-            sino = self._coarse.sinogram(self._bin(k[order]))
-            c = radon.texture_speed(sino, self._coarse.valid, self.coarse_speeds, null=self._null, dof=self._dof)[1]
+            c = self._coarse_texture(k[order])[1]
             beats.append(contrast >= self.shuffled_ratio * c)
             if 2 * sum(beats) > len(self._orders) or 2 * (len(beats) - sum(beats)) > len(self._orders):
                 break          # the median's side is decided
@@ -747,9 +752,7 @@ class WindowAnalyzer:
         k = k / sd
         spectra = RowSpectra(k)         # shared by the row correlations below
         xc = xcorr_speed(k, self.v_hi, spectra=spectra)
-        sino = self._coarse.sinogram(self._bin(k))
-        v0, contrast, var = radon.texture_speed(sino, self._coarse.valid, self.coarse_speeds, null=self._null,
-                                                dof=self._dof)
+        v0, contrast, var = self._coarse_texture(k)
         res = WindowResult(start_frame, self.n_frames, float("nan"), float(contrast), xc)
         res.row_evenness = row_evenness(k)
         i0 = int(np.argmin(np.abs(self.coarse_speeds - v0))) if math.isfinite(v0) else 0

@@ -617,8 +617,9 @@ class Stabilizer:
         phase correlation is skipped when tracking from the previous frame (:meth:`_track_start`)
         gives a fine match of at least ``SCENE_CHANGE_MAX_MATCH`` and ``RECOVER_RATIO`` × the recent
         best with the angle measured; its response then reads 1 (the reference is in view)."""
+        # the angle as it turned over the last frame continues (tremor is smooth at 20 fps)
+        pred = self._prev_angle + (self._prev_angle - self._prev_angle2)
         if self.motion != "translation" and template is self._template:
-            pred = self._prev_angle + (self._prev_angle - self._prev_angle2)
             start = self._track_start(gray, pred)
             if start is not None:
                 r = self._refine_rigid(template, gray, start[0], start[1], pred)
@@ -635,8 +636,6 @@ class Stabilizer:
             dx, dy, cc = self._refine(template, gray, cx * sx, cy * sy)
             ang, measured = 0.0, False
         else:
-            # the angle as it turned over the last frame continues (tremor is smooth at 20 fps)
-            pred = self._prev_angle + (self._prev_angle - self._prev_angle2)
             cx, cy, resp = self._coarse_shift(ref_small, small, pred)
             dx, dy, ang, cc, measured = self._refine_rigid(template, gray, cx * sx, cy * sy, pred)
             unmeasured = (not measured and self.roi2 is not None and template is self._template
