@@ -245,9 +245,23 @@ class KymographBuffer:
         self._held = 0          # rows held (≤ capacity)
         self.last_frame = -1
         self.samples_out_of_view = 0   # samples appended outside the frame (see :func:`in_view`)
+        self.released = False   # rows and flags freed (:meth:`release`)
+
+    def release(self) -> None:
+        """Free the rows and in-view flags of a kymograph that will not grow or be read again (a
+        loop of a field of view the probe has left): what is left are its counts, frame numbers and
+        :attr:`out_of_view_fraction`; :meth:`append`, :meth:`window` and :meth:`latest` then raise
+        ``RuntimeError``."""
+        self._rows = self._view = None
+        self.released = True
+
+    def _check(self) -> None:
+        if self.released:
+            raise RuntimeError("this kymograph's rows were released")
 
     def append(self, row: np.ndarray, frame_no: int, view: np.ndarray | None = None) -> None:
         """Append one row; ``view`` ``(N,)`` bool marks the samples inside the frame (all if None)."""
+        self._check()
         i = self.count % self.capacity
         self._rows[i] = row
         self._view[i] = True if view is None else view
@@ -261,6 +275,7 @@ class KymographBuffer:
     def drop_from(self, frame_no: int) -> int:
         """Forget the newest rows, those of frames ≥ ``frame_no`` (e.g. frames of another field
         of view, sampled before the change was recognised); returns how many were dropped."""
+        self._check()
         k = 0
         while self._held > 0:
             i = (self.count - 1) % self.capacity
@@ -289,12 +304,14 @@ class KymographBuffer:
 
     def _newest(self, n: int | None = None) -> np.ndarray:
         """Ring indices of the newest ``n`` held rows (all by default), oldest first."""
+        self._check()
         held = self._held
         n = held if n is None else min(n, held)
         return np.arange(self.count - n, self.count) % self.capacity
 
     def _in_window(self, start_frame: int, n_frames: int) -> tuple[np.ndarray, np.ndarray]:
         """(ring indices, window rows) of the held rows of frames ``start_frame .. +n_frames-1``."""
+        self._check()
         idx = self._newest()
         fr = self._frame[idx]
         sel = (fr >= start_frame) & (fr < start_frame + n_frames)

@@ -46,6 +46,10 @@ Work split (for a live process with a second thread):
   the loops it finds are back-filled without a gap. The report is the same with or without the
   executor.
   Live (delay 0): a keyframe takes effect as soon as the background thread has computed it.
+- A change of field of view (the probe moved: ``Stabilizer``'s new scene) retires every loop; once
+  a retired loop of a left field has had its last windows analysed, its kymograph's rows are
+  freed (:meth:`AnalysisStage._release_left_fields`), so a long live session holds the rows of
+  the current field only.
 
 Times are seconds from the first frame (frame number / fps). Speeds are signed along the
 segmenter's centerline internally; reports give magnitudes, and a capillary whose flow runs from
@@ -851,6 +855,8 @@ class AnalysisStage:
                 break
             self._run_window(*job)
             did = True
+        if deadline is None or time.perf_counter() < deadline:
+            self._release_left_fields()
         self._submit_batch()
         self._collect_windows()
         return did
@@ -914,11 +920,10 @@ class AnalysisStage:
         with self._lock:
             best = None
             for tr in self.tracks.values():
-                last = tr.buffer.last_frame
-                stride = self.hop * _hops(tr)        # frames from one of its windows to the next
-                ready = (last - (tr.next_start + self.window - 1)) // stride + 1 if last >= 0 else 0
+                ready = self._ready(tr)
                 if ready <= 0:
                     continue
+                stride = self.hop * _hops(tr)        # frames from one of its windows to the next
                 if ready > MAX_BACKLOG_WINDOWS:      # behind: skip the oldest windows
                     skip = ready - MAX_BACKLOG_WINDOWS
                     tr.next_start += skip * stride
@@ -932,6 +937,37 @@ class AnalysisStage:
             own_hi = start + (self.window + self.hop) // 2
             tr.next_start += self.hop * _hops(tr)   # (a blurred loop's stride)
             return tr, start, self.window, own_hi
+
+    def _ready(self, tr: _Track) -> int:
+        """Full windows of ``tr`` its kymograph holds and that are not analysed yet."""
+        last = tr.buffer.last_frame
+        return (last - (tr.next_start + self.window - 1)) // (self.hop * _hops(tr)) + 1 if last >= 0 else 0
+
+    def _tail_window(self, tr: _Track) -> None:
+        """Analyse ``tr``'s last frames not covered by a full window (≥ ``MIN_FINAL_WINDOW`` of
+        them): its kymograph will not grow any more."""
+        last = tr.buffer.last_frame
+        if last < 0 or tr.owned_until > last:
+            return
+        start = max(tr.first_frame, tr.buffer.first_frame, last - self.window + 1)
+        n = last - start + 1
+        if n >= MIN_FINAL_WINDOW:
+            self._run_window(tr, start, n, last + 1)
+
+    def _release_left_fields(self) -> None:
+        """Finish the loops of fields of view the probe has left: once a retired loop of an
+        earlier field has no full window left, its tail window is analysed and its kymograph's
+        rows freed (≈ 0.3 MB a loop; a live session moving the probe every 30 s over an hour would
+        otherwise hold hundreds of MB). Its windows, events and counts stay for the report, which
+        is the same as without the release: the tail is the window :meth:`finish` would run."""
+        with self._lock:
+            done = [tr for tr in self.tracks.values() if not tr.active and tr.segment != self._segment
+                    and not tr.buffer.released and self._ready(tr) <= 0]
+        for tr in done:
+            self._tail_window(tr)
+            with self._lock:
+                tr.buffer.release()
+                tr.analyzers.clear()
 
     def _analyzer_spec(self, tr: _Track, n: int) -> tuple:
         """The :class:`stream.flow.WindowAnalyzer` arguments of ``tr``'s ``n``-frame windows, as a
@@ -1007,7 +1043,8 @@ class AnalysisStage:
         retired; recent frames, pending keyframes and the loops' id matching start over, and the
         next keyframe comes as soon as enough frames of the new field are in."""
         for cid, tr in self.tracks.items():
-            tr.buffer.drop_from(cut)
+            if not tr.buffer.released:
+                tr.buffer.drop_from(cut)
             if tr.active:
                 self.bank.remove(cid)
                 tr.active = False
@@ -1444,7 +1481,7 @@ class AnalysisStage:
         centerline as sampled) as uint8, static banding removed; None for unknown ids."""
         with self._lock:
             tr = self.tracks.get(cap_id)
-            if tr is None or tr.buffer.count == 0:
+            if tr is None or tr.buffer.count == 0 or tr.buffer.released:
                 return None
             k = tr.buffer.latest()
             view = tr.buffer.latest_view()
@@ -1496,13 +1533,8 @@ class AnalysisStage:
         with self._lock:
             tracks = list(self.tracks.values())
         for tr in tracks:     # the tail not covered by a full window
-            last = tr.buffer.last_frame
-            if last < 0 or tr.owned_until > last:
-                continue
-            start = max(tr.first_frame, tr.buffer.first_frame, last - self.window + 1)
-            n = last - start + 1
-            if n >= MIN_FINAL_WINDOW:
-                self._run_window(tr, start, n, last + 1)
+            if not tr.buffer.released:    # (a left field's loop: done when it was released)
+                self._tail_window(tr)
         self._submit_batch()
         self._collect_windows(block=True)
         rep = self._build_report(source or self.stream_id, true_shifts)

@@ -224,3 +224,19 @@ def test_buffer_drops_the_newest_rows_from_a_frame_on():
         buf.append(np.full(4, 30.0, np.float32), 30)
         assert buf.last_frame == 30 and buf.latest(1)[0, 0] == 30.0
         assert buf.drop_from(0) == min(cap, 20) - 3 + 1 and buf.first_frame == -1 and buf.last_frame == -1
+
+
+def test_a_released_buffer_keeps_its_counts_and_refuses_rows():
+    # a loop of a field of view the probe has left: its rows are freed, what the report reads
+    # (frames held, last frame, out-of-view share) stays, and reading or adding rows is an error
+    buf = KymographBuffer(4, 8)
+    for f in range(12):
+        buf.append(np.full(4, float(f), np.float32), f, np.array([True, f % 3 > 0, True, True]))
+    before = (buf.count, buf.first_frame, buf.last_frame, buf.out_of_view_fraction, buf.length)
+    buf.release()
+    assert buf.released and buf._rows is None and buf._view is None
+    assert (buf.count, buf.first_frame, buf.last_frame, buf.out_of_view_fraction, buf.length) == before
+    for call in (lambda: buf.latest(), lambda: buf.window(4, 4), lambda: buf.window_view(4, 4),
+                 lambda: buf.append(np.zeros(4, np.float32), 12), lambda: buf.drop_from(3)):
+        with pytest.raises(RuntimeError, match="released"):
+            call()

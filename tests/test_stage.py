@@ -1253,6 +1253,12 @@ def test_a_change_of_field_of_view_starts_new_capillaries():
         img = a.frame(i) if i < 160 else b.frame(i - 160)
         stage.process(Frame(FrameMeta(i, i / 20.0, 20.0, img.shape), img))
         stage.step_background()
+    # the first field's loops are done with once their last windows ran: their kymographs' rows
+    # are freed (a long live session moving the probe would otherwise keep every field's)
+    old = [tr for tr in stage.tracks.values() if tr.segment == 0]
+    assert old and all(tr.buffer.released and not tr.active for tr in old)
+    assert all(stage.kymograph_image(tr.cap.id) is None for tr in old)
+    assert not any(tr.buffer.released for tr in stage.tracks.values() if tr.segment == 1)
     rep = stage.finish("cut")
     assert [s["index"] for s in rep.segments] == [0, 1]
     assert rep.segments[1]["start_s"] == pytest.approx(8.0)
