@@ -20,8 +20,9 @@ in s from the first frame; NaN/unknown values are ``null``)::
       "stabilization": {"residual_px": null | {"median","p95","max"},   # only when truth is known
                         "offset_px": null | [dx, dy],                   # ... its median: where the reference sits
                         "jitter_px": null | {"median","p95","max"},     # ... the residual less that offset
-                        "confidence": {"median","p05","min"},           # phase-correlation response
-                        "mean_shift_px", "max_shift_px", "reanchors"},
+                        "confidence": {"median","p05","min"},           # ECC correlation of the fine match
+                        "mean_shift_px", "max_shift_px", "max_rotation_deg", "reanchors",
+                        "featureless_frames"},                          # nothing to register: left out
       "gaps": [{"start_seq","end_seq","frames_missing","t_start","t_end"}],   # stream gaps
       "segments": [{"index": 0, "start_s": 0.0, "end_s": 60.0, "frames": 1200}],   # fields of view in
                                            #  turn (more than one: the probe moved; a warning says when)

@@ -35,7 +35,10 @@ When the match against the reference is weak the pose is chained from the previo
 into reference coordinates (coordinates are preserved) — unless the reference shows nowhere in
 those frames (whole-frame phase correlation without a peak: the probe moved to another field of
 view), when the current frame starts new coordinates and its estimate says so
-(``ShiftEstimate.new_scene``). :meth:`Stabilizer.reanchor` lets the caller
+(``ShiftEstimate.new_scene``). A weak frame that shows no vessel-scale detail (:func:`detail_level`
+< ``FEATURELESS_DETAIL`` × the reference's: the probe lifted, glare, a flat or noise-only image)
+does neither: it keeps the previous pose and is flagged (``ShiftEstimate.featureless``), so the
+field that comes back is registered against the same reference. :meth:`Stabilizer.reanchor` lets the caller
 replace the reference with a cleaner image (e.g. the stabilized mean of recent frames) and name the
 static pixels (outside flowing vessels) that the ROIs' ECC may use: the red-cell texture inside the
 vessels, averaged out of such a reference but not of the frames, otherwise drags a ROI's match (on
@@ -66,6 +69,8 @@ class ShiftEstimate:
     new_scene: int = 0      # > 0: the field of view changed (another scene, not a motion of this one):
     #                         this frame is the new reference (pose 0) and the change came this many
     #                         frames ago, counting this one (the frames in between are not registered)
+    featureless: bool = False   # the frame shows no detail to register (probe lifted, glare, a flat or
+    #                             noise-only image: :meth:`Stabilizer.update`): the pose is the previous one
 
 
 def pose_matrix(dx: float, dy: float, angle: float, shape: tuple[int, ...]) -> np.ndarray:
@@ -161,6 +166,31 @@ def choose_roi(weight: np.ndarray, size: int, margin: int) -> tuple[int, int, in
     return int(lo_x + cx - half), int(lo_y + cy - half), size
 
 
+def detail_level(small: np.ndarray) -> float:
+    """Vessel-scale detail of a downscaled frame ``small`` (the stabilizer's ``scale``, ¼ by
+    default; gray), camera noise discounted: over its central ¾, the SD ``d`` of its difference
+    of Gaussians σ 1.5 − 5 px (6–20 px at full resolution) less what white noise puts there,
+    ``NOISE_BAND_RATIO`` × the SD ``f`` of its finest band (the image less its σ 1 blur):
+    ``sqrt(max(0, d² − (NOISE_BAND_RATIO·f)²))``. Grey levels; compare frames of one stream only.
+    Measured at ¼ (1024×768): capillary frames 2.4–7.5 (ours, the independent generator's, the real
+    image); a flat field 0; camera noise alone (σ 3–60, also JPEG 30) ≤ 0.35."""
+    f = np.asarray(small, np.float32)
+    d = cv2.GaussianBlur(f, (0, 0), 1.5) - cv2.GaussianBlur(f, (0, 0), 5.0)
+    fine = f - cv2.GaussianBlur(f, (0, 0), 1.0)
+    h, w = d.shape
+    c = (slice(h // 8, h - h // 8), slice(w // 8, w - w // 8))
+    if d[c].size == 0:
+        c = (slice(None), slice(None))
+    sd = float(cv2.meanStdDev(np.ascontiguousarray(d[c]))[1][0, 0])
+    sf = float(cv2.meanStdDev(np.ascontiguousarray(fine[c]))[1][0, 0])
+    return math.sqrt(max(0.0, sd * sd - (NOISE_BAND_RATIO * sf) ** 2))
+
+
+NOISE_BAND_RATIO = 0.46   # white camera noise's SD in detail_level's band over its SD in the finest band
+#                           at ¼ scale (measured 0.45–0.47 for σ 12–60, with or without JPEG 30;
+#                           capillary frames read 1.3–2.4)
+
+
 def structure_tensor(gray: np.ndarray) -> np.ndarray:
     """Per-pixel structure tensor ``(gx², gx·gy, gy²)`` (float32 (H, W, 3), Scharr gradients of
     the lightly smoothed image, scaled to ~unit magnitude) — the ROI weight before a mask exists
@@ -208,6 +238,15 @@ class Stabilizer:
     #                               (chance matches of another scene read up to 0.61; heavy blur ≥ 0.95)
     TRACK_LIMIT_HALF_PX = 6.0  # the tracking start's search (px at half resolution: ±12 px a frame)
     TRACK_MIN_CC = 0.5         # ... and the half-resolution match it needs to be used
+    FEATURELESS_DETAIL = 0.25  # a frame that does not match the reference and shows less vessel-scale
+    #                            detail (detail_level) than this × the reference's shows nothing to register:
+    #                            the probe lifted, glare, a flat or noise-only image. It keeps the previous
+    #                            pose and neither re-anchors the reference nor starts a field of view, so
+    #                            the field that comes back afterwards is registered as before (a 3-s flat
+    #                            stretch split one recording into three fields, a noisy one into two).
+    #                            Measured (1024×768): defocus by σ 8 / 16 px keeps ≥ 0.6 / ≥ 0.29 of
+    #                            a frame's detail (9 recordings); camera noise alone (σ 3–60) reads
+    #                            ≤ 0.17 of the faintest of them (e1, 2.8), most 0
     HOLD_CONFIDENCE = 0.1  # a frame that matches neither the reference nor the previous frame this well
     #                        keeps the previous pose: chained chance matches of camera noise alone
     #                        walked 520 px in 5 s (ECC correlation ≈ 0.01), carrying every loop out
@@ -246,6 +285,8 @@ class Stabilizer:
         self._measured_angle = 0.0       # the last angle that two ROIs measured
         self._cc_typical = 0.0           # decaying maximum of recent match confidences
         self._ref_full: np.ndarray | None = None
+        self._ref_detail = 0.0               # detail_level of the reference
+        self.featureless = 0                 # frames that showed nothing to register (held)
         self._static: np.ndarray | None = None
         self._tmask: np.ndarray | None = None
         self._template: np.ndarray | None = None     # reference pixels of ``roi`` / ``roi2``
@@ -275,6 +316,7 @@ class Stabilizer:
                        shift: tuple[float, float] = (0.0, 0.0)) -> None:
         self._ref_full = ref
         small = self._small(ref)
+        self._ref_detail = detail_level(small)
         self._win_small = _hann(small.shape)
         self._ref_small = _prep(small, self._win_small)
         if weight is None:
@@ -370,7 +412,7 @@ class Stabilizer:
         self.use_reference(self.prepare_reference(reference, roi_weight, static_mask))
 
     # the attributes a reference sets (:meth:`_set_reference`, :meth:`_use_static_mask`)
-    _REFERENCE_STATE = ("_ref_full", "_win_small", "_ref_small", "_weight", "roi", "_roi_shift", "_template",
+    _REFERENCE_STATE = ("_ref_full", "_ref_detail", "_win_small", "_ref_small", "_weight", "roi", "_roi_shift", "_template",
                         "_tmask", "_template_h", "_tmask_h", "roi2", "_template2", "_tmask2", "_static",
                         "_cc_typical", "_ecc_cache")
 
@@ -679,6 +721,11 @@ class Stabilizer:
             return made[0]
 
         dx, dy, ang, conf, measured = self._match(self._ref_small, self._template, gray, small)
+        if conf < self.min_confidence and detail_level(small()) < self.FEATURELESS_DETAIL * self._ref_detail:
+            # nothing to register: the previous pose, and no run of weak or foreign frames grows
+            self.featureless += 1
+            return ShiftEstimate(self._prev_shift[0], self._prev_shift[1], 0.0, chained=True,
+                                 angle=self._prev_angle, featureless=True)
         chained = False
         # a frame that shows nothing of the reference: no whole-frame correlation peak and no
         # more than a chance fine match (another scene matched a ROI at 0.48)

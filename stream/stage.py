@@ -763,6 +763,8 @@ class AnalysisStage:
         self.windows_local = 0             # executor-mode windows analysed in this process (backlog)
         self._window_batch: list = []      # windows not yet submitted: (track, *analyze_window args)
         self.blank_frames = 0
+        self.featureless_frames = 0        # ... of them, frames with nothing to register (probe lifted, glare)
+        self._featureless_now = False
         self._warnings: list[str] = []
         # fields of view in turn (the probe moved: Stabilizer's new_scene): a track belongs to one;
         # a change retires every track and restarts the keyframes in the new field's coordinates
@@ -803,11 +805,14 @@ class AnalysisStage:
             self.stabilizer.use_reference(ref)
         est = self.stabilizer.update(gray)
         # a blank frame (lens cap, black frames while the camera starts, a dropout) shows no
-        # vessel: it is not sampled and not averaged into keyframes, as if it had been dropped
+        # vessel: it is not sampled and not averaged into keyframes, as if it had been dropped;
+        # so is a frame the stabilizer found nothing to register on (the probe lifted, glare)
         mean, sd = (float(v[0, 0]) for v in cv2.meanStdDev(np.ascontiguousarray(gray[::8, ::8])))
-        blank = sd < 1.0 or (sd < BLANK_SD and mean < BLANK_DARK)
+        blank = sd < 1.0 or (sd < BLANK_SD and mean < BLANK_DARK) or est.featureless
         if blank:
             self.blank_frames += 1
+        self.featureless_frames += bool(est.featureless)
+        self._featureless_now = bool(est.featureless)
         with self._lock:
             self._frame_no += step
             fno = self._frame_no
@@ -1405,7 +1410,9 @@ class AnalysisStage:
                 "gated": len(gated), "stopped": len(stopped), "state": state}
 
     def _observed_s(self, tr: _Track) -> float:
-        return max(0, tr.buffer.last_frame - tr.first_frame + 1) / self.fps
+        """Seconds of frames in which ``tr``'s loop was sampled (the WBC rate's time base): not
+        the frames dropped, blank or featureless, nor those of a time it was retired."""
+        return tr.buffer.count / self.fps
 
     def _um(self, v: float | None) -> float | None:
         return flow.px_per_frame_to_um_s(v, self.um_per_px, self.fps)
@@ -1473,6 +1480,8 @@ class AnalysisStage:
                     "stab_confidence": _r(last[2]), "shift_px": [_r(last[0]), _r(last[1])],
                     "rotation_deg": _r(math.degrees(last[3]), 4),
                     "reanchors": self.stabilizer.reanchors, "gaps": len(self.gaps),
+                    # the latest frame showed nothing to register (probe lifted, glare): left out
+                    "no_detail": self._featureless_now, "featureless_frames": self.featureless_frames,
                 },
             }
 
@@ -1600,7 +1609,7 @@ class AnalysisStage:
         sh = np.array(self.shifts, np.float64).reshape(-1, 4)
         stab: dict = {"residual_px": None, "offset_px": None, "jitter_px": None, "confidence": None,
                       "mean_shift_px": None, "max_shift_px": None, "max_rotation_deg": None,
-                      "reanchors": self.stabilizer.reanchors}
+                      "reanchors": self.stabilizer.reanchors, "featureless_frames": self.featureless_frames}
         if len(sh):
             mag = np.hypot(sh[:, 0], sh[:, 1])
             stab.update(confidence={"median": float(np.median(sh[:, 2])), "p05": float(np.percentile(sh[:, 2], 5)),
@@ -1627,6 +1636,10 @@ class AnalysisStage:
             rep.warnings.append(f"only {n} frames: too short for flow analysis (need ≥ {MIN_FINAL_WINDOW})")
         if n and self.blank_frames >= 0.9 * n:
             rep.warnings.append("video is blank (no image content)")
+        elif self.featureless_frames:
+            k = self.featureless_frames
+            rep.warnings.append(f"{k} frames ({k / self.fps:.1f} s) showed nothing to register (probe lifted, glare, "
+                                "a flat or noise-only image): left out of the analysis, like blank frames")
         unconfirmed = faint = 0
         speeds = {cid: self._speeds(tr) for cid, tr in self.tracks.items()}
         ref = _reference_contrast(self.tracks, {cid: sp["state"] for cid, sp in speeds.items()})

@@ -5,7 +5,7 @@ import cv2
 import numpy as np
 import pytest
 
-from stream.stabilize import Stabilizer, choose_roi, phase_shift, warp_to_reference, _hann, _prep
+from stream.stabilize import Stabilizer, choose_roi, detail_level, phase_shift, warp_to_reference, _hann, _prep
 
 
 def scene(h=480, w=640, seed=0, margin=80):
@@ -419,3 +419,53 @@ def test_another_field_of_view_starts_new_coordinates():
         e = st.update(shifted(a, 0.0 if i < 20 else 70.0, 0.0, rng=rng))
         assert not e.new_scene
     assert e.dx == pytest.approx(70.0, abs=0.5) and st.scene_changes == 0
+
+
+def _lifted(kind, rng, h=480, w=640):
+    """What the camera shows with the probe lifted: a smooth illumination field, with camera noise."""
+    yy, xx = np.mgrid[0:h, 0:w]
+    field = 160 - 40 * (((xx - w / 2) / (w / 2)) ** 2 + ((yy - h / 2) / (h / 2)) ** 2)
+    sd = {"flat": 0.0, "noisy": 3.0, "very noisy": 40.0}[kind]
+    return np.clip(field + rng.normal(0, sd, field.shape), 0, 255).astype(np.uint8)
+
+
+def test_detail_level_sees_vessels_not_camera_noise():
+    rng = np.random.default_rng(0)
+    st = Stabilizer()
+    a = shifted(scene(), 0.0, 0.0)
+    base = detail_level(st._small(a))
+    assert base > 2.0
+    # camera noise is discounted: the same scene with σ 12 noise reads the same detail
+    noisy = np.clip(a + rng.normal(0, 12, a.shape), 0, 255).astype(np.uint8)
+    assert detail_level(st._small(noisy)) == pytest.approx(base, rel=0.05)
+    for kind in ("flat", "noisy", "very noisy"):
+        assert detail_level(st._small(_lifted(kind, rng))) < 0.1 * base, kind
+    # a defocused frame keeps a good part of it
+    assert detail_level(st._small(cv2.GaussianBlur(a, (0, 0), 8))) > 0.4 * base
+
+
+@pytest.mark.parametrize("kind", ["flat", "noisy", "very noisy"])
+def test_a_lifted_probe_holds_the_pose_and_the_field_comes_back(kind):
+    # 2 s of nothing to register (the probe lifted off the finger): those frames are flagged and
+    # keep the last pose, the reference is neither re-anchored on them nor taken for another
+    # field, and the field, back 6 px away, is registered against the same reference. Before, a
+    # flat stretch started a new field and the field's return another; a noisy one re-anchored
+    # the reference on noise, and the return started a new field
+    rng = np.random.default_rng(4)
+    a = scene(seed=2)
+    st = Stabilizer()
+    flagged, last = [], None
+    for i in range(120):
+        if 40 <= i < 80:
+            e = st.update(_lifted(kind, rng))
+            flagged.append(e.featureless)
+            assert (e.dx, e.dy, e.confidence) == pytest.approx((last.dx, last.dy, 0.0))
+        else:
+            tx, ty = (1.5 * np.sin(i / 4), 0.5) if i < 40 else (6.0 + 1.5 * np.sin(i / 4), -3.0)
+            e = st.update(shifted(a, tx, ty, rng=rng))
+            assert not e.featureless and not e.new_scene
+            if i >= 84:
+                assert (e.dx, e.dy) == pytest.approx((tx, ty - 0.5), abs=0.3), i   # (frame 0 at (0, 0.5))
+            last = e
+    assert all(flagged) and st.featureless == 40
+    assert st.scene_changes == 0 and st.reanchors == 0

@@ -1238,6 +1238,47 @@ class _PickingTruthSegmenter:
         return min(self.masks, key=lambda m: float(g[m > 0].mean())).copy()
 
 
+def test_a_lifted_probe_neither_splits_the_field_nor_feeds_the_kymographs():
+    # 3 s of a noisy, featureless image (the probe lifted) in the middle of a recording: those
+    # frames are left out like blank ones (not sampled, not averaged into keyframes) and the field
+    # that comes back is the same one, its loops the same capillaries. Before, the noise stretch
+    # re-anchored the reference and the field's return was taken for another field: 16 loops
+    # reported for 8
+    from stream.synthetic import SimParams, SyntheticScope
+    cfg = load_config().with_overrides(um_per_px=1.2, fps=20.0)
+    a = SyntheticScope(SimParams(seed=3, width=640, height=480, duration_s=12.0, focus_loss=False))
+    stage = AnalysisStage(cfg, segmenter=_PickingTruthSegmenter([a.label_mask()]), fps=20.0)
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:480, 0:640]
+    field = 160 - 40 * (((xx - 320) / 320) ** 2 + ((yy - 240) / 240) ** 2)
+    for i in range(240):
+        if 80 <= i < 140:
+            img = np.clip(field + rng.normal(0, 3, field.shape), 0, 255).astype(np.uint8)
+        else:
+            img = a.frame(i)
+        stage.process(Frame(FrameMeta(i, i / 20.0, 20.0, img.shape), img))
+        stage.step_background()
+    rep = stage.finish("lifted")
+    assert len(rep.segments) == 1 and not any("field of view" in w for w in rep.warnings)
+    assert stage.blank_frames == 60 and stage.stabilizer.featureless == 60
+    assert any(w.startswith("60 frames (3.0 s) showed nothing to register") for w in rep.warnings)
+    assert rep.stabilization["featureless_frames"] == 60
+    near = cv2.dilate((a.label_mask() > 0).astype(np.uint8), np.ones((9, 9), np.uint8))
+    flowing = [c for c in rep.capillaries if c.flow_state == "flowing"]
+    assert len(flowing) >= 4
+    for c in flowing:       # each loop once, on the scene's vessels
+        x, y = (int(round(v)) for v in c.apex_px)
+        assert near[min(max(y, 0), 479), min(max(x, 0), 639)], c.apex_px
+    apices = np.array([c.apex_px for c in flowing])
+    gaps = np.hypot(*(apices[:, None, :] - apices[None, :, :]).transpose(2, 0, 1))
+    assert gaps[np.triu_indices(len(flowing), 1)].min() > 10     # no loop reported twice
+    for tr in stage.tracks.values():   # no row of the lifted stretch in any kymograph
+        assert not np.any((tr.buffer._frame >= 80) & (tr.buffer._frame < 140))
+    for c in flowing:   # the WBC rate's time base: the frames the loop was sampled in
+        assert c.observed_s <= 9.0 + 1e-6
+        assert c.wbc_per_min == pytest.approx(c.wbc_count / c.observed_s * 60.0)
+
+
 def test_a_change_of_field_of_view_starts_new_capillaries():
     # the probe moves to another field after 8 s: the loops seen before keep what they saw before
     # the change, those after it are new capillaries in the new field's coordinates, and the report

@@ -191,3 +191,9 @@ def test_header_says_when_the_field_of_view_changed():
     one = render.health_markdown({**h, "field_changes_s": [11.8]}, age_s=0.1)
     assert "field of view changed** at 11.8 s" in one and "changes)" not in one
     assert "at 29.6 s (2 changes)" in render.health_markdown({**h, "field_changes_s": [11.8, 29.6]}, age_s=0.1)
+
+
+def test_header_says_when_the_image_shows_nothing_to_register():
+    h = {"signal": True, "um_per_px": 1.2}
+    assert "no image detail" not in render.health_markdown({**h, "no_detail": False}, age_s=0.1)
+    assert "**no image detail** (probe lifted? glare?)" in render.health_markdown({**h, "no_detail": True}, age_s=0.1)

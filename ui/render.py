@@ -234,7 +234,8 @@ def health_markdown(health: dict | None, *, age_s: float, source: str = "") -> s
             f" · gaps {fmt(health.get('n_gaps'))} · stabilization confidence {fmt(stab.get('confidence'), nd=2)}"
             f" · calibration: {calib}" + (f" · **recording** `{rec}`" if rec else "")
             + (f" · loops point {_loops_point(health)} (traced turned)" if _loops_point(health) != "up" else "")
-            + _field_note(health))
+            + _field_note(health)
+            + (" · **no image detail** (probe lifted? glare?): frames left out" if health.get("no_detail") else ""))
 
 
 def _field_note(health: dict) -> str:
