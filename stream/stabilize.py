@@ -247,6 +247,12 @@ class Stabilizer:
     #                            Measured (1024×768): defocus by σ 8 / 16 px keeps ≥ 0.6 / ≥ 0.29 of
     #                            a frame's detail (9 recordings); camera noise alone (σ 3–60) reads
     #                            ≤ 0.17 of the faintest of them (e1, 2.8), most 0
+    DETAIL_FLOOR = 0.35   # a reference with less detail_level than this (grey levels) shows nothing: the
+    #                       stream began with the probe lifted. Its frames are flagged featureless until
+    #                       one shows this much, which then becomes the reference (not a new field: no
+    #                       frame was registered before). Measured (1024×768): camera noise alone σ 3–30
+    #                       0, σ 60 0.48, JPEG 30 of σ 3 noise 0.31; capillary frames at a third of
+    #                       their contrast under σ 12 noise ≥ 0.98
     HOLD_CONFIDENCE = 0.1  # a frame that matches neither the reference nor the previous frame this well
     #                        keeps the previous pose: chained chance matches of camera noise alone
     #                        walked 520 px in 5 s (ECC correlation ≈ 0.01), carrying every loop out
@@ -401,7 +407,9 @@ class Stabilizer:
         self._foreign_run, self._weak_chain = 0, []
         self._prev_angle2 = self._measured_angle = self._cc_typical = 0.0
         self._rot_measured = False
-        return ShiftEstimate(0.0, 0.0, 1.0)
+        featureless = self._ref_detail < self.DETAIL_FLOOR
+        self.featureless += featureless
+        return ShiftEstimate(0.0, 0.0, 1.0, featureless=featureless)
 
     def reanchor(self, reference: np.ndarray, roi_weight: np.ndarray | None = None,
                  static_mask: np.ndarray | None = None) -> None:
@@ -720,6 +728,13 @@ class Stabilizer:
                 made.append(self._small(gray))
             return made[0]
 
+        if self._ref_detail < self.DETAIL_FLOOR:
+            # the reference shows nothing (the stream began with the probe lifted): the first
+            # frame that shows detail becomes it; nothing was registered before, so no new field
+            if detail_level(small()) < self.DETAIL_FLOOR:
+                self.featureless += 1
+                return ShiftEstimate(0.0, 0.0, 0.0, chained=True, featureless=True)
+            return self.reset(gray)
         dx, dy, ang, conf, measured = self._match(self._ref_small, self._template, gray, small)
         if conf < self.min_confidence and detail_level(small()) < self.FEATURELESS_DETAIL * self._ref_detail:
             # nothing to register: the previous pose, and no run of weak or foreign frames grows
