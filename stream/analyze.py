@@ -1,6 +1,7 @@
 """``nailfold analyze``: recorded videos → video report JSON (+ per-capillary CSV).
 
-In:  one or more videos OpenCV/FFmpeg can read, or folders of images (natural sort order), plus
+In:  one or more videos OpenCV/FFmpeg can read, multi-page TIFFs (a frame a page) or folders of
+     images (natural sort order; 16-bit frames of 10–16-bit data are scaled to 8 bits), plus
      the configuration (``--um-per-px`` / ``--fps`` override ``device.um_per_px`` / the file's fps).
 Out: ``--out report.json`` — schema ``nailfold.video-report/1`` (see :mod:`stream.report`) for one
      video; for several, ``{"schema": "nailfold.video-report-set/1", "videos": [...]}``.
@@ -44,7 +45,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--um-per-px", type=float, default=None, metavar="X",
                         help="pixel size in µm (overrides the config; without it results are in px)")
     parser.add_argument("--fps", type=float, default=None, metavar="F",
-                        help="frame rate (overrides the file's; image folders default to device.fps)")
+                        help="frame rate (overrides the file's; image folders and TIFF stacks default to device.fps)")
     parser.add_argument("--csv", default=None, metavar="DIR", help="also write a per-capillary CSV per video here")
     parser.add_argument("--segmenter", choices=("auto", "classical", "unet"), default=None,
                         help="segmenter for keyframes (default: models.segmenter from the config)")
@@ -57,11 +58,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _open(path: str | Path, fps: float | None, config: Config):
-    from stream.sources import open_source
+    from stream.sources import is_tiff_stack, open_source
     p = Path(path)
     if not p.exists():
         raise InputError(f"input not found: {p}")
-    if p.is_dir() and fps is None:
+    if fps is None and (p.is_dir() or is_tiff_stack(p)):   # (no frame rate stored)
         fps = config.device.fps
     # one FFmpeg thread for motion JPEG: the reader thread decodes beside the analysis (measured:
     # 0.1–0.2 s less CPU per 30-s clip than FFmpeg's default of one thread per core, at the same

@@ -2,8 +2,8 @@
 
 ``nailfold batch INPUT_DIR --out OUT_DIR [--engine local|ray] [--workers N] [--ray-address ADDR]``
 
-In:  every video (``.mkv .mp4 .avi .mov``) and image (``.png .jpg .jpeg .tif .tiff .bmp``) below
-     INPUT_DIR (recording sidecars and crash buffers are ignored).
+In:  every video (``.mkv .mp4 .avi .mov``, and multi-page TIFFs) and image (``.png .jpg .jpeg .tif
+     .tiff .bmp``) below INPUT_DIR (recording sidecars and crash buffers are ignored).
 Out: OUT_DIR mirrors the tree: ``<rel path>.video.json`` (schema ``nailfold.video-report/1``, the
      same bytes ``nailfold analyze`` writes for that file) or ``<rel path>.image.json``
      (``nailfold.image-report/1``); ``batch-summary.json`` (done / skipped / failed with the error);
@@ -34,6 +34,7 @@ from nailfold.config import load_config
 from nailfold.errors import NailfoldError
 from nailfold.io import atomic_write_json, atomic_write_text
 from stream.analyze import limit_offline_threads
+from stream.sources import is_tiff_stack
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +71,8 @@ def find_jobs(input_dir: str | os.PathLike, out_dir: str | os.PathLike) -> list[
             continue
         ext = p.suffix.lower()
         kind = "video" if ext in VIDEO_EXTS else "image" if ext in IMAGE_EXTS else None
+        if kind == "image" and is_tiff_stack(p):     # a recording, a frame a page
+            kind = "video"
         if kind is None or ".frames" in p.parts[-2:-1]:
             continue
         rel = p.relative_to(root)

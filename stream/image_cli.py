@@ -77,10 +77,14 @@ def read_image(path: str) -> np.ndarray:
     if not p.is_file():
         raise InputError(f"image not found: {path}")
     data = np.fromfile(str(p), np.uint8)
-    img = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
+    img = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
     if img is None or img.ndim < 2 or min(img.shape[:2]) < 32:
         raise InputError(f"not a readable image: {path}")
-    return img
+    # 16-bit pixels of 10–14-bit data scaled by their depth, not by 1/256 (which left 12-bit data
+    # 16 grey levels); gray or BGRA to BGR
+    from stream.sources import _check_image
+    img = _check_image(img, path)
+    return cv2.cvtColor(img, cv2.COLOR_GRAY2BGR) if img.ndim == 2 else img
 
 
 def get_segmenter(name: str, um_per_px: float | None):

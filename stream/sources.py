@@ -6,8 +6,10 @@ A source is an iterable of :class:`stream.frames.Frame` with attributes ``name``
 
 - ``camera:N`` or ``camera:URL`` — OpenCV ``VideoCapture``; asks for 1024×768 @ 20 fps and
   reports (logs, and in ``fps``/``shape``) what the device actually gives.
-- ``file:PATH`` — a video OpenCV/FFmpeg reads (mkv, mp4, avi…) or a folder of images
-  (png/jpg/tif/bmp, natural sort order). ``pace="realtime"`` replays at the file's fps on the
+- ``file:PATH`` — a video OpenCV/FFmpeg reads (mkv, mp4, avi…), a multi-page TIFF (one frame a
+  page, as microscopy cameras record) or a folder of images (png/jpg/tif/bmp, natural sort
+  order). 16-bit frames (10-, 12-, 14- or 16-bit data) are brought to 8 bits by one right shift
+  per source, chosen from its first frame (:func:`depth_shift`), so every frame is scaled alike. ``pace="realtime"`` replays at the file's fps on the
   wall clock (a recording replayed as a live stream); ``pace="max"`` as fast as possible.
   ``loop=True`` restarts at the end (sequence numbers keep increasing).
 - ``synthetic`` or ``synthetic:seed=3,loops=8,jitter=2,...`` — the embedded synthetic
@@ -42,12 +44,26 @@ def _natural_key(p: Path) -> list:
     return [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", p.name)]
 
 
-def _check_image(img: np.ndarray, where: str) -> np.ndarray:
+def depth_shift(img: np.ndarray) -> int:
+    """Right shift that brings a uint16 image's values to 8 bits: the data's depth is taken as the
+    smallest of 8, 10, 12, 14 and 16 bits that holds its largest value (cameras store 10–14-bit
+    data in 16-bit pixels), the shift as that depth − 8. A fixed ``>> 8`` left 12-bit data 16 grey
+    levels: a black frame."""
+    top = int(img.max()) if img.size else 0
+    bits = max(8, top.bit_length())
+    return next(b for b in (8, 10, 12, 14, 16) if bits <= b) - 8
+
+
+def _check_image(img: np.ndarray, where: str, shift: int | None = None) -> np.ndarray:
+    """``img`` as the uint8 gray (H, W) or BGR (H, W, 3) frame sources yield, or
+    :class:`InputError`. uint16 is shifted right by ``shift`` (default: :func:`depth_shift` of
+    ``img``; a source passes its first frame's) and clipped at 255."""
     if img is None:
         raise InputError(f"{where}: cannot decode image")
     if img.dtype != np.uint8:
         if img.dtype == np.uint16:
-            img = (img >> 8).astype(np.uint8)
+            s = depth_shift(img) if shift is None else int(shift)
+            img = np.minimum(img >> s, 255).astype(np.uint8)
         else:
             raise InputError(f"{where}: unsupported pixel type {img.dtype}")
     if img.ndim == 3 and img.shape[2] == 4:
@@ -198,14 +214,15 @@ class ImageFolderSource:
         self.name = f"file:{self.folder}"
         self.stream_id, self.loop = stream_id, loop
         self.fps = float(fps) if fps else 20.0
+        raw = cv2.imread(str(self.files[0]), cv2.IMREAD_UNCHANGED)
+        self._shift = _source_shift(raw, self.name)
         first = self._read(self.files[0])
         self.shape = first.shape
         self.n_frames = len(self.files)
         self._pacer = _Pacer(self.fps, pace)
 
-    @staticmethod
-    def _read(p: Path) -> np.ndarray:
-        return _check_image(cv2.imread(str(p), cv2.IMREAD_UNCHANGED), str(p))
+    def _read(self, p: Path) -> np.ndarray:
+        return _check_image(cv2.imread(str(p), cv2.IMREAD_UNCHANGED), str(p), self._shift)
 
     def __iter__(self) -> Iterator[Frame]:
         seq = 0
@@ -217,6 +234,74 @@ class ImageFolderSource:
                 self._pacer.wait()
                 yield Frame(FrameMeta(seq, time.time(), self.fps, img.shape, self.stream_id), img)
                 seq += 1
+            if not self.loop:
+                return
+
+    def close(self) -> None:
+        pass
+
+
+def _source_shift(first: np.ndarray | None, name: str) -> int | None:
+    """A source's 16-bit shift (:func:`depth_shift`) from its first frame (None for 8-bit), logged."""
+    if first is None or first.dtype != np.uint16:
+        return None
+    shift = depth_shift(first)
+    log.info("%s: 16-bit frames holding %d-bit data: shifted right by %d to 8 bits", name, shift + 8, shift)
+    return shift
+
+
+def is_tiff_stack(path: str | os.PathLike) -> bool:
+    """``path`` is a TIFF file of more than one page (a recording, one frame a page)."""
+    p = Path(path)
+    if p.suffix.lower() not in (".tif", ".tiff") or not p.is_file():
+        return False
+    try:
+        return cv2.imcount(str(p)) > 1
+    except cv2.error:
+        return False
+
+
+class TiffStackSource:
+    """Frames from the pages of a multi-page TIFF, read a few pages at a time."""
+
+    CHUNK = 16   # pages decoded per read (cv2.imreadmulti seeks to a page without decoding the others)
+
+    def __init__(self, path: str | os.PathLike, *, pace: str = "max", loop: bool = False,
+                 stream_id: str = "scope0", fps: float | None = None):
+        self.path = Path(path)
+        self.name = f"file:{self.path}"
+        self.stream_id, self.loop = stream_id, loop
+        self.fps = float(fps) if fps else 20.0
+        try:
+            self.n_frames = int(cv2.imcount(str(self.path)))
+            ok, first = cv2.imreadmulti(str(self.path), 0, 1, flags=cv2.IMREAD_UNCHANGED)
+        except cv2.error as e:
+            raise InputError(f"not a readable TIFF: {self.path} ({e})") from None
+        if not ok or not first or self.n_frames < 1:
+            raise InputError(f"not a readable TIFF (no page decodes): {self.path}")
+        self._shift = _source_shift(first[0], self.name)
+        self.shape = _check_image(first[0], f"{self.path} page 0", self._shift).shape
+        self._pacer = _Pacer(self.fps, pace)
+
+    def __iter__(self) -> Iterator[Frame]:
+        seq = 0
+        while True:
+            for start in range(0, self.n_frames, self.CHUNK):
+                count = min(self.CHUNK, self.n_frames - start)
+                try:
+                    ok, pages = cv2.imreadmulti(str(self.path), start, count, flags=cv2.IMREAD_UNCHANGED)
+                except cv2.error as e:
+                    raise InputError(f"{self.path}: page {start} cannot be read ({e})") from None
+                if not ok or len(pages) != count:
+                    raise InputError(f"{self.path}: page {start + len(pages or ())} cannot be read")
+                for k, raw in enumerate(pages):
+                    img = _check_image(raw, f"{self.path} page {start + k}", self._shift)
+                    if img.shape != self.shape:
+                        raise InputError(f"{self.path} page {start + k}: size {img.shape} differs from the "
+                                         f"first page's {self.shape}")
+                    self._pacer.wait()
+                    yield Frame(FrameMeta(seq, time.time(), self.fps, img.shape, self.stream_id), img)
+                    seq += 1
             if not self.loop:
                 return
 
@@ -344,4 +429,6 @@ def open_source(spec: str, *, pace: str = "realtime", loop: bool = False, stream
         raise InputError(f"source not found: {path} (expected camera:N, file:PATH or synthetic)")
     if p.is_dir():
         return ImageFolderSource(p, pace=pace, loop=loop, stream_id=stream_id, fps=fps)
+    if is_tiff_stack(p):
+        return TiffStackSource(p, pace=pace, loop=loop, stream_id=stream_id, fps=fps)
     return VideoFileSource(p, pace=pace, loop=loop, stream_id=stream_id, fps=fps, decode_threads=decode_threads)

@@ -1,0 +1,98 @@
+"""Frame sources for recordings other than 8-bit video: 16-bit frames, multi-page TIFF stacks."""
+import cv2
+import numpy as np
+import pytest
+
+from nailfold.errors import InputError
+from stream.sources import TiffStackSource, depth_shift, is_tiff_stack, open_source
+
+
+def _frames(n=5, shape=(48, 64), seed=0):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, 256, shape, dtype=np.uint8) for _ in range(n)]
+
+
+@pytest.mark.parametrize("top, shift", [(0, 0), (255, 0), (256, 2), (1023, 2), (1024, 4), (4095, 4),
+                                        (9000, 6), (16383, 6), (16384, 8), (65535, 8)])
+def test_depth_shift_follows_the_data_depth(top, shift):
+    img = np.zeros((4, 4), np.uint16)
+    img[1, 2] = top
+    assert depth_shift(img) == shift
+
+
+def test_a_folder_of_12_bit_frames_reads_as_the_8_bit_frames(tmp_path):
+    # 12-bit data in 16-bit PNGs (values 0–4095): one shift for the whole folder, taken from its
+    # first frame, so a darker later frame is scaled like the others. A fixed >> 8 made them
+    # 0–15: "video is blank"
+    frames = _frames()
+    frames[3] = frames[3] // 4                  # a darker frame
+    for i, f in enumerate(frames):
+        cv2.imwrite(str(tmp_path / f"f_{i}.png"), f.astype(np.uint16) * 16 + 9)
+    src = open_source(str(tmp_path), pace="max")
+    got = [fr.image for fr in src]
+    assert len(got) == 5 and all(g.dtype == np.uint8 for g in got)
+    for g, f in zip(got, frames):
+        np.testing.assert_array_equal(g, f)
+
+
+def test_a_multi_page_tiff_is_a_recording(tmp_path):
+    frames = _frames(n=37)       # more than one read's chunk of pages
+    p = tmp_path / "stack.tif"
+    assert cv2.imwritemulti(str(p), [f.astype(np.uint16) << 6 for f in frames])   # 14-bit data
+    assert is_tiff_stack(p)
+    src = open_source(f"file:{p}", pace="max", fps=25.0)
+    assert isinstance(src, TiffStackSource)
+    assert (src.n_frames, src.shape, src.fps) == (37, (48, 64), 25.0)
+    got = list(src)
+    assert [fr.meta.seq for fr in got] == list(range(37))
+    for fr, f in zip(got, frames):
+        np.testing.assert_array_equal(fr.image, f)
+    # a one-page TIFF stays an image (a still for `nailfold image`, or a one-frame video)
+    single = tmp_path / "one.tif"
+    cv2.imwrite(str(single), frames[0])
+    assert not is_tiff_stack(single)
+
+
+def test_a_truncated_tiff_stack_gives_its_whole_pages_and_a_fake_one_a_clear_error(tmp_path):
+    # a recording cut short (disk full, copy interrupted): the pages still whole are read, in order
+    frames = _frames(n=40, shape=(96, 128))
+    p = tmp_path / "stack.tif"
+    assert cv2.imwritemulti(str(p), frames)
+    data = p.read_bytes()
+    p.write_bytes(data[: len(data) // 2])
+    got = [fr.image for fr in open_source(f"file:{p}", pace="max")]
+    assert 10 <= len(got) < 40
+    for g, f in zip(got, frames):
+        np.testing.assert_array_equal(g, f)
+    fake = tmp_path / "notes.tif"
+    fake.write_bytes(b"II*\x00" + b"not really a tiff" * 20)
+    with pytest.raises(InputError):
+        open_source(f"file:{fake}", pace="max")
+
+
+def test_analyze_reads_a_12_bit_tiff_stack_at_the_configured_rate(tmp_path):
+    from nailfold.config import load_config
+    from stream.analyze import _open
+    p = tmp_path / "rec.tiff"
+    assert cv2.imwritemulti(str(p), [f.astype(np.uint16) << 4 for f in _frames(n=3)])
+    src = _open(p, None, load_config())
+    assert src.fps == load_config().device.fps and src.n_frames == 3
+
+
+def test_a_16_bit_still_is_scaled_by_its_depth(tmp_path):
+    from stream.image_cli import read_image
+    g = _frames(n=1, shape=(64, 80))[0]
+    p = tmp_path / "still.png"
+    cv2.imwrite(str(p), g.astype(np.uint16) << 4)        # 12-bit data
+    img = read_image(str(p))
+    assert img.shape == (64, 80, 3) and img.dtype == np.uint8
+    np.testing.assert_array_equal(img[:, :, 1], g)
+
+
+def test_batch_takes_a_tiff_stack_for_a_recording_and_a_one_page_tiff_for_a_still(tmp_path):
+    from stream.batch import find_jobs
+    frames = _frames(n=3)
+    assert cv2.imwritemulti(str(tmp_path / "rec.tif"), frames)
+    cv2.imwrite(str(tmp_path / "still.tif"), frames[0])
+    kinds = {j.path.split("/")[-1]: j.kind for j in find_jobs(tmp_path, tmp_path / "out")}
+    assert kinds == {"rec.tif": "video", "still.tif": "image"}
