@@ -1635,7 +1635,9 @@ class AnalysisStage:
         elif n < MIN_FINAL_WINDOW:
             rep.warnings.append(f"only {n} frames: too short for flow analysis (need ≥ {MIN_FINAL_WINDOW})")
         if n and self.blank_frames >= 0.9 * n:
-            rep.warnings.append("video is blank (no image content)")
+            rep.warnings.append("video is blank (no image content)" if self.featureless_frames < 0.5 * self.blank_frames
+                                else f"video shows nothing to register ({self.featureless_frames} of {n} frames without "
+                                     "vessel-scale detail: the probe off the finger, or far too faint)")
         elif self.featureless_frames:
             k = self.featureless_frames
             rep.warnings.append(f"{k} frames ({k / self.fps:.1f} s) showed nothing to register (probe lifted, glare, "

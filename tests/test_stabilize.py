@@ -471,17 +471,20 @@ def test_a_lifted_probe_holds_the_pose_and_the_field_comes_back(kind):
     assert st.scene_changes == 0 and st.reanchors == 0
 
 
-def test_a_stream_that_starts_with_the_probe_lifted_takes_its_first_detailed_frame_as_reference():
-    # the camera streams before the probe touches the finger: those frames are flagged, and the
-    # first frame that shows detail becomes the reference — no change of field announced
+@pytest.mark.parametrize("start", ["noisy", "black"])
+def test_a_stream_that_starts_with_the_probe_lifted_takes_its_first_detailed_frame_as_reference(start):
+    # the camera streams before the probe touches the finger (or its first frames are black):
+    # the first frame that shows detail becomes the reference — no change of field announced.
+    # Before, the first frame was the reference and the loops' arrival a new field
     rng = np.random.default_rng(5)
     a = scene(seed=1)
     st = Stabilizer()
     for i in range(15):
-        e = st.update(_lifted("noisy", rng))
-        assert e.featureless and (e.dx, e.dy) == (0.0, 0.0)
+        e = st.update(_lifted("noisy", rng) if start == "noisy" else np.zeros((480, 640), np.uint8))
+        assert (e.dx, e.dy) == (0.0, 0.0) and not e.new_scene
+        assert e.featureless or (start == "black" and i > 0)   # (later black frames: blank, not registered)
     e = st.update(shifted(a, 2.0, -1.0, rng=rng))
     assert not e.featureless and (e.dx, e.dy, e.confidence) == (0.0, 0.0, 1.0)
     e = st.update(shifted(a, 5.0, 1.5, rng=rng))
     assert (e.dx, e.dy) == pytest.approx((3.0, 2.5), abs=0.2)
-    assert st.scene_changes == 0 and st.featureless == 15
+    assert st.scene_changes == 0 and st.featureless == (15 if start == "noisy" else 1)

@@ -1279,6 +1279,24 @@ def test_a_lifted_probe_neither_splits_the_field_nor_feeds_the_kymographs():
         assert c.wbc_per_min == pytest.approx(c.wbc_count / c.observed_s * 60.0)
 
 
+def test_a_recording_of_nothing_to_register_says_so():
+    # the probe never on the finger: a smooth field with camera noise, no vessel-scale detail —
+    # not "blank" (the image has content) but nothing to register, and no field change
+    cfg = load_config().with_overrides(um_per_px=1.2, fps=20.0)
+    stage = AnalysisStage(cfg, segmenter=_PickingTruthSegmenter([np.zeros((240, 320), np.uint8)]), fps=20.0)
+    rng = np.random.default_rng(1)
+    yy, xx = np.mgrid[0:240, 0:320]
+    field = 150 - 30 * (((xx - 160) / 160) ** 2 + ((yy - 120) / 120) ** 2)
+    for i in range(40):
+        img = np.clip(field + rng.normal(0, 4, field.shape), 0, 255).astype(np.uint8)
+        stage.process(Frame(FrameMeta(i, i / 20.0, 20.0, img.shape), img))
+        stage.step_background()
+    rep = stage.finish("air")
+    assert stage.featureless_frames == 40 and not rep.capillaries and len(rep.segments) == 1
+    assert any(w.startswith("video shows nothing to register (40 of 40 frames") for w in rep.warnings)
+    assert not any("blank" in w for w in rep.warnings)
+
+
 def test_a_change_of_field_of_view_starts_new_capillaries():
     # the probe moves to another field after 8 s: the loops seen before keep what they saw before
     # the change, those after it are new capillaries in the new field's coordinates, and the report
