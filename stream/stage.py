@@ -808,11 +808,13 @@ class AnalysisStage:
         # vessel: it is not sampled and not averaged into keyframes, as if it had been dropped;
         # so is a frame the stabilizer found nothing to register on (the probe lifted, glare)
         mean, sd = (float(v[0, 0]) for v in cv2.meanStdDev(np.ascontiguousarray(gray[::8, ::8])))
-        blank = sd < 1.0 or (sd < BLANK_SD and mean < BLANK_DARK) or est.featureless
+        blank = sd < 1.0 or (sd < BLANK_SD and mean < BLANK_DARK)
+        featureless = bool(est.featureless) and not blank
+        blank = blank or featureless
         if blank:
             self.blank_frames += 1
-        self.featureless_frames += bool(est.featureless)
-        self._featureless_now = bool(est.featureless)
+        self.featureless_frames += featureless
+        self._featureless_now = featureless
         with self._lock:
             self._frame_no += step
             fno = self._frame_no
@@ -1640,8 +1642,9 @@ class AnalysisStage:
                                      "vessel-scale detail: the probe off the finger, or far too faint)")
         elif self.featureless_frames:
             k = self.featureless_frames
-            rep.warnings.append(f"{k} frames ({k / self.fps:.1f} s) showed nothing to register (probe lifted, glare, "
-                                "a flat or noise-only image): left out of the analysis, like blank frames")
+            rep.warnings.append(f"{k} frame{'s' if k > 1 else ''} ({k / self.fps:.1f} s) showed nothing to register "
+                                "(probe lifted, glare, a flat or noise-only image): left out of the analysis, like "
+                                "blank frames")
         unconfirmed = faint = 0
         speeds = {cid: self._speeds(tr) for cid, tr in self.tracks.items()}
         ref = _reference_contrast(self.tracks, {cid: sp["state"] for cid, sp in speeds.items()})

@@ -1279,6 +1279,25 @@ def test_a_lifted_probe_neither_splits_the_field_nor_feeds_the_kymographs():
         assert c.wbc_per_min == pytest.approx(c.wbc_count / c.observed_s * 60.0)
 
 
+def test_black_frames_at_the_start_do_not_make_a_field_of_view():
+    # a camera's first frames are often black: the first frame was the reference, and the loops'
+    # arrival 2 s later was announced as another field of view. Now they are blank frames and the
+    # first frame with detail is the reference
+    from stream.synthetic import SimParams, SyntheticScope
+    cfg = load_config().with_overrides(um_per_px=1.2, fps=20.0)
+    a = SyntheticScope(SimParams(seed=3, width=640, height=480, duration_s=10.0, focus_loss=False))
+    stage = AnalysisStage(cfg, segmenter=_PickingTruthSegmenter([a.label_mask()]), fps=20.0)
+    for i in range(200):
+        img = np.zeros((480, 640, 3), np.uint8) if i < 40 else a.frame(i)
+        stage.process(Frame(FrameMeta(i, i / 20.0, 20.0, img.shape), img))
+        stage.step_background()
+    rep = stage.finish("black start")
+    assert len(rep.segments) == 1 and stage.stabilizer.scene_changes == 0
+    assert stage.blank_frames == 40 and stage.featureless_frames == 0
+    assert not any("field of view" in w or "nothing to register" in w for w in rep.warnings)
+    assert sum(c.flow_state == "flowing" for c in rep.capillaries) >= 4
+
+
 def test_a_recording_of_nothing_to_register_says_so():
     # the probe never on the finger: a smooth field with camera noise, no vessel-scale detail —
     # not "blank" (the image has content) but nothing to register, and no field change
