@@ -202,7 +202,31 @@ class VideoFileSource:
         self._cap.release()
 
 
-class ImageFolderSource:
+class _ImageSequence:
+    """Base of the sources that read one image a frame (a folder, a TIFF stack): the subclass sets
+    ``shape``, ``fps``, ``stream_id``, ``loop``, ``_pacer`` and yields ``(where, image)`` in order
+    from ``_images()``; a frame of another size stops the source with an :class:`InputError`."""
+
+    def _images(self) -> Iterator[tuple[str, np.ndarray]]:
+        raise NotImplementedError
+
+    def __iter__(self) -> Iterator[Frame]:
+        seq = 0
+        while True:
+            for where, img in self._images():
+                if img.shape != self.shape:
+                    raise InputError(f"{where}: size {img.shape} differs from the first frame's {self.shape}")
+                self._pacer.wait()
+                yield Frame(FrameMeta(seq, time.time(), self.fps, img.shape, self.stream_id), img)
+                seq += 1
+            if not self.loop:
+                return
+
+    def close(self) -> None:
+        pass
+
+
+class ImageFolderSource(_ImageSequence):
     """Frames from a folder of images, in natural sort order (frame_2 before frame_10)."""
 
     def __init__(self, folder: str | os.PathLike, *, pace: str = "max", loop: bool = False,
@@ -224,21 +248,9 @@ class ImageFolderSource:
     def _read(self, p: Path) -> np.ndarray:
         return _check_image(cv2.imread(str(p), cv2.IMREAD_UNCHANGED), str(p), self._shift)
 
-    def __iter__(self) -> Iterator[Frame]:
-        seq = 0
-        while True:
-            for p in self.files:
-                img = self._read(p)
-                if img.shape != self.shape:
-                    raise InputError(f"{p}: size {img.shape} differs from the first image {self.shape}")
-                self._pacer.wait()
-                yield Frame(FrameMeta(seq, time.time(), self.fps, img.shape, self.stream_id), img)
-                seq += 1
-            if not self.loop:
-                return
-
-    def close(self) -> None:
-        pass
+    def _images(self) -> Iterator[tuple[str, np.ndarray]]:
+        for p in self.files:
+            yield str(p), self._read(p)
 
 
 def _source_shift(first: np.ndarray | None, name: str) -> int | None:
@@ -261,7 +273,7 @@ def is_tiff_stack(path: str | os.PathLike) -> bool:
         return False
 
 
-class TiffStackSource:
+class TiffStackSource(_ImageSequence):
     """Frames from the pages of a multi-page TIFF, read a few pages at a time."""
 
     CHUNK = 16   # pages decoded per read (cv2.imreadmulti seeks to a page without decoding the others)
@@ -283,30 +295,18 @@ class TiffStackSource:
         self.shape = _check_image(first[0], f"{self.path} page 0", self._shift).shape
         self._pacer = _Pacer(self.fps, pace)
 
-    def __iter__(self) -> Iterator[Frame]:
-        seq = 0
-        while True:
-            for start in range(0, self.n_frames, self.CHUNK):
-                count = min(self.CHUNK, self.n_frames - start)
-                try:
-                    ok, pages = cv2.imreadmulti(str(self.path), start, count, flags=cv2.IMREAD_UNCHANGED)
-                except cv2.error as e:
-                    raise InputError(f"{self.path}: page {start} cannot be read ({e})") from None
-                if not ok or len(pages) != count:
-                    raise InputError(f"{self.path}: page {start + len(pages or ())} cannot be read")
-                for k, raw in enumerate(pages):
-                    img = _check_image(raw, f"{self.path} page {start + k}", self._shift)
-                    if img.shape != self.shape:
-                        raise InputError(f"{self.path} page {start + k}: size {img.shape} differs from the "
-                                         f"first page's {self.shape}")
-                    self._pacer.wait()
-                    yield Frame(FrameMeta(seq, time.time(), self.fps, img.shape, self.stream_id), img)
-                    seq += 1
-            if not self.loop:
-                return
-
-    def close(self) -> None:
-        pass
+    def _images(self) -> Iterator[tuple[str, np.ndarray]]:
+        for start in range(0, self.n_frames, self.CHUNK):
+            count = min(self.CHUNK, self.n_frames - start)
+            try:
+                ok, pages = cv2.imreadmulti(str(self.path), start, count, flags=cv2.IMREAD_UNCHANGED)
+            except cv2.error as e:
+                raise InputError(f"{self.path}: page {start} cannot be read ({e})") from None
+            if not ok or len(pages) != count:
+                raise InputError(f"{self.path}: page {start + len(pages or ())} cannot be read")
+            for k, raw in enumerate(pages):
+                where = f"{self.path} page {start + k}"
+                yield where, _check_image(raw, where, self._shift)
 
 
 class CameraSource:

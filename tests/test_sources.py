@@ -96,3 +96,16 @@ def test_batch_takes_a_tiff_stack_for_a_recording_and_a_one_page_tiff_for_a_stil
     cv2.imwrite(str(tmp_path / "still.tif"), frames[0])
     kinds = {j.path.split("/")[-1]: j.kind for j in find_jobs(tmp_path, tmp_path / "out")}
     assert kinds == {"rec.tif": "video", "still.tif": "image"}
+
+
+def test_a_frame_of_another_size_stops_a_folder_or_stack_with_a_clear_error(tmp_path):
+    frames = _frames(n=3)
+    folder = tmp_path / "rec"
+    folder.mkdir()
+    for i, f in enumerate(frames + [_frames(n=1, shape=(40, 64))[0]]):
+        cv2.imwrite(str(folder / f"f{i}.png"), f)
+    got = []
+    with pytest.raises(InputError, match="f3.png: size"):
+        for fr in open_source(str(folder), pace="max"):
+            got.append(fr)
+    assert len(got) == 3
