@@ -8,8 +8,9 @@ A source is an iterable of :class:`stream.frames.Frame` with attributes ``name``
   reports (logs, and in ``fps``/``shape``) what the device actually gives.
 - ``file:PATH`` — a video OpenCV/FFmpeg reads (mkv, mp4, avi…), a multi-page TIFF (one frame a
   page, as microscopy cameras record) or a folder of images (png/jpg/tif/bmp, natural sort
-  order). 16-bit frames (10-, 12-, 14- or 16-bit data) are brought to 8 bits by one right shift
-  per source, chosen from its first frame (:func:`depth_shift`), so every frame is scaled alike. ``pace="realtime"`` replays at the file's fps on the
+  order). 16-bit frames (10-, 12-, 14- or 16-bit data: 16-bit images, TIFF pages, gray16 video)
+  are brought to 8 bits by one right shift per source, chosen from its first frame
+  (:func:`depth_shift`), so every frame is scaled alike. ``pace="realtime"`` replays at the file's fps on the
   wall clock (a recording replayed as a live stream); ``pace="max"`` as fast as possible.
   ``loop=True`` restarts at the end (sequence numbers keep increasing).
 - ``synthetic`` or ``synthetic:seed=3,loops=8,jitter=2,...`` — the embedded synthetic
@@ -38,6 +39,7 @@ log = logging.getLogger(__name__)
 
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"}
 MAX_SIDE = 8192
+GRAY16_FORMATS = (b"Y1\x00\x10", b"\x10\x001Y")   # FFmpeg's gray16le / gray16be (CAP_PROP_CODEC_PIXEL_FORMAT)
 
 
 def _natural_key(p: Path) -> list:
@@ -85,7 +87,7 @@ def _read_next(source, into: np.ndarray | None = None) -> np.ndarray | None:
         img, source._first = source._first, None
         return img
     ok, raw = source._cap.read(into) if into is not None else source._cap.read()
-    return _check_image(raw, source.name) if ok else None
+    return _check_image(raw, source.name, getattr(source, "_shift", None)) if ok else None
 
 
 class _Pacer:
@@ -132,7 +134,8 @@ class VideoFileSource:
         if not ok or first is None:
             self._cap.release()
             raise InputError(f"not a readable video (no frame decodes): {self.path}")
-        self._first: np.ndarray | None = _check_image(first, str(self.path))
+        self._shift = _source_shift(first, self.name)
+        self._first: np.ndarray | None = _check_image(first, str(self.path), self._shift)
         file_fps = self._cap.get(cv2.CAP_PROP_FPS)
         self.fps = float(fps) if fps else (float(file_fps) if file_fps and 0 < file_fps < 1000 else 20.0)
         self.shape = self._first.shape
@@ -159,7 +162,11 @@ class VideoFileSource:
         if not cap.isOpened():
             cap.release()
             raise InputError(f"not a video OpenCV/FFmpeg can open: {self.path}")
-        cap.set(cv2.CAP_PROP_CONVERT_RGB, 1)
+        # 16-bit gray video (FFV1 / raw gray16, as scientific cameras record 10–14-bit data):
+        # OpenCV's conversion to 8-bit colour keeps the top byte, so 12-bit data came out 0–15
+        # ("video is blank"); read the 16-bit values and shift them by the data's depth instead
+        fmt = (int(cap.get(cv2.CAP_PROP_CODEC_PIXEL_FORMAT) or 0) & 0xFFFFFFFF).to_bytes(4, "little")
+        cap.set(cv2.CAP_PROP_CONVERT_RGB, 0 if fmt in GRAY16_FORMATS else 1)
         return cap
 
     def __iter__(self) -> Iterator[Frame]:

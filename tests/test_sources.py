@@ -109,3 +109,21 @@ def test_a_frame_of_another_size_stops_a_folder_or_stack_with_a_clear_error(tmp_
         for fr in open_source(str(folder), pace="max"):
             got.append(fr)
     assert len(got) == 3
+
+
+def test_a_16_bit_gray_video_is_scaled_by_its_data_depth(tmp_path):
+    # FFV1 gray16 holding 12-bit data: OpenCV's 8-bit conversion kept the top byte (0–15)
+    frames = _frames(n=4, shape=(48, 64))
+    p = tmp_path / "rec16.mkv"
+    w = cv2.VideoWriter(str(p), cv2.CAP_FFMPEG, cv2.VideoWriter_fourcc(*"FFV1"), 20.0, (64, 48),
+                        [cv2.VIDEOWRITER_PROP_DEPTH, cv2.CV_16U, cv2.VIDEOWRITER_PROP_IS_COLOR, 0])
+    if not w.isOpened():
+        pytest.skip("this OpenCV cannot write 16-bit FFV1")
+    for f in frames:
+        w.write(f.astype(np.uint16) << 4)
+    w.release()
+    src = open_source(f"file:{p}", pace="max")
+    for got in ([fr.image for fr in src], [fr.image for fr in open_source(f"file:{p}", pace="max").gray_frames()]):
+        assert len(got) == 4
+        for g, f in zip(got, frames):
+            np.testing.assert_array_equal(g, f)
