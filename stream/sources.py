@@ -9,8 +9,9 @@ A source is an iterable of :class:`stream.frames.Frame` with attributes ``name``
 - ``file:PATH`` — a video OpenCV/FFmpeg reads (mkv, mp4, avi…), a multi-page TIFF (one frame a
   page, as microscopy cameras record) or a folder of images (png/jpg/tif/bmp, natural sort
   order). 16-bit frames (10-, 12-, 14- or 16-bit data: 16-bit images, TIFF pages, gray16 video)
-  are brought to 8 bits by one right shift per source, chosen from its first frame
-  (:func:`depth_shift`), so every frame is scaled alike. ``pace="realtime"`` replays at the file's fps on the
+  and float frames (counts, or normalised 0…1) are brought to 8 bits by one scale per source,
+  chosen from its first frame's data depth (:func:`data_depth`, :func:`to_8bit`), so every frame
+  is scaled alike. ``pace="realtime"`` replays at the file's fps on the
   wall clock (a recording replayed as a live stream); ``pace="max"`` as fast as possible.
   ``loop=True`` restarts at the end (sequence numbers keep increasing).
 - ``synthetic`` or ``synthetic:seed=3,loops=8,jitter=2,...`` — the embedded synthetic
@@ -23,6 +24,7 @@ source (missing file, not a video, no frames, camera absent) raise
 from __future__ import annotations
 
 import logging
+import math
 import os
 import re
 import time
@@ -46,26 +48,42 @@ def _natural_key(p: Path) -> list:
     return [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", p.name)]
 
 
-def depth_shift(img: np.ndarray) -> int:
-    """Right shift that brings a uint16 image's values to 8 bits: the data's depth is taken as the
-    smallest of 8, 10, 12, 14 and 16 bits that holds its largest value (cameras store 10–14-bit
-    data in 16-bit pixels), the shift as that depth − 8. A fixed ``>> 8`` left 12-bit data 16 grey
-    levels: a black frame."""
-    top = int(img.max()) if img.size else 0
-    bits = max(8, top.bit_length())
-    return next(b for b in (8, 10, 12, 14, 16) if bits <= b) - 8
+def data_depth(img: np.ndarray) -> int:
+    """The bit depth of a uint16 or float image's data, taken as the smallest of 8, 10, 12, 14 and
+    16 bits that holds its largest value (cameras store 10–14-bit data in 16-bit pixels; float
+    images may hold such counts too); 0 for float data within 0…1 (normalised).
+    :func:`to_8bit` divides by ``2 ** (depth − 8)`` (normalised: multiplies by 255). A fixed
+    ``>> 8`` left 12-bit data 16 grey levels: a black frame."""
+    if img.dtype.kind == "f":
+        top = float(np.nanmax(img)) if img.size and not np.all(np.isnan(img)) else 0.0
+        if not math.isfinite(top) or top <= 1.0:
+            return 0
+        top_int = int(math.ceil(top))
+    else:
+        top_int = int(img.max()) if img.size else 0
+    bits = max(8, top_int.bit_length())
+    return next((b for b in (8, 10, 12, 14, 16) if bits <= b), 16)
 
 
-def _check_image(img: np.ndarray, where: str, shift: int | None = None) -> np.ndarray:
+def to_8bit(img: np.ndarray, depth: int) -> np.ndarray:
+    """A uint16 or float image of ``depth``-bit data (:func:`data_depth`) as uint8: uint16 shifted
+    right by ``depth − 8``, floats scaled alike (or by 255 at depth 0) and rounded; values
+    beyond the depth (and NaN, negative) clipped to 0…255."""
+    if img.dtype == np.uint16:
+        return np.minimum(img >> max(0, depth - 8), 255).astype(np.uint8)
+    k = 255.0 if depth == 0 else 2.0 ** (8 - depth)
+    return np.clip(np.rint(np.nan_to_num(img.astype(np.float32) * np.float32(k))), 0, 255).astype(np.uint8)
+
+
+def _check_image(img: np.ndarray, where: str, depth: int | None = None) -> np.ndarray:
     """``img`` as the uint8 gray (H, W) or BGR (H, W, 3) frame sources yield, or
-    :class:`InputError`. uint16 is shifted right by ``shift`` (default: :func:`depth_shift` of
-    ``img``; a source passes its first frame's) and clipped at 255."""
+    :class:`InputError`. uint16 and float pixels are brought to 8 bits by :func:`to_8bit` at
+    ``depth`` (default: :func:`data_depth` of ``img``; a source passes its first frame's)."""
     if img is None:
         raise InputError(f"{where}: cannot decode image")
     if img.dtype != np.uint8:
-        if img.dtype == np.uint16:
-            s = depth_shift(img) if shift is None else int(shift)
-            img = np.minimum(img >> s, 255).astype(np.uint8)
+        if img.dtype == np.uint16 or img.dtype.kind == "f":
+            img = to_8bit(img, data_depth(img) if depth is None else int(depth))
         else:
             raise InputError(f"{where}: unsupported pixel type {img.dtype}")
     if img.ndim == 3 and img.shape[2] == 4:
@@ -87,7 +105,7 @@ def _read_next(source, into: np.ndarray | None = None) -> np.ndarray | None:
         img, source._first = source._first, None
         return img
     ok, raw = source._cap.read(into) if into is not None else source._cap.read()
-    return _check_image(raw, source.name, getattr(source, "_shift", None)) if ok else None
+    return _check_image(raw, source.name, getattr(source, "_depth", None)) if ok else None
 
 
 class _Pacer:
@@ -134,8 +152,8 @@ class VideoFileSource:
         if not ok or first is None:
             self._cap.release()
             raise InputError(f"not a readable video (no frame decodes): {self.path}")
-        self._shift = _source_shift(first, self.name)
-        self._first: np.ndarray | None = _check_image(first, str(self.path), self._shift)
+        self._depth = _source_depth(first, self.name)
+        self._first: np.ndarray | None = _check_image(first, str(self.path), self._depth)
         file_fps = self._cap.get(cv2.CAP_PROP_FPS)
         self.fps = float(fps) if fps else (float(file_fps) if file_fps and 0 < file_fps < 1000 else 20.0)
         self.shape = self._first.shape
@@ -246,27 +264,29 @@ class ImageFolderSource(_ImageSequence):
         self.stream_id, self.loop = stream_id, loop
         self.fps = float(fps) if fps else 20.0
         raw = cv2.imread(str(self.files[0]), cv2.IMREAD_UNCHANGED)
-        self._shift = _source_shift(raw, self.name)
+        self._depth = _source_depth(raw, self.name)
         first = self._read(self.files[0])
         self.shape = first.shape
         self.n_frames = len(self.files)
         self._pacer = _Pacer(self.fps, pace)
 
     def _read(self, p: Path) -> np.ndarray:
-        return _check_image(cv2.imread(str(p), cv2.IMREAD_UNCHANGED), str(p), self._shift)
+        return _check_image(cv2.imread(str(p), cv2.IMREAD_UNCHANGED), str(p), self._depth)
 
     def _images(self) -> Iterator[tuple[str, np.ndarray]]:
         for p in self.files:
             yield str(p), self._read(p)
 
 
-def _source_shift(first: np.ndarray | None, name: str) -> int | None:
-    """A source's 16-bit shift (:func:`depth_shift`) from its first frame (None for 8-bit), logged."""
-    if first is None or first.dtype != np.uint16:
+def _source_depth(first: np.ndarray | None, name: str) -> int | None:
+    """A source's data depth (:func:`data_depth`) from its first frame (None for 8-bit frames), logged."""
+    if first is None or not (first.dtype == np.uint16 or first.dtype.kind == "f"):
         return None
-    shift = depth_shift(first)
-    log.info("%s: 16-bit frames holding %d-bit data: shifted right by %d to 8 bits", name, shift + 8, shift)
-    return shift
+    depth = data_depth(first)
+    log.info("%s: %s frames holding %s data: scaled to 8 bits alike", name,
+             "16-bit" if first.dtype == np.uint16 else str(first.dtype),
+             "0…1 (normalised)" if depth == 0 else f"{depth}-bit")
+    return depth
 
 
 def is_tiff_stack(path: str | os.PathLike) -> bool:
@@ -298,8 +318,8 @@ class TiffStackSource(_ImageSequence):
             raise InputError(f"not a readable TIFF: {self.path} ({e})") from None
         if not ok or not first or self.n_frames < 1:
             raise InputError(f"not a readable TIFF (no page decodes): {self.path}")
-        self._shift = _source_shift(first[0], self.name)
-        self.shape = _check_image(first[0], f"{self.path} page 0", self._shift).shape
+        self._depth = _source_depth(first[0], self.name)
+        self.shape = _check_image(first[0], f"{self.path} page 0", self._depth).shape
         self._pacer = _Pacer(self.fps, pace)
 
     def _images(self) -> Iterator[tuple[str, np.ndarray]]:
@@ -313,7 +333,7 @@ class TiffStackSource(_ImageSequence):
                 raise InputError(f"{self.path}: page {start + len(pages or ())} cannot be read")
             for k, raw in enumerate(pages):
                 where = f"{self.path} page {start + k}"
-                yield where, _check_image(raw, where, self._shift)
+                yield where, _check_image(raw, where, self._depth)
 
 
 class CameraSource:

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from nailfold.errors import InputError
-from stream.sources import TiffStackSource, depth_shift, is_tiff_stack, open_source
+from stream.sources import TiffStackSource, data_depth, is_tiff_stack, open_source, to_8bit
 
 
 def _frames(n=5, shape=(48, 64), seed=0):
@@ -12,12 +12,29 @@ def _frames(n=5, shape=(48, 64), seed=0):
     return [rng.integers(0, 256, shape, dtype=np.uint8) for _ in range(n)]
 
 
-@pytest.mark.parametrize("top, shift", [(0, 0), (255, 0), (256, 2), (1023, 2), (1024, 4), (4095, 4),
-                                        (9000, 6), (16383, 6), (16384, 8), (65535, 8)])
-def test_depth_shift_follows_the_data_depth(top, shift):
+@pytest.mark.parametrize("top, depth", [(0, 8), (255, 8), (256, 10), (1023, 10), (1024, 12), (4095, 12),
+                                        (9000, 14), (16383, 14), (16384, 16), (65535, 16)])
+def test_data_depth_follows_the_largest_value(top, depth):
     img = np.zeros((4, 4), np.uint16)
     img[1, 2] = top
-    assert depth_shift(img) == shift
+    assert data_depth(img) == depth
+    if top > 1:
+        assert data_depth(img.astype(np.float32)) == depth      # counts stored as floats
+    assert to_8bit(img, depth)[1, 2] == top >> (depth - 8)
+
+
+def test_float_frames_normalised_or_counts_read_as_8_bit(tmp_path):
+    # ImageJ and other tools save 32-bit float stacks: normalised (0…1) or counts (here 12-bit)
+    frames = _frames(n=3)
+    for name, scale in (("norm.tif", 1 / 255.0), ("counts.tif", 16.0)):
+        p = tmp_path / name
+        assert cv2.imwritemulti(str(p), [f.astype(np.float32) * np.float32(scale) for f in frames])
+        got = [fr.image for fr in open_source(f"file:{p}", pace="max")]
+        assert len(got) == 3
+        for g, f in zip(got, frames):
+            np.testing.assert_array_equal(g, f)
+    nan = np.full((8, 8), np.nan, np.float32)
+    assert data_depth(nan) == 0 and not to_8bit(nan, 0).any()
 
 
 def test_a_folder_of_12_bit_frames_reads_as_the_8_bit_frames(tmp_path):
