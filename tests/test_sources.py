@@ -144,3 +144,13 @@ def test_a_16_bit_gray_video_is_scaled_by_its_data_depth(tmp_path):
         assert len(got) == 4
         for g, f in zip(got, frames):
             np.testing.assert_array_equal(g, f)
+
+
+def test_a_float_still_reads_as_8_bit(tmp_path):
+    from stream.image_cli import read_image
+    g = _frames(n=1, shape=(64, 80))[0]
+    p = tmp_path / "still.tif"
+    assert cv2.imwrite(str(p), g.astype(np.float32) / np.float32(255))
+    img = read_image(str(p))
+    assert img.shape == (64, 80, 3) and img.dtype == np.uint8
+    np.testing.assert_array_equal(img[:, :, 1], g)
