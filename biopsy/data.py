@@ -54,14 +54,10 @@ def synthetic_samples(n: int, seed_base: int, shape: tuple[int, int]) -> list[Sa
 
 
 def read_image(path: str | Path) -> np.ndarray:
-    """Read an image as BGR uint8; unreadable → :class:`InputError`."""
-    p = Path(path)
-    if not p.is_file():
-        raise InputError(f"image not found: {p}")
-    img = cv2.imread(str(p), cv2.IMREAD_COLOR)
-    if img is None or img.size == 0:
-        raise InputError(f"cannot read image (corrupt or unsupported format): {p}")
-    return img
+    """Read an image as BGR uint8 at any bit depth (16-bit fluorescence, float TIFF:
+    :func:`nailfold.images.read_bgr`); unreadable → :class:`InputError`."""
+    from nailfold.images import read_bgr
+    return read_bgr(path)
 
 
 def _read_mask(path: Path, shape: tuple[int, int]) -> np.ndarray:

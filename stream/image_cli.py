@@ -73,23 +73,16 @@ def read_subject_map(path: str) -> dict[str, str]:
 
 
 def read_image(path: str) -> np.ndarray:
-    p = Path(path)
-    if not p.is_file():
-        raise InputError(f"image not found: {path}")
-    data = np.fromfile(str(p), np.uint8)
-    # colour at the file's depth (EXIF orientation applied as before); 16-bit pixels of 10–14-bit
-    # data are then scaled by their depth, not by 1/256 (which left 12-bit data 16 grey levels).
-    # OpenCV cannot give a gray float TIFF in colour: read as it is, then made BGR
-    img = None
-    if data.size:
-        img = cv2.imdecode(data, cv2.IMREAD_ANYDEPTH | cv2.IMREAD_COLOR)
-        if img is None:
-            img = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
-    if img is None or img.ndim < 2 or min(img.shape[:2]) < 32:
-        raise InputError(f"not a readable image: {path}")
-    from stream.sources import _check_image
-    img = _check_image(img, path)
-    return cv2.cvtColor(img, cv2.COLOR_GRAY2BGR) if img.ndim == 2 else img
+    """The still ``path`` as uint8 BGR at any bit depth (:func:`nailfold.images.read_bgr`), at least
+    32 px a side; else :class:`InputError`."""
+    from nailfold.images import read_bgr
+    try:
+        img = read_bgr(path)
+    except InputError as e:
+        raise InputError(f"not a readable image: {path} ({e})") from None
+    if min(img.shape[:2]) < 32:
+        raise InputError(f"not a readable image: {path} (smaller than 32 px)")
+    return img
 
 
 def get_segmenter(name: str, um_per_px: float | None):

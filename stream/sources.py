@@ -10,8 +10,8 @@ A source is an iterable of :class:`stream.frames.Frame` with attributes ``name``
   page, as microscopy cameras record) or a folder of images (png/jpg/tif/bmp, natural sort
   order). 16-bit frames (10-, 12-, 14- or 16-bit data: 16-bit images, TIFF pages, gray16 video)
   and float frames (counts, or normalised 0…1) are brought to 8 bits by one scale per source,
-  chosen from its first frame's data depth (:func:`data_depth`, :func:`to_8bit`), so every frame
-  is scaled alike. ``pace="realtime"`` replays at the file's fps on the
+  chosen from its first frame's data depth (:func:`nailfold.images.data_depth`,
+  :func:`nailfold.images.to_8bit`), so every frame is scaled alike. ``pace="realtime"`` replays at the file's fps on the
   wall clock (a recording replayed as a live stream); ``pace="max"`` as fast as possible.
   ``loop=True`` restarts at the end (sequence numbers keep increasing).
 - ``synthetic`` or ``synthetic:seed=3,loops=8,jitter=2,...`` — the embedded synthetic
@@ -24,7 +24,6 @@ source (missing file, not a video, no frames, camera absent) raise
 from __future__ import annotations
 
 import logging
-import math
 import os
 import re
 import time
@@ -35,6 +34,7 @@ import cv2
 import numpy as np
 
 from nailfold.errors import InputError
+from nailfold.images import data_depth, to_8bit
 from stream.frames import DEFAULT_HEIGHT, DEFAULT_WIDTH, Frame, FrameMeta, to_gray
 
 log = logging.getLogger(__name__)
@@ -46,33 +46,6 @@ GRAY16_FORMATS = (b"Y1\x00\x10", b"\x10\x001Y")   # FFmpeg's gray16le / gray16be
 
 def _natural_key(p: Path) -> list:
     return [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", p.name)]
-
-
-def data_depth(img: np.ndarray) -> int:
-    """The bit depth of a uint16 or float image's data, taken as the smallest of 8, 10, 12, 14 and
-    16 bits that holds its largest value (cameras store 10–14-bit data in 16-bit pixels; float
-    images may hold such counts too); 0 for float data within 0…1 (normalised).
-    :func:`to_8bit` divides by ``2 ** (depth − 8)`` (normalised: multiplies by 255). A fixed
-    ``>> 8`` left 12-bit data 16 grey levels: a black frame."""
-    if img.dtype.kind == "f":
-        top = float(np.nanmax(img)) if img.size and not np.all(np.isnan(img)) else 0.0
-        if not math.isfinite(top) or top <= 1.0:
-            return 0
-        top_int = int(math.ceil(top))
-    else:
-        top_int = int(img.max()) if img.size else 0
-    bits = max(8, top_int.bit_length())
-    return next((b for b in (8, 10, 12, 14, 16) if bits <= b), 16)
-
-
-def to_8bit(img: np.ndarray, depth: int) -> np.ndarray:
-    """A uint16 or float image of ``depth``-bit data (:func:`data_depth`) as uint8: uint16 shifted
-    right by ``depth − 8``, floats scaled alike (or by 255 at depth 0) and rounded; values
-    beyond the depth (and NaN, negative) clipped to 0…255."""
-    if img.dtype == np.uint16:
-        return np.minimum(img >> max(0, depth - 8), 255).astype(np.uint8)
-    k = 255.0 if depth == 0 else 2.0 ** (8 - depth)
-    return np.clip(np.rint(np.nan_to_num(img.astype(np.float32) * np.float32(k))), 0, 255).astype(np.uint8)
 
 
 def _check_image(img: np.ndarray, where: str, depth: int | None = None) -> np.ndarray:

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 from nailfold.errors import InputError
-from stream.sources import TiffStackSource, data_depth, is_tiff_stack, open_source, to_8bit
+from nailfold.images import data_depth, to_8bit
+from stream.sources import TiffStackSource, is_tiff_stack, open_source
 
 
 def _frames(n=5, shape=(48, 64), seed=0):
@@ -154,3 +155,15 @@ def test_a_float_still_reads_as_8_bit(tmp_path):
     img = read_image(str(p))
     assert img.shape == (64, 80, 3) and img.dtype == np.uint8
     np.testing.assert_array_equal(img[:, :, 1], g)
+
+
+def test_a_16_bit_fluorescence_biopsy_image_reads_as_8_bit(tmp_path):
+    from biopsy.data import read_image
+    g = _frames(n=1, shape=(64, 80))[0]
+    p = tmp_path / "if.tif"
+    cv2.imwrite(str(p), g.astype(np.uint16) * 256 + 255)         # 16-bit data
+    img = read_image(p)
+    assert img.dtype == np.uint8 and img.shape == (64, 80, 3)
+    np.testing.assert_array_equal(img[:, :, 0], g)
+    with pytest.raises(InputError):
+        read_image(tmp_path / "missing.tif")

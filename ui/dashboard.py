@@ -183,9 +183,11 @@ class Dashboard:
     def biopsy(self, upload, um_per_px):
         try:
             p = check_upload(upload, IMAGE_EXTS, 50)
-            img = cv2.imread(str(p), cv2.IMREAD_COLOR)
-            if img is None:
-                raise NailfoldError("the uploaded file is not a readable image")
+            from biopsy.data import read_image
+            try:
+                img = read_image(p)         # any bit depth (16-bit fluorescence, float TIFF)
+            except NailfoldError:
+                raise NailfoldError("the uploaded file is not a readable image") from None
             from biopsy.analyze import analyze_image, render_overlay
             res = analyze_image(img, um_per_px=float(um_per_px) if um_per_px else None)
             ov = cv2.cvtColor(render_overlay(img, res), cv2.COLOR_BGR2RGB)
