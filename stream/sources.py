@@ -128,7 +128,9 @@ class VideoFileSource:
         self._depth = _source_depth(first, self.name)
         self._first: np.ndarray | None = _check_image(first, str(self.path), self._depth)
         file_fps = self._cap.get(cv2.CAP_PROP_FPS)
-        self.fps = float(fps) if fps else (float(file_fps) if file_fps and 0 < file_fps < 1000 else 20.0)
+        stored = float(file_fps) if file_fps and 0 < file_fps < 1000 else None
+        self.fps = float(fps) if fps else (stored or 20.0)
+        self.fps_assumed = not fps and stored is None   # the file states no usable frame rate
         self.shape = self._first.shape
         n = int(self._cap.get(cv2.CAP_PROP_FRAME_COUNT) or 0)
         self.n_frames = n if n > 0 else None
@@ -236,6 +238,7 @@ class ImageFolderSource(_ImageSequence):
         self.name = f"file:{self.folder}"
         self.stream_id, self.loop = stream_id, loop
         self.fps = float(fps) if fps else 20.0
+        self.fps_assumed = not fps      # images carry no frame rate
         raw = cv2.imread(str(self.files[0]), cv2.IMREAD_UNCHANGED)
         self._depth = _source_depth(raw, self.name)
         first = self._read(self.files[0])
@@ -273,6 +276,25 @@ def is_tiff_stack(path: str | os.PathLike) -> bool:
         return False
 
 
+def tiff_frame_rate(path: str | os.PathLike) -> float | None:
+    """The frame rate an ImageJ TIFF stack states (``finterval`` s, or ``fps``, in its ImageJ
+    metadata), or None (not ImageJ, none stated, or unreadable)."""
+    try:
+        import tifffile
+        with tifffile.TiffFile(str(path)) as tf:
+            md = tf.imagej_metadata or {}
+    except Exception:       # no tifffile, not a TIFF it can parse: the rate is simply unknown
+        return None
+    try:
+        if md.get("finterval"):
+            rate = 1.0 / float(md["finterval"])
+        else:
+            rate = float(md.get("fps") or 0)
+    except (TypeError, ValueError, ZeroDivisionError):
+        return None
+    return rate if 0 < rate < 1000 else None
+
+
 class TiffStackSource(_ImageSequence):
     """Frames from the pages of a multi-page TIFF, read a few pages at a time."""
 
@@ -283,7 +305,9 @@ class TiffStackSource(_ImageSequence):
         self.path = Path(path)
         self.name = f"file:{self.path}"
         self.stream_id, self.loop = stream_id, loop
-        self.fps = float(fps) if fps else 20.0
+        stored = tiff_frame_rate(self.path)
+        self.fps = float(fps) if fps else (stored or 20.0)
+        self.fps_assumed = not fps and stored is None
         try:
             self.n_frames = int(cv2.imcount(str(self.path)))
             ok, first = cv2.imreadmulti(str(self.path), 0, 1, flags=cv2.IMREAD_UNCHANGED)

@@ -167,3 +167,27 @@ def test_a_16_bit_fluorescence_biopsy_image_reads_as_8_bit(tmp_path):
     np.testing.assert_array_equal(img[:, :, 0], g)
     with pytest.raises(InputError):
         read_image(tmp_path / "missing.tif")
+
+
+def test_a_frame_rate_not_stored_is_assumed_from_the_config_and_said(tmp_path):
+    # speeds scale with the frame rate: an image folder or a plain TIFF stack states none, so the
+    # report says which was assumed; an ImageJ stack's frame interval is read
+    import tifffile
+    from nailfold.config import load_config
+    from stream.analyze import _open, analyze_video
+    from stream.sources import tiff_frame_rate
+    frames = np.stack(_frames(n=12, shape=(64, 96))).astype(np.uint16) << 4
+    ij = tmp_path / "ij.tif"
+    tifffile.imwrite(str(ij), frames, imagej=True, metadata={"axes": "TYX", "finterval": 1 / 30})
+    assert tiff_frame_rate(ij) == pytest.approx(30.0)
+    src = _open(ij, None, load_config())
+    assert src.fps == pytest.approx(30.0) and not src.fps_assumed
+    plain = tmp_path / "plain.tif"
+    assert cv2.imwritemulti(str(plain), list(frames))
+    assert tiff_frame_rate(plain) is None
+    cfg = load_config()
+    rep = analyze_video(plain, cfg, progress=False, keyframe_thread=False)
+    assert rep.fps == cfg.device.fps
+    assert any(w.startswith(f"the input states no frame rate: {cfg.device.fps:g} fps assumed") for w in rep.warnings)
+    rep = analyze_video(plain, cfg, fps=25.0, progress=False, keyframe_thread=False)
+    assert rep.fps == 25.0 and not any("no frame rate" in w for w in rep.warnings)
