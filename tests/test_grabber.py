@@ -171,3 +171,19 @@ def test_recording_of_100_synthetic_frames_is_bit_identical(tmp_path, endpoint):
     back = read_all_frames(rec)
     assert len(back) == 100
     assert all(frames_equal(b, m.image) for b, m in zip(back, frames))
+
+
+def test_a_12_bit_tiff_stack_streams_as_8_bit_frames(tmp_path, endpoint):
+    # a microscopy recording replayed as a live stream (nailfold grab --source file:stack.tif)
+    rng = np.random.default_rng(3)
+    expected = [rng.integers(0, 256, (48, 64), dtype=np.uint8) for _ in range(20)]
+    p = tmp_path / "stack.tif"
+    assert cv2.imwritemulti(str(p), [e.astype(np.uint16) << 4 for e in expected])
+    rx = Receiver(endpoint, policy="queue", maxlen=100)
+    g = Grabber(open_source(f"file:{p}", pace="max"), endpoint, on_full="block")
+    t = _run_grabber(g)
+    frames, eos = _collect(rx)
+    t.join(5)
+    rx.close()
+    assert eos and [m.seq for m in frames] == list(range(20))
+    assert all(np.array_equal(m.image, e) for m, e in zip(frames, expected))
