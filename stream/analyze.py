@@ -58,19 +58,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _open(path: str | Path, fps: float | None, config: Config):
-    from stream.sources import is_tiff_stack, open_source, tiff_frame_rate
+    from stream.sources import open_source
     p = Path(path)
     if not p.exists():
         raise InputError(f"input not found: {p}")
-    if fps is None and (p.is_dir() or (is_tiff_stack(p) and tiff_frame_rate(p) is None)):   # (no rate stored)
-        src = open_source(f"file:{p}", pace="max", fps=config.device.fps)
-        src.fps_assumed = True
-        return src
     # one FFmpeg thread for motion JPEG: the reader thread decodes beside the analysis (measured:
     # 0.1–0.2 s less CPU per 30-s clip than FFmpeg's default of one thread per core, at the same
     # rate); FFmpeg's threads for other codecs, whose decoding can be the bottleneck (FFV1, as
     # `nailfold simulate` and the recorder write: 1.3× real time on one thread, 2.3× on two)
-    return open_source(f"file:{p}", pace="max", fps=fps, decode_threads="auto")
+    src = open_source(f"file:{p}", pace="max", fps=fps, decode_threads="auto")
+    if fps is None and getattr(src, "fps_assumed", False):
+        # the input states no frame rate (an image folder, a plain TIFF stack, a video without
+        # one): the device's, and the report says so (analyze_video). Read only by the frames'
+        # metadata and the stage: nothing is paced at "max"
+        src.fps = float(config.device.fps)
+    return src
 
 
 def _gray_frames(source):
@@ -202,8 +204,7 @@ def analyze_video(path: str | Path, config: Config, *, fps: float | None = None,
     from stream.stage import AnalysisStage, default_segmenter
     src = source if source is not None else _open(path, fps, config)
     try:
-        rate = float(fps or (config.device.fps if getattr(src, "fps_assumed", False) else src.fps)
-                     or config.device.fps)
+        rate = float(fps or src.fps or config.device.fps)
         if segmenter is None:
             segmenter = default_segmenter(config.models.segmenter, config.models.backend)
         with (concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="keyframe") if keyframe_thread
