@@ -41,6 +41,17 @@ def to_8bit(img: np.ndarray, depth: int) -> np.ndarray:
     return np.clip(np.rint(np.nan_to_num(img.astype(np.float32) * np.float32(k))), 0, 255).astype(np.uint8)
 
 
+def as_8bit(img: np.ndarray, where: str, depth: int | None = None) -> np.ndarray:
+    """``img`` with uint8 pixels: uint8 as it is, uint16 and float by :func:`to_8bit` at ``depth``
+    (default: :func:`data_depth` of ``img``; a recording passes its first frame's); any other
+    pixel type → :class:`InputError` naming ``where``."""
+    if img.dtype == np.uint8:
+        return img
+    if img.dtype == np.uint16 or img.dtype.kind == "f":
+        return to_8bit(img, data_depth(img) if depth is None else int(depth))
+    raise InputError(f"{where}: unsupported pixel type {img.dtype}")
+
+
 def read_bgr(path: str | Path) -> np.ndarray:
     """The image file ``path`` as uint8 BGR (H, W, 3): decoded in colour at its own depth (EXIF
     orientation applied, as ``cv2.imread`` does), then brought to 8 bits by :func:`to_8bit` at its
@@ -57,10 +68,7 @@ def read_bgr(path: str | Path) -> np.ndarray:
             img = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
     if img is None or img.ndim < 2 or img.size == 0:
         raise InputError(f"cannot read image (corrupt or unsupported format): {p}")
-    if img.dtype != np.uint8:
-        if not (img.dtype == np.uint16 or img.dtype.kind == "f"):
-            raise InputError(f"{p}: unsupported pixel type {img.dtype}")
-        img = to_8bit(img, data_depth(img))
+    img = as_8bit(img, str(p))
     if img.ndim == 2 or img.shape[2] == 1:
         return cv2.cvtColor(img.reshape(img.shape[:2]), cv2.COLOR_GRAY2BGR)
     if img.shape[2] == 4:

@@ -34,7 +34,7 @@ import cv2
 import numpy as np
 
 from nailfold.errors import InputError
-from nailfold.images import data_depth, to_8bit
+from nailfold.images import as_8bit, data_depth
 from stream.frames import DEFAULT_HEIGHT, DEFAULT_WIDTH, Frame, FrameMeta, to_gray
 
 log = logging.getLogger(__name__)
@@ -50,15 +50,12 @@ def _natural_key(p: Path) -> list:
 
 def _check_image(img: np.ndarray, where: str, depth: int | None = None) -> np.ndarray:
     """``img`` as the uint8 gray (H, W) or BGR (H, W, 3) frame sources yield, or
-    :class:`InputError`. uint16 and float pixels are brought to 8 bits by :func:`to_8bit` at
-    ``depth`` (default: :func:`data_depth` of ``img``; a source passes its first frame's)."""
+    :class:`InputError`. uint16 and float pixels are brought to 8 bits by
+    :func:`nailfold.images.as_8bit` at ``depth`` (default: that of ``img``; a source passes its
+    first frame's)."""
     if img is None:
         raise InputError(f"{where}: cannot decode image")
-    if img.dtype != np.uint8:
-        if img.dtype == np.uint16 or img.dtype.kind == "f":
-            img = to_8bit(img, data_depth(img) if depth is None else int(depth))
-        else:
-            raise InputError(f"{where}: unsupported pixel type {img.dtype}")
+    img = as_8bit(img, where, depth)
     if img.ndim == 3 and img.shape[2] == 4:
         img = cv2.cvtColor(img, cv2.COLOR_BGRA2BGR)
     if img.ndim == 3 and img.shape[2] == 1:
@@ -241,8 +238,7 @@ class ImageFolderSource(_ImageSequence):
         self.fps_assumed = not fps      # images carry no frame rate
         raw = cv2.imread(str(self.files[0]), cv2.IMREAD_UNCHANGED)
         self._depth = _source_depth(raw, self.name)
-        first = self._read(self.files[0])
-        self.shape = first.shape
+        self.shape = _check_image(raw, str(self.files[0]), self._depth).shape
         self.n_frames = len(self.files)
         self._pacer = _Pacer(self.fps, pace)
 
