@@ -234,6 +234,11 @@ class Stabilizer:
     #                               tremor, ±1.5°) ≥ 0.13 but its ECC matches stay strong (≥ 0.95).
     #                               The run's frames must also register on one another (median
     #                               ≥ min_confidence): frames of camera noise alone match nothing
+    SCENE_AMBIGUOUS_MAX = 2   # frames of such a run whose phase correlation peaks a little above that
+    #                           (< 2 × SCENE_CHANGE_RESPONSE) while their fine match stays weak (< min_confidence)
+    #                           count in the run instead of ending it: a cut between two synthetic scenes
+    #                           (640×480) peaked at 0.17 once in ten frames, and the new scene was taken for
+    #                           the old one re-anchored (its loops then sampled another field)
     SCENE_CHANGE_MAX_MATCH = 0.85  # ... and whose fine match against the reference stays below this
     #                               (chance matches of another scene read up to 0.61; heavy blur ≥ 0.95)
     TRACK_LIMIT_HALF_PX = 6.0  # the tracking start's search (px at half resolution: ±12 px a frame)
@@ -279,6 +284,7 @@ class Stabilizer:
         self.reanchors = 0
         self._weak_run = 0
         self._foreign_run = 0               # frames in a row that show nothing of the reference
+        self._ambiguous = 0                 # ... and weak chance peaks among them (SCENE_AMBIGUOUS_MAX)
         self._weak_chain: list[float] = []  # ... and their matches against the previous frame
         self.scene_changes = 0
         self.tracked = 0                    # frames registered from the previous pose (no phase correlation)
@@ -404,7 +410,7 @@ class Stabilizer:
         self._static = None          # the previous scene's (or frame size's) static pixels
         self._set_reference(first)
         self._prev_gray, self._prev_shift, self._prev_angle, self._weak_run = first, (0.0, 0.0), 0.0, 0
-        self._foreign_run, self._weak_chain = 0, []
+        self._foreign_run, self._ambiguous, self._weak_chain = 0, 0, []
         self._prev_angle2 = self._measured_angle = self._cc_typical = 0.0
         self._rot_measured = False
         featureless = self._ref_detail < self.DETAIL_FLOOR
@@ -707,9 +713,11 @@ class Stabilizer:
 
     def _new_scene(self) -> bool:
         """The last ``reanchor_after`` frames or more showed nothing of the reference (see
-        :meth:`update`) and those that were registered against their previous frame matched it
-        (median ≥ ``min_confidence``, at least 3 of them)."""
-        return (self._foreign_run >= self.reanchor_after and len(self._weak_chain) >= max(3, self.reanchor_after // 2)
+        :meth:`update`; up to ``SCENE_AMBIGUOUS_MAX`` of them a weak chance peak) and those that
+        were registered against their previous frame matched it (median ≥ ``min_confidence``, at
+        least 3 of them)."""
+        return (self._foreign_run + self._ambiguous >= self.reanchor_after
+                and len(self._weak_chain) >= max(3, self.reanchor_after // 2)
                 and float(np.median(self._weak_chain)) >= self.min_confidence)
 
     def update(self, gray: np.ndarray) -> ShiftEstimate:
@@ -746,8 +754,11 @@ class Stabilizer:
         # more than a chance fine match (another scene matched a ROI at 0.48)
         if self._last_resp < self.SCENE_CHANGE_RESPONSE and conf < self.SCENE_CHANGE_MAX_MATCH:
             self._foreign_run += 1
+        elif (self._foreign_run and self._ambiguous < self.SCENE_AMBIGUOUS_MAX and conf < self.min_confidence
+              and self._last_resp < 2.0 * self.SCENE_CHANGE_RESPONSE):
+            self._ambiguous += 1      # a chance peak of the other scene, within a run (see SCENE_AMBIGUOUS_MAX)
         else:
-            self._foreign_run = 0
+            self._foreign_run = self._ambiguous = 0
             self._weak_chain = []
         if conf < self.min_confidence and self._prev_gray is not None:
             # weak reference match: register against the previous frame (its ROI placed where the
@@ -787,7 +798,7 @@ class Stabilizer:
             # nothing of the reference at any shift for reanchor_after frames, while they register
             # on one another (camera noise alone does not): another field of view, whose poses
             # relative to the old one mean nothing. This frame starts new coordinates
-            run = self._foreign_run
+            run = self._foreign_run + self._ambiguous
             log.info("stabilizer: the field of view changed %d frames ago: new reference", run)
             self.scene_changes += 1
             chain = float(np.median(self._weak_chain))

@@ -1357,6 +1357,29 @@ def test_a_change_of_field_of_view_starts_new_capillaries():
     assert {c["segment"] for c in rep.to_dict()["capillaries"]} == {0, 1}
 
 
+def test_a_chance_correlation_peak_does_not_hide_a_change_of_field():
+    # a cut between two synthetic scenes whose phase correlation against the first field's
+    # (keyframe-mean) reference peaks at 0.17 on one of the ten frames after it, above the 0.15 that
+    # says "nothing of the reference": that frame ended the run, the tenth weak frame re-anchored
+    # the reference on the new scene in the old coordinates, and the first field's loops went on
+    # sampling the second
+    from stream.synthetic import SimParams, SyntheticScope
+    cfg = load_config().with_overrides(um_per_px=1.2, fps=20.0)
+    a, b = (SyntheticScope(SimParams(seed=s, width=640, height=480, duration_s=20.0, focus_loss=False))
+            for s in (3, 8))
+    stage = AnalysisStage(cfg, segmenter=_PickingTruthSegmenter([a.label_mask(), b.label_mask()]), fps=20.0)
+    resp = []
+    for i in range(200):
+        img = a.frame(i) if i < 160 else b.frame(i)
+        stage.process(Frame(FrameMeta(i, i / 20.0, 20.0, img.shape), img))
+        stage.step_background()
+        if 160 <= i < 170:
+            resp.append(stage.stabilizer._last_resp)
+    assert max(resp) > stage.stabilizer.SCENE_CHANGE_RESPONSE      # the chance peak is there
+    assert stage.stabilizer.scene_changes == 1 and stage.stabilizer.reanchors == 0
+    assert stage.field_changes == [pytest.approx(8.0)]
+
+
 def test_window_columns_in_view_throughout():
     from stream.stage import _longest_run, _steady_columns
     assert _longest_run(np.array([1, 1, 0, 1, 1, 1, 0], bool)) == (3, 6)
