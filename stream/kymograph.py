@@ -255,6 +255,16 @@ class KymographBuffer:
         self._rows = self._view = None
         self.released = True
 
+    def reopen(self) -> None:
+        """Take rows again after :meth:`release` (the probe came back to the loop's field of view):
+        empty rows, the counts and frame numbers kept, so the rows appended next follow a gap."""
+        if self.released:
+            self._rows = np.zeros((self.capacity, self.length), np.float32)
+            self._view = np.ones((self.capacity, self.length), bool)
+            self._frame[:] = -1
+            self._held = 0
+            self.released = False
+
     def _check(self) -> None:
         if self.released:
             raise RuntimeError("this kymograph's rows were released")

@@ -24,8 +24,10 @@ in s from the first frame; NaN/unknown values are ``null``)::
                         "mean_shift_px", "max_shift_px", "max_rotation_deg", "reanchors",
                         "featureless_frames"},                          # nothing to register: left out
       "gaps": [{"start_seq","end_seq","frames_missing","t_start","t_end"}],   # stream gaps
-      "segments": [{"index": 0, "start_s": 0.0, "end_s": 60.0, "frames": 1200}],   # fields of view in
-                                           #  turn (more than one: the probe moved; a warning says when)
+      "segments": [{"index": 0, "start_s": 0.0, "end_s": 60.0, "frames": 1200,    # fields of view in
+                    "field": 0}],          #  turn (more than one: the probe moved; a warning says when);
+                                           #  "field": the segment that first showed this field (its own
+                                           #  index, or an earlier one the probe came back to)
       "capillaries": [{
           "id": 3,
           "apex_px": [x, y],
@@ -58,7 +60,9 @@ in s from the first frame; NaN/unknown values are ``null``)::
           "vessel_contrast": 0.35,                 # log(tissue / vessel) on the last keyframe; an
                                                    #  event must also brighten the column by ≥ 0.5 of
                                                    #  it (null: not measured, that test is skipped)
-          "segment": 0,                            # its field of view (index into segments)
+          "segment": 0,                            # its field of view (index into segments: the
+                                                   #  first visit; a field the probe came back to
+                                                   #  continues its loops, counts over every visit)
           "morphology": null | {                   # on the last keyframe's stabilized mean (the code of
               "label": "clear" | "blurred",        #  the live dashboard and of `nailfold image`);
               "class": "normal" | "tortuous" | …,  #  arterial limb from the flow direction where it flows
@@ -158,8 +162,9 @@ class CapillaryFlow:
     #                                       absorbance); null where the tissue around the loop was not measured
     morphology: dict | None = None        # widths, height, flags, class on the last keyframe's stabilized mean
     #                                       (``nailfold analyze``; null: not measured)
-    segment: int = 0                      # the field of view it was seen in (``VideoReport.segments``): its
-    #                                       coordinates are those of that field's first registered frame
+    segment: int = 0                      # the field of view it was seen in (``VideoReport.segments``, its first
+    #                                       visit): its coordinates are those of that field's first registered
+    #                                       frame; when the probe came back to the field, the loop continued
 
 
 @dataclass
@@ -179,8 +184,9 @@ class VideoReport:
     morphology: dict | None = None   # image-level morphology of the listed loops (density, fractions, mean
     #                                  widths, Fast Track suggestion); null: not measured
     segments: list[dict] = field(default_factory=list)   # the fields of view in turn: index, start_s, end_s,
-    #                                                      frames. More than one when the probe moved to
-    #                                                      another field during the recording
+    #                                                      frames, field (the segment that first showed it).
+    #                                                      More than one when the probe moved to another
+    #                                                      field during the recording
 
     @property
     def calibrated(self) -> bool:

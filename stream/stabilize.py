@@ -35,7 +35,9 @@ When the match against the reference is weak the pose is chained from the previo
 into reference coordinates (coordinates are preserved) — unless the reference shows nowhere in
 those frames (whole-frame phase correlation without a peak: the probe moved to another field of
 view), when the current frame starts new coordinates and its estimate says so
-(``ShiftEstimate.new_scene``). A weak frame that shows no vessel-scale detail (:func:`detail_level`
+(``ShiftEstimate.new_scene``) — or, when it matches the reference of a field of view left earlier
+(``RETURN_MATCH``), goes back to that field's reference and coordinates
+(``ShiftEstimate.returned``). A weak frame that shows no vessel-scale detail (:func:`detail_level`
 < ``FEATURELESS_DETAIL`` × the reference's: the probe lifted, glare, a flat or noise-only image)
 does neither: it keeps the previous pose and is flagged (``ShiftEstimate.featureless``), so the
 field that comes back is registered against the same reference. :meth:`Stabilizer.reanchor` lets the caller
@@ -71,6 +73,9 @@ class ShiftEstimate:
     #                         frames ago, counting this one (the frames in between are not registered)
     featureless: bool = False   # the frame shows no detail to register (probe lifted, glare, a flat or
     #                             noise-only image: :meth:`Stabilizer.update`): the pose is the previous one
+    returned: int = -1      # with ``new_scene``: the earlier field of view (:attr:`Stabilizer.field`) the
+    #                         probe came back to, whose reference this frame is registered against (the
+    #                         pose is then in that field's coordinates); -1: a field not seen before
 
 
 def pose_matrix(dx: float, dy: float, angle: float, shape: tuple[int, ...]) -> np.ndarray:
@@ -258,6 +263,10 @@ class Stabilizer:
     #                       frame was registered before). Measured (1024×768): camera noise alone σ 3–30
     #                       0, σ 60 0.48, JPEG 30 of σ 3 noise 0.31; capillary frames at a third of
     #                       their contrast under σ 12 noise ≥ 0.98
+    RETURN_MATCH = 0.85   # a new scene is an earlier field of view come back when a fine match against
+    #                       that field's reference reaches this, with the second ROI confirming the pose
+    #                       (chance matches of another scene read up to 0.61: SCENE_CHANGE_MAX_MATCH)
+    MAX_FIELDS = 16       # earlier fields' references kept for that test (≈ 1.7 MB each at 1024×768)
     HOLD_CONFIDENCE = 0.1  # a frame that matches neither the reference nor the previous frame this well
     #                        keeps the previous pose: chained chance matches of camera noise alone
     #                        walked 520 px in 5 s (ECC correlation ≈ 0.01), carrying every loop out
@@ -287,6 +296,10 @@ class Stabilizer:
         self._ambiguous = 0                 # ... and weak chance peaks among them (SCENE_AMBIGUOUS_MAX)
         self._weak_chain: list[float] = []  # ... and their matches against the previous frame
         self.scene_changes = 0
+        self.returns = 0                    # ... of them, returns to an earlier field of view
+        self.field = 0                      # the current field of view: 0, then the number of the scene
+        #                                     change that first showed it (``ShiftEstimate.returned``)
+        self._fields: dict[int, dict] = {}  # the references of fields left (see :meth:`_remember_field`)
         self.tracked = 0                    # frames registered from the previous pose (no phase correlation)
         self._last_resp = 0.0
         self._prev_gray: np.ndarray | None = None
@@ -711,6 +724,61 @@ class Stabilizer:
             return dx, dy, ang, 0.5 * min(resp, 1.0), measured
         return dx, dy, ang, cc, measured
 
+    def _remember_field(self) -> None:
+        """Keep the current field's reference (its :meth:`prepare_reference` state, less the ROI
+        weight, which :meth:`_known_field` recomputes) for :meth:`_known_field`; the oldest of more
+        than ``MAX_FIELDS`` is forgotten."""
+        state = {k: getattr(self, k) for k in self._REFERENCE_STATE if k not in ("_weight", "_ecc_cache")}
+        state["shape"] = self.shape
+        self._fields.pop(self.field, None)
+        self._fields[self.field] = state
+        while len(self._fields) > self.MAX_FIELDS:
+            self._fields.pop(next(iter(self._fields)))
+
+    def _known_field(self, gray: np.ndarray, small: np.ndarray) -> tuple[int, tuple] | None:
+        """Whether the frame ``gray`` (``small``: its :meth:`_small`) shows an earlier field of
+        view again (the probe came back): matched against each remembered field's reference, most
+        recent first, by whole-frame phase correlation then the ROIs' rigid ECC, it must reach
+        ``RETURN_MATCH`` with the second ROI agreeing on the pose. If so that reference is the
+        current one again (ROIs re-picked where the pose leaves them out of view) →
+        ``(field, (dx, dy, angle, confidence))``, the pose in that field's coordinates; else None."""
+        sx, sy = gray.shape[1] / small.shape[1], gray.shape[0] / small.shape[0]
+        for k in reversed(list(self._fields)):
+            state = self._fields[k]
+            if k == self.field or state["shape"] != self.shape or state["_ref_detail"] < self.DETAIL_FLOOR:
+                continue
+            cand = copy.copy(self)
+            for key, v in state.items():
+                if key != "shape":
+                    setattr(cand, key, v)
+            cand._ecc_cache, cand._weight = {}, None
+            cx, cy, resp = phase_shift(cand._ref_small, small, cand._win_small)
+            if resp < self.SCENE_CHANGE_RESPONSE:
+                continue
+            dx, dy = cx * sx, cy * sy
+            if cand._roi_near_border(dx, dy):
+                cand._weight = structure_tensor(cand._ref_full)
+                cand._pick_roi((dx, dy))
+            r = cand._refine_rigid(cand._template, gray, dx, dy, 0.0)
+            if r[3] < self.RETURN_MATCH or not (r[4] or cand.roi2 is None):
+                continue
+            for key in self._REFERENCE_STATE:
+                setattr(self, key, getattr(cand, key))
+            self._weight = cand._weight if cand._weight is not None else structure_tensor(self._ref_full)
+            self._ecc_cache = {}
+            dx, dy, ang, cc, measured = r
+            self._prev_gray, self._prev_shift, self._prev_angle, self._prev_angle2 = gray, (dx, dy), ang, ang
+            self._weak_run, self._foreign_run, self._ambiguous, self._weak_chain = 0, 0, 0, []
+            self._measured_angle, self._rot_measured = ang, measured
+            self._cc_typical = cc
+            if self._roi_near_border(dx, dy, ang):
+                self._pick_roi((dx, dy))
+            self._fields.pop(k)
+            self.field = k
+            self.returns += 1
+            return k, (dx, dy, ang, cc)
+        return None
+
     def _new_scene(self) -> bool:
         """The last ``reanchor_after`` frames or more showed nothing of the reference (see
         :meth:`update`; up to ``SCENE_AMBIGUOUS_MAX`` of them a weak chance peak) and those that
@@ -799,10 +867,18 @@ class Stabilizer:
             # on one another (camera noise alone does not): another field of view, whose poses
             # relative to the old one mean nothing. This frame starts new coordinates
             run = self._foreign_run + self._ambiguous
-            log.info("stabilizer: the field of view changed %d frames ago: new reference", run)
             self.scene_changes += 1
             chain = float(np.median(self._weak_chain))
+            self._remember_field()
+            back = self._known_field(gray, small())
+            if back is not None:
+                k, (bdx, bdy, bang, bcc) = back
+                log.info("stabilizer: the field of view changed %d frames ago: back to field %d", run, k)
+                return ShiftEstimate(float(bdx), float(bdy), float(min(1.0, bcc)), False, float(bang),
+                                     new_scene=run, returned=k)
+            log.info("stabilizer: the field of view changed %d frames ago: new reference", run)
             self.reset(gray)
+            self.field = self.scene_changes
             return ShiftEstimate(0.0, 0.0, min(1.0, chain), False, 0.0, new_scene=run)
         if self._roi_near_border(dx, dy, ang):   # drift carried the ROI out of view: pick another
             self._pick_roi((dx, dy))

@@ -49,7 +49,9 @@ Work split (for a live process with a second thread):
 - A change of field of view (the probe moved: ``Stabilizer``'s new scene) retires every loop; once
   a retired loop of a left field has had its last windows analysed, its kymograph's rows are
   freed (:meth:`AnalysisStage._release_left_fields`), so a long live session holds the rows of
-  the current field only.
+  the current field only. When the probe comes back to a field seen before (the stabilizer
+  recognises its reference: ``ShiftEstimate.returned``), the loops it was sampling resume with
+  their ids, counts and kymographs (rows again after a gap); no window spans the time away.
 - A window whose loop the camera motion carried far out of the frame is analysed over the
   longest part in view throughout (:func:`_steady_columns`, ``TRIM_OUT_SHARE``): the out-of-view
   part, a static stretch of column means across the blood column, read as many false cells.
@@ -162,6 +164,8 @@ class _Track:
     version: int = 0        # bumped whenever windows / events / moving_detail change (_store_window)
     speed_cache: dict = field(default_factory=dict)   # last_windows → (version, AnalysisStage._speeds result)
     segment: int = 0        # the field of view (AnalysisStage.segments) its loop belongs to
+    resume: tuple[int, int] | None = None   # (last frame before, first frame after) the time the probe was
+    #                                         away from its field: windows do not span it (_across_gap)
 
     @property
     def anchor(self) -> float:
@@ -810,8 +814,10 @@ class AnalysisStage:
         self._warnings: list[str] = []
         # fields of view in turn (the probe moved: Stabilizer's new_scene): a track belongs to one;
         # a change retires every track and restarts the keyframes in the new field's coordinates
-        self._segment = 0
-        self.segments: list[dict] = [{"index": 0, "start_frame": 0}]
+        self._segment = 0       # the current field of view: the index of the segment that first showed it
+        self.segments: list[dict] = [{"index": 0, "start_frame": 0, "field": 0}]   # visits of fields of view
+        self._field_state: dict[int, tuple] = {}   # fields left: (loops sampled then, last keyframe's
+        #                                             capillaries, reference re-anchored) for a return
         self._segment_means: dict[int, np.ndarray] = {}   # each field's last applied keyframe's stabilized
         #                                                   mean (uint8): the report's morphology image
         self._recent_fnos: collections.deque = collections.deque(maxlen=256)   # accepted frames' numbers
@@ -862,7 +868,8 @@ class AnalysisStage:
             fno = self._frame_no
             if est.new_scene:
                 run = int(est.new_scene)
-                self._new_scene(fno, self._recent_fnos[-(run - 1)] if 1 < run <= len(self._recent_fnos) + 1 else fno)
+                self._new_scene(fno, self._recent_fnos[-(run - 1)] if 1 < run <= len(self._recent_fnos) + 1 else fno,
+                                est.returned)
             self._recent_fnos.append(fno)
             if not blank:
                 rows, views = self.bank.sample_in_view(gray, est.dx, est.dy, est.angle)
@@ -969,6 +976,10 @@ class AnalysisStage:
         with self._lock:
             best = None
             for tr in self.tracks.values():
+                if tr.resume is not None and tr.next_start + self.window - 1 > tr.resume[0]:
+                    job = self._across_gap(tr)
+                    if job is not None:
+                        return job
                 ready = self._ready(tr)
                 if ready <= 0:
                     continue
@@ -986,6 +997,22 @@ class AnalysisStage:
             own_hi = start + (self.window + self.hop) // 2
             tr.next_start += self.hop * _hops(tr)   # (a blurred loop's stride)
             return tr, start, self.window, own_hi
+
+    def _across_gap(self, tr: _Track):
+        """A loop whose next window would span the time the probe was away from its field
+        (``tr.resume``; lock held): its windows start again at the first frame after, as a new
+        loop's; the frames before not yet covered by a window form a tail window (the job
+        returned, as :meth:`_next_window`'s, or None), the one :meth:`_tail_window` gives a
+        loop whose field the probe left."""
+        left, back = tr.resume
+        tr.resume = None
+        job = None
+        if tr.owned_until <= left:
+            start = max(tr.first_frame, tr.buffer.first_frame, left - self.window + 1)
+            if left - start + 1 >= MIN_FINAL_WINDOW:
+                job = (tr, start, left - start + 1, left + 1)
+        tr.next_start = max(tr.next_start, back)
+        return job
 
     def _ready(self, tr: _Track) -> int:
         """Full windows of ``tr`` its kymograph holds and that are not analysed yet."""
@@ -1015,8 +1042,9 @@ class AnalysisStage:
         for tr in done:
             self._tail_window(tr)
             with self._lock:
-                tr.buffer.release()
-                tr.analyzers.clear()
+                if not tr.active and tr.segment != self._segment:   # (the probe did not come back meanwhile)
+                    tr.buffer.release()
+                    tr.analyzers.clear()
 
     def _analyzer_spec(self, tr: _Track, n: int, cols: tuple[int, int] | None = None) -> tuple:
         """The :class:`stream.flow.WindowAnalyzer` arguments of ``tr``'s ``n``-frame windows (of its
@@ -1111,19 +1139,28 @@ class AnalysisStage:
             tr.version += 1
             self.windows_done += 1
 
-    def _new_scene(self, fno: int, cut: int) -> None:
+    def _new_scene(self, fno: int, cut: int, returned: int = -1) -> None:
         """The field of view changed at frame ``cut`` (recognised at ``fno``, which the stabilizer
-        made the new reference; lock held): every track keeps what it saw before ``cut`` and is
-        retired; recent frames, pending keyframes and the loops' id matching start over, and the
-        next keyframe comes as soon as enough frames of the new field are in."""
+        registered against the new field's reference; lock held): every track keeps what it saw
+        before ``cut`` and is retired; recent frames, pending keyframes and the loops' id matching
+        start over, and the next keyframe comes as soon as enough frames of the new field are in.
+        ``returned`` ≥ 0: the probe came back to that earlier field (``ShiftEstimate.returned``,
+        its coordinates again): the loops it was sampling when the probe left resume, with their
+        ids, kymographs (a gap where the probe was away) and counts, and its next keyframe matches
+        its loops to its last keyframe's."""
+        left = set()
         for cid, tr in self.tracks.items():
             if not tr.buffer.released:
                 tr.buffer.drop_from(cut)
             if tr.active:
                 self.bank.remove(cid)
                 tr.active = False
-        self._segment += 1
-        self.segments.append({"index": self._segment, "start_frame": int(cut)})
+                left.add(cid)
+        self._field_state[self._segment] = (left, self._prev_caps, self._reanchored)
+        visit = len(self.segments)
+        back = returned >= 0 and returned in self._field_state and returned != self._segment
+        self._segment = int(returned) if back else visit
+        self.segments.append({"index": visit, "start_frame": int(cut), "field": self._segment})
         self._history.clear()
         self._pending_keyframe = None
         self._keyframe_jobs.clear()
@@ -1132,8 +1169,21 @@ class AnalysisStage:
         self._reanchor_image = None
         self._last_keyframe_frame = None
         self._kf_interval = self.keyframe_every
-        log.warning("the field of view changed at %.1f s (recognised at frame %d): loops seen after it are "
-                    "new capillaries (segment %d)", cut / self.fps, fno, self._segment)
+        if not back:
+            log.warning("the field of view changed at %.1f s (recognised at frame %d): loops seen after it are "
+                        "new capillaries (segment %d)", cut / self.fps, fno, self._segment)
+            return
+        resumed, self._prev_caps, self._reanchored = self._field_state.pop(self._segment)
+        for cid in sorted(resumed):
+            tr = self.tracks[cid]
+            if tr.buffer.released:
+                tr.buffer.reopen()
+            tr.resume = (tr.buffer.last_frame, fno)
+            self.bank.add(cid, tr.cap.centerline, tr.cap.width_px)
+            tr.active = True
+            tr.missing = 0
+        log.warning("the field of view changed at %.1f s (recognised at frame %d): back to the field of segment %d, "
+                    "whose %d loops continue", cut / self.fps, fno, self._segment, len(resumed))
 
     def _start_keyframe(self, fno: int, frames: list, segment: int = 0) -> None:
         """Begin the keyframe of ``frames`` (triggered at frame ``fno`` in the field of view
@@ -1579,6 +1629,13 @@ class AnalysisStage:
             return [sg["start_frame"] / self.fps for sg in self.segments[1:]]
 
     @property
+    def field_returns(self) -> list[float]:
+        """Those of :attr:`field_changes` at which the probe came back to a field seen before
+        (whose loops then continue)."""
+        with self._lock:
+            return [sg["start_frame"] / self.fps for sg in self.segments[1:] if sg["field"] != sg["index"]]
+
+    @property
     def loops_point(self) -> str:
         """Where the recording's loops point: "up", "right", "down" or "left" (:attr:`turns`)."""
         return LOOPS_POINT[self.turns]
@@ -1666,13 +1723,20 @@ class AnalysisStage:
         for i, sg in enumerate(self.segments):
             end = self.segments[i + 1]["start_frame"] if i + 1 < len(self.segments) else frames_total
             rep.segments.append({"index": sg["index"], "start_s": sg["start_frame"] / self.fps,
-                                 "end_s": end / self.fps, "frames": max(0, end - sg["start_frame"])})
+                                 "end_s": end / self.fps, "frames": max(0, end - sg["start_frame"]),
+                                 "field": sg.get("field", sg["index"])})
         if len(rep.segments) > 1:
             at = ", ".join(f"{sg['start_s']:.1f}" for sg in rep.segments[1:])
             rep.warnings.append(
                 f"the field of view changed {len(rep.segments) - 1} time{'s' if len(rep.segments) > 2 else ''} "
                 f"(at {at} s: another scene, not a motion of this one): each capillary's segment says which "
                 "field it was seen in, and its coordinates are those of that field's first registered frame")
+            back = [sg for sg in rep.segments if sg["field"] != sg["index"]]
+            if back:
+                rep.warnings.append(
+                    "the probe came back to a field seen before (" + ", ".join(
+                        f"at {sg['start_s']:.1f} s to that of segment {sg['field']}" for sg in back)
+                    + "): its loops kept their ids, and their counts, events and observed time cover every visit")
         if self.um_per_px is None:
             rep.warnings.append("uncalibrated: pixel size unknown, speeds in px/frame only (set --um-per-px)")
         sh = np.array(self.shifts, np.float64).reshape(-1, 4)

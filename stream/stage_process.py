@@ -303,6 +303,7 @@ class StageProcess:
             "um_per_px": self.cfg.device.um_per_px, "calibrated": self.cfg.device.calibrated,
             "apex_down": slot.stage.apex_down, "loops_point": slot.stage.loops_point,
             "field_changes_s": [round(t, 2) for t in slot.stage.field_changes],
+            "field_returns_s": [round(t, 2) for t in slot.stage.field_returns],
         }
 
     @staticmethod

@@ -240,3 +240,22 @@ def test_a_released_buffer_keeps_its_counts_and_refuses_rows():
                  lambda: buf.append(np.zeros(4, np.float32), 12), lambda: buf.drop_from(3)):
         with pytest.raises(RuntimeError, match="released"):
             call()
+
+
+def test_a_reopened_buffer_takes_rows_after_a_gap():
+    # the probe came back to the loop's field: rows again, after the time it was away; the counts
+    # go on (the report's observed time and out-of-view share cover both visits)
+    buf = KymographBuffer(4, 8)
+    for f in range(12):
+        buf.append(np.full(4, float(f), np.float32), f, np.array([True, f % 3 > 0, True, True]))
+    buf.release()
+    buf.reopen()
+    assert not buf.released and buf.first_frame == -1 and buf.last_frame == 11 and buf.count == 12
+    for f in range(40, 46):
+        buf.append(np.full(4, float(f), np.float32), f)
+    assert buf.count == 18 and buf.first_frame == 40 and buf.last_frame == 45
+    assert buf.out_of_view_fraction == pytest.approx(4 / (18 * 4))
+    k, valid = buf.window(38, 6)
+    assert valid.tolist() == [False, False, True, True, True, True] and k[2, 0] == 40.0
+    buf.reopen()                       # (not released: nothing changes)
+    assert buf.latest(1)[0, 0] == 45.0

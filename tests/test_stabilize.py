@@ -488,3 +488,43 @@ def test_a_stream_that_starts_with_the_probe_lifted_takes_its_first_detailed_fra
     e = st.update(shifted(a, 5.0, 1.5, rng=rng))
     assert (e.dx, e.dy) == pytest.approx((3.0, 2.5), abs=0.2)
     assert st.scene_changes == 0 and st.featureless == (15 if start == "noisy" else 1)
+
+
+def test_a_field_of_view_the_probe_comes_back_to_is_recognised():
+    # a → b → a again, displaced by (25, −15) px: the second change is a return to field 0, whose
+    # reference and coordinates come back (the pose is that displacement), not a new field with
+    # new coordinates. A third scene never seen is a new field
+    a = scene(seed=0)
+    b = cv2.GaussianBlur(np.random.default_rng(9).random(a.shape).astype(np.float32), (0, 0), 4)
+    b = 110 + 90 * (b - b.min()) / np.ptp(b)
+    for k in range(3):
+        cv2.ellipse(b, (200 + 170 * k, 220 + 60 * k), (140, 25), 30, 0, 360, 50, 7)
+    b = cv2.GaussianBlur(b, (0, 0), 1.2)
+    c = cv2.GaussianBlur(np.random.default_rng(11).random(a.shape).astype(np.float32), (0, 0), 4)
+    c = 110 + 90 * (c - c.min()) / np.ptp(c)
+    for k in range(4):
+        cv2.ellipse(c, (150 + 150 * k, 380 - 50 * k), (25, 120), -20, 0, 360, 50, 7)
+    c = cv2.GaussianBlur(c, (0, 0), 1.2)
+    rng = np.random.default_rng(4)
+    st = Stabilizer()
+    news, poses = [], []
+    for i in range(110):
+        j = 2.0 * np.sin(i / 3)
+        if i < 30:
+            img = shifted(a, j, 1.0, rng=rng)
+        elif i < 50:
+            img = shifted(b, j, 1.0, rng=rng)
+        elif i < 80:
+            img = shifted(a, 25.0 + j, -15.0, rng=rng)
+        else:
+            img = shifted(c, j, 0.0, rng=rng)
+        e = st.update(img)
+        if e.new_scene:
+            news.append((i, e.returned, st.field))
+        if 60 <= i < 80:
+            poses.append((e.dx - 25.0 - j, e.dy + 16.0))   # (the reference shows a at (0, 1))
+    assert news == [(30 + st.reanchor_after - 1, -1, 1), (50 + st.reanchor_after - 1, 0, 0),
+                    (80 + st.reanchor_after - 1, -1, 3)]
+    assert st.scene_changes == 3 and st.returns == 1
+    err = np.hypot(*np.array(poses).T)
+    assert err.max() < 0.3, err.max()

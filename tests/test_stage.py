@@ -1380,6 +1380,54 @@ def test_a_chance_correlation_peak_does_not_hide_a_change_of_field():
     assert stage.field_changes == [pytest.approx(8.0)]
 
 
+def test_a_field_the_probe_comes_back_to_continues_its_loops():
+    # a → b → a again (displaced by 20, −12 px): the return is recognised, the first field's loops
+    # resume with their ids, and what they saw in both visits is one capillary each — not the same
+    # loops reported twice. The report's segments say which field each visit showed
+    from stream.synthetic import SimParams, SyntheticScope
+    cfg = load_config().with_overrides(um_per_px=1.2, fps=20.0)
+    a, b = (SyntheticScope(SimParams(seed=s, width=640, height=480, duration_s=20.0, focus_loss=False))
+            for s in (3, 8))
+    stage = AnalysisStage(cfg, segmenter=_PickingTruthSegmenter([a.label_mask(), b.label_mask()]), fps=20.0)
+    back = np.float32([[1, 0, 20], [0, 1, -12]])
+    for i in range(400):
+        if i < 160:
+            img = a.frame(i)
+        elif i < 240:
+            img = b.frame(i)
+        else:
+            img = cv2.warpAffine(a.frame(i), back, (640, 480), borderMode=cv2.BORDER_REFLECT)
+        stage.process(Frame(FrameMeta(i, i / 20.0, 20.0, img.shape), img))
+        stage.step_background()
+    rep = stage.finish("a b a")
+    assert [(s["index"], s["field"]) for s in rep.segments] == [(0, 0), (1, 1), (2, 0)]
+    assert stage.stabilizer.returns == 1
+    assert stage.field_changes == [pytest.approx(8.0), pytest.approx(12.0)]
+    assert stage.field_returns == [pytest.approx(12.0)]
+    assert any("came back to a field seen before (at 12.0 s to that of segment 0)" in w for w in rep.warnings)
+    assert {c.segment for c in rep.capillaries} <= {0, 1}
+    truth = {t["id"]: t for t in a.truth(400)["capillaries"]}
+    first = [c for c in rep.capillaries if c.segment == 0 and c.flow_state == "flowing"]
+    assert len(first) >= 4
+    near = cv2.dilate((a.label_mask() > 0).astype(np.uint8), np.ones((9, 9), np.uint8))
+    for c in first:
+        x, y = (int(round(v)) for v in c.apex_px)     # in the first visit's coordinates
+        assert near[min(max(y, 0), 479), min(max(x, 0), 639)], c.apex_px
+        assert c.observed_s > 12.0                    # sampled in both visits (8 + ~7.5 s)
+        assert any(e.t_s > 12.5 for e in c.wbc_events) or c.wbc_count == 0
+    # one capillary per loop of the first field: no two reported loops share an apex
+    apexes = np.array([c.apex_px for c in rep.capillaries if c.segment == 0])
+    d = np.hypot(*(apexes[:, None] - apexes[None]).transpose(2, 0, 1)) + np.eye(len(apexes)) * 1e9
+    assert d.min() > 10
+    # the counts over both visits follow the truth (cells passing while the probe was away excluded)
+    got = sum(c.wbc_count for c in first)
+    true = 0
+    for c in first:
+        t = min(truth.values(), key=lambda t: np.hypot(*(np.subtract(t["apex_px"], c.apex_px))))
+        true += sum(1 for e in t["wbc_events"] if e["t_apex_s"] < 8.0 or 12.5 <= e["t_apex_s"] < 20.0)
+    assert abs(got - true) <= max(3, 0.2 * true), (got, true)
+
+
 def test_window_columns_in_view_throughout():
     from stream.stage import _longest_run, _steady_columns
     assert _longest_run(np.array([1, 1, 0, 1, 1, 1, 0], bool)) == (3, 6)

@@ -128,6 +128,7 @@ def test_publish_with_many_capillaries_stays_within_the_wire_limits():
         turns = 0
         loops_point = "up"
         field_changes: list = []
+        field_returns: list = []
 
         def snapshot(self):
             return {"capillaries": [{"id": i, "apex_px": [i, 1]} for i in range(1, 100)], "health": {}}

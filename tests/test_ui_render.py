@@ -191,6 +191,9 @@ def test_header_says_when_the_field_of_view_changed():
     one = render.health_markdown({**h, "field_changes_s": [11.8]}, age_s=0.1)
     assert "field of view changed** at 11.8 s" in one and "changes)" not in one
     assert "at 29.6 s (2 changes)" in render.health_markdown({**h, "field_changes_s": [11.8, 29.6]}, age_s=0.1)
+    back = render.health_markdown({**h, "field_changes_s": [11.8, 29.6], "field_returns_s": [29.6]}, age_s=0.1)
+    assert "back to an earlier field of view** at 29.6 s (2 changes): its loops continue" in back
+    assert "field of view changed" not in back
 
 
 def test_header_says_when_the_image_shows_nothing_to_register():

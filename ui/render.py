@@ -244,8 +244,10 @@ def _field_note(health: dict) -> str:
     t = health.get("field_changes_s") or []
     if not t:
         return ""
-    return (f" · **field of view changed** at {t[-1]:.1f} s" + (f" ({len(t)} changes)" if len(t) > 1 else "")
-            + ": loops of the current field only")
+    n = f" ({len(t)} changes)" if len(t) > 1 else ""
+    if t[-1] in (health.get("field_returns_s") or []):
+        return f" · **back to an earlier field of view** at {t[-1]:.1f} s{n}: its loops continue"
+    return f" · **field of view changed** at {t[-1]:.1f} s{n}: loops of the current field only"
 
 
 def _loops_point(health: dict) -> str:
