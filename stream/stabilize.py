@@ -351,18 +351,32 @@ class Stabilizer:
 
     def _pick_roi(self, shift: tuple[float, float]) -> None:
         """ROI (reference coordinates) maximizing the weight among positions that stay inside the
-        frame when displaced by ``shift`` (plus the max_shift margin where possible)."""
+        frame, with the max_shift margin where possible, when displaced by ``shift``. A shift of
+        more than half that margin chooses within the displaced frame itself (chosen over the whole
+        frame with the weight zeroed where the displaced copy falls outside, a ROI could straddle
+        that edge: under a drift or a return 40 px off, the ROIs were re-picked every few frames,
+        40–70 ms each, in the frame path)."""
         self._cc_typical = 0.0   # another ROI matches at its own level: relearn the recent best
         h, w = self._weight.shape[:2]
         sx, sy = int(round(shift[0])), int(round(shift[1]))
-        wt = self._weight
-        if sx or sy:   # only ROI positions whose displaced copy is inside the frame
-            wt = np.zeros_like(self._weight)
-            ys, ye = max(0, -sy), min(h, h - sy)
-            xs, xe = max(0, -sx), min(w, w - sx)
-            if ye > ys and xe > xs:
-                wt[ys:ye, xs:xe] = self._weight[ys:ye, xs:xe]
-        self.roi = choose_roi(wt, self.roi_size, self.max_shift_px + 2)
+        # the part of the reference whose displaced copy is inside the frame
+        ys, ye, xs, xe = max(0, -sy), min(h, h - sy), max(0, -sx), min(w, w - sx)
+        crop = max(abs(sx), abs(sy)) > self.max_shift_px // 2 and ye - ys >= 64 and xe - xs >= 64
+        weight = self._weight
+        if not crop and (sx or sy):
+            # a small shift (tremor, the re-anchorings of ordinary recordings): chosen over the
+            # whole frame, the weight zeroed where the displaced copy falls outside; the margin
+            # keeps the ROI at least half of it inside the displaced frame
+            weight = np.zeros_like(self._weight)
+            weight[ys:ye, xs:xe] = self._weight[ys:ye, xs:xe]
+        if not crop:
+            ys, ye, xs, xe = 0, h, 0, w
+
+        def pick(wt: np.ndarray, size: int) -> tuple[int, int, int]:
+            x0, y0, side = choose_roi(wt[ys:ye, xs:xe], size, self.max_shift_px + 2)
+            return x0 + xs, y0 + ys, side
+
+        self.roi = pick(weight, self.roi_size)
         self._roi_shift = (sx, sy)
         self._template, self._tmask = self._roi_template(self.roi)
         self._template_h, self._tmask_h = _half(self._template, self._tmask)
@@ -376,8 +390,8 @@ class Stabilizer:
             s2 = max(32, self.roi_size // 2)
             yy, xx = np.ogrid[0:h, 0:w]
             far = np.hypot(xx - cx, yy - cy) >= 0.5 * max(h, w)
-            if far.any():
-                r2 = choose_roi(wt * (far[..., None] if wt.ndim == 3 else far), s2, self.max_shift_px + 2)
+            if far[ys:ye, xs:xe].any():
+                r2 = pick(weight * (far[..., None] if weight.ndim == 3 else far), s2)
                 c2 = (r2[0] + r2[2] / 2.0, r2[1] + r2[2] / 2.0)
                 if math.hypot(c2[0] - cx, c2[1] - cy) >= 0.35 * max(h, w):
                     self.roi2 = r2

@@ -528,3 +528,27 @@ def test_a_field_of_view_the_probe_comes_back_to_is_recognised():
     assert st.scene_changes == 3 and st.returns == 1
     err = np.hypot(*np.array(poses).T)
     assert err.max() < 0.3, err.max()
+
+
+def test_a_drift_beyond_the_margin_moves_the_rois_once():
+    # 60 px of drift then tremor about it: the ROIs are re-picked where the displaced frame keeps
+    # them inside — once or twice, not every few frames (each pick ≈ 40 ms in the frame path; a
+    # ROI chosen over the whole frame with the weight zeroed outside could straddle the edge)
+    img, rng = scene(seed=2, margin=140), np.random.default_rng(6)
+    st = Stabilizer()
+    picks = []
+    orig = st._pick_roi
+
+    def counted(shift):
+        picks.append(shift)
+        orig(shift)
+
+    st._pick_roi = counted
+    err = []
+    for i in range(90):
+        dx = 60.0 * min(i / 30.0, 1.0) + 1.5 * np.sin(i / 2.0)
+        dy = -20.0 * min(i / 30.0, 1.0) + 1.5 * np.cos(i / 3.0)
+        e = st.update(shifted(img, dx, dy, margin=140, rng=rng))
+        err.append(np.hypot(e.dx - dx, e.dy - (dy - 1.5)))     # (the first frame, the reference, at dy 1.5)
+    assert len(picks) <= 3, picks
+    assert np.median(err) < 0.1 and max(err) < 0.5
