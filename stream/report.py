@@ -47,7 +47,8 @@ in s from the first frame; NaN/unknown values are ``null``)::
           "windows": 57, "windows_with_flow": 55, "stopped_windows": 0,
           "flow_state": "flowing",                 # flowing | stopped (speed 0) | indeterminate:
                                                    #  < half the windows saw flow or stasis → speed null
-          "observed_s": 58.0,                      # time the capillary was sampled
+          "observed_s": 58.0,                      # time the capillary was sampled, less any
+                                                   #  time too little of it was in the frame
           "wbc_count": 12,                         # bright-line events (white cells / plasma gaps)
           "wbc_per_min": 12.4,
           "wbc_margin": 1.42,                      # median strength / threshold of those events

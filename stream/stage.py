@@ -164,6 +164,7 @@ class _Track:
     version: int = 0        # bumped whenever windows / events / moving_detail change (_store_window)
     speed_cache: dict = field(default_factory=dict)   # last_windows → (version, AnalysisStage._speeds result)
     segment: int = 0        # the field of view (AnalysisStage.segments) its loop belongs to
+    hidden: int = 0         # sampled frames whose windows were not analysed: too little of the loop in view
     resume: tuple[int, int] | None = None   # (last frame before, first frame after) the time the probe was
     #                                         away from its field: windows do not span it (_across_gap)
 
@@ -1113,7 +1114,10 @@ class AnalysisStage:
                 recent = _median([abs(w.speed_px_per_frame) for w in tr.windows[-RECENT_WINDOWS:] if w.gated])
                 if cols[1] - cols[0] < max(MIN_IN_VIEW_SHARE * len(steady),
                                            TRIM_MIN_FRAMES * recent if math.isfinite(recent) else 0.0):
-                    return   # too short a part to follow the loop's cells over a few frames
+                    # too short a part to follow the loop's cells over a few frames: the frames
+                    # this window claims were not watched for them (the WBC rate's time base)
+                    tr.hidden += int(valid[max(0, claim_lo - start):max(0, own_hi - start)].sum())
+                    return
         if valid.mean() < 0.5:
             return
         if cols is not None:
@@ -1529,9 +1533,10 @@ class AnalysisStage:
                 "gated": len(gated), "stopped": len(stopped), "state": state}
 
     def _observed_s(self, tr: _Track) -> float:
-        """Seconds of frames in which ``tr``'s loop was sampled (the WBC rate's time base): not
-        the frames dropped, blank or featureless, nor those of a time it was retired."""
-        return tr.buffer.count / self.fps
+        """Seconds of frames in which ``tr``'s loop was sampled and its cells could be counted
+        (the WBC rate's time base): not the frames dropped, blank or featureless, nor those of a
+        time it was retired, nor those whose windows showed too little of it in the frame."""
+        return max(0, tr.buffer.count - tr.hidden) / self.fps
 
     def _um(self, v: float | None) -> float | None:
         return flow.px_per_frame_to_um_s(v, self.um_per_px, self.fps)

@@ -1475,3 +1475,9 @@ def test_loops_whose_apex_drifts_out_of_the_frame_do_not_count_false_cells():
         got, true = got + c.wbc_count, true + len(t["wbc_events"])
     assert got <= true
     assert any("partly outside the field of view" in w for w in rep.warnings)
+    # the WBC rate's time base leaves out the frames whose windows showed too little of the loop:
+    # the fast loops were watched only before the drift (4 s + the window's reach)
+    assert sum(c.observed_s < 8.0 for c in flowing) >= 2
+    for c in flowing:
+        if c.wbc_count:
+            assert c.wbc_per_min == pytest.approx(60.0 * c.wbc_count / c.observed_s)
