@@ -30,6 +30,7 @@ import numpy as np
 
 from models import augment as A
 from nailfold.errors import InputError
+from nailfold.images import read_bgr
 
 log = logging.getLogger(__name__)
 
@@ -130,9 +131,7 @@ class AnfcDataset:
         return [r for r in self.records if self.subject_split[r.subject] == name]
 
     def read(self, rec: AnfcRecord) -> AnfcSample:
-        img = cv2.imread(str(rec.image_path), cv2.IMREAD_COLOR)
-        if img is None:
-            raise InputError(f"cannot read image {rec.image_path}")
+        img = read_bgr(rec.image_path)   # any depth → 8-bit BGR; InputError if not readable
         mask, loops, cross = parse_labelme(rec.json_path, img.shape[:2])
         return AnfcSample(img, mask, loops, cross, rec)
 

@@ -30,7 +30,7 @@ import torch
 
 from models import data_synthetic as DS
 from models import metrics as M
-from nailfold.errors import InputError
+from nailfold.images import read_bgr
 from stream.evaluation import seed_range
 
 log = logging.getLogger(__name__)
@@ -108,9 +108,7 @@ def distal_loops(lab: np.ndarray, top_fraction: float = 0.45) -> list[tuple[int,
 
 
 def _seg_one(seg, args) -> dict:
-    img = cv2.imread(args.image, cv2.IMREAD_COLOR)
-    if img is None:
-        raise InputError(f"cannot read image {args.image}")
+    img = read_bgr(args.image)      # any depth (16-bit microscopy stills) → 8-bit BGR; InputError if not readable
     t = time.perf_counter()
     lab = seg.segment(img)
     ms = 1000 * (time.perf_counter() - t)

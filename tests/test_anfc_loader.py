@@ -84,3 +84,18 @@ def test_train_seg_on_anfc_smoke(tmp_path):
     seg = get_segmenter("unet", "eager", weights=out)
     lab = seg.segment(cv2.imread(str(data / "P0_1.jpg")))
     assert lab.shape == (192, 256) and lab.dtype == np.uint8 and lab.max() <= 3
+
+
+def test_a_16_bit_dataset_image_reads_as_its_8_bit_self(tmp_path):
+    # a dataset exported from microscopy software as 12-bit data in 16-bit PNGs: read at its depth
+    # (cv2.imread kept the top byte: a sixteenth of the brightness)
+    _write(tmp_path, "S1_1")
+    img8 = cv2.imread(str(tmp_path / "S1_1.jpg"), cv2.IMREAD_COLOR)
+    (tmp_path / "S1_1.jpg").unlink()
+    cv2.imwrite(str(tmp_path / "S1_1.png"), img8.astype(np.uint16) * 16)
+    ds = AnfcDataset(tmp_path)
+    s = ds.read(ds.records[0])
+    assert s.image.dtype == np.uint8 and np.abs(s.image.astype(int) - img8).max() <= 1
+    (tmp_path / "S1_1.png").write_bytes(b"not an image")
+    with pytest.raises(InputError, match="cannot read image"):
+        ds.read(ds.records[0])
