@@ -263,9 +263,11 @@ class Stabilizer:
     #                       frame was registered before). Measured (1024×768): camera noise alone σ 3–30
     #                       0, σ 60 0.48, JPEG 30 of σ 3 noise 0.31; capillary frames at a third of
     #                       their contrast under σ 12 noise ≥ 0.98
-    RETURN_MATCH = 0.85   # a new scene is an earlier field of view come back when a fine match against
-    #                       that field's reference reaches this, with the second ROI confirming the pose
-    #                       (chance matches of another scene read up to 0.61: SCENE_CHANGE_MAX_MATCH)
+    RETURN_MATCH = 0.85   # a new scene is an earlier field of view come back when its whole-frame phase
+    #                       correlation with that field's reference peaks at ≥ 2 × SCENE_CHANGE_RESPONSE and a
+    #                       fine match from there reaches this, the second ROI confirming the pose (chance
+    #                       matches of another scene read up to 0.61: SCENE_CHANGE_MAX_MATCH; returns
+    #                       displaced by 40–120 px peaked at ≥ 0.79 and matched ≥ 0.98)
     MAX_FIELDS = 16       # earlier fields' references kept for that test (≈ 1.7 MB each at 1024×768)
     HOLD_CONFIDENCE = 0.1  # a frame that matches neither the reference nor the previous frame this well
     #                        keeps the previous pose: chained chance matches of camera noise alone
@@ -752,8 +754,8 @@ class Stabilizer:
     def _known_field(self, gray: np.ndarray, small: np.ndarray) -> tuple[int, tuple] | None:
         """Whether the frame ``gray`` (``small``: its :meth:`_small`) shows an earlier field of
         view again (the probe came back): matched against each remembered field's reference, most
-        recent first, by whole-frame phase correlation then the ROIs' rigid ECC, it must reach
-        ``RETURN_MATCH`` with the second ROI agreeing on the pose. If so that reference is the
+        recent first, by whole-frame phase correlation (a peak ≥ 2 × ``SCENE_CHANGE_RESPONSE``) then
+        the ROIs' rigid ECC, it must reach ``RETURN_MATCH`` with the second ROI agreeing on the pose. If so that reference is the
         current one again (ROIs re-picked where the pose leaves them out of view) →
         ``(field, (dx, dy, angle, confidence))``, the pose in that field's coordinates; else None."""
         sx, sy = gray.shape[1] / small.shape[1], gray.shape[0] / small.shape[0]
@@ -767,7 +769,7 @@ class Stabilizer:
                     setattr(cand, key, v)
             cand._ecc_cache, cand._weight = {}, None
             cx, cy, resp = phase_shift(cand._ref_small, small, cand._win_small)
-            if resp < self.SCENE_CHANGE_RESPONSE:
+            if resp < 2.0 * self.SCENE_CHANGE_RESPONSE:     # (clear of the chance peaks: see SCENE_AMBIGUOUS_MAX)
                 continue
             dx, dy = cx * sx, cy * sy
             if cand._roi_near_border(dx, dy):
