@@ -238,8 +238,7 @@ class KymographBuffer:
     def __init__(self, length: int, capacity: int):
         self.length = int(length)
         self.capacity = max(1, int(capacity))
-        self._rows = np.zeros((self.capacity, self.length), np.float32)
-        self._view = np.ones((self.capacity, self.length), bool)
+        self._new_rows()                # self._rows, self._view
         self._frame = np.full(self.capacity, -1, np.int64)
         self.count = 0          # rows appended since creation (less those dropped: :meth:`drop_from`)
         self._held = 0          # rows held (≤ capacity)
@@ -259,11 +258,15 @@ class KymographBuffer:
         """Take rows again after :meth:`release` (the probe came back to the loop's field of view):
         empty rows, the counts and frame numbers kept, so the rows appended next follow a gap."""
         if self.released:
-            self._rows = np.zeros((self.capacity, self.length), np.float32)
-            self._view = np.ones((self.capacity, self.length), bool)
+            self._new_rows()
             self._frame[:] = -1
             self._held = 0
             self.released = False
+
+    def _new_rows(self) -> None:
+        """Empty rows and in-view flags, ``capacity`` × ``length``."""
+        self._rows = np.zeros((self.capacity, self.length), np.float32)
+        self._view = np.ones((self.capacity, self.length), bool)
 
     def _check(self) -> None:
         if self.released:

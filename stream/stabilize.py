@@ -363,15 +363,14 @@ class Stabilizer:
         sx, sy = int(round(shift[0])), int(round(shift[1]))
         # the part of the reference whose displaced copy is inside the frame
         ys, ye, xs, xe = max(0, -sy), min(h, h - sy), max(0, -sx), min(w, w - sx)
-        crop = max(abs(sx), abs(sy)) > self.max_shift_px // 2 and ye - ys >= 64 and xe - xs >= 64
         weight = self._weight
-        if not crop and (sx or sy):
+        if not (max(abs(sx), abs(sy)) > self.max_shift_px // 2 and ye - ys >= 64 and xe - xs >= 64):
             # a small shift (tremor, the re-anchorings of ordinary recordings): chosen over the
             # whole frame, the weight zeroed where the displaced copy falls outside; the margin
             # keeps the ROI at least half of it inside the displaced frame
-            weight = np.zeros_like(self._weight)
-            weight[ys:ye, xs:xe] = self._weight[ys:ye, xs:xe]
-        if not crop:
+            if sx or sy:
+                weight = np.zeros_like(self._weight)
+                weight[ys:ye, xs:xe] = self._weight[ys:ye, xs:xe]
             ys, ye, xs, xe = 0, h, 0, w
 
         def pick(wt: np.ndarray, size: int) -> tuple[int, int, int]:
@@ -438,13 +437,20 @@ class Stabilizer:
         self.shape = first.shape
         self._static = None          # the previous scene's (or frame size's) static pixels
         self._set_reference(first)
-        self._prev_gray, self._prev_shift, self._prev_angle, self._weak_run = first, (0.0, 0.0), 0.0, 0
-        self._foreign_run, self._ambiguous, self._weak_chain = 0, 0, []
-        self._prev_angle2 = self._measured_angle = self._cc_typical = 0.0
-        self._rot_measured = False
+        self._restart(first)
         featureless = self._ref_detail < self.DETAIL_FLOOR
         self.featureless += featureless
         return ShiftEstimate(0.0, 0.0, 1.0, featureless=featureless)
+
+    def _restart(self, gray: np.ndarray, dx: float = 0.0, dy: float = 0.0, angle: float = 0.0,
+                 measured: bool = False, cc: float = 0.0) -> None:
+        """Track on from ``gray`` at the pose ``(dx, dy, angle)`` against the current reference
+        (a new one, or an earlier field's come back; ``measured``: the two ROIs read the angle,
+        ``cc`` its match): the previous frame, the recent best match and the runs of weak or
+        foreign frames start over."""
+        self._prev_gray, self._prev_shift, self._prev_angle, self._prev_angle2 = gray, (dx, dy), angle, angle
+        self._measured_angle, self._rot_measured, self._cc_typical = angle, measured, cc
+        self._weak_run, self._foreign_run, self._ambiguous, self._weak_chain = 0, 0, 0, []
 
     def reanchor(self, reference: np.ndarray, roi_weight: np.ndarray | None = None,
                  static_mask: np.ndarray | None = None) -> None:
@@ -744,8 +750,8 @@ class Stabilizer:
         """Keep the current field's reference (its :meth:`prepare_reference` state, less the ROI
         weight, which :meth:`_known_field` recomputes) for :meth:`_known_field`; the oldest of more
         than ``MAX_FIELDS`` is forgotten."""
-        state = {k: getattr(self, k) for k in self._REFERENCE_STATE if k not in ("_weight", "_ecc_cache")}
-        state["shape"] = self.shape
+        state = {k: getattr(self, k) for k in self._REFERENCE_STATE}
+        state.update(_weight=None, _ecc_cache=None, shape=self.shape)
         self._fields.pop(self.field, None)
         self._fields[self.field] = state
         while len(self._fields) > self.MAX_FIELDS:
@@ -755,19 +761,16 @@ class Stabilizer:
         """Whether the frame ``gray`` (``small``: its :meth:`_small`) shows an earlier field of
         view again (the probe came back): matched against each remembered field's reference, most
         recent first, by whole-frame phase correlation (a peak ≥ 2 × ``SCENE_CHANGE_RESPONSE``) then
-        the ROIs' rigid ECC, it must reach ``RETURN_MATCH`` with the second ROI agreeing on the pose. If so that reference is the
-        current one again (ROIs re-picked where the pose leaves them out of view) →
+        the ROIs' rigid ECC, it must reach ``RETURN_MATCH`` with the second ROI agreeing on the pose.
+        If so that reference is the current one again (ROIs re-picked where the pose leaves them out of view) →
         ``(field, (dx, dy, angle, confidence))``, the pose in that field's coordinates; else None."""
         sx, sy = gray.shape[1] / small.shape[1], gray.shape[0] / small.shape[0]
         for k in reversed(list(self._fields)):
             state = self._fields[k]
-            if k == self.field or state["shape"] != self.shape or state["_ref_detail"] < self.DETAIL_FLOOR:
-                continue
             cand = copy.copy(self)
-            for key, v in state.items():
-                if key != "shape":
-                    setattr(cand, key, v)
-            cand._ecc_cache, cand._weight = {}, None
+            if k == self.field or state["_ref_detail"] < self.DETAIL_FLOOR or not cand.use_reference(
+                    {**state, "_ecc_cache": {}}):      # (not if the frame size changed since)
+                continue
             cx, cy, resp = phase_shift(cand._ref_small, small, cand._win_small)
             if resp < 2.0 * self.SCENE_CHANGE_RESPONSE:     # (clear of the chance peaks: see SCENE_AMBIGUOUS_MAX)
                 continue
@@ -778,15 +781,11 @@ class Stabilizer:
             r = cand._refine_rigid(cand._template, gray, dx, dy, 0.0)
             if r[3] < self.RETURN_MATCH or not (r[4] or cand.roi2 is None):
                 continue
-            for key in self._REFERENCE_STATE:
-                setattr(self, key, getattr(cand, key))
-            self._weight = cand._weight if cand._weight is not None else structure_tensor(self._ref_full)
-            self._ecc_cache = {}
+            self.use_reference({**{key: getattr(cand, key) for key in self._REFERENCE_STATE}, "shape": self.shape})
+            if self._weight is None:
+                self._weight = structure_tensor(self._ref_full)
             dx, dy, ang, cc, measured = r
-            self._prev_gray, self._prev_shift, self._prev_angle, self._prev_angle2 = gray, (dx, dy), ang, ang
-            self._weak_run, self._foreign_run, self._ambiguous, self._weak_chain = 0, 0, 0, []
-            self._measured_angle, self._rot_measured = ang, measured
-            self._cc_typical = cc
+            self._restart(gray, dx, dy, ang, measured, cc)
             if self._roi_near_border(dx, dy, ang):
                 self._pick_roi((dx, dy))
             self._fields.pop(k)

@@ -1003,15 +1003,10 @@ class AnalysisStage:
         """A loop whose next window would span the time the probe was away from its field
         (``tr.resume``; lock held): its windows start again at the first frame after, as a new
         loop's; the frames before not yet covered by a window form a tail window (the job
-        returned, as :meth:`_next_window`'s, or None), the one :meth:`_tail_window` gives a
-        loop whose field the probe left."""
+        returned, :meth:`_tail_job`, or None), as for a loop whose field the probe left."""
         left, back = tr.resume
         tr.resume = None
-        job = None
-        if tr.owned_until <= left:
-            start = max(tr.first_frame, tr.buffer.first_frame, left - self.window + 1)
-            if left - start + 1 >= MIN_FINAL_WINDOW:
-                job = (tr, start, left - start + 1, left + 1)
+        job = self._tail_job(tr, left)
         tr.next_start = max(tr.next_start, back)
         return job
 
@@ -1021,15 +1016,20 @@ class AnalysisStage:
         return (last - (tr.next_start + self.window - 1)) // (self.hop * _hops(tr)) + 1 if last >= 0 else 0
 
     def _tail_window(self, tr: _Track) -> None:
-        """Analyse ``tr``'s last frames not covered by a full window (≥ ``MIN_FINAL_WINDOW`` of
-        them): its kymograph will not grow any more."""
-        last = tr.buffer.last_frame
+        """Analyse ``tr``'s last frames not covered by a full window: its kymograph will not grow
+        any more."""
+        job = self._tail_job(tr, tr.buffer.last_frame)
+        if job is not None:
+            self._run_window(*job)
+
+    def _tail_job(self, tr: _Track, last: int):
+        """The window (a :meth:`_next_window` job) over ``tr``'s frames up to ``last`` not covered
+        by a window yet, when there are ≥ ``MIN_FINAL_WINDOW`` of them; else None."""
         if last < 0 or tr.owned_until > last:
-            return
+            return None
         start = max(tr.first_frame, tr.buffer.first_frame, last - self.window + 1)
         n = last - start + 1
-        if n >= MIN_FINAL_WINDOW:
-            self._run_window(tr, start, n, last + 1)
+        return (tr, start, n, last + 1) if n >= MIN_FINAL_WINDOW else None
 
     def _release_left_fields(self) -> None:
         """Finish the loops of fields of view the probe has left: once a retired loop of an
@@ -1729,7 +1729,7 @@ class AnalysisStage:
             end = self.segments[i + 1]["start_frame"] if i + 1 < len(self.segments) else frames_total
             rep.segments.append({"index": sg["index"], "start_s": sg["start_frame"] / self.fps,
                                  "end_s": end / self.fps, "frames": max(0, end - sg["start_frame"]),
-                                 "field": sg.get("field", sg["index"])})
+                                 "field": sg["field"]})
         if len(rep.segments) > 1:
             at = ", ".join(f"{sg['start_s']:.1f}" for sg in rep.segments[1:])
             rep.warnings.append(
