@@ -970,8 +970,8 @@ class AnalysisStage:
                 except concurrent.futures.BrokenExecutor as e:
                     self._executor_failed(e)
                     results = self._analyze_here(items)
-            for tr, res in zip(trs, results):
-                self._store_window(tr, res)
+            for (tr, part), res in zip(trs, results):
+                self._store_window(tr, res, part)
 
     def _next_window(self):
         with self._lock:
@@ -1107,16 +1107,15 @@ class AnalysisStage:
             tr.owned_until = max(tr.owned_until, own_hi)
             contrast = tr.contrast
             steady = _steady_columns(view, valid)
-            cols = None
+            cols = part = None
             if steady is not None and steady.mean() < 1.0 - TRIM_OUT_SHARE:
-                # much of the loop out of the frame: the longest part in view throughout
+                # much of the loop out of the frame: the longest part in view throughout; the
+                # frames this window claims, not watched for cells if that part is too short
+                # (the WBC rate's time base)
                 cols = _longest_run(steady, TRIM_QUANTUM_PX)
-                recent = _median([abs(w.speed_px_per_frame) for w in tr.windows[-RECENT_WINDOWS:] if w.gated])
-                if cols[1] - cols[0] < max(MIN_IN_VIEW_SHARE * len(steady),
-                                           TRIM_MIN_FRAMES * recent if math.isfinite(recent) else 0.0):
-                    # too short a part to follow the loop's cells over a few frames: the frames
-                    # this window claims were not watched for them (the WBC rate's time base)
-                    tr.hidden += int(valid[max(0, claim_lo - start):max(0, own_hi - start)].sum())
+                part = (cols[1] - cols[0], int(valid[max(0, claim_lo - start):max(0, own_hi - start)].sum()))
+                if part[0] < MIN_IN_VIEW_SHARE * len(steady):
+                    tr.hidden += part[1]
                     return
         if valid.mean() < 0.5:
             return
@@ -1126,13 +1125,23 @@ class AnalysisStage:
         own = (own_lo - start - m, own_hi - start + m)
         claim = None if claim_lo == own_lo else (claim_lo - start - m, own_hi - start + m)
         if self._executor is not None:     # sent with the others of this step (_submit_batch)
-            self._window_batch.append((tr, self._analyzer_spec(tr, n, cols), raw, background, start, own, contrast,
-                                       claim))
+            self._window_batch.append(((tr, part), self._analyzer_spec(tr, n, cols), raw, background, start, own,
+                                       contrast, claim))
             return
-        self._store_window(tr, self._analyzer(tr, n, cols).analyze(raw, background, start, own, contrast, claim))
+        self._store_window(tr, self._analyzer(tr, n, cols).analyze(raw, background, start, own, contrast, claim), part)
 
-    def _store_window(self, tr: _Track, res: flow.WindowResult) -> None:
+    def _store_window(self, tr: _Track, res: flow.WindowResult, part: tuple[int, int] | None = None) -> None:
+        """Add a window's result to its loop. ``part``: ``(px analysed, frames claimed)`` of a
+        window over the part of the loop in view (see :meth:`_run_window`): shorter than
+        ``TRIM_MIN_FRAMES`` × the loop's recent speed, its cells could not be followed, and its
+        frames are not watched time. Decided here, on the windows stored before it in submission
+        order, so the report does not depend on when the workers finished."""
         with self._lock:
+            if part is not None:
+                recent = _median([abs(w.speed_px_per_frame) for w in tr.windows[-RECENT_WINDOWS:] if w.gated])
+                if math.isfinite(recent) and part[0] < TRIM_MIN_FRAMES * recent:
+                    tr.hidden += part[1]
+                    return
             tr.windows.append(res)
             tr.n_flowing += bool(res.gated)
             if res.gated and res.xcorr.confidence >= TEXTURE_MIN_CORR and math.isfinite(res.static_detail):
