@@ -5,7 +5,8 @@ In:  float32 tensor (N, 1, H, W), the standardized green channel (see
 Out: logits (N, n_classes, H, W) for background / capillary / blurred / haemorrhage.
 
 ``base=16`` gives ≈ 0.45 M parameters, ``base=12`` (the shipped weights) ≈ 0.25 M at ≈ 0.55× the
-FLOPs. BatchNorm + ReLU, bilinear upsampling, no padding tricks.
+FLOPs. BatchNorm + ReLU, bilinear upsampling (after each decoder level's 1×1 convolution), no
+padding tricks.
 """
 from __future__ import annotations
 
@@ -47,8 +48,11 @@ class UNet(nn.Module):
                 skips.append(x)
                 x = F.max_pool2d(x, 2)
         for up, conv, skip in zip(self.upconvs, self.ups, reversed(skips)):
-            x = F.interpolate(x, size=skip.shape[-2:], mode="bilinear", align_corners=False)
-            x = conv(torch.cat([up(x), skip], 1))
+            # the 1×1 convolution before the upsampling, not after: the same map (bilinear weights
+            # sum to 1), on half the channels at a quarter of the pixels (shipped U-Net on a
+            # 352×480 input, one thread: ≈ 115 → 105 ms; labels identical on 7 keyframes and frames)
+            x = F.interpolate(up(x), size=skip.shape[-2:], mode="bilinear", align_corners=False)
+            x = conv(torch.cat([x, skip], 1))
         return self.head(x)
 
 
