@@ -376,11 +376,30 @@ def _v_max(c: Capillary) -> float:
     return max(8.0, len(c.centerline) / 3.0)
 
 
+class _Frames(list):
+    """The recent (frame no, gray, dx, dy, angle) history a new track is traced over, with the
+    :func:`_texture` of each path already measured over it: the trace's steps (:func:`_routed`,
+    :func:`_better_trace`) score the same path several times (56 kymographs of 41 paths for the
+    benchmark clip's 19 loops)."""
+
+    def __init__(self, frames):
+        super().__init__(frames)
+        self.textures: dict = {}
+
+
 def _texture(c: Capillary, frames: list) -> tuple[np.ndarray, float]:
     """``c``'s destriped kymograph over ``frames`` (:func:`_history_kymograph`) and how
-    consistently the texture moves along it (:func:`_coherence`)."""
+    consistently the texture moves along it (:func:`_coherence`); kept in a :class:`_Frames`
+    ``frames`` for the same ``c`` and path."""
+    memo = getattr(frames, "textures", None)
+    hit = None if memo is None else memo.get(id(c))
+    if hit is not None and hit[0] is c and hit[1] is c.centerline and hit[2] is c.width_px:
+        return hit[3]
     kymo = _history_kymograph(c, frames)
-    return kymo, flow.xcorr_speed(kymo, _v_max(c)).confidence
+    out = kymo, flow.xcorr_speed(kymo, _v_max(c)).confidence
+    if memo is not None:
+        memo[id(c)] = (c, c.centerline, c.width_px, out)   # (c kept alive: its id stays its own)
+    return out
 
 
 def _coherence(c: Capillary, frames: list) -> float:
@@ -1234,8 +1253,10 @@ class AnalysisStage:
         run beside :meth:`process`)."""
         acc = None
         for _, g, dx, dy, a in frames:
-            w = warp_to_reference(g, dx, dy, a).astype(np.float32)
-            acc = w if acc is None else acc + w
+            w = warp_to_reference(g, dx, dy, a)
+            if acc is None:
+                acc = np.zeros(w.shape, np.float32)
+            cv2.accumulate(w, acc)      # = acc + w.astype(float32), in place
         mean = np.clip(acc / len(frames) + 0.5, 0, 255).astype(np.uint8)
         try:
             turns = self._turns
@@ -1390,6 +1411,7 @@ class AnalysisStage:
         a track keeps its geometry, so only new ones need it), 1 px spaced, routed through
         crossings. ``turn``: ``(image (H, W), quarter turns)`` when the loops point other than up
         (:func:`_apex_extended`)."""
+        hist = _Frames(hist)
         c = _unit_spacing(on_lumen(c, mean))
         # (the lumen trace assumes loops that point up)
         alt = _lumen_alternative(c, mean) if len(hist) >= 8 and turn is None else None
