@@ -674,6 +674,38 @@ def test_a_keyframe_takes_effect_at_the_same_frame_whoever_computes_it():
         [dataclasses.asdict(c) for c in reps[1].capillaries]
 
 
+def test_the_next_keyframe_starts_before_the_new_loops_are_traced():
+    """Offline, a keyframe due at the frame where the previous one takes effect (the default:
+    a delay of one keyframe interval) starts on the keyframe thread before that keyframe's new
+    loops are traced, not after: its segmentation runs beside the tracing. The schedule (the
+    frames keyframes start at) and the report are those of keyframes computed in line."""
+    import concurrent.futures
+    cfg = load_config().with_overrides(um_per_px=1.2, fps=20.0)
+    delay = cfg.stage.keyframe_every
+    reps, starts = [], []
+    for threaded in (False, True):
+        scope = ToyScope(speeds=(6.0, -15.0), seed=5)
+        pool = concurrent.futures.ThreadPoolExecutor(1) if threaded else None
+        stage = AnalysisStage(cfg, segmenter=_SlowSegmenter(scope.label_mask()), fps=scope.fps,
+                              keyframe_executor=pool, keyframe_delay=delay)
+        started, queued_at_trace = [], []
+        start, trace = stage._start_keyframe, stage._trace_track
+        stage._start_keyframe = lambda fno, *a: (started.append(fno), start(fno, *a))
+        stage._trace_track = lambda *a: (queued_at_trace.append(len(stage._keyframe_jobs)), trace(*a))[1]
+        feed(stage, scope, 200)
+        reps.append(stage.finish("toy"))
+        if pool is not None:
+            pool.shutdown()
+        k = stage.keyframe_average
+        assert started[:2] == [k - 1, k - 1 + delay]    # the second due where the first takes effect
+        # the second keyframe was already on its way when the first one's loops were traced
+        assert queued_at_trace and queued_at_trace[0] == (1 if threaded else 0)
+        starts.append(started)
+    assert starts[0] == starts[1]
+    assert reps[0].capillaries and [dataclasses.asdict(c) for c in reps[0].capillaries] == \
+        [dataclasses.asdict(c) for c in reps[1].capillaries]
+
+
 class _DyingExecutor:
     """Its worker 'dies' after ``ok`` batches: later futures fail with BrokenProcessPool, and so
     does every later submit."""
