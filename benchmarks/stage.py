@@ -13,9 +13,10 @@ Usage::
    rounds), with the windows in this process and in 1 and 2 worker processes
    (``default_workers()``, what ``nailfold analyze`` uses, is 2 on 2 cores). The workers'
    start-up (~1 s: imports, compiled loops; ``nailfold analyze`` overlaps it with loading the
-   segmenter) is printed apart from the analysis time. Then (c) the same with the loops'
-   morphology measured at the end, as ``nailfold analyze`` does by default: a fixed cost per
-   recording (≈ 0.1 s a loop), printed apart.
+   segmenter) is printed apart from the analysis time, and so is the CPU time a clip took
+   (this process and the workers; it moves less with the box's load than the wall time). Then
+   (c) the same with the loops' morphology measured at the end, as ``nailfold analyze`` does by
+   default: a fixed cost per recording (≈ 0.1 s a loop), printed apart.
 2. Live, the stage alone: replays decoded frames paced at 20 fps from a producer thread into a
    2-slot queue (a full queue = dropped frame), ``process()`` in the consumer, ``step_background()``
    in a second thread, and prints per-frame latency (schedule → processed) p50/p99, drops, skipped
@@ -70,6 +71,24 @@ def pct(a, q):
     return float(np.percentile(np.asarray(a), q)) if len(a) else float("nan")
 
 
+def cpu_seconds(pool=None) -> float:
+    """CPU time (user + system, s) used so far by this process and, on Linux, by the worker
+    processes of ``pool`` (a :func:`stream.flow.window_pool`; read from ``/proc``): a clip's cost
+    that moves less with the box's load than its wall time does. NaN for the workers where
+    ``/proc`` is not there."""
+    import os
+    t = os.times()
+    total = t.user + t.system
+    for pid in list(getattr(pool, "_processes", None) or {}):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        except (OSError, ValueError, IndexError):
+            return float("nan")
+    return total
+
+
 def offline(path: Path, cfg, n: int, fps: float, segmenter, repeats: int = 3) -> None:
     """Decode-only rate, then ``analyze_video`` with 0, 1, 2 window workers, ``repeats`` rounds in
     alternating order (the box's speed drifts by ±20 % within minutes: one run per configuration
@@ -95,6 +114,7 @@ def offline(path: Path, cfg, n: int, fps: float, segmenter, repeats: int = 3) ->
     print(f"  decode only      : {k / t_dec:7.1f} fps ({dur / t_dec:5.1f}x real time)")
     configs = sorted({0, 1, 2, default_workers()})
     times: dict[int, list[float]] = {w: [] for w in configs}
+    cpu: dict[int, list[float]] = {w: [] for w in configs}
     reports = set()
     with contextlib.ExitStack() as stack:
         pools, t_start = {}, {}
@@ -106,10 +126,11 @@ def offline(path: Path, cfg, n: int, fps: float, segmenter, repeats: int = 3) ->
                 t_start[w] = time.perf_counter() - t0   # while it loads the segmenter; timed apart
         for r in range(repeats):
             for w in (configs if r % 2 == 0 else configs[::-1]):
-                t0 = time.perf_counter()
+                c0, t0 = cpu_seconds(pools.get(w)), time.perf_counter()
                 rep = analyze_video(path, cfg, fps=fps, segmenter=segmenter, progress=False,
                                     window_executor=pools.get(w))
                 times[w].append(time.perf_counter() - t0)
+                cpu[w].append(cpu_seconds(pools.get(w)) - c0)
                 reports.add(json.dumps([dataclasses.asdict(c) for c in rep.capillaries], default=str))
         # `nailfold analyze` also measures the loops' morphology at the end (fixed cost per recording)
         from stream.image_cli import get_classifier
@@ -125,7 +146,8 @@ def offline(path: Path, cfg, n: int, fps: float, segmenter, repeats: int = 3) ->
         tag = " (nailfold analyze's default)" if w == default_workers() else ""
         print(f"  analyze, {w} window workers{tag}: median {np.median(x):5.1f}x real time "
               f"({n * np.median(x) / dur:6.1f} fps; range {x[0]:.1f}-{x[-1]:.1f}x; target 10x, ratio "
-              f"{np.median(x) / 10:.2f})" + (f"; worker start-up {t_start[w]:.1f} s before it" if w else ""))
+              f"{np.median(x) / 10:.2f}); CPU {np.median(cpu[w]):.1f} s a clip"
+              + (f"; worker start-up {t_start[w]:.1f} s before it" if w else ""))
     tm = float(np.median(t_morph))
     print(f"  analyze with the loops' morphology ({default_workers()} workers, nailfold analyze's default): "
           f"median {dur / tm:5.1f}x real time; the morphology adds {tm - float(np.median(times[default_workers()])):.1f} s "
