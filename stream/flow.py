@@ -993,6 +993,7 @@ def _worker_init(nice: int = 0) -> None:
     import cv2
     cv2.setNumThreads(1)   # one window per worker process: no nested thread pools
     kernels.warm_up()      # load the compiled loops now, not on the first window
+    import stream.live_morphology  # noqa: F401  (≈ 0.3 s: the loops' morphology a recording ends with)
     import gc
     gc.freeze()            # the imports stay: out of the collector's full passes
 

@@ -50,9 +50,53 @@ def arterial_side_from_flow(cap: Capillary, reversed_flow: bool | None) -> str |
     return "left" if art[0] <= ven[0] else "right"
 
 
+def measure_loops(items: list, um_per_px: float | None, ranges, image: np.ndarray | None) -> list:
+    """:func:`stream.morphology.measure_capillary` of each ``(capillary, arterial side, shape
+    probabilities)`` in ``items``, in order: its ``CapillaryMorphology``, or None where the
+    measurement failed (a degenerate keyframe instance). Picklable, for a process pool."""
+    out = []
+    for cap, side, probs in items:
+        try:
+            out.append(measure_capillary(cap, None, None, um_per_px, ranges, arterial_side=side, image=image,
+                                         shape_probs=probs))
+        except Exception:  # a degenerate keyframe instance must not stop the stage
+            log.debug("morphology failed for capillary %s", cap.id, exc_info=True)
+            out.append(None)
+    return out
+
+
+MIN_LOOPS_PER_PART = 3   # measure_live with an executor: loops per share below which it is not split
+
+
+def _measure_all(items: list, um_per_px, ranges, image, executor=None) -> list:
+    """:func:`measure_loops` of ``items``, shared with ``executor``'s workers (a process pool,
+    e.g. ``nailfold analyze``'s window workers, idle when a recording's loops are measured at its
+    end): this process measures one share and each worker another, the results in order and the
+    same as measured here. Without an executor, for few loops, or if the executor fails: all here."""
+    workers = int(getattr(executor, "_max_workers", 0) or 0) if executor is not None else 0
+    parts = min(workers + 1, len(items) // MIN_LOOPS_PER_PART)
+    if parts < 2:
+        return measure_loops(items, um_per_px, ranges, image)
+    chunks = [items[i * len(items) // parts:(i + 1) * len(items) // parts] for i in range(parts)]
+    futs = []
+    try:
+        for ch in chunks[1:]:
+            futs.append(executor.submit(measure_loops, ch, um_per_px, ranges, image))
+    except Exception as e:   # a dead or shut-down pool: what was not handed over is measured here
+        log.debug("morphology executor unusable (%s)", e)
+    out = measure_loops(chunks[0], um_per_px, ranges, image)
+    for i, ch in enumerate(chunks[1:]):
+        try:
+            out.extend(futs[i].result() if i < len(futs) else measure_loops(ch, um_per_px, ranges, image))
+        except Exception as e:   # a worker that died meanwhile
+            log.debug("morphology worker failed (%s); measured here", e)
+            out.extend(measure_loops(ch, um_per_px, ranges, image))
+    return out
+
+
 def measure_live(caps: list[tuple[Capillary, bool | None]], shape: tuple[int, ...], cfg: Config,
                  image: np.ndarray | None = None, classifier=None, cache: dict | None = None,
-                 apex_down: bool = False, turns: int = 0) -> tuple[dict[int, dict], dict]:
+                 apex_down: bool = False, turns: int = 0, executor=None) -> tuple[dict[int, dict], dict]:
     """Measure tracked capillaries (see module docstring). ``image``: uint8 gray/BGR frame in the
     capillaries' coordinates (the stage's stabilized frame); ``classifier``: a
     :class:`models.classifier.Classifier` (its ``probs_image`` is used), or None. ``cache``: a dict
@@ -62,7 +106,8 @@ def measure_live(caps: list[tuple[Capillary, bool | None]], shape: tuple[int, ..
     make them point up; ``apex_down=True`` is ``turns=2``): they are measured in the frame so
     turned, where they point up as the morphology expects (the distal row is then the one
     nearest the frame's bottom for loops pointing down); ``apex_px`` is given back in the frame's
-    own coordinates."""
+    own coordinates. ``executor``: a process pool whose workers measure shares of the loops
+    (:func:`_measure_all`; the same results)."""
     k = 2 if apex_down else int(turns) % 4
     if k:
         hw = tuple(shape[:2])
@@ -70,7 +115,7 @@ def measure_live(caps: list[tuple[Capillary, bool | None]], shape: tuple[int, ..
         caps = [(turned(c, hw, k), r) for c, r in caps]
         image = None if image is None else np.ascontiguousarray(np.rot90(np.asarray(image), k))
         out, summary = measure_live(caps, thw + tuple(shape[2:]), cfg, image=image, classifier=classifier,
-                                    cache=cache)
+                                    cache=cache, executor=executor)
         back = {}
         for i, d in out.items():   # copies: the cache keeps the turned ones
             a = d.get("apex_px")
@@ -83,7 +128,11 @@ def measure_live(caps: list[tuple[Capillary, bool | None]], shape: tuple[int, ..
     def key(cap, rev):
         return (int(cap.id), len(cap.centerline), tuple(int(v) for v in cap.bbox), rev, image is not None,
                 classifier is not None)
-    todo = [(c, r) for c, r in caps if key(c, r) not in cache]
+    todo, seen = [], set()
+    for c, r in caps:             # (one measurement per key: a second loop of the same key reads the cache)
+        if key(c, r) not in cache and key(c, r) not in seen:
+            seen.add(key(c, r))
+            todo.append((c, r))
     probs: dict = {}
     if image is not None and classifier is not None and todo:
         try:
@@ -92,6 +141,9 @@ def measure_live(caps: list[tuple[Capillary, bool | None]], shape: tuple[int, ..
         except (RuntimeError, ValueError) as e:
             log.warning("shape classifier failed (%s): crossing/tortuous from limb geometry only", e)
     morphs, out, keep = [], {}, set()
+    measured = dict(zip([key(c, r) for c, r in todo],
+                        _measure_all([(c, arterial_side_from_flow(c, r), probs.get(c.id)) for c, r in todo],
+                                     um, ranges, image, executor)))
     for cap, rev in caps:
         ck = key(cap, rev)
         keep.add(ck)
@@ -99,11 +151,8 @@ def measure_live(caps: list[tuple[Capillary, bool | None]], shape: tuple[int, ..
             morphs.append(cache[ck][0])
             out[int(cap.id)] = cache[ck][1]
             continue
-        try:
-            m = measure_capillary(cap, None, None, um, ranges, arterial_side=arterial_side_from_flow(cap, rev),
-                                  image=image, shape_probs=probs.get(cap.id))
-        except Exception:  # a degenerate keyframe instance must not stop the stage
-            log.debug("morphology failed for capillary %s", cap.id, exc_info=True)
+        m = measured.get(ck)
+        if m is None:     # (its measurement failed)
             continue
         morphs.append(m)
         out[int(m.id)] = _entry(m)

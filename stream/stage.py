@@ -1758,7 +1758,7 @@ class AnalysisStage:
                 continue
             try:
                 p, summary = measure_live(caps, mean.shape, self.config, image=mean, classifier=classifier,
-                                          turns=self._turns or 0)
+                                          turns=self._turns or 0, executor=self._executor)
             except Exception as e:   # the flow results stand without it
                 log.warning("morphology failed (%s): report without it", e)
                 rep.warnings.append(f"morphology not measured: {e}")

@@ -125,3 +125,42 @@ def test_live_judges_focus_against_a_soft_frame_like_nailfold_image():
     assert all(m.label == "blurred" for m, _ in cache.values())       # cached as measured
     per2, _ = measure_live([(c, None) for c in caps], (300, 600), cfg, image=img, cache=cache)
     assert all(m["label"] == "clear" for m in per2.values())
+
+
+def test_loops_measured_by_the_workers_read_as_measured_here(monkeypatch):
+    # `nailfold analyze` measures a recording's loops at its end with its idle window workers
+    # sharing them: the same entries and summary, in the same order, as measured in this
+    # process; a pool that is shut down, or a worker that fails, leaves its share to this one
+    import concurrent.futures
+
+    import stream.live_morphology as lm
+    cfg = load_config("synthetic.yaml")
+    lab = np.zeros((300, 1200), np.uint8)
+    for x in range(60, 1100, 120):                          # nine loops: three shares of three
+        cv2.line(lab, (x, 250), (x, 80), CLEAR, 9)
+        cv2.line(lab, (x + 30, 250), (x + 30, 80), CLEAR, 13)
+        cv2.ellipse(lab, (x + 15, 80), (15, 15), 0, 180, 360, CLEAR, 11)
+    caps = extract_capillaries(lab)
+    for i, c in enumerate(caps, 1):
+        c.id = i
+    assert len(caps) == 9
+    image = np.where(lab > 0, 90, 170).astype(np.uint8)
+    items = [(c, r) for c, r in zip(caps, [True, False, None] * 3)]
+    here = measure_live(items, lab.shape, cfg, image=image)
+    shares = []
+    real = lm.measure_loops
+
+    def counted(its, *a):
+        shares.append(len(its))
+        return real(its, *a)
+
+    monkeypatch.setattr(lm, "measure_loops", counted)
+    with concurrent.futures.ThreadPoolExecutor(2) as ex:
+        # (a thread pool has the process pool's interface; nailfold analyze hands its process pool)
+        ex.submit = lambda fn, *a: concurrent.futures.ThreadPoolExecutor.submit(ex, counted, *a)
+        shared = measure_live(items, lab.shape, cfg, image=image, executor=ex)
+    assert sorted(shares) == [3, 3, 3]
+    assert shared == here
+    dead = concurrent.futures.ThreadPoolExecutor(2)
+    dead.shutdown()
+    assert measure_live(items, lab.shape, cfg, image=image, executor=dead) == here
