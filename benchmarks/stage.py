@@ -121,7 +121,7 @@ def offline(path: Path, cfg, n: int, fps: float, segmenter, repeats: int = 3) ->
         for w in configs:
             if w:
                 t0 = time.perf_counter()
-                pools[w] = stack.enter_context(window_pool(w))
+                pools[w] = stack.enter_context(window_pool(w, morphology=w == default_workers()))
                 wait_ready(pools[w])   # worker start-up (imports): once per `nailfold analyze`,
                 t_start[w] = time.perf_counter() - t0   # while it loads the segmenter; timed apart
         for r in range(repeats):

@@ -257,11 +257,11 @@ def run(args: argparse.Namespace) -> int:
     limit_offline_threads()
     workers = default_workers() if getattr(args, "workers", None) is None else max(0, int(args.workers))
     from stream.flow import window_pool
+    morphology = not getattr(args, "no_morphology", False)
     # the workers start (imports) while this process loads the segmenter
-    with (window_pool(workers) if workers > 0 else contextlib.nullcontext()) as pool:
+    with (window_pool(workers, morphology=morphology) if workers > 0 else contextlib.nullcontext()) as pool:
         from stream.stage import default_segmenter
         seg = default_segmenter(args.segmenter or config.models.segmenter, config.models.backend)
-        morphology = not getattr(args, "no_morphology", False)
         clf = None
         if morphology:
             from stream.image_cli import get_classifier

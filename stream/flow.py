@@ -985,7 +985,7 @@ def analyze_windows(items: list) -> list[WindowResult]:
 WORKER_NICE = 10   # window workers yield the CPU to the analysis process (see :func:`window_pool`)
 
 
-def _worker_init(nice: int = 0) -> None:
+def _worker_init(nice: int = 0, morphology: bool = False) -> None:
     from stream.workers import exit_with_parent
     exit_with_parent()     # a killed `nailfold analyze` leaves no idle worker behind
     if nice and hasattr(os, "nice"):   # POSIX
@@ -993,7 +993,8 @@ def _worker_init(nice: int = 0) -> None:
     import cv2
     cv2.setNumThreads(1)   # one window per worker process: no nested thread pools
     kernels.warm_up()      # load the compiled loops now, not on the first window
-    import stream.live_morphology  # noqa: F401  (≈ 0.3 s: the loops' morphology a recording ends with)
+    if morphology:         # (≈ 0.3 s: the loops' morphology a recording ends with, shared with the workers)
+        import stream.live_morphology  # noqa: F401
     import gc
     gc.freeze()            # the imports stay: out of the collector's full passes
 
@@ -1002,7 +1003,7 @@ def _ready() -> bool:
     return True
 
 
-def window_pool(workers: int, start: bool = True, nice: int = WORKER_NICE):
+def window_pool(workers: int, start: bool = True, nice: int = WORKER_NICE, morphology: bool = False):
     """A ``ProcessPoolExecutor`` of ``workers`` spawned processes for :func:`analyze_window` /
     :func:`analyze_windows` (spawn, not fork: the parent may hold torch/OpenMP threads; so the
     calling script must be import-safe, ``if __name__ == "__main__":``). Shut it down after use.
@@ -1015,11 +1016,13 @@ def window_pool(workers: int, start: bool = True, nice: int = WORKER_NICE):
     per-frame work is the critical path and windows can wait — the stage takes a batch back when
     the workers fall behind (:meth:`stream.stage.AnalysisStage._submit_batch`). On 2 cores, the
     benchmark clip alternated with 0: idle CPU 0.50 → 0.36 s per clip, 9.6 → 9.8× real time
-    (median of 6; 19: 9.8×). With cores to spare it changes nothing."""
+    (median of 6; 19: 9.8×). With cores to spare it changes nothing. ``morphology``: the workers
+    also import the loops' morphology at start-up, for a recording that ends with it
+    (:func:`stream.live_morphology.measure_live` hands them shares of its loops)."""
     import concurrent.futures
     import multiprocessing
     pool = concurrent.futures.ProcessPoolExecutor(max_workers=int(workers), initializer=_worker_init,
-                                                  initargs=(int(nice),),
+                                                  initargs=(int(nice), bool(morphology)),
                                                   mp_context=multiprocessing.get_context("spawn"))
     if start:
         pool._nailfold_ready = [pool.submit(_ready) for _ in range(int(workers))]

@@ -128,22 +128,20 @@ def measure_live(caps: list[tuple[Capillary, bool | None]], shape: tuple[int, ..
     def key(cap, rev):
         return (int(cap.id), len(cap.centerline), tuple(int(v) for v in cap.bbox), rev, image is not None,
                 classifier is not None)
-    todo, seen = [], set()
-    for c, r in caps:             # (one measurement per key: a second loop of the same key reads the cache)
-        if key(c, r) not in cache and key(c, r) not in seen:
-            seen.add(key(c, r))
-            todo.append((c, r))
+    todo: dict = {}               # key → (capillary, reversed): one measurement per key not cached
+    for c, r in caps:
+        if key(c, r) not in cache:
+            todo.setdefault(key(c, r), (c, r))
     probs: dict = {}
     if image is not None and classifier is not None and todo:
         try:
-            centers = [((c.bbox[0] + c.bbox[2]) / 2.0, (c.bbox[1] + c.bbox[3]) / 2.0) for c, _ in todo]
-            probs = {c.id: p for (c, _), p in zip(todo, classifier.probs_image(image, centers))}
+            centers = [((c.bbox[0] + c.bbox[2]) / 2.0, (c.bbox[1] + c.bbox[3]) / 2.0) for c, _ in todo.values()]
+            probs = {c.id: p for (c, _), p in zip(todo.values(), classifier.probs_image(image, centers))}
         except (RuntimeError, ValueError) as e:
             log.warning("shape classifier failed (%s): crossing/tortuous from limb geometry only", e)
     morphs, out, keep = [], {}, set()
-    measured = dict(zip([key(c, r) for c, r in todo],
-                        _measure_all([(c, arterial_side_from_flow(c, r), probs.get(c.id)) for c, r in todo],
-                                     um, ranges, image, executor)))
+    measured = dict(zip(todo, _measure_all([(c, arterial_side_from_flow(c, r), probs.get(c.id))
+                                            for c, r in todo.values()], um, ranges, image, executor)))
     for cap, rev in caps:
         ck = key(cap, rev)
         keep.add(ck)
