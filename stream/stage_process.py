@@ -366,8 +366,8 @@ class StageProcess:
     def warm_up(self) -> None:
         """Load what the first frames need before they come: the segmenter, the shape classifier,
         the compiled window and registration loops (numba, ≈ 0.5 s) and the modules the live
-        morphology imports on first use (scipy.optimize and scipy.stats: ≈ 1.2 s of imports, with
-        the GIL held, in the middle of the stream otherwise). Then move everything loaded so far
+        morphology imports on first use (scipy.optimize: ≈ 1 s of imports, with the GIL held, in the
+        middle of the stream otherwise). Then move everything loaded so far
         out of the garbage collector's reach (``gc.freeze``): with torch and the models loaded a
         full collection walks ≈ 220 000 objects, ≈ 150 ms during which no frame is processed."""
         self._get_segmenter()
@@ -376,7 +376,6 @@ class StageProcess:
         from stream import kernels, live_morphology  # noqa: F401
         kernels.warm_up()
         import scipy.optimize  # noqa: F401  (morphology.fit_vessel_profile)
-        import scipy.stats  # noqa: F401  (morphology.distal_row)
         gc.freeze()
 
     def run(self, seconds: float | None = None) -> None:

@@ -485,6 +485,25 @@ def test_distal_row_ignores_stray_structures_above_it():
     assert member2[:10].all() and not member2[10]
 
 
+def test_theil_sen_gives_scipys_estimate():
+    """The row's robust line is scipy.stats.theilslopes's (slope, intercept), without importing
+    scipy.stats at the end of every analysis; repeated x (two apexes in one column) included."""
+    from scipy.stats import theilslopes
+
+    from stream.morphology import theil_sen
+    rng = np.random.default_rng(3)
+    for n in (2, 3, 5, 8, 13):
+        x = np.round(rng.uniform(0, 1024, n))
+        x[-1] = x[0]                                     # a repeated x is skipped in the pairs
+        y = 250 + 0.2 * x + rng.normal(0, 20, n)
+        y[1] += 300                                      # one outlier
+        if np.ptp(x) == 0:
+            continue
+        ref = theilslopes(y, x)
+        assert theil_sen(x, y) == (pytest.approx(ref.slope, rel=1e-12, abs=1e-12),
+                                   pytest.approx(ref.intercept, rel=1e-12, abs=1e-9))
+
+
 def test_distal_row_follows_a_tilted_row_and_skips_a_lower_row():
     from stream.morphology import distal_row
     top = _row(9, y=300.0, tilt=0.25)                       # 220 px of rise across the image
