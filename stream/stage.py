@@ -88,7 +88,7 @@ from stream.frames import Frame, to_gray
 from stream.kymograph import (FAINT_CONTRAST_FLOOR, FAINT_CONTRAST_SHARE, KymographBank, KymographBuffer,
                               column_mean, destripe, faint_contrast, fill_out_of_view, in_view, loop_contrast,
                               tissue_levels,
-                              resample_polyline, sample_row, sampling_maps, to_uint8)
+                              resample_polyline, sample_row, sample_rows, sampling_maps, to_uint8)
 from stream.radon import LineEvent
 from stream.report import (OUT_OF_VIEW_WARN, WBC_TRACKED_LOW, CapillaryFlow, VideoReport, WbcEvent,
                            wbc_count_unreliable)
@@ -368,7 +368,7 @@ def _history_kymograph(c: Capillary, frames: list) -> np.ndarray:
     """The destriped kymograph (frames × centerline points) of ``c`` over ``frames``, the stage's
     recent (frame no, gray, dx, dy, angle) history."""
     maps = sampling_maps(c.centerline, c.width_px)
-    return destripe(np.stack([sample_row(g, maps, dx, dy, a) for _, g, dx, dy, a in frames]))
+    return destripe(sample_rows([(g, dx, dy, a) for _, g, dx, dy, a in frames], maps))
 
 
 def _v_max(c: Capillary) -> float:

@@ -259,3 +259,21 @@ def test_a_reopened_buffer_takes_rows_after_a_gap():
     assert valid.tolist() == [False, False, True, True, True, True] and k[2, 0] == 40.0
     buf.reopen()                       # (not released: nothing changes)
     assert buf.latest(1)[0, 0] == 45.0
+
+
+def test_sample_rows_equal_sample_row_frame_by_frame():
+    """The batched rows a new loop's trace scores are sample_row's, bit for bit: turned and
+    unturned poses, a path partly outside the frame, per-point and scalar widths."""
+    from stream.kymograph import sample_row, sample_rows, sampling_maps
+    rng = np.random.default_rng(5)
+    frames = [rng.integers(0, 256, (120, 160), dtype=np.uint8) for _ in range(12)]
+    t = np.linspace(0, np.pi, 90)
+    for cl, w in ((np.stack([80 + 30 * np.cos(t), 100 - 70 * np.sin(t)], 1), 6.0),
+                  (np.stack([150 + 30 * np.cos(t), 60 - 70 * np.sin(t)], 1), rng.uniform(3, 9, 90))):
+        maps = sampling_maps(cl, w)
+        poses = [(float(rng.normal(0, 4)), float(rng.normal(0, 4)), 0.0 if i % 3 == 0 else float(rng.normal(0, 0.03)))
+                 for i in range(len(frames))]
+        want = np.stack([sample_row(g, maps, *p) for g, p in zip(frames, poses)])
+        got = sample_rows([(g, *p) for g, p in zip(frames, poses)], maps)
+        assert got.dtype == np.float32 and np.array_equal(got, want)
+    assert sample_rows([], maps).shape == (0, 90)
