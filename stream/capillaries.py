@@ -66,8 +66,8 @@ _OFF_WEIGHTS = np.array([math.hypot(dr, dc) for dr, dc in _OFFS])
 def skeleton_graph(skel: np.ndarray) -> tuple[np.ndarray, sparse.csr_matrix]:
     """Skeleton pixels ``(N, 2)`` as (row, col) and their 8-adjacency graph (weights 1 or √2).
     The CSR arrays are built directly (each pixel's neighbours in ascending index order, int32
-    indices): the same matrix as from coordinate lists, without scipy's conversion (≈ 1.2 ms a
-    skeleton, ≈ 50 skeletons a keyframe)."""
+    indices): the same matrix as from coordinate lists, without scipy's conversion (1.8 → 0.65 ms
+    for a 300×400 skeleton; a keyframe builds ≈ 50)."""
     rc = np.argwhere(skel)
     n = len(rc)
     index = np.full((skel.shape[0] + 2, skel.shape[1] + 2), -1, np.int64)
