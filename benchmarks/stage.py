@@ -72,7 +72,8 @@ LIVE_P99_TARGET_MS = 50.0    # issue 4: live per-frame latency p99 < 50 ms at 20
 
 
 def live_verdict(lat: list[float], drops: int) -> str:
-    """``p99 … (target < 50 ms, ratio …); drops … (target 0)`` for a live run's latencies (ms)."""
+    """``p99 … ms (target < 50 ms, ratio …), N dropped (target 0): met | NOT met`` for a live run's
+    per-frame latencies ``lat`` (ms) and its dropped frames."""
     p99 = pct(lat, 99)
     return (f"p99 {p99:.1f} ms (target < {LIVE_P99_TARGET_MS:g} ms, ratio {p99 / LIVE_P99_TARGET_MS:.2f}), "
             f"{drops} dropped (target 0): {'met' if p99 < LIVE_P99_TARGET_MS and drops == 0 else 'NOT met'}")
