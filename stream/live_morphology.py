@@ -21,7 +21,8 @@ import numpy as np
 from nailfold.config import Config
 from stream.capillaries import turned, turned_points, turned_shape
 from stream.capillary import Capillary
-from stream.morphology import apply_image_focus, fast_track, giant_present, measure_capillary, summarize_image
+from stream.morphology import (apply_image_focus, fast_track, giant_present, measure_capillary, summarize_image,
+                               with_shape_probs)
 
 log = logging.getLogger(__name__)
 
@@ -68,14 +69,18 @@ def measure_loops(items: list, um_per_px: float | None, ranges, image: np.ndarra
 MIN_LOOPS_PER_PART = 3   # measure_live with an executor: loops per share below which it is not split
 
 
-def _measure_all(items: list, um_per_px, ranges, image, executor=None) -> list:
+def _measure_all(items: list, um_per_px, ranges, image, executor=None, meanwhile=None) -> list:
     """:func:`measure_loops` of ``items``, shared with ``executor``'s workers (a process pool,
     e.g. ``nailfold analyze``'s window workers, idle when a recording's loops are measured at its
     end): this process measures one share and each worker another, the results in order and the
-    same as measured here. Without an executor, for few loops, or if the executor fails: all here."""
+    same as measured here. Without an executor, for few loops, or if the executor fails: all here.
+    ``meanwhile``: called once in this process before it measures its own share (after the
+    workers got theirs): work that can overlap theirs."""
     workers = int(getattr(executor, "_max_workers", 0) or 0) if executor is not None else 0
     parts = min(workers + 1, len(items) // MIN_LOOPS_PER_PART)
     if parts < 2:
+        if meanwhile is not None:
+            meanwhile()
         return measure_loops(items, um_per_px, ranges, image)
     chunks = [items[i * len(items) // parts:(i + 1) * len(items) // parts] for i in range(parts)]
     futs = []
@@ -84,6 +89,8 @@ def _measure_all(items: list, um_per_px, ranges, image, executor=None) -> list:
             futs.append(executor.submit(measure_loops, ch, um_per_px, ranges, image))
     except Exception as e:   # a dead or shut-down pool: what was not handed over is measured here
         log.debug("morphology executor unusable (%s)", e)
+    if meanwhile is not None:
+        meanwhile()
     out = measure_loops(chunks[0], um_per_px, ranges, image)
     for i, ch in enumerate(chunks[1:]):
         try:
@@ -133,15 +140,21 @@ def measure_live(caps: list[tuple[Capillary, bool | None]], shape: tuple[int, ..
         if key(c, r) not in cache:
             todo.setdefault(key(c, r), (c, r))
     probs: dict = {}
-    if image is not None and classifier is not None and todo:
-        try:
-            centers = [((c.bbox[0] + c.bbox[2]) / 2.0, (c.bbox[1] + c.bbox[3]) / 2.0) for c, _ in todo.values()]
-            probs = {c.id: p for (c, _), p in zip(todo.values(), classifier.probs_image(image, centers))}
-        except (RuntimeError, ValueError) as e:
-            log.warning("shape classifier failed (%s): crossing/tortuous from limb geometry only", e)
+
+    def classify():   # the shape classifier, while the workers measure their shares
+        if image is not None and classifier is not None and todo:
+            try:
+                centers = [((c.bbox[0] + c.bbox[2]) / 2.0, (c.bbox[1] + c.bbox[3]) / 2.0) for c, _ in todo.values()]
+                probs.update({c.id: p for (c, _), p in zip(todo.values(), classifier.probs_image(image, centers))})
+            except (RuntimeError, ValueError) as e:
+                log.warning("shape classifier failed (%s): crossing/tortuous from limb geometry only", e)
     morphs, out, keep = [], {}, set()
-    measured = dict(zip(todo, _measure_all([(c, arterial_side_from_flow(c, r), probs.get(c.id))
-                                            for c, r in todo.values()], um, ranges, image, executor)))
+    # measured without the classifier's probabilities, which are combined afterwards
+    # (morphology.with_shape_probs: the same result as measuring with them)
+    found = _measure_all([(c, arterial_side_from_flow(c, r), None) for c, r in todo.values()], um, ranges, image,
+                         executor, meanwhile=classify)
+    measured = {k: None if m is None else with_shape_probs(m, probs.get(c.id))
+                for (k, (c, _)), m in zip(todo.items(), found)}
     for cap, rev in caps:
         ck = key(cap, rev)
         keep.add(ck)

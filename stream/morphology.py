@@ -540,6 +540,21 @@ def shape_flags(geo_tortuous: bool, geo_crossing: bool, probs: dict | None,
     return bool(tortuous), bool(crossing)
 
 
+def with_shape_probs(m: CapillaryMorphology, probs: dict | None) -> CapillaryMorphology:
+    """``m`` (measured by :func:`measure_capillary` without ``shape_probs``: its crossing/tortuous
+    flags are the limb geometry's) as measured with the classifier's ``probs``: the flags combined
+    by :func:`shape_flags`, ``shape_class`` (if none) by :func:`consistent_shape_class`, the
+    probabilities kept — the same result, so the classifier can run while the loops are measured.
+    ``m`` is changed in place and returned; None or empty ``probs`` change nothing."""
+    if not probs:
+        return m
+    m.flags["tortuous"], m.flags["crossing"] = shape_flags(m.flags["tortuous"], m.flags["crossing"], probs)
+    if m.shape_class is None:
+        m.shape_class = consistent_shape_class(probs, m.flags, m.label)
+    m.shape_probs = dict(probs)
+    return m
+
+
 def _has_hole(mask: np.ndarray, min_area: float) -> bool:
     inv = (~np.pad(mask, 1)).astype(np.uint8)
     n, lab, stats, _ = cv2.connectedComponentsWithStats(inv, connectivity=4)

@@ -164,3 +164,25 @@ def test_loops_measured_by_the_workers_read_as_measured_here(monkeypatch):
     dead = concurrent.futures.ThreadPoolExecutor(2)
     dead.shutdown()
     assert measure_live(items, lab.shape, cfg, image=image, executor=dead) == here
+
+
+@pytest.mark.parametrize("probs", [
+    {"normal": 0.2, "tortuous": 0.7, "crossing": 0.05, "enlarged": 0.03, "giant": 0.01, "bushy": 0.005, "blurred": 0.005},
+    {"normal": 0.3, "tortuous": 0.05, "crossing": 0.6, "enlarged": 0.02, "giant": 0.01, "bushy": 0.01, "blurred": 0.01},
+    {"normal": 0.3, "tortuous": 0.3, "crossing": 0.28, "enlarged": 0.05, "giant": 0.02, "bushy": 0.03, "blurred": 0.02},
+    {"normal": 0.1, "tortuous": 0.02, "crossing": 0.02, "enlarged": 0.1, "giant": 0.02, "bushy": 0.7, "blurred": 0.04},
+    None, {},
+])
+def test_shape_probabilities_combined_after_measuring_equal_measuring_with_them(probs):
+    # measure_live measures the loops (here and in the workers) while the shape classifier runs,
+    # and combines its probabilities afterwards: the same flags, class and probabilities as
+    # measure_capillary given them, calibrated or not
+    from stream.morphology import measure_capillary, with_shape_probs
+    caps = _caps()
+    img = cv2.GaussianBlur(np.where(_loops() > 0, 90, 200).astype(np.uint8), (0, 0), 1.2)
+    ranges = load_config().morphology.normal_ranges
+    for um in (1.2, None):
+        for c, side in zip(caps, ("left", "right", None)):
+            want = measure_capillary(c, None, None, um, ranges, arterial_side=side, image=img, shape_probs=probs)
+            got = with_shape_probs(measure_capillary(c, None, None, um, ranges, arterial_side=side, image=img), probs)
+            assert repr(got) == repr(want)       # (repr: NaN widths compare equal)
