@@ -89,23 +89,24 @@ def sample_row(gray: np.ndarray, maps: tuple[np.ndarray, np.ndarray], dx: float 
     return _remap_row(gray, *frame_maps(maps, gray.shape, dx, dy, angle))
 
 
-def sample_rows(frames, maps: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+def sample_rows(frames, maps: tuple[np.ndarray, np.ndarray],
+                with_view: bool = False) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """Kymograph rows ``(F, N)`` float32 of ``frames``, an iterable of ``(gray, dx, dy, angle)``
-    (uint8 images of one shape, poses as in :func:`sample_row`): each row equal to
-    :func:`sample_row`'s, with the maps moved for all frames in one pass and one mean (a new
-    loop's trace samples ≈ 80 recent frames for each path it scores)."""
+    (images of one shape, poses as in :func:`sample_row`): each row equal to :func:`sample_row`'s,
+    remapped into one array and averaged once (a new loop's trace samples ≈ 80 recent frames for
+    each path it scores). ``with_view``: also the ``(F, N)`` bool :func:`in_view` flags, from the
+    same moved maps."""
     frames = list(frames)
-    mx, my = maps
-    if not frames:
-        return np.zeros((0, mx.shape[1]), np.float32)
-    shape = frames[0][0].shape
-    m = np.stack([pose_matrix(dx, dy, a, shape) for _, dx, dy, a in frames]).astype(np.float32)[:, :, :, None, None]
-    xs = m[:, 0, 0] * mx + m[:, 0, 1] * my + m[:, 0, 2]       # (F, n_across, N), as frame_maps
-    ys = m[:, 1, 0] * mx + m[:, 1, 1] * my + m[:, 1, 2]
-    v = np.empty(xs.shape, frames[0][0].dtype)
-    for i, (g, *_) in enumerate(frames):
-        cv2.remap(g, xs[i], ys[i], cv2.INTER_LINEAR, dst=v[i], borderMode=cv2.BORDER_REPLICATE)
-    return v.astype(np.float32).mean(axis=1)
+    mx = maps[0]
+    v = np.empty((len(frames),) + mx.shape, frames[0][0].dtype if frames else np.uint8)
+    view = np.zeros((len(frames), mx.shape[1]), bool)
+    for i, (g, dx, dy, a) in enumerate(frames):
+        x, y = frame_maps(maps, g.shape, dx, dy, a)
+        cv2.remap(g, x, y, cv2.INTER_LINEAR, dst=v[i], borderMode=cv2.BORDER_REPLICATE)
+        if with_view:
+            view[i] = _inside(x, y, g.shape)
+    rows = v.astype(np.float32).mean(axis=1)
+    return (rows, view) if with_view else rows
 
 
 def _remap_row(gray: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarray:

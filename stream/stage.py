@@ -86,9 +86,9 @@ from stream.capillaries import (bridge_junctions, bridge_section, extend_filled_
 from stream.capillary import BLURRED, CLEAR, LABEL_NAMES, Capillary
 from stream.frames import Frame, to_gray
 from stream.kymograph import (FAINT_CONTRAST_FLOOR, FAINT_CONTRAST_SHARE, KymographBank, KymographBuffer,
-                              column_mean, destripe, faint_contrast, fill_out_of_view, in_view, loop_contrast,
+                              column_mean, destripe, faint_contrast, fill_out_of_view, loop_contrast,
                               tissue_levels,
-                              resample_polyline, sample_row, sample_rows, sampling_maps, to_uint8)
+                              resample_polyline, sample_rows, sampling_maps, to_uint8)
 from stream.radon import LineEvent
 from stream.report import (OUT_OF_VIEW_WARN, WBC_TRACKED_LOW, CapillaryFlow, VideoReport, WbcEvent,
                            wbc_count_unreliable)
@@ -685,8 +685,9 @@ def _hops(tr: _Track) -> int:
 def _append_frames(buf: KymographBuffer, maps: tuple, frames: list) -> None:
     """Append to ``buf`` one row per frame of ``frames`` (the stage's (frame no, gray, dx, dy,
     angle) history), sampled with ``maps``, with its in-view flags."""
-    for fno, g, dx, dy, a in frames:
-        buf.append(sample_row(g, maps, dx, dy, a), fno, in_view(maps, g.shape, dx, dy, a))
+    rows, views = sample_rows([(g, dx, dy, a) for _, g, dx, dy, a in frames], maps, with_view=True)
+    for (fno, *_), row, view in zip(frames, rows, views):
+        buf.append(row, fno, view)
 
 
 def _steady_columns(view: np.ndarray, valid: np.ndarray) -> np.ndarray | None:

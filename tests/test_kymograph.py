@@ -263,7 +263,8 @@ def test_a_reopened_buffer_takes_rows_after_a_gap():
 
 def test_sample_rows_equal_sample_row_frame_by_frame():
     """The batched rows a new loop's trace scores are sample_row's, bit for bit: turned and
-    unturned poses, a path partly outside the frame, per-point and scalar widths."""
+    unturned poses, a path partly outside the frame, per-point and scalar widths; and its in-view
+    flags are in_view's."""
     from stream.kymograph import sample_row, sample_rows, sampling_maps
     rng = np.random.default_rng(5)
     frames = [rng.integers(0, 256, (120, 160), dtype=np.uint8) for _ in range(12)]
@@ -276,4 +277,8 @@ def test_sample_rows_equal_sample_row_frame_by_frame():
         want = np.stack([sample_row(g, maps, *p) for g, p in zip(frames, poses)])
         got = sample_rows([(g, *p) for g, p in zip(frames, poses)], maps)
         assert got.dtype == np.float32 and np.array_equal(got, want)
+        rows, views = sample_rows([(g, *p) for g, p in zip(frames, poses)], maps, with_view=True)
+        assert np.array_equal(rows, want)
+        assert np.array_equal(views, np.stack([in_view(maps, g.shape, *p) for g, p in zip(frames, poses)]))
+    assert not views.all() and views.any()            # the second path leaves the frame in places
     assert sample_rows([], maps).shape == (0, 90)
