@@ -39,8 +39,8 @@ from stream.capillaries import (bridge_breaks, extract_capillaries, loop_turns, 
                                 turned, turned_bbox, turned_points, turned_shape)
 from stream.capillary import BLURRED
 from stream.kymograph import faint_contrast, loop_contrast, sampling_maps, tissue_levels
-from stream.morphology import (FOCUS_BLUR_MAX_PX, apply_image_focus, measure_capillary, subject_of, summarize_image,
-                               summarize_subject, vessel_channel)
+from stream.morphology import (FOCUS_BLUR_MAX_PX, apply_image_focus, measure_capillary, shape_probabilities, subject_of,
+                               summarize_image, summarize_subject, vessel_channel)
 
 log = logging.getLogger(__name__)
 
@@ -188,14 +188,7 @@ def _analyse_labels(img: np.ndarray, labels: np.ndarray, um_per_px: float | None
         except (RuntimeError, ValueError) as e:
             log.warning("keypoint model failed (%s): widths from the mask", e)
             kps, sides = {}, {}
-    probs: dict = {}
-    if classifier is not None and caps:
-        try:
-            centers = [((c.bbox[0] + c.bbox[2]) / 2.0, (c.bbox[1] + c.bbox[3]) / 2.0) for c in caps]
-            probs = {c.id: p for c, p in zip(caps, classifier.probs_image(img, centers))}
-        except (RuntimeError, ValueError) as e:
-            log.warning("shape classifier failed (%s): crossing/tortuous from limb geometry only", e)
-            probs = {}
+    probs = shape_probabilities(classifier, img, caps) if classifier is not None and caps else {}
     morphs = []
     for c in caps:
         kp = kps.get(c.id)

@@ -21,8 +21,8 @@ import numpy as np
 from nailfold.config import Config
 from stream.capillaries import turned, turned_points, turned_shape
 from stream.capillary import Capillary
-from stream.morphology import (apply_image_focus, fast_track, giant_present, measure_capillary, summarize_image,
-                               with_shape_probs)
+from stream.morphology import (apply_image_focus, fast_track, giant_present, measure_capillary, shape_probabilities,
+                               summarize_image, with_shape_probs)
 
 log = logging.getLogger(__name__)
 
@@ -143,11 +143,7 @@ def measure_live(caps: list[tuple[Capillary, bool | None]], shape: tuple[int, ..
 
     def classify():   # the shape classifier, while the workers measure their shares
         if image is not None and classifier is not None and todo:
-            try:
-                centers = [((c.bbox[0] + c.bbox[2]) / 2.0, (c.bbox[1] + c.bbox[3]) / 2.0) for c, _ in todo.values()]
-                probs.update({c.id: p for (c, _), p in zip(todo.values(), classifier.probs_image(image, centers))})
-            except (RuntimeError, ValueError) as e:
-                log.warning("shape classifier failed (%s): crossing/tortuous from limb geometry only", e)
+            probs.update(shape_probabilities(classifier, image, [c for c, _ in todo.values()]))
     morphs, out, keep = [], {}, set()
     # measured without the classifier's probabilities, which are combined afterwards
     # (morphology.with_shape_probs: the same result as measuring with them)

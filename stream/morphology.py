@@ -540,6 +540,19 @@ def shape_flags(geo_tortuous: bool, geo_crossing: bool, probs: dict | None,
     return bool(tortuous), bool(crossing)
 
 
+def shape_probabilities(classifier, image: np.ndarray, caps: list[Capillary]) -> dict:
+    """``{capillary id: {class: probability}}`` from ``classifier`` (a
+    :class:`models.classifier.Classifier`: ``probs_image`` on a crop of ``image`` centred on each
+    loop's bounding box), for :func:`measure_capillary`'s ``shape_probs``; ``{}`` with a warning
+    when the classifier fails (the flags then come from the limb geometry alone)."""
+    try:
+        centers = [((c.bbox[0] + c.bbox[2]) / 2.0, (c.bbox[1] + c.bbox[3]) / 2.0) for c in caps]
+        return {c.id: p for c, p in zip(caps, classifier.probs_image(image, centers))}
+    except (RuntimeError, ValueError) as e:
+        log.warning("shape classifier failed (%s): crossing/tortuous from limb geometry only", e)
+        return {}
+
+
 def with_shape_probs(m: CapillaryMorphology, probs: dict | None) -> CapillaryMorphology:
     """``m`` (measured by :func:`measure_capillary` without ``shape_probs``: its crossing/tortuous
     flags are the limb geometry's) as measured with the classifier's ``probs``: the flags combined
